@@ -35,6 +35,8 @@ class RunRecord:
     description: str = ""
 
     def owner_alive(self) -> bool:
+        if self.owner_pid == -1:  # detached (`testbed up`): kept until `testbed down`
+            return True
         try:
             return bool(psutil.Process(self.owner_pid).create_time() == self.owner_started)
         except psutil.Error:

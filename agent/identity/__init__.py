@@ -1,0 +1,1 @@
+"""Workload identity: SPIFFE ids, certificates, the CA protocol, the embedded CA."""
