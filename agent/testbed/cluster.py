@@ -5,8 +5,9 @@ Layout of one run (every name carries the run id):
 - each pod netns has eth0 (pod IP /32, default route via its node's gateway address) paired with
   a veth p<j> in its node netns; node netns route their pod CIDR per /32 and other nodes' CIDRs
   via those nodes' underlay IPs (plain L3 routing, like most CNIs);
-- cgroups: <cgroup2>/nm-<run>/n<i>/p<j> for pods (n<i> is the subtree a node agent attaches its
-  programs to) and <cgroup2>/nm-<run>/sys-n<i> for node-level processes (agent, tunnel).
+- cgroups: <cgroup2>/nm-<run>/n<i> is node i's managed root, the subtree its agent attaches
+  programs to; pods live in n<i>/p<j> and node-level processes (agent, tunnel) in n<i>/sys, so the
+  programs also see the tunnel's upstream connects (where destination-side policy is checked).
 Nothing is created in the root netns, so the machine's own networking is untouched.
 """
 
@@ -149,7 +150,7 @@ class Pod(Place):
 class Node(Place):
     index: int = 0
     ip: ipaddress.IPv4Address = field(default_factory=lambda: ipaddress.IPv4Address(0))
-    pod_cgroup_root: Path = Path()
+    cgroup_root: Path = Path()
     pods: list[Pod] = field(default_factory=list)
 
 
@@ -236,7 +237,7 @@ class Cluster:
                  f"cgroup subtree {self.cgroup_root}"]
         for n in self.nodes:
             lines.append(f"node {n.index}: netns {n.netns} ip {n.ip} pods {self.plan.pod_cidr(n.index)}"
-                         f" cgroup {n.pod_cgroup_root}")
+                         f" cgroup {n.cgroup_root}")
             lines.extend(f"  pod {p.name}: netns {p.netns} ip {p.ip} cgroup {p.cgroup}" for p in n.pods)
         return lines
 
@@ -273,9 +274,9 @@ class Cluster:
             ipr.addr("add", index=eth0, address=str(plan.node_ip(i)), prefixlen=24)
             ipr.link("set", index=eth0, state="up")
         _sysctl(ns, "net/ipv4/ip_forward", "1")
-        pod_root = cgroup.create(self.cgroup_root / f"n{i}")
-        node = Node(cluster=self, netns=ns, cgroup=cgroup.create(self.cgroup_root / f"sys-n{i}"),
-                    index=i, ip=plan.node_ip(i), pod_cgroup_root=pod_root)
+        node_root = cgroup.create(self.cgroup_root / f"n{i}")
+        node = Node(cluster=self, netns=ns, cgroup=cgroup.create(node_root / "sys"),
+                    index=i, ip=plan.node_ip(i), cgroup_root=node_root)
         for j in range(self.pods_per_node):
             node.pods.append(self._build_pod(node, j))
         return node
@@ -299,7 +300,7 @@ class Cluster:
             ipr.link("set", index=eth0, state="up")
             ipr.route("add", dst=f"{gw}/32", oif=eth0, scope=253)  # scope link
             ipr.route("add", dst="0.0.0.0/0", gateway=str(gw))
-        cg = cgroup.create(node.pod_cgroup_root / f"p{j}")
+        cg = cgroup.create(node.cgroup_root / f"p{j}")
         return Pod(cluster=self, netns=ns, cgroup=cg, name=f"n{node.index}p{j}", node_index=node.index,
                    index=j, ip=ip)
 
