@@ -65,7 +65,16 @@ class PodProcess:
         return self._proc.exitcode
 
     def stop(self, grace: float = 3.0) -> None:
-        """SIGTERM, then SIGKILL after grace; reaps the child."""
+        """SIGTERM, then SIGKILL after grace; reaps the child and closes its pipes."""
+        try:
+            self._stop(grace)
+        finally:
+            if self.popen is not None:
+                for stream in (self.popen.stdin, self.popen.stdout, self.popen.stderr):
+                    if stream is not None:
+                        stream.close()
+
+    def _stop(self, grace: float) -> None:
         if self.poll() is not None:
             self.wait()
             return
