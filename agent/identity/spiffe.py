@@ -9,9 +9,14 @@ from cryptography import x509
 
 SCHEME = "spiffe://"
 DEFAULT_TRUST_DOMAIN = "cluster.local"
-# Trust domains are DNS-like; namespaces and service accounts are Kubernetes names.
-_TD = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,253}[a-z0-9])?$")
-_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
+# Trust domains are DNS-like; namespaces and service accounts are Kubernetes names. Matched with
+# fullmatch: `$` alone would also accept a trailing newline.
+_TD = re.compile(r"[a-z0-9]([a-z0-9._-]{0,253}[a-z0-9])?")
+_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
+# Node agents authenticate to the embedded CA with a client certificate whose only URI SAN is
+# spiffe://<td>/nodemesh/node/<node>. It cannot parse as a workload Identity (no ns/sa path), so a
+# workload certificate can never pass as a node and the CA never signs a node id from a CSR.
+_NODE_PATH = "/nodemesh/node/"
 
 
 class IdentityError(ValueError):
@@ -25,10 +30,11 @@ class Identity:
     service_account: str
 
     def __post_init__(self) -> None:
-        if not _TD.match(self.trust_domain):
+        if not _TD.fullmatch(self.trust_domain):
             raise IdentityError(f"invalid trust domain {self.trust_domain!r}")
-        for what, value in (("namespace", self.namespace), ("service account", self.service_account)):
-            if not _NAME.match(value):
+        for what, value in (("namespace", self.namespace),
+                            ("service account", self.service_account)):
+            if not _NAME.fullmatch(value):
                 raise IdentityError(f"invalid {what} {value!r}: want a lowercase Kubernetes name")
 
     @classmethod
@@ -72,3 +78,24 @@ def from_certificate(cert: x509.Certificate) -> Identity:
 
 def from_der(der: bytes) -> Identity:
     return from_certificate(x509.load_der_x509_certificate(der))
+
+
+def node_uri(trust_domain: str, node: str) -> str:
+    """The URI SAN of a node agent's client certificate for the embedded CA."""
+    if not _TD.fullmatch(trust_domain):
+        raise IdentityError(f"invalid trust domain {trust_domain!r}")
+    if not _NAME.fullmatch(node):
+        raise IdentityError(f"invalid node name {node!r}: want a lowercase Kubernetes name")
+    return f"{SCHEME}{trust_domain}{_NODE_PATH}{node}"
+
+
+def node_from_uri(uri: str, trust_domain: str) -> str:
+    """The node name in a node URI of trust_domain (see node_uri); IdentityError otherwise."""
+    prefix = f"{SCHEME}{trust_domain}{_NODE_PATH}"
+    if not uri.startswith(prefix):
+        raise IdentityError(f"{uri!r} is not a node id of trust domain {trust_domain}: "
+                            f"want {prefix}<node>")
+    node = uri[len(prefix) :]
+    if not _NAME.fullmatch(node):
+        raise IdentityError(f"{uri!r}: invalid node name {node!r}")
+    return node

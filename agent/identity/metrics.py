@@ -1,0 +1,31 @@
+"""Prometheus metrics of workload certificates."""
+
+from __future__ import annotations
+
+import contextlib
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
+
+
+class CertificateMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        reg = registry if registry is not None else REGISTRY
+        self.expiry = Gauge(
+            "nodemesh_certificate_expiry_timestamp_seconds",
+            "Unix time at which the current certificate of an identity expires",
+            ["identity"], registry=reg)
+        self.rotations = Counter(
+            "nodemesh_certificate_rotations",
+            "Certificates obtained (first issue and renewals)", ["identity"], registry=reg)
+        self.failures = Counter(
+            "nodemesh_certificate_rotation_failures",
+            "Failed certificate requests, by cause (gRPC status or invalid_response)",
+            ["identity", "reason"], registry=reg)
+        self.in_flight = Gauge(
+            "nodemesh_certificate_csrs_in_flight", "CSRs sent and not yet answered",
+            registry=reg)
+
+    def forget(self, identity: str) -> None:
+        """Drop the per-identity gauge of an identity that left the node (counters stay)."""
+        with contextlib.suppress(KeyError):  # it never had a certificate
+            self.expiry.remove(identity)
