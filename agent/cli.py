@@ -13,6 +13,7 @@ from typing import Protocol
 # `func` (a callable taking the parsed namespace and returning an exit code).
 COMMANDS = (
     "agent.testbed.cli",
+    "agent.policy.cli",
 )
 
 Handler = Callable[[argparse.Namespace], int]

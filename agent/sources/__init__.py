@@ -1,0 +1,1 @@
+"""State sources that feed the StateStore: a local YAML file (`file`), Kubernetes watches."""

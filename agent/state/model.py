@@ -1,0 +1,125 @@
+"""Mesh objects as the agent sees them: workloads, namespaces, services. Immutable values."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+from agent.identity.spiffe import DEFAULT_TRUST_DOMAIN, Identity
+from agent.state.fields import IPAddress
+
+# The label Istio ambient uses to enroll a namespace or pod; "none" on a pod opts it out.
+DATAPLANE_MODE_LABEL = "istio.io/dataplane-mode"
+
+
+class Labels(Mapping[str, str]):
+    """An immutable, hashable string map (Kubernetes labels, selectors)."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, values: Mapping[str, str] | None = None) -> None:
+        self._items: dict[str, str] = dict(values or {})
+
+    def __getitem__(self, key: str) -> str:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._items.items()))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Mapping) and dict(self._items) == dict(other)
+
+    def __repr__(self) -> str:
+        return f"Labels({self._items!r})"
+
+    def selected_by(self, selector: Mapping[str, str]) -> bool:
+        """matchLabels semantics: every selector label present with the same value."""
+        return all(self._items.get(k) == v for k, v in selector.items())
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    namespace: str
+    service_account: str = "default"
+    ips: tuple[IPAddress, ...] = ()
+    node: str = ""
+    labels: Labels = field(default_factory=Labels)
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+    # True/False: explicitly in or out of the mesh; None: follow the namespace's label.
+    in_mesh: bool | None = True
+    uid: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.uid:
+            object.__setattr__(self, "uid", f"nodemesh//Workload/{self.namespace}/{self.name}")
+        if not isinstance(self.labels, Labels):
+            object.__setattr__(self, "labels", Labels(self.labels))
+        object.__setattr__(self, "ips", tuple(self.ips))
+
+    @property
+    def identity(self) -> Identity:
+        return Identity(self.trust_domain, self.namespace, self.service_account)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class Namespace:
+    name: str
+    labels: Labels = field(default_factory=Labels)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.labels, Labels):
+            object.__setattr__(self, "labels", Labels(self.labels))
+
+    @property
+    def ambient(self) -> bool:
+        return self.labels.get(DATAPLANE_MODE_LABEL) == "ambient"
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    port: int
+    # A container port number, or the name of a container port (Kubernetes named targetPort).
+    target_port: int | str
+    name: str = ""
+    protocol: str = "TCP"
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    namespace: str
+    vips: tuple[IPAddress, ...] = ()
+    ports: tuple[ServicePort, ...] = ()
+    # None: no selector, so no workloads are selected (endpoints managed elsewhere).
+    selector: Labels | None = None
+
+    def __post_init__(self) -> None:
+        if self.selector is not None and not isinstance(self.selector, Labels):
+            object.__setattr__(self, "selector", Labels(self.selector))
+        object.__setattr__(self, "vips", tuple(self.vips))
+        object.__setattr__(self, "ports", tuple(self.ports))
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def target_port(self, service_port: int) -> int | str | None:
+        for p in self.ports:
+            if p.port == service_port:
+                return p.target_port
+        return None
+
+    def selects(self, workload: Workload) -> bool:
+        return (self.selector is not None and workload.namespace == self.namespace
+                and workload.labels.selected_by(self.selector))

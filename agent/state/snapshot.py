@@ -1,0 +1,156 @@
+"""MeshState: one immutable snapshot of everything the agent knows, with the lookups it needs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from types import MappingProxyType
+
+from agent.identity.spiffe import Identity
+from agent.policy.authz import DEFAULT_ROOT_NAMESPACE, AuthorizationPolicy
+from agent.policy.evaluator import PolicySet
+from agent.policy.peerauth import MtlsMode, PeerAuthentication
+from agent.state.fields import IPAddress
+from agent.state.model import DATAPLANE_MODE_LABEL, Namespace, Service, Workload
+
+MeshObject = Workload | Namespace | Service | AuthorizationPolicy | PeerAuthentication
+KIND_OF: Mapping[type, str] = MappingProxyType({
+    Workload: "Workload", Namespace: "Namespace", Service: "Service",
+    AuthorizationPolicy: "AuthorizationPolicy", PeerAuthentication: "PeerAuthentication",
+})
+KINDS = tuple(KIND_OF.values())
+
+
+def key_of(obj: MeshObject) -> str:
+    """The store key: uid for workloads, name for namespaces, namespace/name otherwise."""
+    if isinstance(obj, Workload):
+        return obj.uid
+    if isinstance(obj, Namespace):
+        return obj.name
+    return f"{obj.namespace}/{obj.name}"
+
+
+def _frozen(objs: Iterable[MeshObject]) -> Mapping[str, MeshObject]:
+    return MappingProxyType({key_of(o): o for o in objs})
+
+
+@dataclass(frozen=True, eq=False)
+class MeshState:
+    """Never mutated: changes build a new snapshot (`with_object`, `without`)."""
+
+    objects: Mapping[str, Mapping[str, MeshObject]] = field(
+        default_factory=lambda: MappingProxyType({k: MappingProxyType({}) for k in KINDS}))
+    root_namespace: str = DEFAULT_ROOT_NAMESPACE
+
+    @classmethod
+    def build(cls, objects: Iterable[MeshObject] = (),
+              root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> MeshState:
+        by_kind: dict[str, list[MeshObject]] = {k: [] for k in KINDS}
+        for obj in objects:
+            by_kind[KIND_OF[type(obj)]].append(obj)
+        return cls(MappingProxyType({k: _frozen(v) for k, v in by_kind.items()}), root_namespace)
+
+    def with_object(self, obj: MeshObject) -> MeshState:
+        kind = KIND_OF[type(obj)]
+        changed = {**self.objects[kind], key_of(obj): obj}
+        return MeshState(MappingProxyType({**self.objects, kind: MappingProxyType(changed)}),
+                         self.root_namespace)
+
+    def without(self, kind: str, key: str) -> MeshState:
+        if key not in self.objects[kind]:
+            return self
+        changed = {k: v for k, v in self.objects[kind].items() if k != key}
+        return MeshState(MappingProxyType({**self.objects, kind: MappingProxyType(changed)}),
+                         self.root_namespace)
+
+    def all_objects(self) -> list[MeshObject]:
+        return [o for kind in KINDS for o in self.objects[kind].values()]
+
+    # -- typed views ---------------------------------------------------------------------------
+
+    @property
+    def workloads(self) -> list[Workload]:
+        return [o for o in self.objects["Workload"].values() if isinstance(o, Workload)]
+
+    @property
+    def namespaces(self) -> list[Namespace]:
+        return [o for o in self.objects["Namespace"].values() if isinstance(o, Namespace)]
+
+    @property
+    def services(self) -> list[Service]:
+        return [o for o in self.objects["Service"].values() if isinstance(o, Service)]
+
+    @property
+    def authorization_policies(self) -> list[AuthorizationPolicy]:
+        return [o for o in self.objects["AuthorizationPolicy"].values()
+                if isinstance(o, AuthorizationPolicy)]
+
+    @property
+    def peer_authentications(self) -> list[PeerAuthentication]:
+        return [o for o in self.objects["PeerAuthentication"].values()
+                if isinstance(o, PeerAuthentication)]
+
+    # -- lookups (indexes are built on first use, once per snapshot) ---------------------------
+
+    @cached_property
+    def _by_ip(self) -> Mapping[IPAddress, Workload]:
+        # Sorted by uid so that an address claimed twice (a stale pod) resolves deterministically.
+        return {ip: w for w in sorted(self.workloads, key=lambda w: w.uid, reverse=True)
+                for ip in w.ips}
+
+    @cached_property
+    def _by_node(self) -> Mapping[str, tuple[Workload, ...]]:
+        nodes: dict[str, list[Workload]] = {}
+        for w in sorted(self.workloads, key=lambda w: (w.namespace, w.name)):
+            nodes.setdefault(w.node, []).append(w)
+        return {n: tuple(ws) for n, ws in nodes.items()}
+
+    @cached_property
+    def policy_set(self) -> PolicySet:
+        return PolicySet(tuple(self.authorization_policies), tuple(self.peer_authentications),
+                         self.root_namespace)
+
+    def workload_by_ip(self, ip: IPAddress) -> Workload | None:
+        return self._by_ip.get(ip)
+
+    def workload_by_uid(self, uid: str) -> Workload | None:
+        w = self.objects["Workload"].get(uid)
+        return w if isinstance(w, Workload) else None
+
+    def workload_named(self, namespace: str, name: str) -> Workload | None:
+        for w in self.workloads:
+            if w.namespace == namespace and w.name == name:
+                return w
+        return None
+
+    def namespace(self, name: str) -> Namespace | None:
+        ns = self.objects["Namespace"].get(name)
+        return ns if isinstance(ns, Namespace) else None
+
+    def in_mesh(self, workload: Workload) -> bool:
+        """Explicit per-workload setting, else the namespace's istio.io/dataplane-mode label."""
+        if workload.in_mesh is not None:
+            return workload.in_mesh
+        ns = self.namespace(workload.namespace)
+        return ns is not None and ns.labels.get(DATAPLANE_MODE_LABEL) == "ambient"
+
+    def workloads_on_node(self, node: str) -> tuple[Workload, ...]:
+        return self._by_node.get(node, ())
+
+    def identities_on_node(self, node: str) -> set[Identity]:
+        """Identities of the in-mesh workloads on `node` (what a node may get certificates for)."""
+        return {w.identity for w in self.workloads_on_node(node) if self.in_mesh(w)}
+
+    def service_endpoints(self, service: Service) -> tuple[Workload, ...]:
+        return tuple(sorted((w for w in self.workloads if service.selects(w)),
+                            key=lambda w: w.uid))
+
+    def service_by_vip(self, ip: IPAddress) -> Service | None:
+        for s in self.services:
+            if ip in s.vips:
+                return s
+        return None
+
+    def mtls_mode(self, workload: Workload, port: int) -> MtlsMode:
+        return self.policy_set.mtls.mtls_mode(workload, port)
