@@ -13,7 +13,9 @@ from typing import Protocol
 # `func` (a callable taking the parsed namespace and returning an exit code).
 COMMANDS = (
     "agent.testbed.cli",
+    "agent.telemetry.cli",
     "agent.policy.cli",
+    "agent.identity.cli",
 )
 
 Handler = Callable[[argparse.Namespace], int]

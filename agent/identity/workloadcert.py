@@ -13,7 +13,7 @@ from agent.identity import pki, tlsmem
 from agent.identity.spiffe import Identity, from_certificate
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class WorkloadCertificate:
     identity: Identity
     chain: tuple[str, ...]  # PEM certificates, leaf first, root last
@@ -67,3 +67,6 @@ class WorkloadCertificate:
 
     def __str__(self) -> str:
         return f"{self.identity} serial {self.serial:x} valid until {self.not_after}"
+
+    def __repr__(self) -> str:  # the key (and the bulky PEMs) never show up in logs
+        return f"<WorkloadCertificate {self}>"

@@ -1,0 +1,178 @@
+"""`nodemesh ca ...`: run the embedded CA, issue node credentials, fetch a workload certificate."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import re
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+from agent.identity import pki
+from agent.identity.ca import (
+    MAX_TTL,
+    CaServer,
+    CertificateAuthority,
+    NodeAuthenticator,
+    StaticWorkloadLocator,
+)
+from agent.identity.caclient import CaClient, CaError
+from agent.identity.spiffe import DEFAULT_TRUST_DOMAIN, Identity, IdentityError
+
+log = logging.getLogger(__name__)
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(text: str) -> timedelta:
+    """'90', '90s', '15m', '24h', '7d' -> timedelta (argparse type)."""
+    m = re.fullmatch(r"(\d+)([smhd]?)", text.strip())
+    if not m or int(m.group(1)) == 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: want a positive duration like 90s, 15m, 24h")
+    return timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2) or "s"])
+
+
+def _identity(text: str) -> Identity:
+    try:
+        return Identity.parse(text)
+    except IdentityError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ca = sub.add_parser("ca", help="embedded certificate authority (Istio CA API)")
+    ca_sub = ca.add_subparsers(dest="ca_command", metavar="ACTION", required=True)
+
+    serve = ca_sub.add_parser(
+        "serve", help="serve istio.v1.auth.IstioCertificateService over TLS",
+        description="Serve the CA. The root is loaded from --root-cert/--root-key, or generated "
+                    "and written there (key mode 0600) when both files are missing.")
+    serve.add_argument("--listen", default="127.0.0.1:15012",
+                       help="host:port (default %(default)s, istiod's CA port)")
+    _root_args(serve)
+    serve.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN)
+    serve.add_argument("--tokens", type=Path,
+                       help="YAML mapping bearer token -> node name (node agents' credentials)")
+    serve.add_argument("--workloads", type=Path, required=True,
+                       help="YAML mapping node name -> list of SPIFFE ids scheduled there")
+    serve.add_argument("--max-ttl", type=duration, default=MAX_TTL,
+                       help="longest certificate lifetime granted (default 24h)")
+    serve.add_argument("--require-node-cert", action="store_true",
+                       help="require a node client certificate issued by this CA (ca node-cert)")
+    serve.add_argument("--server-name", action="append", default=[],
+                       help="extra DNS name/IP for the CA's TLS certificate (repeatable)")
+    serve.set_defaults(func=_serve)
+
+    node = ca_sub.add_parser("node-cert", help="issue a node agent's client certificate offline")
+    _root_args(node)
+    node.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN)
+    node.add_argument("--node", required=True)
+    node.add_argument("--ttl", type=duration, default=timedelta(days=365))
+    node.add_argument("--cert-out", type=Path, required=True)
+    node.add_argument("--key-out", type=Path, required=True)
+    node.set_defaults(func=_node_cert)
+
+    issue = ca_sub.add_parser("issue", help="get a workload certificate from a CA; print its chain")
+    issue.add_argument("--ca", required=True, help="CA address host:port")
+    issue.add_argument("--ca-root", type=Path, required=True, help="PEM root of the CA's TLS")
+    issue.add_argument("--identity", type=_identity, required=True,
+                       help="spiffe://<td>/ns/<ns>/sa/<sa>")
+    issue.add_argument("--token-file", type=Path, help="file holding the node's bearer token")
+    issue.add_argument("--node-cert", type=Path, help="node client certificate (PEM)")
+    issue.add_argument("--node-key", type=Path, help="node client key (PEM)")
+    issue.add_argument("--ttl", type=duration, default=timedelta(hours=1))
+    issue.add_argument("--key-out", type=Path,
+                       help="write the private key here (mode 0600); never printed")
+    issue.set_defaults(func=_issue)
+
+
+def _root_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root-cert", type=Path, required=True, help="CA certificate (PEM)")
+    p.add_argument("--root-key", type=Path, required=True, help="CA private key (PEM)")
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def load_or_create_root(cert: Path, key: Path, trust_domain: str,
+                        must_exist: bool = False) -> pki.Authority:
+    if cert.exists() and key.exists():
+        return pki.Authority.from_pem(cert.read_bytes(), key.read_bytes())
+    if cert.exists() or key.exists() or must_exist:
+        raise SystemExit(f"need both {cert} and {key}; "
+                         f"{cert if not cert.exists() else key} is missing")
+    authority = pki.Authority.generate(trust_domain)
+    _write_private(key, pki.key_to_pem(authority.key))
+    cert.write_text(pki.cert_to_pem(authority.root))
+    log.info("generated a new root CA for %s: %s, %s", trust_domain, cert, key)
+    return authority
+
+
+def _serve(args: argparse.Namespace) -> int:
+    authority = load_or_create_root(args.root_cert, args.root_key, args.trust_domain)
+    tokens = NodeAuthenticator.load_tokens(args.tokens) if args.tokens else {}
+    if not tokens and not args.require_node_cert:
+        raise SystemExit("no way for node agents to authenticate: give --tokens FILE "
+                         "and/or --require-node-cert")
+    ca = CertificateAuthority(authority, StaticWorkloadLocator.from_yaml(args.workloads),
+                              args.trust_domain, max_ttl=args.max_ttl)
+    server = CaServer(ca, NodeAuthenticator(tokens, args.trust_domain),
+                      require_node_cert=args.require_node_cert, server_names=args.server_name)
+
+    async def run() -> None:
+        port = await server.start(args.listen)
+        host = args.listen.rpartition(":")[0]
+        print(f"listening on {host}:{port}", flush=True)
+        try:
+            await server.wait()
+        finally:
+            await server.stop(1.0)
+
+    asyncio.run(run())
+    return 0
+
+
+def _node_cert(args: argparse.Namespace) -> int:
+    authority = load_or_create_root(args.root_cert, args.root_key, args.trust_domain, True)
+    ca = CertificateAuthority(authority, StaticWorkloadLocator({}), args.trust_domain)
+    key = pki.generate_key()
+    chain = ca.issue_node_certificate(args.node, key.public_key(), args.ttl)
+    _write_private(args.key_out, pki.key_to_pem(key))
+    args.cert_out.write_text(chain[0])
+    print(f"node certificate for {args.node}: {args.cert_out}, key {args.key_out}")
+    return 0
+
+
+def _issue(args: argparse.Namespace) -> int:
+    token = args.token_file.read_text().strip() if args.token_file else None
+    if (args.node_cert is None) != (args.node_key is None):
+        raise SystemExit("give both --node-cert and --node-key, or neither")
+    client = CaClient(
+        args.ca, args.ca_root.read_text(), token=token,
+        node_cert_pem=args.node_cert.read_text() if args.node_cert else None,
+        node_key_pem=args.node_key.read_bytes() if args.node_key else None)
+
+    async def run() -> int:
+        try:
+            cert = await client.issue(args.identity, args.ttl)
+        except CaError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        finally:
+            await client.close()
+        if args.key_out:
+            _write_private(args.key_out, cert.key_pem())
+        sys.stdout.write("".join(cert.chain))
+        print(f"issued {cert}", file=sys.stderr)
+        return 0
+
+    return asyncio.run(run())
