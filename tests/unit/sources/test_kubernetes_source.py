@@ -1,0 +1,440 @@
+"""The Kubernetes source against the test API server, over real HTTP on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import re
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.apiserver import ApiServer, Kubectl, make_tls
+
+from agent.sources.kube.config import ClusterConfig, explicit, from_kubeconfig, in_cluster
+from agent.sources.kubernetes import AuthError, KubernetesSource
+
+NODE = "node-a"
+APS = "authorizationpolicies"
+TIMEOUT = 20.0  # a stuck test fails here, long before pytest's own timeout
+
+
+def run(coro: Coroutine[Any, Any, None]) -> None:
+    async def bounded() -> None:
+        async with asyncio.timeout(TIMEOUT):
+            await coro
+
+    asyncio.run(bounded())
+
+
+class Recorder:
+    """The sink: records every call, lets the test wait for a condition."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, dict[str, Any]]] = []
+        self.synced_calls = 0
+        self._changed = asyncio.Event()
+
+    def on_event(self, resource: str, type: str, obj: dict[str, Any]) -> None:
+        self.events.append((resource, type, obj))
+        self._changed.set()
+
+    def on_synced(self) -> None:
+        self.synced_calls += 1
+        self._changed.set()
+
+    def of(self, resource: str) -> list[tuple[str, str, str, str]]:
+        """(type, key, uid, resourceVersion) of one resource's events, in order."""
+        out = []
+        for res, type_, obj in self.events:
+            if res == resource:
+                meta = obj["metadata"]
+                key = f"{meta['namespace']}/{meta['name']}" if "namespace" in meta else meta["name"]
+                out.append((type_, key, meta["uid"], meta["resourceVersion"]))
+        return out
+
+    async def until(self, cond: Callable[[], bool]) -> None:
+        while not cond():
+            self._changed.clear()
+            # Conditions may also depend on server state: look again now and then.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), 0.05)
+
+
+def identities(objs: dict[str, dict[str, Any]]) -> dict[str, tuple[str, str]]:
+    return {k: (o["metadata"]["uid"], o["metadata"]["resourceVersion"]) for k, o in objs.items()}
+
+
+def replay(events: list[tuple[str, str, str, str]]) -> dict[str, tuple[str, str]]:
+    """Apply an event sequence, asserting it is one a correct watcher could have produced: no
+    ADDED for a key already present, no MODIFIED/DELETED of something unknown, no version
+    delivered twice."""
+    state: dict[str, tuple[str, str]] = {}
+    seen: set[tuple[str, str]] = set()
+    for type_, key, uid, rv in events:
+        if type_ == "ADDED":
+            assert key not in state, f"ADDED {key} twice without a DELETED"
+        else:
+            assert key in state and state[key][0] == uid, f"{type_} of unknown {key} {uid}"
+        if type_ != "DELETED":
+            assert (uid, rv) not in seen, f"{key} version {rv} delivered twice"
+            seen.add((uid, rv))
+            state[key] = (uid, rv)
+        else:
+            del state[key]
+    return state
+
+
+def pods_here(server: ApiServer) -> dict[str, dict[str, Any]]:
+    return {k: o for k, o in server.items("pods").items() if o["spec"].get("nodeName") == NODE}
+
+
+def in_sync(server: ApiServer, source: KubernetesSource) -> Callable[[], bool]:
+    def check() -> bool:
+        return all(
+            identities(dict(source.cache(r)))
+            == identities(pods_here(server) if r == "pods" else server.items(r))
+            for r in ("pods", "namespaces", "services", APS, "peerauthentications")
+        )
+
+    return check
+
+
+@asynccontextmanager
+async def running(
+    server: ApiServer, config: ClusterConfig | None = None, **kwargs: Any
+) -> AsyncIterator[tuple[KubernetesSource, Recorder]]:
+    sink = Recorder()
+    options: dict[str, Any] = {"watch_timeout": 60.0, "backoff_initial": 0.02}
+    options.update(kwargs)
+    source = KubernetesSource(
+        config or explicit(server.url, token=server.token), NODE, sink, **options
+    )
+    task = asyncio.create_task(source.run())
+    try:
+        yield source, sink
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def seed(k: Kubectl) -> None:
+    await k.namespace("ns1")
+    await k.namespace("istio-system")
+    await k.pod("ns1", "a1", NODE, ip="10.1.0.1")
+    await k.pod("ns1", "b1", "node-b", ip="10.2.0.1")
+    await k.create("services", {"metadata": {"namespace": "ns1", "name": "web"},
+                                "spec": {"ports": [{"port": 80}]}})
+    await k.authorization_policy("ns1", "p1", {"action": "ALLOW", "rules": [{}]})
+    await k.create("peerauthentications", {"metadata": {"namespace": "istio-system",
+                                                        "name": "default"},
+                                           "spec": {"mtls": {"mode": "STRICT"}}})
+
+
+async def watching_again(server: ApiServer, before: int) -> dict[str, str | None]:
+    """Wait until every resource has asked for a new watch; the RV each one asked from."""
+    while True:
+        asked = {w.resource: w.resource_version for w in server.watch_log[before:]}
+        if len(asked) == 5:
+            return asked
+        await asyncio.sleep(0.01)
+
+
+def test_follows_this_nodes_pods_and_policies() -> None:
+    async def body() -> None:
+        async with ApiServer() as server, Kubectl(server) as k:
+            await seed(k)
+            async with running(server) as (source, sink):
+                await source.wait_synced()
+                assert sink.synced_calls == 1
+                assert set(source.cache("pods")) == {"ns1/a1"}  # not node-b's pod
+                assert set(source.cache(APS)) == {"ns1/p1"}
+                assert set(source.cache("namespaces")) == {"ns1", "istio-system"}
+                assert [q.field_selector for q in server.list_log if q.resource == "pods"] == [
+                    f"spec.nodeName={NODE}"]
+
+                await k.pod("ns1", "a2", NODE, ip="10.1.0.2")
+                await k.pod("ns1", "b2", "node-b")
+                await k.delete("pods", "ns1", "a1")
+                # Scheduled later: a pod bound to this node afterwards enters the selection.
+                await k.create("pods", {"metadata": {"namespace": "ns1", "name": "late"},
+                                        "spec": {"containers": [{"name": "c", "image": "i"}]}})
+                await k.patch("pods", "ns1", "late", {"spec": {"nodeName": NODE}})
+
+                p1 = await k.replace(APS, {**server.items(APS)["ns1/p1"],
+                                           "spec": {"action": "DENY", "rules": [{}]}})
+                await k.authorization_policy("ns1", "p2", {"action": "ALLOW"})
+                await k.delete(APS, "ns1", "p2")
+                await sink.until(in_sync(server, source))
+
+                assert source.cache(APS)["ns1/p1"]["spec"]["action"] == "DENY"
+                assert p1["metadata"]["uid"] == source.cache(APS)["ns1/p1"]["metadata"]["uid"]
+                # Every policy change, exactly as the server made them, in order.
+                assert sink.of(APS) == server.changes(APS)
+                pod_events = [(t, key) for t, key, _, _ in sink.of("pods")]
+                assert pod_events == [
+                    ("ADDED", "ns1/a1"),
+                    ("ADDED", "ns1/a2"),
+                    ("MODIFIED", "ns1/a2"),  # the kubelet's status: Running, podIP
+                    ("DELETED", "ns1/a1"),
+                    ("ADDED", "ns1/late"),
+                ]
+                assert source.cache("pods")["ns1/a2"]["status"]["podIP"] == "10.1.0.2"
+                assert source.cache("pods")["ns1/a2"]["kind"] == "Pod"
+                assert sink.synced_calls == 1
+                assert {w.field_selector for w in server.watch_log if w.resource == "pods"} == {
+                    f"spec.nodeName={NODE}"}
+
+    run(body())
+
+
+def test_dropped_watch_resumes_from_last_version_without_loss_or_duplicates() -> None:
+    async def body() -> None:
+        async with ApiServer() as server, Kubectl(server) as k:
+            await seed(k)
+            async with running(server) as (source, sink):
+                await source.wait_synced()
+                await k.authorization_policy("ns1", "p2", {"action": "DENY"})
+                await sink.until(in_sync(server, source))
+                last = {r: source.resource_version(r) for r in
+                        ("pods", "namespaces", "services", APS, "peerauthentications")}
+                before = len(server.watch_log)
+
+                server.hold_watches()
+                assert server.drop_watches() == 5
+                # Changes while no watch is open: they must arrive once the watches are back.
+                await k.patch(APS, "ns1", "p1", {"spec": {"action": "DENY"}})
+                await k.delete(APS, "ns1", "p2")
+                await k.authorization_policy("ns1", "p3", {"action": "ALLOW"})
+                await k.pod("ns1", "a2", NODE)
+                await k.delete("pods", "ns1", "a1")
+                assert await watching_again(server, before) == last
+                server.release_watches()
+                await sink.until(in_sync(server, source))
+
+                # A marker after everything: any duplicate would have arrived before it.
+                await k.authorization_policy("ns1", "marker", {"action": "ALLOW"})
+                await sink.until(lambda: "ns1/marker" in source.cache(APS))
+                assert sink.of(APS) == server.changes(APS)
+                replay(sink.of("pods"))
+                assert [(t, key) for t, key, _, _ in sink.of("pods")][-2:] == [
+                    ("ADDED", "ns1/a2"), ("DELETED", "ns1/a1")]
+                assert len(server.list_log) == 5  # resumed: no resource was listed again
+                assert source.metrics.relists.labels(APS)._value.get() == 0
+                assert source.metrics.watch_restarts.labels(APS, "dropped")._value.get() == 1
+
+    run(body())
+
+
+def test_410_gone_relists_and_synthesizes_exactly_the_missed_changes() -> None:
+    async def body() -> None:
+        async with ApiServer() as server, Kubectl(server) as k:
+            await seed(k)
+            for name in ("p2", "p3", "p4"):
+                await k.authorization_policy("ns1", name, {"action": "ALLOW"})
+            async with running(server) as (source, sink):
+                await source.wait_synced()
+                old_p3 = source.cache(APS)["ns1/p3"]["metadata"]["uid"]
+                before = len(server.watch_log)
+                server.hold_watches()
+                server.drop_watches()
+                await k.patch(APS, "ns1", "p1", {"spec": {"action": "DENY"}})
+                await k.delete(APS, "ns1", "p2")
+                await k.delete(APS, "ns1", "p3")  # deleted and recreated under the same name
+                await k.authorization_policy("ns1", "p3", {"action": "DENY"})
+                await k.authorization_policy("ns1", "p5", {"action": "ALLOW"})
+                await k.authorization_policy("ns1", "brief", {"action": "ALLOW"})
+                await k.delete(APS, "ns1", "brief")  # never seen: born and gone in the gap
+                await k.pod("ns1", "a2", NODE)
+                await k.delete("pods", "ns1", "a1")
+                await k.namespace("ns2")
+                await watching_again(server, before)
+                server.compact()  # the history the watches need is gone: 410 for all
+                server.release_watches()
+                await sink.until(in_sync(server, source))
+                await k.authorization_policy("ns1", "marker", {"action": "ALLOW"})
+                await sink.until(lambda: "ns1/marker" in source.cache(APS))
+
+                for resource in ("pods", "namespaces", "services", APS, "peerauthentications"):
+                    expected = pods_here(server) if resource == "pods" else server.items(resource)
+                    assert replay(sink.of(resource)) == identities(expected), resource
+                    assert source.metrics.relists.labels(resource)._value.get() == 1, resource
+                gap = [(t, key) for t, key, _, _ in sink.of(APS)][4:]
+                assert gap == [
+                    ("DELETED", "ns1/p2"),
+                    ("DELETED", "ns1/p3"),
+                    ("MODIFIED", "ns1/p1"),
+                    ("ADDED", "ns1/p3"),
+                    ("ADDED", "ns1/p5"),
+                    ("ADDED", "ns1/marker"),
+                ]
+                assert sink.of(APS)[5][2] == old_p3
+                assert source.cache(APS)["ns1/p3"]["metadata"]["uid"] != old_p3
+                assert ("ADDED", "ns2") in [(t, key) for t, key, _, _ in sink.of("namespaces")]
+                assert sink.synced_calls == 1
+
+    run(body())
+
+
+def test_bookmarks_advance_the_version_the_next_watch_starts_from() -> None:
+    async def body() -> None:
+        async with ApiServer() as server, Kubectl(server) as k:
+            await seed(k)
+            async with running(server) as (source, sink):
+                await source.wait_synced()
+                start = source.resource_version("pods")
+                for i in range(5):  # other nodes' pods: the RV moves, our pod watch is silent
+                    await k.pod("ns1", f"other{i}", "node-b")
+                assert source.resource_version("pods") == start
+                server.send_bookmarks()
+                now = str(server.rv)
+                await sink.until(lambda: source.resource_version("pods") == now)
+                # Without the bookmark, the watch from `start` would now be 410 Gone.
+                server.compact()
+                before = len(server.watch_log)
+                server.drop_watches()
+                asked = await watching_again(server, before)
+                assert asked["pods"] == now
+                await k.pod("ns1", "a2", NODE)
+                await sink.until(lambda: "ns1/a2" in source.cache("pods"))
+                assert source.metrics.relists.labels("pods")._value.get() == 0
+                assert all(w.bookmarks for w in server.watch_log)
+
+    run(body())
+
+
+def test_server_closing_a_watch_on_timeout_rewatches_without_relisting() -> None:
+    async def body() -> None:
+        async with ApiServer() as server, Kubectl(server) as k:
+            await seed(k)
+            async with running(server, watch_timeout=1.0) as (source, sink):
+                await source.wait_synced()
+                await sink.until(lambda: any(w.resource == APS for w in server.watch_log))
+                first = next(w for w in server.watch_log if w.resource == APS)
+                assert first.timeout_seconds in (1, 2)
+                await sink.until(lambda: len([w for w in server.watch_log
+                                              if w.resource == APS]) >= 2)
+                again = [w for w in server.watch_log if w.resource == APS][1]
+                assert again.resource_version == first.resource_version
+                await k.authorization_policy("ns1", "p2", {"action": "DENY"})
+                await sink.until(lambda: "ns1/p2" in source.cache(APS))
+                assert source.metrics.watch_restarts.labels(APS, "closed")._value.get() >= 1
+                assert [q.resource for q in server.list_log].count(APS) == 1
+
+    run(body())
+
+
+def test_paginated_list() -> None:
+    async def body() -> None:
+        async with ApiServer() as server, Kubectl(server) as k:
+            await seed(k)
+            for i in range(4):
+                await k.authorization_policy("ns1", f"extra{i}", {"action": "ALLOW"})
+            async with running(server, page_size=2) as (source, sink):
+                await source.wait_synced()
+                assert len(source.cache(APS)) == 5
+                pages = [q.continue_token for q in server.list_log if q.resource == APS]
+                assert len(pages) == 3 and pages[0] is None and all(pages[1:])
+                assert replay(sink.of(APS)) == identities(server.items(APS))
+
+    run(body())
+
+
+def _delays(caplog: pytest.LogCaptureFixture, resource: str) -> list[float]:
+    out = []
+    for rec in caplog.records:
+        msg = rec.getMessage()
+        if rec.levelno == logging.ERROR and msg.startswith(f"{resource}: AuthError"):
+            m = re.search(r"retrying in ([0-9.]+) s", msg)
+            assert m, msg
+            out.append(float(m.group(1)))
+    return out
+
+
+def test_401_is_a_clear_error_with_backoff_and_recovers_when_the_token_is_fixed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In-cluster configuration over real TLS; the token file is wrong, then fixed, then the
+    projected token rotates."""
+    tls = make_tls(tmp_path)
+    account = tmp_path / "serviceaccount"
+    account.mkdir()
+    (account / "ca.crt").write_bytes(tls.ca_pem)
+    (account / "namespace").write_text("nodemesh-system\n")
+    token = account / "token"
+    token.write_text("stale-token\n")
+
+    async def body() -> None:
+        async with ApiServer(token="good-token", tls=tls.server_context) as server, Kubectl(
+            server, tls.client_context()
+        ) as k:
+            await seed(k)
+            port = server.url.rsplit(":", 1)[1]
+            env = {"KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": port}
+            config = in_cluster(env, account)
+            assert config.namespace == "nodemesh-system"
+            async with running(server, config) as (source, sink):
+                await sink.until(lambda: len(_delays(caplog, APS)) >= 3)
+                assert not source.synced and sink.synced_calls == 0
+                error = source.last_error(APS)
+                assert isinstance(error, AuthError)
+                assert "401 Unauthorized" in str(error) and str(token) in str(error)
+                delays = _delays(caplog, APS)
+                assert len(delays) >= 3
+                for n, d in enumerate(delays[:5]):  # the backoff schedule, jittered
+                    nominal = 0.02 * 2**n
+                    assert nominal / 2 <= d <= nominal, (n, d)
+
+                token.write_text("good-token\n")  # read again after a 401
+                await source.wait_synced()
+                assert source.last_error(APS) is None
+
+                # The kubelet rotates the projected token; the server stops accepting the old
+                # one and a dropped watch reconnects with the new file contents.
+                server.token = "rotated-token"
+                token.write_text("rotated-token\n")
+                server.drop_watches()
+                await k.authorization_policy("ns1", "p2", {"action": "DENY"})
+                await sink.until(lambda: "ns1/p2" in source.cache(APS))
+                assert sink.of(APS) == server.changes(APS)
+
+    with caplog.at_level(logging.INFO, logger="agent.sources.kubernetes"):
+        run(body())
+
+
+def test_kubeconfig_with_inline_ca_and_token(tmp_path: Path) -> None:
+    tls = make_tls(tmp_path)
+    async def body() -> None:
+        async with ApiServer(token="kc-token", tls=tls.server_context) as server, Kubectl(
+            server, tls.client_context()
+        ) as k:
+            await seed(k)
+            kubeconfig = tmp_path / "config"
+            kubeconfig.write_text(f"""
+apiVersion: v1
+kind: Config
+current-context: test
+clusters:
+- name: c
+  cluster:
+    server: {server.url}
+    certificate-authority-data: {base64.b64encode(tls.ca_pem).decode()}
+users:
+- name: u
+  user:
+    token: kc-token
+contexts:
+- name: test
+  context: {{cluster: c, user: u, namespace: ns1}}
+""")
+            config = from_kubeconfig(kubeconfig)
+            async with running(server, config) as (source, _):
+                await source.wait_synced()
+                assert set(source.cache("pods")) == {"ns1/a1"}
+
+    run(body())
