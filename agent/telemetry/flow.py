@@ -1,0 +1,347 @@
+"""The flow record: one typed event that every telemetry producer emits and every sink consumes.
+
+Producers are the kernel datapath (flow events decoded from the BPF ring buffer) and the tunnel
+(per-connection open/close). Sinks are the Prometheus metrics, the flow and audit logs and the
+live stream. The JSON form is versioned (`schema`) and documented in docs/telemetry.md; the JSON
+Schema below is the contract and the docs embed it verbatim (a unit test checks both agree).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Final
+
+SCHEMA_ID: Final = "nodemesh.flow/v1"
+
+
+class FlowRecordError(ValueError):
+    """A flow record, or its JSON form, breaks the documented schema."""
+
+
+class Reporter(StrEnum):
+    """Which side of the connection observed it (Istio's `reporter` label)."""
+
+    SOURCE = "source"
+    DESTINATION = "destination"
+
+
+class EventKind(StrEnum):
+    """open: connection established. close: it ended (bytes and duration final). deny: refused by
+    policy before carrying data. auth_failure: the peer failed mTLS/identity checks."""
+
+    OPEN = "open"
+    CLOSE = "close"
+    DENY = "deny"
+    AUTH_FAILURE = "auth_failure"
+
+
+class Verdict(StrEnum):
+    ALLOWED = "allowed"
+    DENIED = "denied"
+
+
+class SecurityPolicy(StrEnum):
+    """Istio's `connection_security_policy` label."""
+
+    MUTUAL_TLS = "mutual_tls"
+    UNKNOWN = "unknown"
+
+
+# Istio's response flags for L4 connections. "-" means none (a clean connection).
+NO_FLAGS: Final = "-"
+RESPONSE_FLAGS: Final = frozenset({
+    NO_FLAGS, "DENY", "CONNECT", "TLS_FAILURE", "H2_HANDSHAKE_FAILURE", "NETWORK_POLICY",
+    "IDENTITY_ERROR", "CERT_REVOKED",
+})
+# Terminal events end a connection attempt; they carry the final bytes and duration.
+TERMINAL_KINDS: Final = frozenset({EventKind.CLOSE, EventKind.DENY, EventKind.AUTH_FAILURE})
+_REFUSALS: Final = frozenset({EventKind.DENY, EventKind.AUTH_FAILURE})
+_DEFAULT_FLAGS: Final = {EventKind.DENY: "DENY", EventKind.AUTH_FAILURE: "TLS_FAILURE"}
+# Reason strings come from the kernel verdict table (bpf/lib/verdicts.h, mirrored in Python by the
+# datapath, e.g. Reason.POLICY_DENY.label) or from the tunnel; telemetry treats them as opaque
+# tokens.
+_REASON = re.compile(r"[A-Za-z0-9_]{1,64}")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One side of a connection. Empty strings (and port 0) mean unknown.
+
+    `principal` is the SPIFFE URI (spiffe://td/ns/x/sa/y), as in Istio's `*_principal` labels.
+    `service` is the destination service host (e.g. reviews.default.svc.cluster.local); the
+    remaining fields are Istio's canonical-service and locality attributes, filled when known.
+    """
+
+    workload: str = ""
+    namespace: str = ""
+    principal: str = ""
+    ip: str = ""
+    port: int = 0
+    service: str = ""
+    canonical_service: str = ""
+    canonical_revision: str = ""
+    app: str = ""
+    version: str = ""
+    cluster: str = ""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise FlowRecordError(f"port {self.port} out of range 0..65535")
+        if self.ip:
+            try:
+                ipaddress.ip_address(self.ip)
+            except ValueError:
+                raise FlowRecordError(f"ip {self.ip!r} is not an IPv4/IPv6 address") from None
+        if self.principal and not self.principal.startswith("spiffe://"):
+            raise FlowRecordError(
+                f"principal {self.principal!r} must be a SPIFFE URI (spiffe://...); "
+                "pass Identity.uri, not Identity.principal")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in _ENDPOINT_FIELDS}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> Endpoint:
+        if not isinstance(data, dict):
+            raise FlowRecordError(f"{where}: want an object, got {type(data).__name__}")
+        unknown = set(data) - set(_ENDPOINT_FIELDS)
+        if unknown:
+            raise FlowRecordError(f"{where}: unknown fields {sorted(unknown)}")
+        kwargs: dict[str, Any] = {}
+        for name, value in data.items():
+            want = int if name == "port" else str
+            if not isinstance(value, want) or isinstance(value, bool):
+                raise FlowRecordError(f"{where}.{name}: want {want.__name__}, got {value!r}")
+            kwargs[name] = value
+        return cls(**kwargs)
+
+    def label(self) -> str:
+        """Short human form: namespace/workload when known, else ip:port."""
+        if self.workload:
+            return f"{self.namespace or '?'}/{self.workload}"
+        if self.ip:
+            return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
+        return "unknown"
+
+
+_ENDPOINT_FIELDS: Final = (
+    "workload", "namespace", "principal", "ip", "port", "service", "canonical_service",
+    "canonical_revision", "app", "version", "cluster",
+)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class FlowRecord:
+    """One connection event. Bytes are from the source's point of view: `bytes_sent` went from
+    source to destination (the request direction), `bytes_received` came back. That holds for
+    both reporters, so producers on the destination side swap their socket's counters.
+
+    `duration` is seconds since the connection opened (0 for open events). `reason` is a verdict
+    name from the datapath's verdict table (or the tunnel's own, e.g. TLS_HANDSHAKE), with the
+    table's numeric code in `reason_code` when there is one. `policy` and `rule` name the
+    AuthorizationPolicy (namespace/name) and rule index that decided a deny, when known.
+    """
+
+    kind: EventKind
+    reporter: Reporter
+    source: Endpoint
+    destination: Endpoint
+    time: datetime = field(default_factory=_now)
+    protocol: str = "tcp"
+    verdict: Verdict = Verdict.ALLOWED
+    reason: str = ""
+    reason_code: int | None = None
+    response_flags: str = NO_FLAGS
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    duration: float = 0.0
+    tunneled: bool = False
+    connection_security_policy: SecurityPolicy = SecurityPolicy.UNKNOWN
+    policy: str = ""
+    rule: str = ""
+
+    def __post_init__(self) -> None:
+        # Accept plain strings for the enums (producers often have them from a table) but store
+        # the enum, so equality and serialisation do not depend on how a record was built.
+        for name, enum in (("kind", EventKind), ("reporter", Reporter), ("verdict", Verdict),
+                           ("connection_security_policy", SecurityPolicy)):
+            value = getattr(self, name)
+            try:
+                object.__setattr__(self, name, enum(value))
+            except ValueError:
+                allowed = ", ".join(e.value for e in enum)
+                raise FlowRecordError(f"{name}: {value!r} is not one of {allowed}") from None
+        if self.time.tzinfo is None:
+            raise FlowRecordError("time must be timezone-aware (use datetime.now(UTC))")
+        object.__setattr__(self, "time", self.time.astimezone(UTC))
+        if self.response_flags == NO_FLAGS and self.kind in _DEFAULT_FLAGS:
+            # A refusal always carries a flag (Istio counts a connection as failed iff it has
+            # one); producers that do not know better get the generic one for the kind.
+            object.__setattr__(self, "response_flags", _DEFAULT_FLAGS[self.kind])
+        if self.response_flags not in RESPONSE_FLAGS:
+            raise FlowRecordError(f"response_flags {self.response_flags!r} is not an Istio "
+                                  f"flag: want one of {sorted(RESPONSE_FLAGS)}")
+        if self.reason and not _REASON.fullmatch(self.reason):
+            raise FlowRecordError(
+                f"reason {self.reason!r}: want a verdict name (letters, digits, _)")
+        if self.bytes_sent < 0 or self.bytes_received < 0 or self.duration < 0:
+            raise FlowRecordError("bytes and duration must not be negative")
+        if self.kind in _REFUSALS and self.verdict is not Verdict.DENIED:
+            raise FlowRecordError(f"a {self.kind} event must have verdict denied")
+        if self.kind not in _REFUSALS and self.verdict is Verdict.DENIED:
+            raise FlowRecordError(
+                f"verdict denied needs kind deny or auth_failure, not {self.kind}")
+        if not self.protocol:
+            raise FlowRecordError("protocol must not be empty (Istio uses 'tcp')")
+
+    @property
+    def terminal(self) -> bool:
+        return self.kind in TERMINAL_KINDS
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA_ID,
+            "time": rfc3339(self.time),
+            "kind": self.kind.value,
+            "reporter": self.reporter.value,
+            "source": self.source.to_dict(),
+            "destination": self.destination.to_dict(),
+            "protocol": self.protocol,
+            "verdict": self.verdict.value,
+            "reason": self.reason,
+            "reason_code": self.reason_code,
+            "response_flags": self.response_flags,
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "duration": self.duration,
+            "tunneled": self.tunneled,
+            "connection_security_policy": self.connection_security_policy.value,
+            "policy": self.policy,
+            "rule": self.rule,
+        }
+
+    def to_json(self) -> str:
+        """One line of JSON (no newline), keys in schema order."""
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, data: Any) -> FlowRecord:
+        if not isinstance(data, dict):
+            raise FlowRecordError(f"flow record: want a JSON object, got {type(data).__name__}")
+        if data.get("schema") != SCHEMA_ID:
+            raise FlowRecordError(f"schema is {data.get('schema')!r}, want {SCHEMA_ID!r}; "
+                                  "maybe the agent and the reader are different versions")
+        missing = set(FLOW_SCHEMA["required"]) - set(data)
+        if missing:
+            raise FlowRecordError(f"flow record lacks fields {sorted(missing)}")
+        unknown = set(data) - set(FLOW_SCHEMA["properties"])
+        if unknown:
+            raise FlowRecordError(f"flow record has unknown fields {sorted(unknown)}")
+        _check_types(data)
+        return cls(
+            kind=data["kind"], reporter=data["reporter"],
+            source=Endpoint.from_dict(data["source"], "source"),
+            destination=Endpoint.from_dict(data["destination"], "destination"),
+            time=parse_rfc3339(data["time"]), protocol=data["protocol"],
+            verdict=data["verdict"], reason=data["reason"], reason_code=data["reason_code"],
+            response_flags=data["response_flags"], bytes_sent=data["bytes_sent"],
+            bytes_received=data["bytes_received"], duration=float(data["duration"]),
+            tunneled=data["tunneled"],
+            connection_security_policy=data["connection_security_policy"],
+            policy=data["policy"], rule=data["rule"])
+
+    @classmethod
+    def from_json(cls, line: str | bytes) -> FlowRecord:
+        try:
+            data = json.loads(line)
+        except ValueError as e:
+            raise FlowRecordError(f"flow record is not JSON: {e}") from None
+        return cls.from_dict(data)
+
+
+_TYPES: Final[dict[str, tuple[type, ...]]] = {
+    "time": (str,), "kind": (str,), "reporter": (str,), "protocol": (str,), "verdict": (str,),
+    "reason": (str,), "reason_code": (int, type(None)), "response_flags": (str,),
+    "bytes_sent": (int,), "bytes_received": (int,), "duration": (int, float),
+    "tunneled": (bool,), "connection_security_policy": (str,), "policy": (str,), "rule": (str,),
+}
+
+
+def _check_types(data: dict[str, Any]) -> None:
+    for name, types in _TYPES.items():
+        value = data[name]
+        # bool is an int subclass: only the boolean field may hold one.
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise FlowRecordError(f"{name}: wrong type {type(value).__name__} ({value!r})")
+
+
+def rfc3339(t: datetime) -> str:
+    """UTC with microseconds and a Z suffix, e.g. 2025-01-02T03:04:05.000006Z."""
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_rfc3339(s: str) -> datetime:
+    """Parse an RFC 3339 timestamp with an offset or Z; naive times are rejected."""
+    try:
+        t = datetime.fromisoformat(s)
+    except ValueError:
+        raise FlowRecordError(f"{s!r} is not an RFC 3339 timestamp") from None
+    if t.tzinfo is None:
+        raise FlowRecordError(f"{s!r} has no time zone: want an offset or Z")
+    return t.astimezone(UTC)
+
+
+_ENDPOINT_SCHEMA: Final[dict[str, Any]] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": list(_ENDPOINT_FIELDS),
+    "properties": {
+        **{name: {"type": "string"} for name in _ENDPOINT_FIELDS},
+        "principal": {"type": "string", "pattern": "^(spiffe://.+)?$"},
+        "port": {"type": "integer", "minimum": 0, "maximum": 65535},
+    },
+}
+
+# JSON Schema (draft 2020-12) of one flow record; docs/telemetry.md embeds this verbatim.
+FLOW_SCHEMA: Final[dict[str, Any]] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "$id": SCHEMA_ID,
+    "title": "nodemesh flow record",
+    "type": "object",
+    "additionalProperties": False,
+    "required": [
+        "schema", "time", "kind", "reporter", "source", "destination", "protocol", "verdict",
+        "reason", "reason_code", "response_flags", "bytes_sent", "bytes_received", "duration",
+        "tunneled", "connection_security_policy", "policy", "rule",
+    ],
+    "properties": {
+        "schema": {"const": SCHEMA_ID},
+        "time": {"type": "string", "format": "date-time",
+                 "pattern": r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$"},
+        "kind": {"enum": [k.value for k in EventKind]},
+        "reporter": {"enum": [r.value for r in Reporter]},
+        "source": _ENDPOINT_SCHEMA,
+        "destination": _ENDPOINT_SCHEMA,
+        "protocol": {"type": "string", "minLength": 1},
+        "verdict": {"enum": [v.value for v in Verdict]},
+        "reason": {"type": "string", "pattern": "^[A-Za-z0-9_]{0,64}$"},
+        "reason_code": {"type": ["integer", "null"]},
+        "response_flags": {"enum": sorted(RESPONSE_FLAGS)},
+        "bytes_sent": {"type": "integer", "minimum": 0},
+        "bytes_received": {"type": "integer", "minimum": 0},
+        "duration": {"type": "number", "minimum": 0},
+        "tunneled": {"type": "boolean"},
+        "connection_security_policy": {"enum": [p.value for p in SecurityPolicy]},
+        "policy": {"type": "string"},
+        "rule": {"type": "string"},
+    },
+}

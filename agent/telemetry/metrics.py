@@ -1,0 +1,355 @@
+"""Prometheus metrics: Istio's L4 traffic metrics fed by flow records, plus the agent's own.
+
+All metrics are custom collectors rather than prometheus_client's Counter/Histogram, for two
+reasons: the exposed names must be exactly Istio's (`istio_tcp_sent_bytes_total`, no extra
+`*_created` series), and counters that live in BPF maps are read at scrape time (ScrapeCollector)
+instead of being copied into the process on a timer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import platform
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Final, Literal
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from agent import __version__
+from agent.telemetry.flow import NO_FLAGS, EventKind, FlowRecord
+
+log = logging.getLogger(__name__)
+
+UNKNOWN: Final = "unknown"
+
+# Istio's CommonTrafficLabels, in ztunnel's order (locality labels are left out: the agent does not
+# know node locality).
+TRAFFIC_LABELS: Final = (
+    "reporter",
+    "source_workload", "source_canonical_service", "source_canonical_revision",
+    "source_workload_namespace", "source_principal", "source_app", "source_version",
+    "source_cluster",
+    "destination_service", "destination_service_namespace", "destination_service_name",
+    "destination_workload", "destination_canonical_service", "destination_canonical_revision",
+    "destination_workload_namespace", "destination_principal", "destination_app",
+    "destination_version", "destination_cluster",
+    "request_protocol", "response_flags", "connection_security_policy",
+)
+# Security events carry fewer labels: enough to find the identity behind a spike of refusals.
+SECURITY_LABELS: Final = (
+    "reporter", "reason", "source_principal", "source_workload", "source_workload_namespace",
+    "destination_workload", "destination_workload_namespace",
+)
+
+# Family names as given to prometheus_client: counters without `_total`, which the exposition
+# appends (passing `..._total` would also work: CounterMetricFamily strips it).
+OPENED: Final = "istio_tcp_connections_opened"
+CLOSED: Final = "istio_tcp_connections_closed"
+FAILED: Final = "istio_tcp_connections_failed"
+SENT: Final = "istio_tcp_sent_bytes"
+RECEIVED: Final = "istio_tcp_received_bytes"
+DENIES: Final = "nodemesh_policy_denies"
+AUTH_FAILURES: Final = "nodemesh_auth_failures"
+
+# Policy updates are map writes: sub-millisecond normally, up to seconds for a full recompile.
+POLICY_UPDATE_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                                1.0, 2.5, 5.0, 10.0)
+
+Labels = tuple[str, ...]
+
+
+class _CounterStore:
+    """Thread-safe labelled counters (the ring-buffer reader may run in its own thread)."""
+
+    def __init__(self, labelnames: Sequence[str]) -> None:
+        self.labelnames = tuple(labelnames)
+        self._values: dict[Labels, float] = {}
+        self._lock = threading.Lock()
+
+    def inc(self, labels: Labels, amount: float = 1.0) -> None:
+        if len(labels) != len(self.labelnames):
+            raise ValueError(f"BUG: {len(labels)} label values for {len(self.labelnames)} labels")
+        with self._lock:
+            self._values[labels] = self._values.get(labels, 0.0) + amount
+
+    def items(self) -> list[tuple[Labels, float]]:
+        with self._lock:
+            return list(self._values.items())
+
+
+def _known(value: str) -> str:
+    return value or UNKNOWN
+
+
+def _service_parts(service: str, namespace: str) -> tuple[str, str]:
+    """(name, namespace) of a service host: name.ns.svc.<domain> splits; other hosts are their
+    own name, in the workload's namespace."""
+    parts = service.split(".")
+    if len(parts) >= 3 and parts[2] == "svc":
+        return parts[0], parts[1]
+    return service, namespace
+
+
+def traffic_labels(rec: FlowRecord) -> Labels:
+    """Istio's traffic label values for a record, `unknown` where the record has nothing.
+
+    Canonical service and revision default as Istio's do: the canonical service falls back to
+    the app label, then the workload name; the revision to the version label, then `latest`
+    (only for a known workload)."""
+    values: list[str] = [rec.reporter.value]
+    for side, ep in (("source", rec.source), ("destination", rec.destination)):
+        canon = ep.canonical_service or ep.app or ep.workload
+        revision = ep.canonical_revision or ep.version or ("latest" if ep.workload else "")
+        if side == "destination":
+            svc_name, svc_ns = _service_parts(ep.service, ep.namespace) if ep.service else ("", "")
+            values += [_known(ep.service), _known(svc_ns), _known(svc_name)]
+        values += [_known(ep.workload), _known(canon), _known(revision), _known(ep.namespace),
+                   _known(ep.principal), _known(ep.app), _known(ep.version), _known(ep.cluster)]
+    values += [_known(rec.protocol), rec.response_flags, rec.connection_security_policy.value]
+    return tuple(values)
+
+
+def security_labels(rec: FlowRecord) -> Labels:
+    return (rec.reporter.value, _known(rec.reason or rec.response_flags),
+            _known(rec.source.principal), _known(rec.source.workload),
+            _known(rec.source.namespace), _known(rec.destination.workload),
+            _known(rec.destination.namespace))
+
+
+class FlowMetrics(Collector):
+    """Counters fed by flow records (`record`), exposed under Istio's names.
+
+    open → connections_opened. Terminal events (close, deny, auth_failure) → connections_closed
+    for close only; bytes (Istio's convention: `received` is the request direction, source →
+    destination, `sent` the response direction, whichever side reports); connections_failed when
+    the record has a response flag. deny → nodemesh_policy_denies, auth_failure →
+    nodemesh_auth_failures, both by reason and source principal (the anomaly alerts use them).
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._traffic = {name: _CounterStore(TRAFFIC_LABELS)
+                         for name in (OPENED, CLOSED, FAILED, SENT, RECEIVED)}
+        self._security = {name: _CounterStore(SECURITY_LABELS) for name in (DENIES, AUTH_FAILURES)}
+        registry.register(self)
+
+    def record(self, rec: FlowRecord) -> None:
+        labels = traffic_labels(rec)
+        if rec.kind is EventKind.OPEN:
+            self._traffic[OPENED].inc(labels)
+            return
+        if rec.kind is EventKind.CLOSE:
+            self._traffic[CLOSED].inc(labels)
+        if rec.bytes_sent:
+            self._traffic[RECEIVED].inc(labels, rec.bytes_sent)
+        if rec.bytes_received:
+            self._traffic[SENT].inc(labels, rec.bytes_received)
+        if rec.response_flags != NO_FLAGS:
+            self._traffic[FAILED].inc(labels)
+        if rec.kind is EventKind.DENY:
+            self._security[DENIES].inc(security_labels(rec))
+        elif rec.kind is EventKind.AUTH_FAILURE:
+            self._security[AUTH_FAILURES].inc(security_labels(rec))
+
+    def _families(self, with_samples: bool) -> Iterator[Metric]:
+        for name, store in (*self._traffic.items(), *self._security.items()):
+            fam = CounterMetricFamily(name, _HELP[name], labels=store.labelnames)
+            if with_samples:
+                for labels, value in store.items():
+                    fam.add_metric(labels, value)
+            yield fam
+
+    def collect(self) -> Iterator[Metric]:
+        return self._families(with_samples=True)
+
+    def describe(self) -> Iterator[Metric]:
+        return self._families(with_samples=False)
+
+
+_HELP: Final = {
+    OPENED: "TCP connections opened (Istio-compatible)",
+    CLOSED: "TCP connections closed (Istio-compatible)",
+    FAILED: "TCP connections that ended with a response flag (Istio-compatible)",
+    SENT: "Bytes sent in the response direction, destination to source (Istio-compatible)",
+    RECEIVED: "Bytes received in the request direction, source to destination (Istio-compatible)",
+    DENIES: "Connections denied by L4 authorization policy, by reason and source identity",
+    AUTH_FAILURES: "Connections refused for failed mTLS or identity checks, by source identity",
+}
+
+# What a scrape-time reader returns: one value (no labels), a mapping keyed by the single label's
+# value, or a mapping keyed by a tuple of label values.
+ReadResult = float | int | Mapping[str, float] | Mapping[str, int] | Mapping[Labels, float]
+Reader = Callable[[], ReadResult]
+MetricKind = Literal["counter", "gauge"]
+
+
+class ScrapeCollector(Collector):
+    """A counter or gauge whose values are read at scrape time by a callable, e.g. from a BPF map.
+
+    The reader can be set later than construction (the datapath loads after metrics exist); until
+    then the family is exposed without samples. A reader that raises costs its samples for that
+    scrape, never the scrape itself, and counts in `errors`.
+    """
+
+    def __init__(self, registry: CollectorRegistry, name: str, documentation: str,
+                 kind: MetricKind, labelnames: Sequence[str] = (), *,
+                 read: Reader | None = None) -> None:
+        if kind == "counter" and name.endswith("_total"):
+            name = name[: -len("_total")]
+        self.name, self.documentation, self.kind = name, documentation, kind
+        self.labelnames = tuple(labelnames)
+        self._read = read
+        self.errors = 0
+        registry.register(self)
+
+    def set_reader(self, read: Reader | None) -> None:
+        self._read = read
+
+    def _family(self) -> CounterMetricFamily | GaugeMetricFamily:
+        if self.kind == "counter":
+            return CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        return GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+    def collect(self) -> Iterator[Metric]:
+        fam = self._family()
+        read = self._read
+        if read is not None:
+            try:
+                for labels, value in self._normalise(read()):
+                    fam.add_metric(labels, value)
+            except Exception:  # a broken reader must not break the whole scrape
+                self.errors += 1
+                log.exception("reading %s at scrape time failed; its samples are missing",
+                              self.name)
+                fam = self._family()
+        yield fam
+
+    def describe(self) -> Iterator[Metric]:
+        yield self._family()
+
+    def _normalise(self, result: ReadResult) -> Iterable[tuple[Labels, float]]:
+        if isinstance(result, int | float):
+            if self.labelnames:
+                raise TypeError(f"{self.name}: reader returned one value, want one per "
+                                f"{self.labelnames}")
+            return [((), float(result))]
+        out: list[tuple[Labels, float]] = []
+        for key, value in result.items():
+            labels = key if isinstance(key, tuple) else (key,)
+            if len(labels) != len(self.labelnames):
+                raise TypeError(f"{self.name}: reader key {key!r} does not match labels "
+                                f"{self.labelnames}")
+            out.append((labels, float(value)))
+        return out
+
+
+class HistogramCollector(Collector):
+    """A label-less histogram without prometheus_client's `_created` series."""
+
+    def __init__(self, registry: CollectorRegistry, name: str, documentation: str,
+                 buckets: Sequence[float]) -> None:
+        if list(buckets) != sorted(buckets) or not buckets:
+            raise ValueError(f"BUG: {name} buckets must be sorted and non-empty")
+        self.name, self.documentation = name, documentation
+        self._bounds = (*buckets, math.inf)
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe(self, value: float) -> None:
+        with self._lock:
+            self._sum += value
+            for i, bound in enumerate(self._bounds):
+                if value <= bound:
+                    self._counts[i] += 1
+                    break
+
+    def _family(self, with_samples: bool) -> HistogramMetricFamily:
+        if not with_samples:
+            return HistogramMetricFamily(self.name, self.documentation, labels=())
+        with self._lock:
+            counts, total = list(self._counts), self._sum
+        cumulative, buckets = 0, []
+        for bound, n in zip(self._bounds, counts, strict=True):
+            cumulative += n
+            buckets.append(("+Inf" if math.isinf(bound) else repr(bound), float(cumulative)))
+        return HistogramMetricFamily(self.name, self.documentation, buckets=buckets,
+                                     sum_value=total)
+
+    def collect(self) -> Iterator[Metric]:
+        yield self._family(with_samples=True)
+
+    def describe(self) -> Iterator[Metric]:
+        yield self._family(with_samples=False)
+
+
+class _BuildInfo(Collector):
+    def __init__(self, registry: CollectorRegistry, version: str, tag: str) -> None:
+        self.version, self.tag = version, tag
+        registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        istio = GaugeMetricFamily("istio_build", "Istio component build (Istio-compatible)",
+                                  labels=("component", "tag"))
+        istio.add_metric(("nodemesh", self.tag), 1)
+        info = GaugeMetricFamily("nodemesh_build_info", "nodemesh build", labels=(
+            "version", "tag", "python"))
+        info.add_metric((self.version, self.tag, platform.python_version()), 1)
+        yield istio
+        yield info
+
+    describe = collect
+
+
+class AgentMetrics:
+    """The agent's own metrics. Scrape-time readers are attached by the parts that own the data:
+
+    - `ringbuf_drops.set_reader(lambda: {"flows": n})` — events lost to a full ring buffer
+    - `map_fill.set_reader(lambda: {"nodemesh_policy_v1": 0.4, ...})` — entries / max_entries
+    - `datapath_drops.set_reader(lambda: {"policy_deny": n, ...})` — kernel drop reasons
+    - `enrolled_pods.set_reader(lambda: len(pods))`
+    - `stream_dropped.set_reader(hub.dropped_count)` — live-stream records dropped for slow readers
+    and `policy_update_seconds.observe(seconds)` after each policy map update. Certificate
+    metrics belong to the identity subsystem (agent/identity/metrics.py).
+    """
+
+    def __init__(self, registry: CollectorRegistry, *, version: str = __version__,
+                 tag: str | None = None) -> None:
+        self.ringbuf_drops = ScrapeCollector(
+            registry, "nodemesh_ringbuf_drops", "Flow events lost because a BPF ring buffer "
+            "was full", "counter", ("ring",))
+        self.map_fill = ScrapeCollector(
+            registry, "nodemesh_bpf_map_fill_ratio", "Entries in a BPF map over its maximum",
+            "gauge", ("map",))
+        self.datapath_drops = ScrapeCollector(
+            registry, "nodemesh_bpf_drops", "Connections dropped by the kernel datapath, by "
+            "verdict reason", "counter", ("reason",))
+        self.enrolled_pods = ScrapeCollector(
+            registry, "nodemesh_enrolled_pods", "Pods on this node enrolled in the mesh",
+            "gauge")
+        self.stream_dropped = ScrapeCollector(
+            registry, "nodemesh_flow_stream_dropped", "Flow records not delivered to a live "
+            "stream subscriber that was too slow", "counter")
+        self.policy_update_seconds = HistogramCollector(
+            registry, "nodemesh_policy_update_duration_seconds", "Time from a policy change to "
+            "its BPF maps being updated", POLICY_UPDATE_BUCKETS)
+        self.build = _BuildInfo(registry, version, tag or version)
+
+
+def exposed_names(registry: CollectorRegistry) -> set[str]:
+    """Every sample name a scrape of the registry can contain (counters with `_total`,
+    histograms with `_bucket`/`_sum`/`_count`), whether or not it has samples yet."""
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"),
+                "summary": ("", "_sum", "_count"), "info": ("_info",)}
+    names: set[str] = set()
+    for fam in registry.collect():
+        names.update(fam.name + s for s in suffixes.get(fam.type, ("",)))
+    return names
