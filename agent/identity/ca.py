@@ -128,7 +128,14 @@ class CertificateAuthority:
             raise _invalid(f"metadata.{IMPERSONATED_IDENTITY} {requested} does not match the "
                            f"CSR's SAN {identity.uri}")
         ttl = self._ttl(ttl_seconds)
-        if identity not in self.locator.identities_on_node(node):
+        try:
+            scheduled = self.locator.identities_on_node(node)
+        except Exception as e:  # the state store is a separate component; say so to the caller
+            log.exception("workload locator failed for node %s", node)
+            raise Rejection(grpc.StatusCode.UNAVAILABLE,
+                            f"CA cannot tell which workloads run on node {node} right now: "
+                            f"{type(e).__name__}: {e}") from e
+        if identity not in scheduled:
             raise Rejection(grpc.StatusCode.PERMISSION_DENIED,
                             f"identity {identity} is not scheduled on node {node}")
         leaf = self.authority.issue(public_key, ttl, uris=[identity.uri])

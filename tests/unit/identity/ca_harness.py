@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from agent.identity import pki
-from agent.identity.ca import CaServer, CertificateAuthority, NodeAuthenticator
+from agent.identity.ca import CaServer, CertificateAuthority, NodeAuthenticator, WorkloadLocator
 from agent.identity.caclient import CaClient
 from agent.identity.spiffe import Identity
 
@@ -49,7 +49,7 @@ class RunningCa:
 
 @asynccontextmanager
 async def running_ca(*, authority: pki.Authority | None = None, max_ttl: timedelta | None = None,
-                     placement: Placement | None = None, require_node_cert: bool = False,
+                     placement: WorkloadLocator | None = None, require_node_cert: bool = False,
                      port: int = 0) -> AsyncIterator[RunningCa]:
     ca = CertificateAuthority(authority or pki.Authority.generate(TD),
                               placement or default_placement(), TD)

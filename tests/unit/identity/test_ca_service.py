@@ -298,3 +298,18 @@ def test_issued_certificates_do_mutual_tls_from_memory() -> None:
             assert seen == [FRONTEND]
     run(body)
 
+
+
+class BrokenLocator:
+    def identities_on_node(self, node: str) -> set[Identity]:
+        raise ConnectionError(f"state store for {node} is down")
+
+
+def test_locator_failure_is_unavailable_not_a_crash() -> None:
+    async def body() -> None:
+        async with running_ca(placement=BrokenLocator()) as ca:
+            code, msg = await rejected(ca, request_for(FRONTEND))
+            assert code == grpc.StatusCode.UNAVAILABLE
+            assert "cannot tell which workloads run on node n1" in msg
+            assert "state store for n1 is down" in msg
+    run(body)

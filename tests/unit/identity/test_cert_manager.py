@@ -143,8 +143,8 @@ def test_in_flight_csrs_are_bounded() -> None:
             try:
                 for identity in ids:
                     mgr.want(identity)
-                await source.waiting.wait()
-                await asyncio.sleep(0.1)  # let every task reach the semaphore
+                await until(lambda: source.active == 2, "two CSRs held at the gate")
+                await asyncio.sleep(0.1)  # give the other four a chance to (wrongly) get in
                 assert source.active == 2
                 assert sample(reg, "nodemesh_certificate_csrs_in_flight") == 2
                 source.gate.set()
