@@ -156,9 +156,9 @@ def _flows(args: argparse.Namespace) -> int:
     return asyncio.run(run(args, sys.stdout, sys.stderr))
 
 
-# Table: TIME(8) KIND(5) SOURCE(19) DESTINATION(21) BYTES(11) INFO(rest), one space between.
-_COLUMNS: Final = (("TIME", 8), ("KIND", 5), ("SOURCE", 19), ("DESTINATION", 21),
-                   ("SENT/RCVD", 11))
+# Table: TIME(8) KIND(5) SOURCE(18) DESTINATION(20) BYTES(10) INFO(rest, 13), one space between.
+_COLUMNS: Final = (("TIME", 8), ("KIND", 5), ("SOURCE", 18), ("DESTINATION", 20),
+                   ("SENT/RCVD", 10))
 _KIND: Final = {EventKind.OPEN: "open", EventKind.CLOSE: "close", EventKind.DENY: "DENY",
                 EventKind.AUTH_FAILURE: "AUTHF"}
 
@@ -194,9 +194,11 @@ def table_row(rec: FlowRecord) -> str:
         info = "mtls" if rec.tunneled else ""
         sizes = ""
     else:
-        info = " ".join(x for x in (
-            rec.reason, rec.response_flags if rec.response_flags != NO_FLAGS else "",
-            f"{rec.duration:.2f}s" if rec.kind is EventKind.CLOSE else "") if x)
+        flags = rec.response_flags if rec.response_flags != NO_FLAGS else ""
+        if rec.kind is EventKind.CLOSE:
+            info = f"{rec.duration:.1f}s {flags}"
+        else:  # refusals: the reason says more than the flag (always DENY or a TLS one)
+            info = rec.reason or flags
         sizes = f"{_size(rec.bytes_sent)}/{_size(rec.bytes_received)}"
     return _line([rec.time.strftime("%H:%M:%S"), _KIND[rec.kind], rec.source.label(), where,
                   sizes], info)

@@ -185,7 +185,7 @@ _HELP: Final = {
 
 # What a scrape-time reader returns: one value (no labels), a mapping keyed by the single label's
 # value, or a mapping keyed by a tuple of label values.
-ReadResult = float | int | Mapping[str, float] | Mapping[str, int] | Mapping[Labels, float]
+ReadResult = float | Mapping[str, float] | Mapping[Labels, float]
 Reader = Callable[[], ReadResult]
 MetricKind = Literal["counter", "gauge"]
 

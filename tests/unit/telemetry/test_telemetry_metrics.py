@@ -143,7 +143,8 @@ def test_bpf_map_counters_are_read_at_scrape_time() -> None:
     drops = {"flows": 0}
     m.ringbuf_drops.set_reader(lambda: drops)
     m.map_fill.set_reader(lambda: {"nodemesh_policy_v1": 0.25, "nodemesh_ipcache_v1": 0.5})
-    m.datapath_drops.set_reader(lambda: {("policy_deny",): 7})
+    by_reason: dict[tuple[str, ...], float] = {("policy_deny",): 7}
+    m.datapath_drops.set_reader(lambda: by_reason)
     m.enrolled_pods.set_reader(lambda: 3)
     m.policy_update_seconds.observe(0.002)
     m.policy_update_seconds.observe(0.3)
@@ -226,7 +227,7 @@ def test_metrics_server_reports_a_busy_port_clearly() -> None:
     async def go() -> None:
         async with MetricsServer(CollectorRegistry(), host="127.0.0.1", port=0) as first:
             second = MetricsServer(CollectorRegistry(), host="127.0.0.1", port=first.port)
-            with pytest.raises(OSError, match="cannot serve metrics on 127.0.0.1"):
+            with pytest.raises(OSError, match=r"cannot serve metrics on 127\.0\.0\.1"):
                 await second.start()
 
     asyncio.run(go())
