@@ -7,15 +7,15 @@ a missing prerequisite in CI shows up as a failure instead of a pass.
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prereq import IN_CI, require_root, require_tool, requires
+
+__all__ = ["IN_CI", "require_root", "require_tool", "requires"]
 
 TIERS = ("unit", "kernel", "e2e")
-IN_CI = bool(os.environ.get("CI"))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -25,26 +25,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         tier = rel.parts[0] if rel.parts else ""
         if tier in TIERS:
             item.add_marker(getattr(pytest.mark, tier))
-
-
-def requires(condition: bool, why: str) -> None:
-    """Skip (or, in CI, fail) when a prerequisite is missing."""
-    if condition:
-        return
-    if IN_CI:
-        pytest.fail(f"CI is set and a prerequisite is missing: {why}", pytrace=False)
-    pytest.skip(why)
-
-
-def require_root() -> None:
-    requires(os.geteuid() == 0, "needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)")
-
-
-def require_tool(name: str) -> str:
-    path = shutil.which(name)
-    requires(path is not None, f"needs {name} on PATH")
-    assert path is not None
-    return path
 
 
 @pytest.fixture

@@ -1,0 +1,306 @@
+"""The installed datapath of one agent: programs attached at a cgroup-v2 root, pinned maps.
+
+Attachments are bpf_links pinned under <pin_dir>/links, so they stay while the agent restarts;
+install() adopts them by updating each link to the newly loaded program (no duplicates), and
+uninstall() detaches and unpins everything it made. Pod enrollment is a map update plus one
+sk_lookup link in the pod's netns.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import os
+import shutil
+import socket
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.datapath import bpfsys, layouts
+from agent.datapath.bccloader import Module, ProgType, compile_module
+from agent.datapath.bpfsys import AttachType, MapType
+from agent.datapath.layouts import FlowEvent, PolicyEntry, PolicyKey
+from agent.datapath.options import BuildOptions
+from agent.datapath.verdicts import COUNTER_SLOTS, Counter
+from agent.host import netns
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CgroupProgram:
+    name: str
+    prog_type: ProgType
+    attach_type: AttachType
+
+
+CGROUP_PROGRAMS = (
+    CgroupProgram("nm_connect4", ProgType.CGROUP_SOCK_ADDR, AttachType.CGROUP_INET4_CONNECT),
+    CgroupProgram("nm_connect6", ProgType.CGROUP_SOCK_ADDR, AttachType.CGROUP_INET6_CONNECT),
+    CgroupProgram("nm_getpeername4", ProgType.CGROUP_SOCK_ADDR,
+                  AttachType.CGROUP_INET4_GETPEERNAME),
+    CgroupProgram("nm_getsockopt", ProgType.CGROUP_SOCKOPT, AttachType.CGROUP_GETSOCKOPT),
+    CgroupProgram("nm_sockops", ProgType.SOCK_OPS, AttachType.CGROUP_SOCK_OPS),
+)
+SK_LOOKUP = "nm_sk_lookup"
+ENOLINK = 67
+
+
+def _possible_cpus() -> int:
+    text = Path("/sys/devices/system/cpu/possible").read_text(encoding="ascii").strip()
+    last = text.split(",")[-1].split("-")[-1]
+    return int(last) + 1
+
+
+class Datapath:
+    """One agent's programs and maps. Thread-safe for reads; one writer at a time."""
+
+    def __init__(self, cgroup_root: Path, options: BuildOptions) -> None:
+        self.cgroup_root = cgroup_root
+        self.options = options
+        self.links_dir = options.pin_dir / "links"
+        self._module: Module | None = None
+        self._subscribers: list[Callable[[FlowEvent], None]] = []
+        self._events_open = False
+
+    @property
+    def pin_dir(self) -> Path:
+        return self.options.pin_dir
+
+    @property
+    def module(self) -> Module:
+        if self._module is None:
+            raise RuntimeError("BUG: datapath used before install()")
+        return self._module
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def install(self) -> list[str]:
+        """Compile, load, and attach (or adopt pinned attachments). Returns what it did."""
+        if not self.cgroup_root.is_dir():
+            raise FileNotFoundError(f"cgroup {self.cgroup_root} does not exist")
+        self._module = compile_module(self.options)
+        self.links_dir.mkdir(parents=True, exist_ok=True)
+        done: list[str] = []
+        cg_fd = os.open(self.cgroup_root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for prog in CGROUP_PROGRAMS:
+                fd = self.module.load(prog.name, prog.prog_type, int(prog.attach_type))
+                done.append(self._attach(self.links_dir / prog.name, fd, cg_fd, prog.attach_type))
+        finally:
+            os.close(cg_fd)
+        lookup_fd = self.module.load(SK_LOOKUP, ProgType.SK_LOOKUP, int(AttachType.SK_LOOKUP))
+        for pin in sorted(self.links_dir.glob("sklookup-*")):
+            done.append(self._adopt(pin, lookup_fd) or f"dropped defunct {pin.name}")
+        return done
+
+    def _attach(self, pin: Path, prog_fd: int, target_fd: int, attach: AttachType) -> str:
+        adopted = self._adopt(pin, prog_fd)
+        if adopted:
+            return adopted
+        link = bpfsys.link_create(prog_fd, target_fd, attach)
+        try:
+            bpfsys.obj_pin(link, pin)
+        finally:
+            os.close(link)
+        return f"attached {pin.name}"
+
+    def _adopt(self, pin: Path, prog_fd: int) -> str | None:
+        """Point a pinned link at the new program; None (and unpinned) if it is defunct."""
+        try:
+            link = bpfsys.obj_get(pin)
+        except FileNotFoundError:
+            return None
+        try:
+            bpfsys.link_update(link, prog_fd)
+            return f"adopted {pin.name}"
+        except bpfsys.BpfError as exc:
+            if exc.errno not in (ENOLINK, errno.EINVAL, errno.EPERM):
+                raise
+            pin.unlink()
+            return None
+        finally:
+            os.close(link)
+
+    def uninstall(self) -> list[str]:
+        """Detach every link, unpin every map, remove the pin directory, release programs."""
+        removed: list[str] = []
+        if self.links_dir.is_dir():
+            for pin in sorted(self.links_dir.iterdir()):
+                try:
+                    link = bpfsys.obj_get(pin)
+                    try:
+                        bpfsys.link_detach(link)
+                    except bpfsys.BpfError as exc:
+                        if exc.errno != ENOLINK:
+                            raise
+                    finally:
+                        os.close(link)
+                except FileNotFoundError:
+                    pass
+                pin.unlink(missing_ok=True)
+                removed.append(f"link {pin.name}")
+        if self.pin_dir.is_dir():
+            for pin in sorted(p for p in self.pin_dir.iterdir() if p.is_file()):
+                pin.unlink()
+                removed.append(f"map {pin.name}")
+            shutil.rmtree(self.pin_dir, ignore_errors=True)
+        if self._module is not None:
+            self._module.close()
+            self._module = None
+            self._events_open = False
+        return removed
+
+    # -- enrollment ------------------------------------------------------------------------
+    def enroll(self, ns: str | Path, identity: int, pod_ip: ipaddress.IPv4Address) -> int:
+        """Enroll a pod netns: capture its traffic and steer its inbound plaintext."""
+        if identity < 2 or identity >= 1 << 20:
+            raise ValueError(f"identity id {identity} out of range 2..{(1 << 20) - 1}")
+        cookie = netns.cookie_of(ns)
+        bpfsys.map_update(self.module.map_fd("nm_enrolled_v1"), cookie.to_bytes(8, "little"),
+                          layouts.enroll_value(identity, pod_ip))
+        pin = self.links_dir / f"sklookup-{cookie}"
+        if not pin.exists():
+            ns_fd = netns.open_ns(ns)
+            try:
+                prog = self.module.load(SK_LOOKUP, ProgType.SK_LOOKUP, int(AttachType.SK_LOOKUP))
+                link = bpfsys.link_create(prog, ns_fd, AttachType.SK_LOOKUP)
+                try:
+                    bpfsys.obj_pin(link, pin)
+                finally:
+                    os.close(link)
+            finally:
+                os.close(ns_fd)
+        return cookie
+
+    def unenroll(self, cookie: int) -> None:
+        bpfsys.map_delete(self.module.map_fd("nm_enrolled_v1"), cookie.to_bytes(8, "little"))
+        pin = self.links_dir / f"sklookup-{cookie}"
+        try:
+            link = bpfsys.obj_get(pin)
+            try:
+                bpfsys.link_detach(link)
+            finally:
+                os.close(link)
+        except (FileNotFoundError, bpfsys.BpfError):
+            pass
+        pin.unlink(missing_ok=True)
+
+    def enrolled(self) -> dict[int, tuple[int, ipaddress.IPv4Address]]:
+        fd = self.module.map_fd("nm_enrolled_v1")
+        out: dict[int, tuple[int, ipaddress.IPv4Address]] = {}
+        for key in bpfsys.map_keys(fd, 8):
+            raw = bpfsys.map_lookup(fd, key, layouts.ENROLL.size)
+            if raw is not None:
+                ident, ip, _f, _p = layouts.ENROLL.unpack(raw)
+                out[int.from_bytes(key, "little")] = (ident, ipaddress.IPv4Address(ip))
+        return out
+
+    def set_inbound_listener(self, pod_ip: ipaddress.IPv4Address, listener: socket.socket) -> None:
+        """The tunnel's 15006 listener inside the pod's netns receives its steered plaintext."""
+        bpfsys.map_update(self.module.map_fd("nm_inbound_v1"), pod_ip.packed,
+                          listener.fileno().to_bytes(8, "little"))
+
+    def remove_inbound_listener(self, pod_ip: ipaddress.IPv4Address) -> None:
+        bpfsys.map_delete(self.module.map_fd("nm_inbound_v1"), pod_ip.packed)
+
+    def set_exclusions(self, ports: Iterable[int] = (),
+                       cidrs: Iterable[ipaddress.IPv4Network] = ()) -> None:
+        """Destinations never captured; replaces the previous lists."""
+        pfd = self.module.map_fd("nm_exclude_port_v1")
+        want_ports = {layouts.EXCLUDE_PORT_KEY.pack(p) for p in ports}
+        for k in want_ports:
+            bpfsys.map_update(pfd, k, layouts.U32.pack(1))
+        for k in set(bpfsys.map_keys(pfd, 2)) - want_ports:
+            bpfsys.map_delete(pfd, k)
+        cfd = self.module.map_fd("nm_exclude_cidr_v1")
+        want_cidrs = {layouts.ipcache_key(c) for c in cidrs}
+        for k in want_cidrs:
+            bpfsys.map_update(cfd, k, layouts.U32.pack(1))
+        for k in set(bpfsys.map_keys(cfd, layouts.IPCACHE_KEY.size)) - want_cidrs:
+            bpfsys.map_delete(cfd, k)
+
+    # -- policy ----------------------------------------------------------------------------
+    def apply_policy(self, entries: Mapping[PolicyKey, PolicyEntry],
+                     cidrs: Mapping[ipaddress.IPv4Network, int]) -> None:
+        """Install a complete policy generation; enforced for every connect after return."""
+        opts = self.options
+        if len(entries) > opts.max_policy:
+            raise ValueError(f"{len(entries)} policy entries exceed the map size {opts.max_policy}")
+        gen_fd = self.module.map_fd("nm_gen_v1")
+        raw = bpfsys.map_lookup(gen_fd, layouts.U32.pack(0), 4)
+        nxt = 1 - (layouts.U32.unpack(raw)[0] & 1 if raw else 0)
+        pol = bpfsys.map_create(MapType.HASH, layouts.POLICY_KEY.size, layouts.POLICY_VALUE.size,
+                                opts.max_policy, bpfsys.BPF_F_NO_PREALLOC, "nm_policy_gen")
+        ipc = bpfsys.map_create(MapType.LPM_TRIE, layouts.IPCACHE_KEY.size,
+                                layouts.IPCACHE_VALUE.size, opts.max_ipcache,
+                                bpfsys.BPF_F_NO_PREALLOC, "nm_ipcache_gen")
+        try:
+            items = sorted(entries.items())
+            bpfsys.map_update_batch(pol, b"".join(k.pack() for k, _ in items),
+                                    b"".join(v.pack() for _, v in items), len(items))
+            for net, cidr_id in cidrs.items():
+                bpfsys.map_update(ipc, layouts.ipcache_key(net), layouts.IPCACHE_VALUE.pack(cidr_id, 0))
+            slot = layouts.U32.pack(nxt)
+            bpfsys.map_update(self.module.map_fd("nm_policy_v1"), slot, layouts.U32.pack(pol))
+            bpfsys.map_update(self.module.map_fd("nm_ipcache_v1"), slot, layouts.U32.pack(ipc))
+        finally:
+            os.close(pol)
+            os.close(ipc)
+        bpfsys.map_update(gen_fd, layouts.U32.pack(0), slot)
+
+    # -- observation -----------------------------------------------------------------------
+    def counters(self) -> dict[Counter, int]:
+        fd = self.module.map_fd("nm_counters_v1")
+        cpus = _possible_cpus()
+        out: dict[Counter, int] = {}
+        for c in Counter:
+            raw = bpfsys.map_lookup(fd, layouts.U32.pack(int(c)), 8 * cpus)
+            out[c] = sum(int.from_bytes(raw[i : i + 8], "little") for i in range(0, 8 * cpus, 8)) \
+                if raw else 0
+        assert len(Counter) <= COUNTER_SLOTS
+        return out
+
+    def original_destination(self, ns_cookie: int, peer_ip: ipaddress.IPv4Address,
+                             peer_port: int) -> tuple[ipaddress.IPv4Address, int] | None:
+        """The map lookup behind SO_ORIGINAL_DST, for callers outside the tunnel's cgroup."""
+        raw = bpfsys.map_lookup(self.module.map_fd("nm_conn_tuple_v1"),
+                                layouts.conn_tuple(ns_cookie, peer_ip, peer_port),
+                                layouts.CONN_ENTRY.size)
+        if raw is None:
+            return None
+        entry = layouts.ConnEntry.unpack(raw)
+        return entry.orig_ip, entry.orig_port
+
+    def map_fill(self) -> dict[str, tuple[int, int]]:
+        """Entries used and capacity of the maps that grow with the cluster."""
+        o = self.options
+        sizes = {"nm_enrolled_v1": (8, o.max_pods), "nm_conn_cookie_v1": (8, o.max_conns),
+                 "nm_conn_tuple_v1": (layouts.CONN_TUPLE.size, o.max_conns)}
+        return {name: (len(bpfsys.map_keys(self.module.map_fd(name), ks)), cap)
+                for name, (ks, cap) in sizes.items()}
+
+    def open_events(self, callback: Callable[[FlowEvent], None]) -> None:
+        """Subscribe to flow events; delivered from poll_events()/drain_events()."""
+        if not self._events_open:  # BCC can open a ring buffer only once per module
+            self.module.open_ring_buffer("nm_events_v1", self._dispatch)
+            self._events_open = True
+        self._subscribers.append(callback)
+
+    def close_events(self, callback: Callable[[FlowEvent], None]) -> None:
+        self._subscribers.remove(callback)
+
+    def _dispatch(self, raw: bytes) -> None:
+        event = FlowEvent.unpack(raw)
+        for sub in list(self._subscribers):
+            sub(event)
+
+    def poll_events(self, timeout_ms: int = 100) -> None:
+        self.module.poll_ring_buffers(timeout_ms)
+
+    def drain_events(self, settle: float = 0.05) -> None:
+        """Consume what is in the ring now (tests and shutdown)."""
+        time.sleep(settle)
+        self.module.consume_ring_buffers()

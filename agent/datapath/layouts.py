@@ -1,0 +1,115 @@
+"""Byte layouts of the map keys, values and events in bpf/lib/*.h (struct-for-struct).
+
+IPv4 addresses are network order in the kernel; here they are ipaddress objects, packed with
+their packed (big-endian) bytes. Ports are host order unless the C comment says otherwise.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from dataclasses import dataclass
+
+from agent.datapath.verdicts import Direction, EventKind, Reason, Verdict
+
+ANY = 0xFFFFFFFF
+ANY_PORT = 0
+IPPROTO_TCP = 6
+Ip = ipaddress.IPv4Address
+
+ENROLL = struct.Struct("=I4sII")
+IPCACHE_KEY = struct.Struct("=I4s")
+IPCACHE_VALUE = struct.Struct("=II")
+EXCLUDE_PORT_KEY = struct.Struct("=H")
+U32 = struct.Struct("=I")
+POLICY_KEY = struct.Struct("=4sIIHBB")
+POLICY_VALUE = struct.Struct("=BBHI")
+CONN_TUPLE = struct.Struct("=Q4sI")
+CONN_ENTRY = struct.Struct("=4sHH4sIQQ")
+FLOW_EVENT = struct.Struct("=QQQQQQ4s4sHHIIHBBBB2x")
+FLOW_EVENT_SIZE = 80  # sizeof(struct flow_event), 8-byte aligned
+
+assert POLICY_KEY.size == 16 and POLICY_VALUE.size == 8 and CONN_ENTRY.size == 32
+
+
+@dataclass(frozen=True, order=True)
+class PolicyKey:
+    dst: Ip
+    src_id: int = ANY
+    src_cidr: int = ANY
+    port: int = ANY_PORT
+
+    def pack(self) -> bytes:
+        return POLICY_KEY.pack(self.dst.packed, self.src_id, self.src_cidr, self.port, IPPROTO_TCP, 0)
+
+
+@dataclass(frozen=True)
+class PolicyEntry:
+    verdict: Verdict
+    reason: Reason = Reason.NONE
+    policy: int = 0
+    rule: int = 0
+
+    def pack(self) -> bytes:
+        return POLICY_VALUE.pack(self.verdict, self.reason, self.rule, self.policy)
+
+
+def ipcache_key(net: ipaddress.IPv4Network) -> bytes:
+    return IPCACHE_KEY.pack(net.prefixlen, net.network_address.packed)
+
+
+def enroll_value(identity: int, pod_ip: Ip) -> bytes:
+    return ENROLL.pack(identity, pod_ip.packed, 0, 0)
+
+
+@dataclass(frozen=True)
+class ConnEntry:
+    orig_ip: Ip
+    orig_port: int
+    src_ip: Ip
+    src_id: int
+    start_ns: int
+    netns: int
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> ConnEntry:
+        oip, oport, _pad, sip, sid, start, netns = CONN_ENTRY.unpack(raw[: CONN_ENTRY.size])
+        return cls(Ip(oip), int.from_bytes(struct.pack("=H", oport), "big"), Ip(sip), sid, start,
+                   netns)
+
+
+def conn_tuple(netns: int, ip: Ip, port: int) -> bytes:
+    return CONN_TUPLE.pack(netns, ip.packed, port)
+
+
+@dataclass(frozen=True)
+class FlowEvent:
+    """One record of the nm_events_v1 ring buffer."""
+
+    ts_ns: int
+    cookie: int
+    netns: int
+    bytes_sent: int
+    bytes_received: int
+    duration_ns: int
+    src_ip: Ip
+    dst_ip: Ip
+    src_port: int
+    dst_port: int
+    src_id: int
+    policy: int
+    rule: int
+    kind: EventKind
+    verdict: Verdict
+    reason: Reason
+    direction: Direction
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> FlowEvent:
+        if len(raw) < FLOW_EVENT.size:
+            raise ValueError(f"flow event of {len(raw)} bytes, want {FLOW_EVENT_SIZE}")
+        (ts, cookie, netns, sent, recv, dur, sip, dip, sport, dport, sid, policy, rule, kind,
+         verdict, reason, direction) = FLOW_EVENT.unpack(raw[: FLOW_EVENT.size])
+        return cls(ts, cookie, netns, sent, recv, dur, Ip(sip), Ip(dip), sport, dport, sid,
+                   policy, rule, EventKind(kind), Verdict(verdict), Reason(reason),
+                   Direction(direction))

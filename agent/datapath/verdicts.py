@@ -1,0 +1,46 @@
+"""Python mirror of bpf/lib/verdicts.h (a unit test keeps the two equal)."""
+
+from __future__ import annotations
+
+import enum
+
+
+class Verdict(enum.IntEnum):
+    ALLOW = 1
+    DENY = 2
+
+
+class Reason(enum.IntEnum):
+    NONE = 0
+    POLICY_DENY = 1
+    POLICY_NOT_ALLOWED = 2
+    MTLS_REQUIRED = 3
+    IPV6_UNSUPPORTED = 4
+
+    @property
+    def label(self) -> str:
+        """The form used in metrics and logs."""
+        return self.name.lower()
+
+
+class EventKind(enum.IntEnum):
+    OPEN = 1
+    CLOSE = 2
+    DENY = 3
+
+
+class Direction(enum.IntEnum):
+    EGRESS = 1
+    INGRESS = 2
+
+
+class Counter(enum.IntEnum):
+    RINGBUF_DROPS = 0
+    CAPTURED = 1
+    DENY_EGRESS = 2
+    DENY_INGRESS = 3
+    INBOUND_STEERED = 4
+    IPV6_DENIED = 5
+
+
+COUNTER_SLOTS = 8  # NM_CTR_MAX

@@ -1,0 +1,39 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* Captured connections: original destinations and flow bookkeeping. */
+#ifndef NM_CONN_H
+#define NM_CONN_H
+#include "common.h"
+
+struct conn_entry {
+	__u32 orig_ip;   /* original destination, network order */
+	__u16 orig_port; /* network order */
+	__u16 pad;
+	__u32 src_ip;    /* the pod's address, network order */
+	__u32 src_id;    /* the pod's identity id */
+	__u64 start_ns;
+	__u64 netns;
+};
+
+struct conn_tuple {
+	__u64 netns;
+	__u32 ip;   /* the app socket's local address as the tunnel sees its peer, network order */
+	__u32 port; /* host order */
+};
+
+/* nm_conn_cookie_v1: captured app sockets.
+ * key: socket cookie (u64) -> struct conn_entry; NM_MAX_CONNS entries, LRU.
+ * Writer: connect4 (insert), sockops (delete at close). Readers: getpeername4, sockops.
+ */
+BPF_TABLE_PINNED("lru_hash", __u64, struct conn_entry, nm_conn_cookie_v1, NM_MAX_CONNS,
+		 NM_PIN(nm_conn_cookie_v1));
+
+/* nm_conn_tuple_v1: the same connections keyed as the tunnel's accepted socket sees them,
+ * because every pod's redirected connections come from 127.0.0.1 (hence the netns cookie).
+ * key: struct conn_tuple -> struct conn_entry; NM_MAX_CONNS entries, LRU.
+ * Writer: sockops (insert at TCP connect, delete at close). Reader: getsockopt (SO_ORIGINAL_DST),
+ * agent (lookup fallback).
+ */
+BPF_TABLE_PINNED("lru_hash", struct conn_tuple, struct conn_entry, nm_conn_tuple_v1, NM_MAX_CONNS,
+		 NM_PIN(nm_conn_tuple_v1));
+
+#endif

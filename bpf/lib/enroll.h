@@ -1,0 +1,26 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* Pod enrollment: which network namespaces belong to meshed pods. */
+#ifndef NM_ENROLL_H
+#define NM_ENROLL_H
+#include "common.h"
+
+struct enroll_entry {
+	__u32 identity; /* node-local id of the pod's SPIFFE identity (>= 2) */
+	__u32 pod_ip;   /* network order */
+	__u32 flags;    /* reserved */
+	__u32 pad;
+};
+
+/* nm_enrolled_v1: enrolled pods.
+ * key: netns cookie (u64) -> struct enroll_entry; NM_MAX_PODS entries.
+ * Writer: agent (enroll/unenroll). Readers: connect4, connect6, sk_lookup (via ipcache), sockops.
+ */
+BPF_TABLE_PINNED("hash", __u64, struct enroll_entry, nm_enrolled_v1, NM_MAX_PODS,
+		 NM_PIN(nm_enrolled_v1));
+
+static __always_inline struct enroll_entry *nm_enrolled(__u64 netns)
+{
+	return nm_enrolled_v1.lookup(&netns);
+}
+
+#endif

@@ -1,0 +1,39 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* The one registry of verdicts, drop reasons, event kinds and counters.
+ *
+ * Mirrored by agent/datapath/verdicts.py; a unit test parses this file and compares, so edit
+ * both together. Numbers are never reused: retire a value by leaving a comment in its place.
+ */
+#ifndef NM_VERDICTS_H
+#define NM_VERDICTS_H
+
+/* Verdicts (policy_entry.verdict, flow_event.verdict). */
+#define NM_VERDICT_ALLOW 1
+#define NM_VERDICT_DENY 2
+
+/* Reasons (policy_entry.reason, flow_event.reason). */
+#define NM_REASON_NONE 0
+#define NM_REASON_POLICY_DENY 1           /* an enforced DENY policy matched */
+#define NM_REASON_POLICY_NOT_ALLOWED 2    /* ALLOW policies select the destination, none matched */
+#define NM_REASON_MTLS_REQUIRED 3         /* plaintext source while the destination is STRICT */
+#define NM_REASON_IPV6_UNSUPPORTED 4      /* IPv6 TCP from/to an enrolled pod: fail closed */
+
+/* Flow event kinds (flow_event.kind). */
+#define NM_EVENT_OPEN 1
+#define NM_EVENT_CLOSE 2
+#define NM_EVENT_DENY 3
+
+/* Where a decision was taken (flow_event.direction). */
+#define NM_DIR_EGRESS 1   /* at the source pod's connect() */
+#define NM_DIR_INGRESS 2  /* at the tunnel's upstream connect() in the destination pod */
+
+/* Indices of nm_counters_v1. */
+#define NM_CTR_RINGBUF_DROPS 0
+#define NM_CTR_CAPTURED 1
+#define NM_CTR_DENY_EGRESS 2
+#define NM_CTR_DENY_INGRESS 3
+#define NM_CTR_INBOUND_STEERED 4
+#define NM_CTR_IPV6_DENIED 5
+#define NM_CTR_MAX 8
+
+#endif

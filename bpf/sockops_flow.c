@@ -1,0 +1,104 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* sockops: keys captured connections by tuple for SO_ORIGINAL_DST, and reports flows.
+ *
+ * At TCP connect the source port is known, so the connection is re-keyed as the tunnel will see
+ * it and an OPEN event is sent; at close a CLOSE event carries bytes each way and duration, and
+ * both map entries go.
+ */
+#include "lib/common.h"
+#include "lib/conn.h"
+#include "lib/events.h"
+
+/* TCP states (include/net/tcp_states.h) seen as the old state of the move to TCP_CLOSE. */
+#define NM_TCP_FIN_WAIT2 5
+#define NM_TCP_TIME_WAIT 6
+#define NM_TCP_CLOSE_WAIT 8
+#define NM_TCP_LAST_ACK 9
+#define NM_TCP_CLOSING 11
+
+/* bytes_acked counts our SYN and FIN, bytes_received the peer's FIN: report payload only.
+ * The state left when the socket closes tells which FINs were exchanged. */
+static __always_inline __u64 nm_payload_sent(struct bpf_sock_ops *skops, __u32 old)
+{
+	__u64 n = skops->bytes_acked;
+	if (n)
+		n--; /* SYN */
+	if (n && (old == NM_TCP_FIN_WAIT2 || old == NM_TCP_LAST_ACK || old == NM_TCP_CLOSING ||
+		  old == NM_TCP_TIME_WAIT))
+		n--; /* our FIN */
+	return n;
+}
+
+static __always_inline __u64 nm_payload_received(struct bpf_sock_ops *skops, __u32 old)
+{
+	__u64 n = skops->bytes_received;
+	if (n && (old == NM_TCP_FIN_WAIT2 || old == NM_TCP_CLOSING || old == NM_TCP_TIME_WAIT ||
+		  old == NM_TCP_LAST_ACK || old == NM_TCP_CLOSE_WAIT))
+		n--; /* the peer's FIN */
+	return n;
+}
+
+static __always_inline void nm_flow_event(struct bpf_sock_ops *skops, struct conn_entry *c,
+					  __u64 cookie, __u8 kind)
+{
+	struct flow_event *ev = nm_event_reserve();
+	if (!ev)
+		return;
+	ev->kind = kind;
+	ev->cookie = cookie;
+	ev->netns = c->netns;
+	ev->src_ip = c->src_ip;
+	ev->dst_ip = c->orig_ip;
+	ev->src_port = skops->local_port;
+	ev->dst_port = bpf_ntohs(c->orig_port);
+	ev->src_id = c->src_id;
+	ev->verdict = NM_VERDICT_ALLOW;
+	ev->direction = NM_DIR_EGRESS;
+	if (kind == NM_EVENT_CLOSE) {
+		ev->bytes_sent = nm_payload_sent(skops, skops->args[0]);
+		ev->bytes_received = nm_payload_received(skops, skops->args[0]);
+		ev->duration_ns = ev->ts_ns - c->start_ns;
+	}
+	nm_event_submit(ev);
+}
+
+int nm_sockops(struct bpf_sock_ops *skops)
+{
+	struct conn_entry *c;
+	__u64 cookie;
+
+	if (skops->family != AF_INET)
+		return 1;
+	switch (skops->op) {
+	case BPF_SOCK_OPS_TCP_CONNECT_CB: {
+		cookie = bpf_get_socket_cookie(skops);
+		c = nm_conn_cookie_v1.lookup(&cookie);
+		if (!c)
+			return 1;
+		struct conn_tuple k = {
+			.netns = bpf_get_netns_cookie(skops), .ip = skops->local_ip4,
+			.port = skops->local_port,
+		};
+		nm_conn_tuple_v1.update(&k, c);
+		bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+		nm_flow_event(skops, c, cookie, NM_EVENT_OPEN);
+		break;
+	}
+	case BPF_SOCK_OPS_STATE_CB: {
+		if (skops->args[1] != BPF_TCP_CLOSE)
+			return 1;
+		cookie = bpf_get_socket_cookie(skops);
+		c = nm_conn_cookie_v1.lookup(&cookie);
+		if (!c)
+			return 1;
+		nm_flow_event(skops, c, cookie, NM_EVENT_CLOSE);
+		struct conn_tuple k = {
+			.netns = c->netns, .ip = skops->local_ip4, .port = skops->local_port,
+		};
+		nm_conn_tuple_v1.delete(&k);
+		nm_conn_cookie_v1.delete(&cookie);
+		break;
+	}
+	}
+	return 1;
+}

@@ -1,0 +1,78 @@
+"""Small programs the kernel tests run inside pods and nodes (as `python -c` code)."""
+
+# A server in a pod: answers each connection with "<tag>|<local addr>|<peer addr>|<data>".
+SERVER = """
+import socket, sys
+s = socket.create_server(("0.0.0.0", int(sys.argv[2])))
+print("ready", flush=True)
+while True:
+    c, peer = s.accept()
+    data = c.recv(65536)
+    me = c.getsockname()
+    c.sendall(f"{sys.argv[1]}|{me[0]}:{me[1]}|{peer[0]}:{peer[1]}|".encode() + data)
+    c.close()
+"""
+
+# Plays the tunnel's outbound side: a listener on 127.0.0.1:15001 inside a pod netns, run from
+# the node's sys cgroup so the cgroup/getsockopt program answers SO_ORIGINAL_DST.
+FAKE_TUNNEL = """
+import json, socket, struct, sys
+from agent.host import netns
+with netns.entered(sys.argv[1]):
+    s = socket.create_server(("127.0.0.1", 15001))
+print("ready", flush=True)
+while True:
+    c, peer = s.accept()
+    raw = c.getsockopt(socket.SOL_IP, 80, 16)
+    port, ip = struct.unpack("!2xH4s8x", raw)
+    orig = f"{socket.inet_ntoa(ip)}:{port}"
+    total = 0
+    while True:
+        d = c.recv(65536)
+        if not d:
+            break
+        total += len(d)
+    c.sendall(json.dumps({"orig": orig, "peer": f"{peer[0]}:{peer[1]}", "got": total}).encode())
+    c.close()
+"""
+
+# The app in a pod: connect, report errno or (peer as the app sees it, reply).
+CLIENT = """
+import errno, json, socket, sys
+ip, port, payload = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode()
+s = socket.socket()
+s.settimeout(5)
+try:
+    s.connect((ip, port))
+except OSError as e:
+    print(json.dumps({"errno": errno.errorcode.get(e.errno, str(e.errno))}))
+    sys.exit(0)
+peer = s.getpeername()
+s.sendall(payload)
+s.shutdown(socket.SHUT_WR)
+data = b""
+while True:
+    d = s.recv(65536)
+    if not d:
+        break
+    data += d
+print(json.dumps({"peer": f"{peer[0]}:{peer[1]}", "reply": data.decode()}))
+"""
+
+# The tunnel's upstream connect: a marked socket created in a pod netns from the node's cgroup.
+MARKED_CONNECT = """
+import errno, json, socket, sys
+from agent.host import netns
+ns, ip, port, mark = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+with netns.entered(ns):
+    s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+s.settimeout(5)
+try:
+    s.connect((ip, port))
+    s.sendall(b"x")
+    s.shutdown(socket.SHUT_WR)
+    print(json.dumps({"reply": s.recv(4096).decode()}))
+except OSError as e:
+    print(json.dumps({"errno": errno.errorcode.get(e.errno, str(e.errno))}))
+"""
