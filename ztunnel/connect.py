@@ -1,0 +1,111 @@
+"""The HBONE CONNECT request: building it (client) and validating it (server). Pure, no I/O.
+
+Headers follow ztunnel: `:authority <ip>:<port>` names the final destination, `forwarded` carries
+the client's address for telemetry, and `traceparent` is a random W3C id per connection.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+OUTBOUND_PORT = 15001
+INBOUND_PLAINTEXT_PORT = 15006
+HBONE_PORT = 15008
+# Never a proxy target: forwarding to our own listeners would loop.
+ILLEGAL_PORTS = frozenset({OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT})
+
+OK = 200
+BAD_REQUEST = 400
+UNAUTHORIZED = 401
+UNAVAILABLE = 503
+
+
+class AuthorityError(ValueError):
+    """A CONNECT :authority that is not a literal IP:port."""
+
+
+def format_hostport(ip: IPAddress, port: int) -> str:
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
+def parse_authority(authority: str) -> tuple[IPAddress, int]:
+    """Parse `a.b.c.d:port` or `[v6]:port`; hostnames are not accepted by this tunnel."""
+    host, sep, port_s = authority.rpartition(":")
+    if not sep or not host:
+        raise AuthorityError(f"authority {authority!r} has no port: want <ip>:<port>")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise AuthorityError(f"authority {authority!r}: IPv6 addresses must be in brackets")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError as exc:
+        raise AuthorityError(f"authority {authority!r} does not start with an IP address") from exc
+    if not port_s.isdigit() or not 0 < int(port_s) < 65536:
+        raise AuthorityError(f"authority {authority!r} has an invalid port {port_s!r}")
+    return ip, int(port_s)
+
+
+def new_traceparent() -> str:
+    """W3C traceparent: version 00, random trace id and parent id, flags 00."""
+    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-00"
+
+
+def request_headers(
+    dst_ip: IPAddress, dst_port: int, client_ip: IPAddress, client_port: int,
+    traceparent: str | None = None,
+) -> list[tuple[str, str]]:
+    return [
+        (":method", "CONNECT"),
+        (":authority", format_hostport(dst_ip, dst_port)),
+        ("forwarded", f'for="{format_hostport(client_ip, client_port)}"'),
+        ("traceparent", traceparent or new_traceparent()),
+    ]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of validating a CONNECT request before any upstream connect."""
+
+    status: int
+    reason: str = ""
+    target: tuple[IPAddress, int] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == OK
+
+
+def validate_request(headers: Mapping[str, str], local_ip: IPAddress) -> Verdict:
+    """ztunnel's order: CONNECT method, authority syntax, authority IP is the address this TLS
+    connection was made to, then the illegal-port check. RBAC and upstream connect come later."""
+    method = headers.get(":method", "")
+    if method != "CONNECT":
+        return Verdict(BAD_REQUEST, f"method {method!r} is not CONNECT")
+    try:
+        ip, port = parse_authority(headers.get(":authority", ""))
+    except AuthorityError as exc:
+        return Verdict(BAD_REQUEST, str(exc))
+    if ip != local_ip:
+        return Verdict(
+            BAD_REQUEST,
+            f"authority IP {ip} is not this workload's address {local_ip}: "
+            "the peer sent the request to the wrong pod",
+        )
+    if port in ILLEGAL_PORTS:
+        return Verdict(BAD_REQUEST, f"port {port} is a tunnel port and can never be a target")
+    return Verdict(OK, target=(ip, port))
+
+
+def parse_forwarded_for(value: str) -> str | None:
+    """The `for=` element of a Forwarded header, without quotes (telemetry only)."""
+    for part in value.split(";"):
+        key, _, val = part.strip().partition("=")
+        if key.lower() == "for":
+            return val.strip('"')
+    return None

@@ -1,0 +1,144 @@
+"""Sockets inside a pod's network namespace: listeners, marked upstreams, source-IP spoofing.
+
+Every socket the tunnel owns carries SO_MARK with 0x539 in the low 12 bits (Istio's in-pod mark)
+so the kernel redirect programs never capture it. Upstream sockets on the inbound side carry the
+authenticated source identity id in the high 20 bits: mark = (id << 12) | 0x539, id 0 = none.
+
+Source IP preservation: the inbound upstream socket binds the client's IP with IP_TRANSPARENT.
+The application's replies to that (non-local) IP must come back to us instead of leaving the pod;
+`prepare_pod_netns` arranges that: with tcp_fwmark_accept the app's accepted socket inherits our
+SYN's mark, and a rule sends marked packets to a table whose only route is "everything is local".
+Sockets that talk to the network (listeners and what they accept, HBONE dials, passthrough) use
+TUNNEL_MARK, which a higher-priority rule sends to the main table, so they route normally.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+import struct
+from pathlib import Path
+
+from pyroute2 import IPRoute
+
+from agent.host import netns
+
+POD_MARK = 0x539
+MARK_MASK = 0xFFF
+IDENTITY_BITS = 20
+# The all-ones identity id is reserved: it marks the tunnel's own network-facing sockets
+# (listeners, HBONE dials, passthrough) so the local-delivery rule below never catches them.
+TUNNEL_ID = (1 << IDENTITY_BITS) - 1
+TUNNEL_MARK = (TUNNEL_ID << 12) | POD_MARK
+MAX_IDENTITY_ID = TUNNEL_ID - 1
+LOCAL_TABLE = 100
+RULE_PRIORITY = 100
+SO_ORIGINAL_DST = 80
+IP_TRANSPARENT = 19
+IP_FREEBIND = 15
+
+
+class PodNetError(OSError):
+    """A pod's netns could not be prepared or a socket could not be set up in it."""
+
+
+def mark_for_identity(identity_id: int) -> int:
+    if not 0 <= identity_id <= MAX_IDENTITY_ID:
+        raise ValueError(f"identity id {identity_id} does not fit in {IDENTITY_BITS} bits")
+    return (identity_id << 12) | POD_MARK
+
+
+def identity_of_mark(mark: int) -> int:
+    return mark >> 12
+
+
+def set_mark(sock: socket.socket, mark: int) -> None:
+    # Marks use all 32 bits; an int above INT_MAX would not fit setsockopt's int argument.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, struct.pack("I", mark))
+
+
+def prepare_pod_netns(target: str | Path) -> None:
+    """Idempotently set up the return path for spoofed-source upstream connections."""
+    with netns.entered(target):
+        try:
+            Path("/proc/sys/net/ipv4/tcp_fwmark_accept").write_text("1\n", encoding="ascii")
+        except OSError as exc:
+            raise PodNetError(exc.errno, f"cannot set tcp_fwmark_accept in {target}: {exc}") from exc
+    path = str(netns.path_of(str(target))) if "/" not in str(target) else str(target)
+    with IPRoute(netns=path) as ipr:
+        try:
+            ipr.rule("add", fwmark=TUNNEL_MARK, fwmask=0xFFFFFFFF, table=254,
+                     priority=RULE_PRIORITY - 1)
+        except Exception as exc:  # noqa: BLE001 -- pyroute2 raises NetlinkError; EEXIST is fine
+            if getattr(exc, "code", None) != errno.EEXIST:
+                raise PodNetError(errno.EIO, f"ip rule for mark {TUNNEL_MARK:#x} in {target}: {exc}") from exc
+        try:
+            ipr.rule("add", fwmark=POD_MARK, fwmask=MARK_MASK, table=LOCAL_TABLE,
+                     priority=RULE_PRIORITY)
+        except Exception as exc:
+            if getattr(exc, "code", None) != errno.EEXIST:
+                raise PodNetError(errno.EIO, f"ip rule for mark {POD_MARK:#x} in {target}: {exc}") from exc
+        lo = ipr.link_lookup(ifname="lo")[0]
+        try:
+            ipr.route("add", dst="0.0.0.0", dst_len=0, type="local", scope=254, oif=lo, table=LOCAL_TABLE)
+        except Exception as exc:
+            if getattr(exc, "code", None) != errno.EEXIST:
+                raise PodNetError(errno.EIO, f"local route in table {LOCAL_TABLE} in {target}: {exc}") from exc
+
+
+def listener(target: str | Path, ip: str, port: int, backlog: int = 1024) -> socket.socket:
+    """A non-blocking marked TCP listener created inside the target netns."""
+    with netns.entered(target):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        set_mark(s, TUNNEL_MARK)
+        s.bind((ip, port))
+        s.listen(backlog)
+        s.setblocking(False)
+    except OSError as exc:
+        s.close()
+        raise PodNetError(exc.errno, f"cannot listen on {ip}:{port} in {target}: {exc.strerror}") from exc
+    return s
+
+
+def upstream(target: str | Path, mark: int, source_ip: str | None = None) -> socket.socket:
+    """A non-blocking marked TCP socket in the target netns, bound to `source_ip` transparently
+    (IP_TRANSPARENT + IP_FREEBIND) when given, so the destination sees the real client address."""
+    with netns.entered(target):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        set_mark(s, mark)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if source_ip is not None:
+            s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            s.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+            s.bind((source_ip, 0))
+        s.setblocking(False)
+    except OSError as exc:
+        s.close()
+        raise PodNetError(exc.errno, f"cannot set up upstream socket in {target}: {exc.strerror}") from exc
+    return s
+
+
+def original_dst(sock: socket.socket) -> tuple[ipaddress.IPv4Address, int]:
+    """SO_ORIGINAL_DST of a redirected connection (answered by iptables or the getsockopt
+    program); a struct sockaddr_in."""
+    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    port, addr = struct.unpack_from("!2xH4s", raw)
+    return ipaddress.IPv4Address(addr), int(port)
+
+
+def local_address(sock: socket.socket) -> tuple[ipaddress.IPv4Address, int]:
+    """The accepted socket's local address: the original destination when sk_lookup steered it."""
+    ip, port = sock.getsockname()[:2]
+    return ipaddress.IPv4Address(ip), int(port)
+
+
+def abort_with_reset(sock: socket.socket) -> None:
+    """Close so the peer sees RST rather than FIN (a reset propagated from the tunnel)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass  # already closed: nothing to reset

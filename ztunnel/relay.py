@@ -1,0 +1,168 @@
+"""The plain-TCP side of a relay: an asyncio Protocol joined to an Endpoint (a tunnel stream or
+another TCP socket), with back-pressure both ways and half-close/reset propagation.
+
+- reading: bytes go to `peer.send`; if the peer reports back-pressure we stop reading until the
+  peer calls `drained`;
+- writing: bytes from the peer are written; while our transport's buffer is above its high-water
+  mark we owe the peer an acknowledgement, paid in `resume_writing` (for a tunnel stream this is
+  what opens the HTTP/2 window again);
+- EOF from the socket -> `peer.finish()` (END_STREAM); `finish()` from the peer -> shutdown(SHUT_WR);
+- a reset on either side becomes a reset on the other (RST_STREAM <-> TCP RST).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+from collections.abc import Callable
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+HIGH_WATER = 512 * 1024
+
+
+class Endpoint(Protocol):
+    """What one side of a relay may ask of the other."""
+
+    def send(self, data: bytes) -> bool:
+        """Forward bytes; False means "stop reading until I call drained"."""
+        ...
+
+    def drained(self, n: int) -> None:
+        """The other side flushed n more bytes of what it was sent (and can take more)."""
+        ...
+
+    def finish(self) -> None:
+        """The sender half-closed: no more data in this direction."""
+        ...
+
+    def reset(self) -> None:
+        """Abort the connection in both directions."""
+        ...
+
+
+class PlainSide(asyncio.Protocol):
+    """One TCP socket (an app's connection or our upstream to an app)."""
+
+    def __init__(self, on_close: Callable[[PlainSide], None] | None = None,
+                 start_paused: bool = False) -> None:
+        self.peer: Endpoint | None = None
+        self.transport: asyncio.Transport | None = None
+        self.bytes_read = 0
+        self.bytes_written = 0
+        self.eof_in = False
+        self.eof_out = False
+        self.reset_seen = False  # a reset in either direction
+        self.closed = False
+        self.error: BaseException | None = None
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._on_close = on_close
+        self._paused = start_paused
+        self._write_blocked = False
+        self._owed = 0
+
+    # -- wiring ------------------------------------------------------------------------------
+    def attach(self, peer: Endpoint) -> None:
+        """Join the other side and start reading."""
+        self.peer = peer
+        self._resume()
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=HIGH_WATER)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._paused:
+            transport.pause_reading()
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_read += len(data)
+        if self.peer is None:
+            return  # reading only starts once attached; nothing to forward to
+        if not self.peer.send(data):
+            self._pause()
+
+    def eof_received(self) -> bool:
+        self.eof_in = True
+        if self.peer is not None:
+            self.peer.finish()
+        return not self.eof_out  # keep the write side open until the peer half-closes too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.error = exc
+        clean = self.eof_in and self.eof_out
+        if not clean and not self.reset_seen:
+            # Closed or reset under us before both directions finished: tell the other side.
+            self.reset_seen = True
+            if self.peer is not None:
+                self.peer.reset()
+        if not self.done.done():
+            self.done.set_result(None)
+        if self._on_close is not None:
+            self._on_close(self)
+
+    def pause_writing(self) -> None:
+        self._write_blocked = True
+
+    def resume_writing(self) -> None:
+        self._write_blocked = False
+        owed, self._owed = self._owed, 0
+        if self.peer is not None:
+            self.peer.drained(owed)
+
+    # -- Endpoint (called by the other side) -------------------------------------------------
+    def send(self, data: bytes) -> bool:
+        if self.closed or self.eof_out or self.transport is None:
+            return True  # nowhere to write; drop and keep the peer's window moving
+        self.transport.write(data)
+        self.bytes_written += len(data)
+        if self._write_blocked:
+            self._owed += len(data)
+            return False
+        return True
+
+    def drained(self, n: int) -> None:
+        self._resume()
+
+    def finish(self) -> None:
+        if self.closed or self.eof_out or self.transport is None:
+            return
+        self.eof_out = True
+        if self.eof_in:
+            self.transport.close()  # both directions done; close flushes what is buffered
+        elif self.transport.can_write_eof():
+            self.transport.write_eof()
+
+    def reset(self) -> None:
+        if self.closed or self.transport is None:
+            return
+        self.reset_seen = True
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass  # already gone: the peer sees whatever the kernel sent
+        self.transport.abort()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+    # -- internals ---------------------------------------------------------------------------
+    def _pause(self) -> None:
+        if not self._paused and self.transport is not None and not self.closed:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def _resume(self) -> None:
+        if self._paused and self.transport is not None and not self.closed:
+            self._paused = False
+            self.transport.resume_reading()
