@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        mod: _Registrar = importlib.import_module(name)  # type: ignore[assignment]
+        mod: _Registrar = importlib.import_module(name)
         mod.register(sub)
     return parser
 

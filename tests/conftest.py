@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from prereq import IN_CI, require_root, require_tool, requires
 
+from agent.testbed import Cluster
+
 __all__ = ["IN_CI", "require_root", "require_tool", "requires"]
 
 TIERS = ("unit", "kernel", "e2e")
@@ -36,7 +38,5 @@ def root() -> None:
 def cluster() -> Iterator[object]:
     """A fresh 2-node, 2-pods-per-node test-bed cluster, torn down even when the test fails."""
     require_root()
-    from agent.testbed import Cluster
-
     with Cluster(nodes=2, pods_per_node=2, description="pytest") as c:
         yield c

@@ -37,8 +37,10 @@ class DatapathBuildError(RuntimeError):
 def headers_hint() -> str | None:
     build = Path(f"/lib/modules/{platform.release()}/build")
     if not (build / "include").exists():
-        return (f"kernel headers not found at {build}: run scripts/setup.sh (it links Debian's "
-                "linux-headers into /lib/modules/$(uname -r)/{build,source})")
+        return (
+            f"kernel headers not found at {build}: run scripts/setup.sh (it links Debian's "
+            "linux-headers into /lib/modules/$(uname -r)/{build,source})"
+        )
     return None
 
 
@@ -81,14 +83,15 @@ class Module:
             with _captured_stderr() as log:
                 try:
                     fn = self._bpf.load_func(name.encode(), int(prog_type), **kw)
-                except Exception as exc:  # noqa: BLE001 -- bcc raises bare Exception
+                except Exception as exc:
                     failure: Exception | None = exc
                 else:
                     failure = None
             if failure is not None:
                 raise DatapathBuildError(
                     f"loading eBPF program {name} failed: {failure}\nverifier log (last lines):\n"
-                    f"{_excerpt(log[0])}") from failure
+                    f"{_excerpt(log[0])}"
+                ) from failure
             self._progs[name] = int(fn.fd)
             return self._progs[name]
 
@@ -137,21 +140,23 @@ def compile_module(options: BuildOptions, *, cached: bool = True) -> Module:
         except ImportError as exc:
             raise DatapathBuildError(
                 "python module bcc not importable: install python3-bpfcc and link it into the "
-                "venv (scripts/setup.sh does both)") from exc
+                "venv (scripts/setup.sh does both)"
+            ) from exc
         options.pin_dir.mkdir(parents=True, exist_ok=True)
         text = assemble(options.sources)
         cflags = [*options.cflags(), f"-I{bpf_dir()}"]
         with _captured_stderr() as log:
             try:
                 bpf = BPF(text=text.encode("ascii"), cflags=cflags)
-            except Exception as exc:  # noqa: BLE001 -- bcc raises bare Exception
+            except Exception as exc:
                 failure: Exception | None = exc
             else:
                 failure = None
         if failure is not None:
             raise DatapathBuildError(
                 f"compiling {', '.join(options.sources)} failed: {str(failure)[:300]}\n"
-                f"compiler output (last lines):\n{_excerpt(log[0])}") from failure
+                f"compiler output (last lines):\n{_excerpt(log[0])}"
+            ) from failure
         module = Module(options=options, _bpf=bpf)
         if cached:
             _cache[options] = module

@@ -109,7 +109,8 @@ def prog_query(target_fd: int, attach_type: AttachType, max_progs: int = 64) -> 
     ids = (ctypes.c_uint32 * max_progs)()
     attr = ctypes.create_string_buffer(
         struct.pack("=IIIIQI", target_fd, int(attach_type), 0, 0, ctypes.addressof(ids), max_progs),
-        128)
+        128,
+    )
     ret = _libc.syscall(_SYS_BPF, int(Cmd.PROG_QUERY), attr, 128)
     if ret < 0:
         err = ctypes.get_errno()
@@ -118,11 +119,19 @@ def prog_query(target_fd: int, attach_type: AttachType, max_progs: int = 64) -> 
     return list(ids[: min(count, max_progs)])
 
 
-def map_create(map_type: MapType, key_size: int, value_size: int, max_entries: int,
-               flags: int = 0, name: str = "") -> int:
+def map_create(
+    map_type: MapType,
+    key_size: int,
+    value_size: int,
+    max_entries: int,
+    *,
+    flags: int = 0,
+    name: str = "",
+) -> int:
     name_b = name.encode()[:15].ljust(16, b"\0")
-    attr = struct.pack("=IIIIIII16s", int(map_type), key_size, value_size, max_entries, flags,
-                       0, 0, name_b)
+    attr = struct.pack(
+        "=IIIIIII16s", int(map_type), key_size, value_size, max_entries, flags, 0, 0, name_b
+    )
     return _call(Cmd.MAP_CREATE, attr)
 
 

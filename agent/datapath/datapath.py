@@ -40,8 +40,9 @@ class CgroupProgram:
 CGROUP_PROGRAMS = (
     CgroupProgram("nm_connect4", ProgType.CGROUP_SOCK_ADDR, AttachType.CGROUP_INET4_CONNECT),
     CgroupProgram("nm_connect6", ProgType.CGROUP_SOCK_ADDR, AttachType.CGROUP_INET6_CONNECT),
-    CgroupProgram("nm_getpeername4", ProgType.CGROUP_SOCK_ADDR,
-                  AttachType.CGROUP_INET4_GETPEERNAME),
+    CgroupProgram(
+        "nm_getpeername4", ProgType.CGROUP_SOCK_ADDR, AttachType.CGROUP_INET4_GETPEERNAME
+    ),
     CgroupProgram("nm_getsockopt", ProgType.CGROUP_SOCKOPT, AttachType.CGROUP_GETSOCKOPT),
     CgroupProgram("nm_sockops", ProgType.SOCK_OPS, AttachType.CGROUP_SOCK_OPS),
 )
@@ -159,8 +160,11 @@ class Datapath:
         if identity < 2 or identity >= 1 << 20:
             raise ValueError(f"identity id {identity} out of range 2..{(1 << 20) - 1}")
         cookie = netns.cookie_of(ns)
-        bpfsys.map_update(self.module.map_fd("nm_enrolled_v1"), cookie.to_bytes(8, "little"),
-                          layouts.enroll_value(identity, pod_ip))
+        bpfsys.map_update(
+            self.module.map_fd("nm_enrolled_v1"),
+            cookie.to_bytes(8, "little"),
+            layouts.enroll_value(identity, pod_ip),
+        )
         pin = self.links_dir / f"sklookup-{cookie}"
         if not pin.exists():
             ns_fd = netns.open_ns(ns)
@@ -200,14 +204,18 @@ class Datapath:
 
     def set_inbound_listener(self, pod_ip: ipaddress.IPv4Address, listener: socket.socket) -> None:
         """The tunnel's 15006 listener inside the pod's netns receives its steered plaintext."""
-        bpfsys.map_update(self.module.map_fd("nm_inbound_v1"), pod_ip.packed,
-                          listener.fileno().to_bytes(8, "little"))
+        bpfsys.map_update(
+            self.module.map_fd("nm_inbound_v1"),
+            pod_ip.packed,
+            listener.fileno().to_bytes(8, "little"),
+        )
 
     def remove_inbound_listener(self, pod_ip: ipaddress.IPv4Address) -> None:
         bpfsys.map_delete(self.module.map_fd("nm_inbound_v1"), pod_ip.packed)
 
-    def set_exclusions(self, ports: Iterable[int] = (),
-                       cidrs: Iterable[ipaddress.IPv4Network] = ()) -> None:
+    def set_exclusions(
+        self, ports: Iterable[int] = (), cidrs: Iterable[ipaddress.IPv4Network] = ()
+    ) -> None:
         """Destinations never captured; replaces the previous lists."""
         pfd = self.module.map_fd("nm_exclude_port_v1")
         want_ports = {layouts.EXCLUDE_PORT_KEY.pack(p) for p in ports}
@@ -223,8 +231,9 @@ class Datapath:
             bpfsys.map_delete(cfd, k)
 
     # -- policy ----------------------------------------------------------------------------
-    def apply_policy(self, entries: Mapping[PolicyKey, PolicyEntry],
-                     cidrs: Mapping[ipaddress.IPv4Network, int]) -> None:
+    def apply_policy(
+        self, entries: Mapping[PolicyKey, PolicyEntry], cidrs: Mapping[ipaddress.IPv4Network, int]
+    ) -> None:
         """Install a complete policy generation; enforced for every connect after return."""
         opts = self.options
         if len(entries) > opts.max_policy:
@@ -232,17 +241,34 @@ class Datapath:
         gen_fd = self.module.map_fd("nm_gen_v1")
         raw = bpfsys.map_lookup(gen_fd, layouts.U32.pack(0), 4)
         nxt = 1 - (layouts.U32.unpack(raw)[0] & 1 if raw else 0)
-        pol = bpfsys.map_create(MapType.HASH, layouts.POLICY_KEY.size, layouts.POLICY_VALUE.size,
-                                opts.max_policy, bpfsys.BPF_F_NO_PREALLOC, "nm_policy_gen")
-        ipc = bpfsys.map_create(MapType.LPM_TRIE, layouts.IPCACHE_KEY.size,
-                                layouts.IPCACHE_VALUE.size, opts.max_ipcache,
-                                bpfsys.BPF_F_NO_PREALLOC, "nm_ipcache_gen")
+        pol = bpfsys.map_create(
+            MapType.HASH,
+            layouts.POLICY_KEY.size,
+            layouts.POLICY_VALUE.size,
+            opts.max_policy,
+            flags=bpfsys.BPF_F_NO_PREALLOC,
+            name="nm_policy_gen",
+        )
+        ipc = bpfsys.map_create(
+            MapType.LPM_TRIE,
+            layouts.IPCACHE_KEY.size,
+            layouts.IPCACHE_VALUE.size,
+            opts.max_ipcache,
+            flags=bpfsys.BPF_F_NO_PREALLOC,
+            name="nm_ipcache_gen",
+        )
         try:
             items = sorted(entries.items())
-            bpfsys.map_update_batch(pol, b"".join(k.pack() for k, _ in items),
-                                    b"".join(v.pack() for _, v in items), len(items))
+            bpfsys.map_update_batch(
+                pol,
+                b"".join(k.pack() for k, _ in items),
+                b"".join(v.pack() for _, v in items),
+                len(items),
+            )
             for net, cidr_id in cidrs.items():
-                bpfsys.map_update(ipc, layouts.ipcache_key(net), layouts.IPCACHE_VALUE.pack(cidr_id, 0))
+                bpfsys.map_update(
+                    ipc, layouts.ipcache_key(net), layouts.IPCACHE_VALUE.pack(cidr_id, 0)
+                )
             slot = layouts.U32.pack(nxt)
             bpfsys.map_update(self.module.map_fd("nm_policy_v1"), slot, layouts.U32.pack(pol))
             bpfsys.map_update(self.module.map_fd("nm_ipcache_v1"), slot, layouts.U32.pack(ipc))
@@ -258,17 +284,23 @@ class Datapath:
         out: dict[Counter, int] = {}
         for c in Counter:
             raw = bpfsys.map_lookup(fd, layouts.U32.pack(int(c)), 8 * cpus)
-            out[c] = sum(int.from_bytes(raw[i : i + 8], "little") for i in range(0, 8 * cpus, 8)) \
-                if raw else 0
+            out[c] = (
+                sum(int.from_bytes(raw[i : i + 8], "little") for i in range(0, 8 * cpus, 8))
+                if raw
+                else 0
+            )
         assert len(Counter) <= COUNTER_SLOTS
         return out
 
-    def original_destination(self, ns_cookie: int, peer_ip: ipaddress.IPv4Address,
-                             peer_port: int) -> tuple[ipaddress.IPv4Address, int] | None:
+    def original_destination(
+        self, ns_cookie: int, peer_ip: ipaddress.IPv4Address, peer_port: int
+    ) -> tuple[ipaddress.IPv4Address, int] | None:
         """The map lookup behind SO_ORIGINAL_DST, for callers outside the tunnel's cgroup."""
-        raw = bpfsys.map_lookup(self.module.map_fd("nm_conn_tuple_v1"),
-                                layouts.conn_tuple(ns_cookie, peer_ip, peer_port),
-                                layouts.CONN_ENTRY.size)
+        raw = bpfsys.map_lookup(
+            self.module.map_fd("nm_conn_tuple_v1"),
+            layouts.conn_tuple(ns_cookie, peer_ip, peer_port),
+            layouts.CONN_ENTRY.size,
+        )
         if raw is None:
             return None
         entry = layouts.ConnEntry.unpack(raw)
@@ -277,10 +309,15 @@ class Datapath:
     def map_fill(self) -> dict[str, tuple[int, int]]:
         """Entries used and capacity of the maps that grow with the cluster."""
         o = self.options
-        sizes = {"nm_enrolled_v1": (8, o.max_pods), "nm_conn_cookie_v1": (8, o.max_conns),
-                 "nm_conn_tuple_v1": (layouts.CONN_TUPLE.size, o.max_conns)}
-        return {name: (len(bpfsys.map_keys(self.module.map_fd(name), ks)), cap)
-                for name, (ks, cap) in sizes.items()}
+        sizes = {
+            "nm_enrolled_v1": (8, o.max_pods),
+            "nm_conn_cookie_v1": (8, o.max_conns),
+            "nm_conn_tuple_v1": (layouts.CONN_TUPLE.size, o.max_conns),
+        }
+        return {
+            name: (len(bpfsys.map_keys(self.module.map_fd(name), ks)), cap)
+            for name, (ks, cap) in sizes.items()
+        }
 
     def open_events(self, callback: Callable[[FlowEvent], None]) -> None:
         """Subscribe to flow events; delivered from poll_events()/drain_events()."""

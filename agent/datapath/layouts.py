@@ -40,7 +40,9 @@ class PolicyKey:
     port: int = ANY_PORT
 
     def pack(self) -> bytes:
-        return POLICY_KEY.pack(self.dst.packed, self.src_id, self.src_cidr, self.port, IPPROTO_TCP, 0)
+        return POLICY_KEY.pack(
+            self.dst.packed, self.src_id, self.src_cidr, self.port, IPPROTO_TCP, 0
+        )
 
 
 @dataclass(frozen=True)
@@ -74,8 +76,9 @@ class ConnEntry:
     @classmethod
     def unpack(cls, raw: bytes) -> ConnEntry:
         oip, oport, _pad, sip, sid, start, netns = CONN_ENTRY.unpack(raw[: CONN_ENTRY.size])
-        return cls(Ip(oip), int.from_bytes(struct.pack("=H", oport), "big"), Ip(sip), sid, start,
-                   netns)
+        return cls(
+            Ip(oip), int.from_bytes(struct.pack("=H", oport), "big"), Ip(sip), sid, start, netns
+        )
 
 
 def conn_tuple(netns: int, ip: Ip, port: int) -> bytes:
@@ -108,8 +111,41 @@ class FlowEvent:
     def unpack(cls, raw: bytes) -> FlowEvent:
         if len(raw) < FLOW_EVENT.size:
             raise ValueError(f"flow event of {len(raw)} bytes, want {FLOW_EVENT_SIZE}")
-        (ts, cookie, netns, sent, recv, dur, sip, dip, sport, dport, sid, policy, rule, kind,
-         verdict, reason, direction) = FLOW_EVENT.unpack(raw[: FLOW_EVENT.size])
-        return cls(ts, cookie, netns, sent, recv, dur, Ip(sip), Ip(dip), sport, dport, sid,
-                   policy, rule, EventKind(kind), Verdict(verdict), Reason(reason),
-                   Direction(direction))
+        (
+            ts,
+            cookie,
+            netns,
+            sent,
+            recv,
+            dur,
+            sip,
+            dip,
+            sport,
+            dport,
+            sid,
+            policy,
+            rule,
+            kind,
+            verdict,
+            reason,
+            direction,
+        ) = FLOW_EVENT.unpack(raw[: FLOW_EVENT.size])
+        return cls(
+            ts,
+            cookie,
+            netns,
+            sent,
+            recv,
+            dur,
+            Ip(sip),
+            Ip(dip),
+            sport,
+            dport,
+            sid,
+            policy,
+            rule,
+            EventKind(kind),
+            Verdict(verdict),
+            Reason(reason),
+            Direction(direction),
+        )

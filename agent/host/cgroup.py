@@ -60,7 +60,9 @@ def remove_tree(path: Path, timeout: float = 5.0) -> None:
     """rmdir the group and its children, deepest first; waits briefly for exiting processes."""
     if not path.exists():
         return
-    dirs = sorted((Path(d) for d, _s, _f in os.walk(path)), key=lambda p: len(p.parts), reverse=True)
+    dirs = sorted(
+        (Path(d) for d, _s, _f in os.walk(path)), key=lambda p: len(p.parts), reverse=True
+    )
     deadline = time.monotonic() + timeout
     for d in dirs:
         while True:
@@ -72,5 +74,7 @@ def remove_tree(path: Path, timeout: float = 5.0) -> None:
             except OSError as exc:
                 # EBUSY while zombies are being reaped: wait for the kernel to release the group.
                 if exc.errno != errno.EBUSY or time.monotonic() > deadline:
-                    raise CgroupError(exc.errno, f"cannot remove cgroup {d}: {exc.strerror}") from exc
+                    raise CgroupError(
+                        exc.errno, f"cannot remove cgroup {d}: {exc.strerror}"
+                    ) from exc
                 time.sleep(0.02)

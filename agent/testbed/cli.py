@@ -27,8 +27,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _up(args: argparse.Namespace) -> int:
-    c = Cluster(nodes=args.nodes, pods_per_node=args.pods_per_node, detached=True,
-                description="nodemesh testbed up")
+    c = Cluster(
+        nodes=args.nodes,
+        pods_per_node=args.pods_per_node,
+        detached=True,
+        description="nodemesh testbed up",
+    )
     c.up()
     print("\n".join(c.describe()))
     print(f"remove with: nodemesh testbed down {c.run_id}")

@@ -13,6 +13,7 @@ Nothing is created in the root netns, so the machine's own networking is untouch
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import multiprocessing
@@ -45,8 +46,12 @@ class TestbedError(RuntimeError):
 class PodProcess:
     """A process started inside a pod or node (netns + cgroup)."""
 
-    def __init__(self, pid: int, popen: subprocess.Popen[bytes] | None = None,
-                 proc: multiprocessing.process.BaseProcess | None = None) -> None:
+    def __init__(
+        self,
+        pid: int,
+        popen: subprocess.Popen[bytes] | None = None,
+        proc: multiprocessing.process.BaseProcess | None = None,
+    ) -> None:
         self.pid = pid
         self.popen = popen
         self._proc = proc
@@ -78,19 +83,13 @@ class PodProcess:
         if self.poll() is not None:
             self.wait()
             return
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.wait(grace)
-        except subprocess.TimeoutExpired:
-            pass
         if self.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             self.wait(grace)
 
 
@@ -102,7 +101,9 @@ def _enter(ns_path: str, cg_path: str) -> None:
     os.close(fd)
 
 
-def _run_callable(ns_path: str, cg_path: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+def _run_callable(
+    ns_path: str, cg_path: str, fn: Callable[..., Any], args: tuple[Any, ...]
+) -> None:
     _enter(ns_path, cg_path)
     fn(*args)
 
@@ -128,8 +129,9 @@ class Place:
     def start(self, fn: Callable[..., Any], *args: Any) -> PodProcess:
         """Run a Python callable in a forked child inside this place."""
         ctx = multiprocessing.get_context("fork")
-        proc = ctx.Process(target=_run_callable, args=(self.netns_path, str(self.cgroup), fn, args),
-                           daemon=True)
+        proc = ctx.Process(
+            target=_run_callable, args=(self.netns_path, str(self.cgroup), fn, args), daemon=True
+        )
         proc.start()
         assert proc.pid is not None
         return self.cluster.track(PodProcess(proc.pid, proc=proc))
@@ -170,8 +172,14 @@ class Cluster:
     ...     server = c.pod(1, 0).python("...")
     """
 
-    def __init__(self, nodes: int = 2, pods_per_node: int = 2, run_id: str | None = None,
-                 detached: bool = False, description: str = "") -> None:
+    def __init__(
+        self,
+        nodes: int = 2,
+        pods_per_node: int = 2,
+        run_id: str | None = None,
+        detached: bool = False,
+        description: str = "",
+    ) -> None:
         if nodes < 1 or pods_per_node < 0:
             raise ValueError("a cluster needs at least one node and a non-negative pod count")
         self.plan = Plan(run_id or new_run_id())
@@ -193,8 +201,9 @@ class Cluster:
         self.up()
         return self
 
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.down()
 
     def up(self) -> None:
@@ -202,9 +211,12 @@ class Cluster:
             raise TestbedError("the test bed needs root (netns, veth and cgroups)")
         pid, started = registry.owner_marker()
         rec = registry.RunRecord(
-            run_id=self.run_id, owner_pid=-1 if self.detached else pid,
-            owner_started=0.0 if self.detached else started, cgroup=str(self.cgroup_root),
-            description=self.description)
+            run_id=self.run_id,
+            owner_pid=-1 if self.detached else pid,
+            owner_started=0.0 if self.detached else started,
+            cgroup=str(self.cgroup_root),
+            description=self.description,
+        )
         registry.save(rec)  # before anything exists, so a crash mid-build is still found
         try:
             self._build()
@@ -239,15 +251,23 @@ class Cluster:
         return [p for n in self.nodes for p in n.pods]
 
     def namespaces(self) -> list[str]:
-        return [self.plan.underlay_ns] + [n.netns for n in self.nodes] + [p.netns for p in self.pods]
+        return (
+            [self.plan.underlay_ns] + [n.netns for n in self.nodes] + [p.netns for p in self.pods]
+        )
 
     def describe(self) -> list[str]:
-        lines = [f"run {self.run_id}: underlay netns {self.plan.underlay_ns} (bridge br0)",
-                 f"cgroup subtree {self.cgroup_root}"]
+        lines = [
+            f"run {self.run_id}: underlay netns {self.plan.underlay_ns} (bridge br0)",
+            f"cgroup subtree {self.cgroup_root}",
+        ]
         for n in self.nodes:
-            lines.append(f"node {n.index}: netns {n.netns} ip {n.ip} pods {self.plan.pod_cidr(n.index)}"
-                         f" cgroup {n.cgroup_root}")
-            lines.extend(f"  pod {p.name}: netns {p.netns} ip {p.ip} cgroup {p.cgroup}" for p in n.pods)
+            lines.append(
+                f"node {n.index}: netns {n.netns} ip {n.ip} pods {self.plan.pod_cidr(n.index)}"
+                f" cgroup {n.cgroup_root}"
+            )
+            lines.extend(
+                f"  pod {p.name}: netns {p.netns} ip {p.ip} cgroup {p.cgroup}" for p in n.pods
+            )
         return lines
 
     # -- construction ------------------------------------------------------------------------
@@ -284,8 +304,14 @@ class Cluster:
             ipr.link("set", index=eth0, state="up")
         _sysctl(ns, "net/ipv4/ip_forward", "1")
         node_root = cgroup.create(self.cgroup_root / f"n{i}")
-        node = Node(cluster=self, netns=ns, cgroup=cgroup.create(node_root / "sys"),
-                    index=i, ip=plan.node_ip(i), cgroup_root=node_root)
+        node = Node(
+            cluster=self,
+            netns=ns,
+            cgroup=cgroup.create(node_root / "sys"),
+            index=i,
+            ip=plan.node_ip(i),
+            cgroup_root=node_root,
+        )
         for j in range(self.pods_per_node):
             node.pods.append(self._build_pod(node, j))
         return node
@@ -310,8 +336,15 @@ class Cluster:
             ipr.route("add", dst=f"{gw}/32", oif=eth0, scope=253)  # scope link
             ipr.route("add", dst="0.0.0.0/0", gateway=str(gw))
         cg = cgroup.create(node.cgroup_root / f"p{j}")
-        return Pod(cluster=self, netns=ns, cgroup=cg, name=f"n{node.index}p{j}", node_index=node.index,
-                   index=j, ip=ip)
+        return Pod(
+            cluster=self,
+            netns=ns,
+            cgroup=cg,
+            name=f"n{node.index}p{j}",
+            node_index=node.index,
+            index=j,
+            ip=ip,
+        )
 
 
 def _up_lo(ipr: IPRoute) -> None:

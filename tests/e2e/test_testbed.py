@@ -20,7 +20,8 @@ ECHO = (
     "s=socket.create_server(('0.0.0.0',int(sys.argv[1])))\n"
     "print('ready',flush=True)\n"
     "while True:\n"
-    "  c,_=s.accept(); d=c.recv(1024); c.sendall(d[::-1]+b'|'+c.getpeername()[0].encode()); c.close()\n"
+    "  c,_=s.accept(); d=c.recv(1024)\n"
+    "  c.sendall(d[::-1]+b'|'+c.getpeername()[0].encode()); c.close()\n"
 )
 CLIENT = (
     "import socket,sys\n"
@@ -121,7 +122,8 @@ def test_two_clusters_coexist_without_clashing() -> None:
         start_echo(c1.pod(0, 1), 8000)
         c2.pod(0, 1).python(
             "import socket\ns=socket.create_server(('0.0.0.0',8000))\n"
-            "while True:\n  c,_=s.accept(); c.recv(9); c.sendall(b'second|x'); c.close()\n")
+            "while True:\n  c,_=s.accept(); c.recv(9); c.sendall(b'second|x'); c.close()\n"
+        )
         time.sleep(0.3)
         assert talk(c1.pod(0, 0), c1.pod(0, 1).ip, 8000, "ab") == f"ba|{c1.pod(0, 0).ip}"
         assert talk(c2.pod(0, 0), c2.pod(0, 1).ip, 8000, "ab") == "second|x"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,5 +42,3 @@ def clean_policy(datapath: Datapath) -> Iterator[Datapath]:
     for cookie in list(datapath.enrolled()):
         datapath.unenroll(cookie)
     datapath.set_exclusions()
-
-

@@ -14,7 +14,7 @@ import pytest
 from peers import CLIENT, FAKE_TUNNEL, MARKED_CONNECT, SERVER
 
 from agent.datapath.datapath import Datapath
-from agent.datapath.layouts import ANY, PolicyEntry, PolicyKey
+from agent.datapath.layouts import PolicyEntry, PolicyKey
 from agent.datapath.options import ID_PLAINTEXT, MARK_MAGIC
 from agent.datapath.verdicts import Counter, EventKind, Reason, Verdict
 from agent.testbed import Cluster, Pod, PodProcess
@@ -41,9 +41,11 @@ def connect_from(pod: Pod, ip: object, port: int, payload: str = "hi") -> dict[s
 @pytest.fixture(scope="module")
 def servers(kcluster: Cluster) -> Iterator[None]:
     """Real servers in p1 (8080) and p2 (8080, 9000) that tag their replies."""
-    procs = [ready(kcluster.pod(0, 1).python(SERVER, "p1", "8080", stdout=subprocess.PIPE)),
-             ready(kcluster.pod(0, 2).python(SERVER, "p2", "8080", stdout=subprocess.PIPE)),
-             ready(kcluster.pod(0, 2).python(SERVER, "p2", "9000", stdout=subprocess.PIPE))]
+    procs = [
+        ready(kcluster.pod(0, 1).python(SERVER, "p1", "8080", stdout=subprocess.PIPE)),
+        ready(kcluster.pod(0, 2).python(SERVER, "p2", "8080", stdout=subprocess.PIPE)),
+        ready(kcluster.pod(0, 2).python(SERVER, "p2", "9000", stdout=subprocess.PIPE)),
+    ]
     yield
     for p in procs:
         p.stop()
@@ -59,7 +61,8 @@ def tunnel_a(kcluster: Cluster) -> Iterator[PodProcess]:
 
 
 def test_enrolled_connect_lands_on_the_pods_own_listener_with_original_destination(
-        kcluster: Cluster, clean_policy: Datapath, servers: None, tunnel_a: PodProcess) -> None:
+    kcluster: Cluster, clean_policy: Datapath, servers: None, tunnel_a: PodProcess
+) -> None:
     a, b = kcluster.pod(0, 0), kcluster.pod(0, 1)
     clean_policy.enroll(a.netns, A_ID, a.ip)
     before = clean_policy.counters()[Counter.CAPTURED]
@@ -72,8 +75,9 @@ def test_enrolled_connect_lands_on_the_pods_own_listener_with_original_destinati
     assert clean_policy.counters()[Counter.CAPTURED] == before + 1
 
 
-def test_unenrolled_pods_are_untouched(kcluster: Cluster, clean_policy: Datapath,
-                                       servers: None, tunnel_a: PodProcess) -> None:
+def test_unenrolled_pods_are_untouched(
+    kcluster: Cluster, clean_policy: Datapath, servers: None, tunnel_a: PodProcess
+) -> None:
     a, c, b = kcluster.pod(0, 0), kcluster.pod(0, 3), kcluster.pod(0, 1)
     clean_policy.enroll(a.netns, A_ID, a.ip)
     out = connect_from(c, b.ip, 8080, "plain")
@@ -82,7 +86,8 @@ def test_unenrolled_pods_are_untouched(kcluster: Cluster, clean_policy: Datapath
 
 
 def test_excluded_destinations_and_loopback_are_not_captured(
-        kcluster: Cluster, clean_policy: Datapath, servers: None, tunnel_a: PodProcess) -> None:
+    kcluster: Cluster, clean_policy: Datapath, servers: None, tunnel_a: PodProcess
+) -> None:
     a, b, c = kcluster.pod(0, 0), kcluster.pod(0, 1), kcluster.pod(0, 2)
     clean_policy.enroll(a.netns, A_ID, a.ip)
     clean_policy.set_exclusions(ports=[9000], cidrs=[ipaddress.IPv4Network(f"{b.ip}/32")])
@@ -92,7 +97,8 @@ def test_excluded_destinations_and_loopback_are_not_captured(
 
 
 def test_egress_deny_is_eperm_at_once_and_emits_a_deny_event(
-        kcluster: Cluster, clean_policy: Datapath, servers: None, tunnel_a: PodProcess) -> None:
+    kcluster: Cluster, clean_policy: Datapath, servers: None, tunnel_a: PodProcess
+) -> None:
     a, b = kcluster.pod(0, 0), kcluster.pod(0, 1)
     clean_policy.enroll(a.netns, A_ID, a.ip)
     events: list[object] = []
@@ -106,16 +112,22 @@ def test_egress_deny_is_eperm_at_once_and_emits_a_deny_event(
     assert len(denies) == 1
     d = denies[0]
     assert (d.dst_ip, d.dst_port, d.src_id, d.policy, d.rule, d.reason) == (  # type: ignore[attr-defined]
-        b.ip, 8080, A_ID, 7, 2, Reason.POLICY_DENY)
+        b.ip,
+        8080,
+        A_ID,
+        7,
+        2,
+        Reason.POLICY_DENY,
+    )
 
 
 def test_policy_change_is_enforced_right_after_the_update_returns(
-        kcluster: Cluster, clean_policy: Datapath, servers: None, tunnel_a: PodProcess) -> None:
+    kcluster: Cluster, clean_policy: Datapath, servers: None, tunnel_a: PodProcess
+) -> None:
     a, b = kcluster.pod(0, 0), kcluster.pod(0, 1)
     clean_policy.enroll(a.netns, A_ID, a.ip)
     deny = {PolicyKey(b.ip): PolicyEntry(Verdict.DENY, Reason.POLICY_NOT_ALLOWED)}
-    allow = {PolicyKey(b.ip, port=8080): PolicyEntry(Verdict.ALLOW, policy=1),
-             **deny}
+    allow = {PolicyKey(b.ip, port=8080): PolicyEntry(Verdict.ALLOW, policy=1), **deny}
     for _ in range(3):
         clean_policy.apply_policy(deny, {})
         assert connect_from(a, b.ip, 8080) == {"errno": "EPERM"}
@@ -124,20 +136,33 @@ def test_policy_change_is_enforced_right_after_the_update_returns(
 
 
 def test_destination_side_deny_follows_the_identity_in_the_socket_mark(
-        kcluster: Cluster, clean_policy: Datapath, servers: None) -> None:
+    kcluster: Cluster, clean_policy: Datapath, servers: None
+) -> None:
     node, b, p1 = kcluster.nodes[0], kcluster.pod(0, 2), kcluster.pod(0, 1)
     clean_policy.enroll(b.netns, B_ID, b.ip)
     world = 0  # the upstream socket is unbound: source 0.0.0.0 is in no policy CIDR
-    clean_policy.apply_policy({
-        PolicyKey(p1.ip, 55, world, 8080): PolicyEntry(Verdict.DENY, Reason.POLICY_DENY),
-        PolicyKey(p1.ip, ID_PLAINTEXT, world, ANY_PORT_): PolicyEntry(
-            Verdict.DENY, Reason.MTLS_REQUIRED),
-    }, {})
+    clean_policy.apply_policy(
+        {
+            PolicyKey(p1.ip, 55, world, 8080): PolicyEntry(Verdict.DENY, Reason.POLICY_DENY),
+            PolicyKey(p1.ip, ID_PLAINTEXT, world, ANY_PORT_): PolicyEntry(
+                Verdict.DENY, Reason.MTLS_REQUIRED
+            ),
+        },
+        {},
+    )
 
     def upstream(identity: int, port: int = 8080) -> dict[str, str]:
         mark = (identity << 12) | MARK_MAGIC
-        return run_json(node.python(MARKED_CONNECT, b.netns_path, str(p1.ip), str(port), str(mark),
-                                    stdout=subprocess.PIPE))
+        return run_json(
+            node.python(
+                MARKED_CONNECT,
+                b.netns_path,
+                str(p1.ip),
+                str(port),
+                str(mark),
+                stdout=subprocess.PIPE,
+            )
+        )
 
     assert upstream(55) == {"errno": "EPERM"}
     assert upstream(56)["reply"].startswith("p1|")  # another identity: no entry, allowed
@@ -151,16 +176,19 @@ ANY_PORT_ = 0
 def test_ipv6_from_an_enrolled_pod_fails_closed(kcluster: Cluster, clean_policy: Datapath) -> None:
     a = kcluster.pod(0, 0)
     clean_policy.enroll(a.netns, A_ID, a.ip)
-    code = ("import socket,errno\ns=socket.socket(socket.AF_INET6)\n"
-            "try:\n s.connect(('::ffff:10.251.0.11',8080)); print('connected')\n"
-            "except OSError as e: print(errno.errorcode[e.errno])")
+    code = (
+        "import socket,errno\ns=socket.socket(socket.AF_INET6)\n"
+        "try:\n s.connect(('::ffff:10.251.0.11',8080)); print('connected')\n"
+        "except OSError as e: print(errno.errorcode[e.errno])"
+    )
     out = a.python(code, stdout=subprocess.PIPE)
     assert out.popen is not None
     assert out.popen.communicate(timeout=10)[0].decode().strip() == "EPERM"
 
 
 def test_inbound_plaintext_is_steered_to_the_inbound_listener(
-        kcluster: Cluster, clean_policy: Datapath, servers: None) -> None:
+    kcluster: Cluster, clean_policy: Datapath, servers: None
+) -> None:
     b, c = kcluster.pod(0, 2), kcluster.pod(0, 3)
     clean_policy.enroll(b.netns, B_ID, b.ip)
     clean_policy.set_exclusions(ports=[9000])
@@ -186,8 +214,9 @@ def test_inbound_plaintext_is_steered_to_the_inbound_listener(
         clean_policy.remove_inbound_listener(b.ip)
 
 
-def test_flow_events_match_the_traffic(kcluster: Cluster, clean_policy: Datapath,
-                                       servers: None, tunnel_a: PodProcess) -> None:
+def test_flow_events_match_the_traffic(
+    kcluster: Cluster, clean_policy: Datapath, servers: None, tunnel_a: PodProcess
+) -> None:
     a, b = kcluster.pod(0, 0), kcluster.pod(0, 1)
     cookie = clean_policy.enroll(a.netns, A_ID, a.ip)
     events: list[object] = []
