@@ -207,6 +207,7 @@ def parse_authorization_policy(obj: object, path: FieldPath = ()) -> Authorizati
     f.check_keys(meta, mp, f.OBJECT_META_KEYS)
     name = f.string(meta, "name", mp)
     namespace = f.string(meta, "namespace", mp, default="default")
+    f.string_map(meta, "labels", mp)  # unused, but Kubernetes would reject non-string values
     annotations = f.string_map(meta, "annotations", mp)
     dry_run = False
     if DRY_RUN_ANNOTATION in annotations:

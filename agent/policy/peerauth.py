@@ -70,6 +70,7 @@ def parse_peer_authentication(obj: object, path: FieldPath = ()) -> PeerAuthenti
     f.check_keys(meta, mp, f.OBJECT_META_KEYS)
     name = f.string(meta, "name", mp)
     namespace = f.string(meta, "namespace", mp, default="default")
+    f.string_map(meta, "labels", mp)  # unused, but Kubernetes would reject non-string values
     created = meta.get("creationTimestamp") or ""
     sp = (*path, "spec")
     spec = f.optional_mapping(doc, "spec", path)
