@@ -158,6 +158,8 @@ def test_cleanup_removes_leftovers_of_a_crashed_run() -> None:
         if owner.poll() is None:
             owner.kill()
             owner.wait()
+        assert owner.stdout is not None
+        owner.stdout.close()
         registry.teardown_run(run_id) if "run_id" in dir() and run_id else None
     after = listing()
     assert after["netns"] == before["netns"]
