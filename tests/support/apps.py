@@ -8,7 +8,10 @@ bytes with MARKER every 4 KiB, so a packet capture of plaintext would find it.
 Roles:
   server PORT SIZE           serve transfers forever (prints "ready", then "peer <ip>" for
                              every connection: what the app sees as its client address)
+                             and the mark its accepted socket inherited
   client HOST PORT SIZE N    N concurrent transfers; prints one JSON line with the results
+  capture IFACE              raw AF_PACKET capture until stdin closes; prints JSON counts of
+                             bytes, frames, frames to/from port 15008 and frames with MARKER
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import asyncio
 import hashlib
 import json
 import random
+import socket
 import sys
 
 MARKER = b"NODEMESH-PLAINTEXT-MARKER-7f3a"
@@ -45,7 +49,8 @@ async def serve(port: int, size: int) -> None:
     SERVER_DATA[size] = payload(0, size)
     async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         peer = w.get_extra_info("peername")
-        print(f"peer {peer[0]}", flush=True)
+        mark = w.get_extra_info("socket").getsockopt(socket.SOL_SOCKET, socket.SO_MARK)
+        print(f"peer {peer[0]} mark {mark}", flush=True)
         try:
             sender = asyncio.create_task(_send_all(w, SERVER_DATA[size]))
             h = hashlib.sha256()
@@ -98,12 +103,42 @@ async def clients(host: str, port: int, size: int, n: int) -> None:
     print(json.dumps({"ok": n - len(errors), "errors": errors[:10]}), flush=True)
 
 
+def capture(iface: str) -> None:
+    import select
+    import struct
+
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))  # ETH_P_ALL
+    s.setsockopt(socket.SOL_SOCKET, 33, 64 << 20)  # SO_RCVBUFFORCE: keep up with bursts
+    s.bind((iface, 0))
+    print("ready", flush=True)
+    counts = {"bytes": 0, "frames": 0, "hbone_frames": 0, "marker_frames": 0}
+    buf = bytearray(1 << 17)
+    while True:
+        ready, _, _ = select.select([s, sys.stdin], [], [])
+        if sys.stdin in ready:
+            break
+        n = s.recv_into(buf)
+        frame = bytes(buf[:n])
+        counts["bytes"] += n
+        counts["frames"] += 1
+        if MARKER in frame:
+            counts["marker_frames"] += 1
+        if n >= 14 + 20 + 4 and frame[12:14] == b"\x08\x00" and frame[23] == 6:
+            ihl = (frame[14] & 0x0F) * 4
+            sport, dport = struct.unpack_from("!HH", frame, 14 + ihl)
+            if 15008 in (sport, dport):
+                counts["hbone_frames"] += 1
+    print(json.dumps(counts), flush=True)
+
+
 def main() -> None:
     role = sys.argv[1]
     if role == "server":
         asyncio.run(serve(int(sys.argv[2]), int(sys.argv[3])))
     elif role == "client":
         asyncio.run(clients(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])))
+    elif role == "capture":
+        capture(sys.argv[2])
     else:
         raise SystemExit(f"unknown role {role}")
 

@@ -88,6 +88,18 @@ class Mesh:
         """What SO_ORIGINAL_DST answers for connections from `src` to 127.0.0.1:15001."""
         self.routes[src.cookie()] = (dst_ip, port)
 
+    def wait_until(self, cond: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+        """Poll a condition evaluated on the tunnel loop (events arrive asynchronously)."""
+        import time
+
+        end = time.monotonic() + timeout
+        while not self.loop.call(cond):
+            assert time.monotonic() < end, f"gave up waiting for {what}"
+            time.sleep(0.02)
+
+    def closed_events(self, direction: Any) -> list[ConnectionEvent]:
+        return [e for e in self.events if e.phase == "close" and e.direction is direction]
+
     def tunnel_of(self, pod: Pod) -> Tunnel:
         return self.tunnels[pod.node_index]
 
@@ -109,6 +121,43 @@ class Mesh:
         out, _ = proc.popen.communicate(timeout=timeout)
         result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
         return result
+
+
+def read_peers(server: PodProcess, n: int) -> list[tuple[str, int]]:
+    """The next n (client address, inherited mark) lines the server app printed."""
+    assert server.popen is not None and server.popen.stdout is not None
+    out = []
+    for _ in range(n):
+        parts = server.popen.stdout.readline().decode().split()
+        assert parts and parts[0] == "peer", f"unexpected server output {parts!r}"
+        out.append((parts[1], int(parts[3])))
+    return out
+
+
+def unread_output(proc: PodProcess) -> bytes:
+    """Stop the process and return what it printed that nobody read yet."""
+    assert proc.popen is not None and proc.popen.stdout is not None
+    proc.popen.terminate()
+    out, _ = proc.popen.communicate(timeout=10)
+    return out
+
+
+class Capture:
+    """A raw packet capture on a node's eth0 (a process in the node's netns)."""
+
+    def __init__(self, place: Any, iface: str = "eth0") -> None:
+        self.proc = place.spawn([sys.executable, APPS, "capture", iface],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert self.proc.popen is not None and self.proc.popen.stdout is not None
+        assert self.proc.popen.stdout.readline().strip() == b"ready"
+
+    def finish(self) -> dict[str, int]:
+        import json
+
+        assert self.proc.popen is not None
+        out, _ = self.proc.popen.communicate(input=b"stop\n", timeout=30)
+        counts: dict[str, int] = json.loads(out.decode().strip().splitlines()[-1])
+        return counts
 
 
 def _original_dst_from(routes: dict[int, tuple[str, int]]) -> Callable[[socket.socket], Any]:
