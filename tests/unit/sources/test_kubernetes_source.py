@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import logging
 import re
+import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -436,5 +438,43 @@ contexts:
             async with running(server, config) as (source, _):
                 await source.wait_synced()
                 assert set(source.cache("pods")) == {"ns1/a1"}
+
+    run(body())
+
+
+def test_command_line_prints_what_the_source_delivers(tmp_path: Path) -> None:
+    tls = make_tls(tmp_path)
+
+    async def body() -> None:
+        async with ApiServer(token="kc-token", tls=tls.server_context) as server, Kubectl(
+            server, tls.client_context()
+        ) as k:
+            await seed(k)
+            kubeconfig = tmp_path / "config"
+            kubeconfig.write_text(json.dumps({
+                "current-context": "t",
+                "clusters": [{"name": "c", "cluster": {"server": server.url,
+                                                       "certificate-authority": "ca.crt"}}],
+                "users": [{"name": "u", "user": {"token": "kc-token"}}],
+                "contexts": [{"name": "t", "context": {"cluster": "c", "user": "u"}}],
+            }))
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "agent.sources.kube", "--kubeconfig", str(kubeconfig),
+                "--node", NODE, "--resources", f"pods,{APS}",
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+            try:
+                assert proc.stdout is not None
+                lines = []
+                while not lines or lines[-1] != {"synced": True}:
+                    lines.append(json.loads(await proc.stdout.readline()))
+                assert {(x["resource"], x["name"]) for x in lines[:-1]} == {
+                    ("pods", "a1"), (APS, "p1")}
+                await k.authorization_policy("ns1", "p2", {"action": "DENY"})
+                line = json.loads(await proc.stdout.readline())
+                assert (line["resource"], line["type"], line["name"]) == (APS, "ADDED", "p2")
+            finally:
+                if proc.returncode is None:
+                    proc.terminate()
+                await proc.wait()
 
     run(body())
