@@ -60,11 +60,15 @@ def set_mark(sock: socket.socket, mark: int) -> None:
 
 def prepare_pod_netns(target: str | Path) -> None:
     """Idempotently set up the return path for spoofed-source upstream connections."""
+    # tcp_fwmark_accept: the app's accepted socket inherits our SYN's mark. fwmark_reflect: the
+    # kernel's own replies (RST for a closed port, ICMP) carry it too, so a refused upstream
+    # connect fails at once instead of its RST being routed away to the spoofed client address.
     with netns.entered(target):
-        try:
-            Path("/proc/sys/net/ipv4/tcp_fwmark_accept").write_text("1\n", encoding="ascii")
-        except OSError as exc:
-            raise PodNetError(exc.errno, f"cannot set tcp_fwmark_accept in {target}: {exc}") from exc
+        for key in ("tcp_fwmark_accept", "fwmark_reflect"):
+            try:
+                Path(f"/proc/sys/net/ipv4/{key}").write_text("1\n", encoding="ascii")
+            except OSError as exc:
+                raise PodNetError(exc.errno, f"cannot set net.ipv4.{key} in {target}: {exc}") from exc
     path = str(netns.path_of(str(target))) if "/" not in str(target) else str(target)
     with IPRoute(netns=path) as ipr:
         try:

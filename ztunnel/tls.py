@@ -35,7 +35,7 @@ class CertificateSource(Protocol):
         ...
 
 
-class PeerIdentityError(ssl.SSLError):
+class PeerIdentityError(ConnectionError):
     """The peer's certificate verified but names the wrong identity or trust domain."""
 
 
@@ -148,4 +148,7 @@ def describe_handshake_error(exc: BaseException) -> str:
             "CERTIFICATE_VERIFY_FAILED": "the peer certificate did not verify against the trust bundle",
         }
         return f"TLS error {reason}: {hints.get(str(reason), 'see the peer logs')}"
+    if isinstance(exc, ConnectionResetError):
+        return ("the peer reset the connection during the TLS handshake: it probably rejected "
+                "our certificate (see its logs)")
     return f"{type(exc).__name__}: {exc}"
