@@ -568,7 +568,7 @@ class ApiServer:
         since: int | None = None
         if rv_text not in (None, "", "0"):
             try:
-                since = int(rv_text)  # type: ignore[arg-type]  # None excluded just above
+                since = int(rv_text)
             except ValueError:
                 raise ApiError(400, "BadRequest",
                                f"invalid resourceVersion {rv_text!r}") from None
