@@ -202,6 +202,7 @@ class KubernetesSource:
                 # 410 straight after a fresh list: the server is unwell, do not spin.
                 await self._pause(r, e)
             except AuthError as e:
+                self.metrics.watch_restarts.labels(name, "error").inc()
                 if self.config.credentials is not None:
                     self.config.credentials.invalidate()  # a rotated token is picked up next
                 await self._pause(r, e, level=logging.ERROR)
