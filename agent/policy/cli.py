@@ -148,7 +148,8 @@ def _print(r: dict[str, object]) -> None:
         ("destination", f"{dst['workload']} {dst['ip']} port {dst['port']} "
                         f"(PeerAuthentication mode {dst['mtls_mode']})"),
         ("decided by", "default (no policy decided)" if r["policy"] is None
-         else f"{r['policy_kind']} {r['policy']}" + (f" rule {r['rule']}" if r["rule"] is not None else "")),
+         else f"{r['policy_kind']} {r['policy']}"
+         + (f" rule {r['rule']}" if r["rule"] is not None else "")),
         ("reason", str(r["reason"])),
     ]
     pols = r["applicable_policies"]

@@ -94,7 +94,10 @@ def _documents(text: str, name: str) -> Iterator[_Document]:
                 continue
             data = loader.construct_document(node)
             lines: dict[FieldPath, int] = {}
-            _walk(node, data, (), lines, name)
+            try:
+                _walk(node, data, (), lines, name)
+            except FieldError as e:
+                raise ConfigError(str(e)) from e
             yield _Document(data, lines, node.start_mark.line + 1)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
