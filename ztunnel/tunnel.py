@@ -173,6 +173,11 @@ class Tunnel:
             s.close()
         log.info("pod %s removed: listeners closed", pod.spec.name or uid)
 
+    def listening(self, uid: str) -> bool:
+        """Whether the pod's listeners are open (False once removed or draining)."""
+        pod = self._pods.get(uid)
+        return bool(pod and pod.listeners)
+
     @property
     def pods(self) -> list[PodSpec]:
         return [p.spec for p in self._pods.values()]
