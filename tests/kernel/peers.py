@@ -76,3 +76,32 @@ try:
 except OSError as e:
     print(json.dumps({"errno": errno.errorcode.get(e.errno, str(e.errno))}))
 """
+
+# Runs batches of upstream-style connects for the differential test: each case is
+# [mark, source ip, destination ip, port]; the socket is bound transparently to the source ip,
+# connects without blocking, and reports EPERM (kernel deny) or OK. Lines in, lines out.
+CONNECT_BATCH = """
+import errno, json, socket, sys
+from agent.host import netns
+ns = sys.argv[1]
+print("ready", flush=True)
+for line in sys.stdin:
+    out = []
+    for mark, src, dst, port in json.loads(line):
+        with netns.entered(ns):
+            s = socket.socket()
+        s.setsockopt(socket.SOL_IP, 19, 1)  # IP_TRANSPARENT: bind any source address
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        s.bind((src, 0))
+        s.setblocking(False)
+        try:
+            s.connect((dst, port))
+            out.append("OK")
+        except BlockingIOError:
+            out.append("OK")
+        except PermissionError:
+            out.append("EPERM")
+        finally:
+            s.close()
+    print(json.dumps(out), flush=True)
+"""
