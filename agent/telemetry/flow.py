@@ -286,7 +286,8 @@ def _check_types(data: dict[str, Any]) -> None:
 
 def rfc3339(t: datetime) -> str:
     """UTC with microseconds and a Z suffix, e.g. 2025-01-02T03:04:05.000006Z."""
-    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # isoformat, not strftime: %Y does not zero-pad years before 1000 on every libc.
+    return t.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def parse_rfc3339(s: str) -> datetime:

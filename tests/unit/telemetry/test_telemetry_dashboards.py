@@ -109,7 +109,7 @@ def test_dashboard_is_grafana_json_with_datasource_refs() -> None:
     for p in d["panels"]:
         assert p["type"] in PANEL_TYPES, p["title"]
         g = p["gridPos"]
-        assert 0 <= g["x"] and g["w"] > 0 and g["x"] + g["w"] <= 24 and g["h"] > 0, p["title"]
+        assert g["x"] >= 0 and g["w"] > 0 and g["x"] + g["w"] <= 24 and g["h"] > 0, p["title"]
         mine = {(x, y) for x in range(g["x"], g["x"] + g["w"])
                 for y in range(g["y"], g["y"] + g["h"])}
         assert not mine & cells, f"panel {p['title']!r} overlaps another"
