@@ -40,7 +40,8 @@ PORTS = [80, 443, 8080, 9000]
 CIDRS = ["10.251.0.0/16", "10.251.0.0/24", "10.251.0.128/25", "10.250.0.0/24", "10.251.0.7/32"]
 SOURCES = ["10.251.0.5", "10.251.0.7", "10.251.0.200", "10.251.1.9", "10.250.0.3", "10.252.0.1"]
 IDENTITIES = [Identity("cluster.local", ns, sa) for ns in NAMESPACES for sa in ACCOUNTS] + [
-    Identity("other.td", "a", "s1")]
+    Identity("other.td", "a", "s1")
+]
 WORKLOADS = [
     Workload("w0", "a", "s1", (ipaddress.IPv4Address("10.251.0.201"),), labels={"app": "w0"}),
     Workload("w1", "a", "s2", (ipaddress.IPv4Address("10.251.0.202"),), labels={"app": "w1"}),
@@ -71,19 +72,31 @@ def _rule(r: random.Random) -> dict[str, Any]:
     if r.random() < 0.7:
         rule["from"] = [{"source": _source(r)} for _ in range(r.randint(1, 2))]
     if r.random() < 0.5:
-        op: dict[str, Any] = {"ports" if r.random() < 0.7 else "notPorts":
-                              [str(p) for p in r.sample(PORTS, r.randint(1, 2))]}
+        op: dict[str, Any] = {
+            "ports" if r.random() < 0.7 else "notPorts": [
+                str(p) for p in r.sample(PORTS, r.randint(1, 2))
+            ]
+        }
         if r.random() < 0.1:
             op["methods"] = ["GET"]  # L7: ALLOW never matches, DENY drops it (fail closed)
         rule["to"] = [{"operation": op}]
     if r.random() < 0.3:
-        key = r.choice(["source.ip", "source.namespace", "source.principal", "destination.port",
-                        "destination.ip"])
-        values = {"source.ip": lambda: r.sample(CIDRS + SOURCES, 2),
-                  "source.namespace": lambda: [r.choice(NAMESPACES)],
-                  "source.principal": lambda: [_principal(r)],
-                  "destination.port": lambda: [str(r.choice(PORTS))],
-                  "destination.ip": lambda: [str(r.choice(WORKLOADS).ips[0])]}[key]()
+        key = r.choice(
+            [
+                "source.ip",
+                "source.namespace",
+                "source.principal",
+                "destination.port",
+                "destination.ip",
+            ]
+        )
+        values = {
+            "source.ip": lambda: r.sample(CIDRS + SOURCES, 2),
+            "source.namespace": lambda: [r.choice(NAMESPACES)],
+            "source.principal": lambda: [_principal(r)],
+            "destination.port": lambda: [str(r.choice(PORTS))],
+            "destination.ip": lambda: [str(r.choice(WORKLOADS).ips[0])],
+        }[key]()
         rule["when"] = [{"key": key, "values" if r.random() < 0.7 else "notValues": values}]
     return rule
 
@@ -101,20 +114,35 @@ def random_policies(r: random.Random) -> PolicySet:
         rules = [_rule(r) for _ in range(r.randint(0, 2))]
         if rules or r.random() < 0.5:
             spec["rules"] = rules
-        authz.append(parse_authorization_policy({
-            "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
-            "metadata": meta, "spec": spec}))
+        authz.append(
+            parse_authorization_policy(
+                {
+                    "apiVersion": "security.istio.io/v1",
+                    "kind": "AuthorizationPolicy",
+                    "metadata": meta,
+                    "spec": spec,
+                }
+            )
+        )
     peer = []
     if r.random() < 0.5:
         ns = r.choice([*NAMESPACES, "istio-system"])
         spec = {"mtls": {"mode": r.choice(["STRICT", "PERMISSIVE"])}}
         if r.random() < 0.5 and ns != "istio-system":
             spec["selector"] = {"matchLabels": {"app": r.choice(WORKLOADS).name}}
-            spec["portLevelMtls"] = {str(r.choice(PORTS)): {
-                "mode": r.choice(["STRICT", "PERMISSIVE", "DISABLE"])}}
-        peer.append(parse_peer_authentication({
-            "apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
-            "metadata": {"name": "pa", "namespace": ns}, "spec": spec}))
+            spec["portLevelMtls"] = {
+                str(r.choice(PORTS)): {"mode": r.choice(["STRICT", "PERMISSIVE", "DISABLE"])}
+            }
+        peer.append(
+            parse_peer_authentication(
+                {
+                    "apiVersion": "security.istio.io/v1",
+                    "kind": "PeerAuthentication",
+                    "metadata": {"name": "pa", "namespace": ns},
+                    "spec": spec,
+                }
+            )
+        )
     return PolicySet(tuple(authz), tuple(peer))
 
 
@@ -122,8 +150,9 @@ def random_policies(r: random.Random) -> PolicySet:
 def batcher(kcluster: Cluster, clean_policy: Datapath) -> Iterator[PodProcess]:
     pod = kcluster.pod(0, 0)
     clean_policy.enroll(pod.netns, 99, pod.ip)
-    proc = kcluster.nodes[0].python(CONNECT_BATCH, pod.netns_path, stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, text=True)
+    proc = kcluster.nodes[0].python(
+        CONNECT_BATCH, pod.netns_path, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     assert proc.popen is not None and proc.popen.stdout is not None
     assert proc.popen.stdout.readline().strip() == "ready"
     yield proc
@@ -131,7 +160,8 @@ def batcher(kcluster: Cluster, clean_policy: Datapath) -> Iterator[PodProcess]:
 
 
 def test_kernel_verdict_equals_reference_on_2000_random_cases(
-        clean_policy: Datapath, batcher: PodProcess) -> None:
+    clean_policy: Datapath, batcher: PodProcess
+) -> None:
     rng = random.Random(SEED)
     table = IdentityTable()
     for ident in IDENTITIES:
@@ -159,8 +189,10 @@ def test_kernel_verdict_equals_reference_on_2000_random_cases(
             verdicts_seen.add(want)
             checked += 1
             if got != want:
-                mismatches.append(f"set {set_index}: {ident} {src}->{dst.ref}:{port}: kernel {got},"
-                                  f" reference {want} ({ref.reason})")
+                mismatches.append(
+                    f"set {set_index}: {ident} {src}->{dst.ref}:{port}: kernel {got},"
+                    f" reference {want} ({ref.reason})"
+                )
     assert checked == SETS * CASES_PER_SET >= 2000
     assert verdicts_seen == {"OK", "EPERM"}  # both outcomes exercised
     assert not mismatches, "\n".join(mismatches[:20])
