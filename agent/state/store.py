@@ -11,6 +11,7 @@ import logging
 import threading
 from collections.abc import Callable
 
+from agent.identity.spiffe import Identity
 from agent.state.snapshot import KINDS, MeshObject, MeshState
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,10 @@ class StateStore:
     @property
     def current(self) -> MeshState:
         return self._state
+
+    def identities_on_node(self, node: str) -> set[Identity]:
+        """The CA's WorkloadLocator, answered from the state current at each call."""
+        return self._state.identities_on_node(node)
 
     def subscribe(self, callback: Subscriber) -> Callable[[], None]:
         """Call `callback(old, new)` after every change; returns a function that unsubscribes."""

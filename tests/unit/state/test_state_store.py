@@ -91,8 +91,10 @@ def test_store_replace_upsert_delete_notify() -> None:
     seen: list[tuple[MeshState, MeshState]] = []
     unsubscribe = store.subscribe(lambda old, new: seen.append((old, new)))
     first = state()
+    assert store.identities_on_node("node0") == set()
     store.replace(first)
     assert store.current is first and seen[-1][1] is first
+    assert store.identities_on_node("node0") == first.identities_on_node("node0") != set()
     store.upsert(Namespace("tools"))
     assert store.current.namespace("tools") is not None and seen[-1][0] is first
     store.delete("Workload", key_of(FE))
