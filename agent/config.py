@@ -1,0 +1,179 @@
+"""Agent configuration: every setting, its default, its environment variable, and its flag.
+
+Reading the environment and flags is separate from the pure builder (`build`), and the result is
+what the admin endpoint /config_dump shows. The DaemonSet manifests are checked against SETTINGS
+by a test, so a flag or variable they pass always exists here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_NODE_NAME = "node0"
+DEFAULT_TRUST_DOMAIN = "cluster.local"
+DEFAULT_ROOT_NAMESPACE = "istio-system"
+DEFAULT_PIN_ROOT = Path("/sys/fs/bpf/nodemesh")
+DEFAULT_ADMIN_ADDR = "127.0.0.1:15000"
+DEFAULT_METRICS_ADDR = "0.0.0.0:15020"
+DEFAULT_READINESS_ADDR = "0.0.0.0:15021"
+DEFAULT_CA_ADDR = ""  # empty: run the embedded CA in process
+DEFAULT_CERT_TTL_SECONDS = 24 * 3600
+DEFAULT_DRAIN_SECONDS = 5.0
+DEFAULT_POLICY_SOURCE = "file"
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str  # attribute of Config
+    env: str
+    flag: str
+    help: str
+    kind: type = str
+    multiple: bool = False
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("node_name", "NODE_NAME", "--node-name", "this node's name (pods on it are enrolled)"),
+    Setting("source", "NODEMESH_SOURCE", "--source", "where state comes from: file or kubernetes"),
+    Setting("config_path", "NODEMESH_CONFIG", "--config",
+            "mesh YAML file or directory (file source)"),
+    Setting("kubeconfig", "KUBECONFIG", "--kubeconfig", "kubeconfig (kubernetes source, outside "
+            "a cluster)"),
+    Setting("cgroup_root", "NODEMESH_CGROUP_ROOT", "--cgroup-root",
+            "cgroup v2 directory the programs attach to (default: the cgroup2 mount)"),
+    Setting("pin_dir", "NODEMESH_PIN_DIR", "--pin-dir", "bpffs directory for pinned maps/links"),
+    Setting("trust_domain", "TRUST_DOMAIN", "--trust-domain", "SPIFFE trust domain"),
+    Setting("root_namespace", "ROOT_NAMESPACE", "--root-namespace",
+            "namespace whose policies apply mesh-wide"),
+    Setting("ca_address", "CA_ADDRESS", "--ca-address",
+            "Istio-compatible CA (host:port); empty runs the embedded CA"),
+    Setting("ca_root_cert", "CA_ROOT_CERT", "--ca-root-cert", "trust anchor of the CA"),
+    Setting("ca_token_path", "CA_TOKEN_PATH", "--ca-token", "bearer token file for the CA"),
+    Setting("cert_ttl_seconds", "SECRET_TTL", "--cert-ttl", "workload certificate TTL, seconds",
+            int),
+    Setting("admin_addr", "ADMIN_ADDR", "--admin-addr", "admin endpoint (localhost only)"),
+    Setting("metrics_addr", "METRICS_ADDR", "--metrics-addr", "Prometheus endpoint"),
+    Setting("readiness_addr", "READINESS_ADDR", "--readiness-addr", "/healthz/ready endpoint"),
+    Setting("flow_log", "NODEMESH_FLOW_LOG", "--flow-log", "JSON-lines flow log file"),
+    Setting("audit_log", "NODEMESH_AUDIT_LOG", "--audit-log", "audit log file (denies, auth "
+            "failures)"),
+    Setting("exclude_ports", "NODEMESH_EXCLUDE_PORTS", "--exclude-port",
+            "destination port never captured (repeatable; env: comma list)", int, True),
+    Setting("exclude_cidrs", "NODEMESH_EXCLUDE_CIDRS", "--exclude-cidr",
+            "destination CIDR never captured (repeatable; env: comma list)", str, True),
+    Setting("drain_seconds", "NODEMESH_DRAIN_SECONDS", "--drain-seconds",
+            "graceful drain on SIGTERM, seconds", float),
+)
+
+
+class ConfigError(ValueError):
+    """A setting has an invalid value; the message names the setting and its source."""
+
+
+@dataclass(frozen=True)
+class Config:
+    node_name: str = DEFAULT_NODE_NAME
+    source: str = DEFAULT_POLICY_SOURCE
+    config_path: Path | None = None
+    kubeconfig: Path | None = None
+    cgroup_root: Path | None = None
+    pin_dir: Path = DEFAULT_PIN_ROOT / "default"
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+    root_namespace: str = DEFAULT_ROOT_NAMESPACE
+    ca_address: str = DEFAULT_CA_ADDR
+    ca_root_cert: Path | None = None
+    ca_token_path: Path | None = None
+    cert_ttl_seconds: int = DEFAULT_CERT_TTL_SECONDS
+    admin_addr: str = DEFAULT_ADMIN_ADDR
+    metrics_addr: str = DEFAULT_METRICS_ADDR
+    readiness_addr: str = DEFAULT_READINESS_ADDR
+    flow_log: Path | None = None
+    audit_log: Path | None = None
+    exclude_ports: tuple[int, ...] = ()
+    exclude_cidrs: tuple[ipaddress.IPv4Network, ...] = ()
+    drain_seconds: float = DEFAULT_DRAIN_SECONDS
+    origins: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+    def dump(self) -> dict[str, Any]:
+        """JSON-friendly view for /config_dump (where each value came from included)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name == "origins":
+                continue
+            v = getattr(self, f.name)
+            out[f.name] = [str(x) for x in v] if isinstance(v, tuple) else (
+                str(v) if isinstance(v, Path) else v)
+        out["origins"] = dict(self.origins)
+        return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for s in SETTINGS:
+        kw: dict[str, Any] = {"dest": s.name, "help": f"{s.help} [env {s.env}]", "default": None}
+        if s.multiple:
+            kw["action"] = "append"
+        parser.add_argument(s.flag, **kw)
+
+
+def _convert(s: Setting, raw: object, origin: str) -> object:
+    try:
+        if s.multiple:
+            items = raw if isinstance(raw, list) else [x for x in str(raw).split(",") if x.strip()]
+            if s.name == "exclude_cidrs":
+                return tuple(ipaddress.IPv4Network(str(x).strip()) for x in items)
+            return tuple(s.kind(str(x).strip()) for x in items)
+        default = Config.__dataclass_fields__[s.name].default
+        if isinstance(default, Path) or s.name.endswith(("_path", "_root", "_dir", "_log",
+                                                         "_cert", "kubeconfig")):
+            return Path(str(raw))
+        return s.kind(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{s.name} from {origin}: invalid value {raw!r}: {exc}") from exc
+
+
+def build(env: Mapping[str, str], flags: Mapping[str, object] | None = None) -> Config:
+    """Pure: defaults, then environment, then flags (highest)."""
+    values: dict[str, object] = {}
+    origins: dict[str, str] = {}
+    for s in SETTINGS:
+        if s.env in env and env[s.env] != "":
+            values[s.name] = _convert(s, env[s.env], f"env {s.env}")
+            origins[s.name] = f"env {s.env}"
+        flag_value = (flags or {}).get(s.name)
+        if flag_value is not None:
+            values[s.name] = _convert(s, flag_value, f"flag {s.flag}")
+            origins[s.name] = f"flag {s.flag}"
+    cfg = Config(**values, origins=origins)  # type: ignore[arg-type]  # values typed by _convert
+    if cfg.source not in ("file", "kubernetes"):
+        raise ConfigError(f"source: {cfg.source!r} is not one of file, kubernetes")
+    if cfg.source == "file" and cfg.config_path is None:
+        raise ConfigError("source file needs --config (or NODEMESH_CONFIG): the mesh YAML")
+    if not cfg.admin_addr.startswith(("127.", "localhost", "[::1]")):
+        raise ConfigError(f"admin_addr {cfg.admin_addr}: the admin endpoint is localhost only")
+    return cfg
+
+
+def from_environment(args: argparse.Namespace | None = None,
+                     env: Mapping[str, str] | None = None) -> Config:
+    flags = {s.name: getattr(args, s.name, None) for s in SETTINGS} if args else {}
+    return build(os.environ if env is None else env, flags)
+
+
+def parse_addr(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def flags_of(settings: Sequence[Setting] = SETTINGS) -> set[str]:
+    return {s.flag for s in settings}
+
+
+def envs_of(settings: Sequence[Setting] = SETTINGS) -> set[str]:
+    return {s.env for s in settings}
