@@ -1,0 +1,204 @@
+"""The sans-IO HBONE core: a client and a server Core wired back to back, no sockets."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from ztunnel import hbone
+from ztunnel.hbone import Core
+
+MIB = 1 << 20
+HEADERS = [(":method", "CONNECT"), (":authority", "10.0.0.2:8080"),
+           ("forwarded", 'for="10.0.0.1:4000"'),
+           ("traceparent", "00-" + "a" * 32 + "-" + "b" * 16 + "-00")]
+
+
+def pump(client: Core, server: Core) -> tuple[list[hbone.Event], list[hbone.Event]]:
+    """Move bytes both ways until quiet; return (client events, server events)."""
+    ce: list[hbone.Event] = []
+    se: list[hbone.Event] = []
+    while True:
+        to_server, to_client = client.outbound(), server.outbound()
+        if not to_server and not to_client:
+            return ce, se
+        if to_server:
+            se += server.receive(to_server)
+        if to_client:
+            ce += client.receive(to_client)
+
+
+def of(events: list[hbone.Event], kind: type[hbone.Event]) -> list[hbone.Event]:
+    return [e for e in events if isinstance(e, kind)]
+
+
+def data_len(events: list[hbone.Event]) -> int:
+    return sum(len(e.data) for e in events if isinstance(e, hbone.Data))
+
+
+def connected() -> tuple[Core, Core]:
+    client = Core(client=True, settings=hbone.Settings(max_concurrent_streams=100))
+    server = Core(client=False)
+    client.start()
+    server.start()
+    ce, se = pump(client, server)
+    assert of(ce, hbone.SettingsReceived) and of(se, hbone.SettingsReceived)
+    return client, server
+
+
+def tunnel(client: Core, server: Core) -> int:
+    sid = client.open_stream(HEADERS)
+    ce, se = pump(client, server)
+    (req,) = of(se, hbone.Request)
+    assert isinstance(req, hbone.Request)
+    server.respond(req.stream_id, 200)
+    ce, _ = pump(client, server)
+    (resp,) = of(ce, hbone.Response)
+    assert isinstance(resp, hbone.Response) and resp.status == 200
+    return sid
+
+
+def test_settings_are_ztunnels() -> None:
+    client, server = connected()
+    assert client.peer_max_streams == 200  # the server's advertised limit
+    assert server.peer_max_streams == 100
+    sid = tunnel(client, server)
+    assert client._h2.local_flow_control_window(sid) == 4 * MIB
+    assert client._h2.outbound_flow_control_window == 16 * MIB
+    assert client._h2.max_outbound_frame_size == MIB
+
+
+def test_request_reaches_server_with_headers() -> None:
+    client, server = connected()
+    client.open_stream(HEADERS)
+    _, se = pump(client, server)
+    (req,) = of(se, hbone.Request)
+    assert isinstance(req, hbone.Request)
+    assert req.headers[":method"] == "CONNECT"
+    assert req.headers[":authority"] == "10.0.0.2:8080"
+    assert req.headers["forwarded"] == 'for="10.0.0.1:4000"'
+
+
+def test_flow_control_is_end_to_end() -> None:
+    client, server = connected()
+    sid = tunnel(client, server)
+    payload = os.urandom(10 * MIB)
+    # More than the stream window: back-pressure, the rest waits in the core.
+    assert client.send(sid, payload) is False
+    assert client.buffered(sid) > 0
+    _, se = pump(client, server)
+    got = [e for e in se if isinstance(e, hbone.Data)]
+    # Nothing acknowledged yet: the peer may send one stream window and no more.
+    assert data_len(se) == 4 * MIB
+    assert all(len(e.data) <= MIB for e in got)  # frames capped at the peer's max frame size
+    received = b"".join(e.data for e in got)
+    writable = False
+    while client.buffered(sid):
+        server.consumed(sid, data_len(se))  # the plain side wrote it all onward
+        ce, se = pump(client, server)
+        writable = writable or bool(of(ce, hbone.Writable))
+        received += b"".join(e.data for e in se if isinstance(e, hbone.Data))
+    server.consumed(sid, data_len(se))
+    _, se = pump(client, server)
+    received += b"".join(e.data for e in se if isinstance(e, hbone.Data))
+    assert writable
+    assert received == payload
+
+
+def test_unacknowledged_data_on_one_stream_does_not_block_another() -> None:
+    client, server = connected()
+    slow, fast = tunnel(client, server), tunnel(client, server)
+    client.send(slow, os.urandom(6 * MIB))
+    pump(client, server)  # slow's window is full and never acknowledged
+    assert client.send(fast, b"x" * 100_000) is True
+    _, se = pump(client, server)
+    assert sum(len(e.data) for e in se if isinstance(e, hbone.Data) and e.stream_id == fast) == 100_000
+
+
+def test_half_close_both_ways() -> None:
+    client, server = connected()
+    sid = tunnel(client, server)
+    client.send(sid, b"request")
+    client.end(sid)
+    ce, se = pump(client, server)
+    assert [type(e) for e in se] == [hbone.Data, hbone.End]
+    # The other direction still flows after the client's END_STREAM.
+    assert server.send(sid, b"response") is True
+    ce, se = pump(client, server)
+    assert [e.data for e in ce if isinstance(e, hbone.Data)] == [b"response"]
+    events = server.end(sid)
+    assert of(events, hbone.Closed)
+    ce, _ = pump(client, server)
+    assert [type(e) for e in ce] == [hbone.End, hbone.Closed]
+    assert client.open_streams == 0 and server.open_streams == 0
+
+
+def test_end_waits_for_buffered_data() -> None:
+    client, server = connected()
+    sid = tunnel(client, server)
+    payload = os.urandom(5 * MIB)
+    client.send(sid, payload)
+    client.end(sid)
+    _, se = pump(client, server)
+    assert not of(se, hbone.End)  # data still queued behind the window
+    got = data_len(se)
+    while not of(se, hbone.End):
+        server.consumed(sid, got)
+        _, se = pump(client, server)
+        got = data_len(se)
+    assert of(se, hbone.End)
+
+
+def test_reset_is_per_stream() -> None:
+    client, server = connected()
+    doomed, other = tunnel(client, server), tunnel(client, server)
+    assert of(client.reset(doomed), hbone.Closed)
+    _, se = pump(client, server)
+    assert [(type(e), e.stream_id) for e in se] == [(hbone.Reset, doomed), (hbone.Closed, doomed)]
+    client.send(other, b"still fine")
+    _, se = pump(client, server)
+    assert [e.data for e in se if isinstance(e, hbone.Data)] == [b"still fine"]
+    assert client.open_streams == 1 and server.open_streams == 1
+
+
+def test_error_status_ends_the_stream() -> None:
+    client, server = connected()
+    sid = client.open_stream(HEADERS)
+    _, se = pump(client, server)
+    server.respond(sid, 401)
+    assert not server.has_stream(sid)
+    ce, _ = pump(client, server)
+    resp = of(ce, hbone.Response)
+    assert isinstance(resp[0], hbone.Response) and resp[0].status == 401
+    assert of(ce, hbone.End)
+
+
+def test_protocol_garbage_fails_the_connection_with_goaway() -> None:
+    _, server = connected()
+    events = server.receive(b"\x00\x00\x08\x07\x00\x00\x00\x00\x01" + b"garbage!" * 4)
+    assert of(events, hbone.ConnectionError_)
+    assert server.terminated
+    assert server.outbound()  # GOAWAY queued
+    assert server.receive(b"anything") == []
+
+
+def test_goaway_stops_new_streams() -> None:
+    client, server = connected()
+    server.close()
+    ce, _ = pump(client, server)
+    assert of(ce, hbone.GoAway) and client.goaway_received
+    with pytest.raises(hbone.StreamError):
+        client.open_stream(HEADERS)
+
+
+def test_only_clients_open_streams_and_unknown_streams_are_errors() -> None:
+    client, server = connected()
+    with pytest.raises(hbone.StreamError):
+        server.open_stream(HEADERS)
+    with pytest.raises(hbone.StreamError):
+        client.send(99, b"x")
+    sid = tunnel(client, server)
+    client.end(sid)
+    with pytest.raises(hbone.StreamError):
+        client.send(sid, b"after end")
