@@ -12,6 +12,7 @@ Streams are independent: a reset or error on one stream never touches the others
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -110,7 +111,7 @@ class GoAway(Event):
 
 
 @dataclass(frozen=True)
-class ConnectionError_(Event):
+class ConnectionFailed(Event):
     """The connection is unusable (protocol violation); send what is queued, then close."""
 
     reason: str
@@ -232,10 +233,8 @@ class Core:
         s = self._streams.pop(stream_id, None)
         if s is None:
             return []
-        try:
+        with contextlib.suppress(h2.exceptions.StreamClosedError):  # the peer closed it first
             self._h2.reset_stream(stream_id, code)
-        except h2.exceptions.StreamClosedError:
-            pass  # the peer closed it first; nothing to reset
         return [Closed(stream_id)]
 
     def consumed(self, stream_id: int, n: int) -> None:
@@ -262,7 +261,7 @@ class Core:
         except h2.exceptions.ProtocolError as exc:
             code = getattr(exc, "error_code", ErrorCodes.PROTOCOL_ERROR)
             self.close(code)
-            return [ConnectionError_(0, f"HTTP/2 protocol error from peer: {exc}")]
+            return [ConnectionFailed(0, f"HTTP/2 protocol error from peer: {exc}")]
         out: list[Event] = []
         for ev in h2_events:
             self._translate(ev, out)

@@ -14,10 +14,12 @@ TUNNEL_MARK, which a higher-priority rule sends to the main table, so they route
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import socket
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 from pyroute2 import IPRoute
@@ -68,27 +70,28 @@ def prepare_pod_netns(target: str | Path) -> None:
             try:
                 Path(f"/proc/sys/net/ipv4/{key}").write_text("1\n", encoding="ascii")
             except OSError as exc:
-                raise PodNetError(exc.errno, f"cannot set net.ipv4.{key} in {target}: {exc}") from exc
+                msg = f"cannot set net.ipv4.{key} in {target}: {exc}"
+                raise PodNetError(exc.errno, msg) from exc
     path = str(netns.path_of(str(target))) if "/" not in str(target) else str(target)
     with IPRoute(netns=path) as ipr:
-        try:
-            ipr.rule("add", fwmark=TUNNEL_MARK, fwmask=0xFFFFFFFF, table=254,
-                     priority=RULE_PRIORITY - 1)
-        except Exception as exc:  # noqa: BLE001 -- pyroute2 raises NetlinkError; EEXIST is fine
-            if getattr(exc, "code", None) != errno.EEXIST:
-                raise PodNetError(errno.EIO, f"ip rule for mark {TUNNEL_MARK:#x} in {target}: {exc}") from exc
-        try:
-            ipr.rule("add", fwmark=POD_MARK, fwmask=MARK_MASK, table=LOCAL_TABLE,
-                     priority=RULE_PRIORITY)
-        except Exception as exc:
-            if getattr(exc, "code", None) != errno.EEXIST:
-                raise PodNetError(errno.EIO, f"ip rule for mark {POD_MARK:#x} in {target}: {exc}") from exc
         lo = ipr.link_lookup(ifname="lo")[0]
-        try:
-            ipr.route("add", dst="0.0.0.0", dst_len=0, type="local", scope=254, oif=lo, table=LOCAL_TABLE)
-        except Exception as exc:
-            if getattr(exc, "code", None) != errno.EEXIST:
-                raise PodNetError(errno.EIO, f"local route in table {LOCAL_TABLE} in {target}: {exc}") from exc
+        steps: tuple[tuple[str, Callable[[], object]], ...] = (
+            (f"ip rule fwmark {TUNNEL_MARK:#x} lookup main",
+             lambda: ipr.rule("add", fwmark=TUNNEL_MARK, fwmask=0xFFFFFFFF, table=254,
+                              priority=RULE_PRIORITY - 1)),
+            (f"ip rule fwmark {POD_MARK:#x}/{MARK_MASK:#x} lookup {LOCAL_TABLE}",
+             lambda: ipr.rule("add", fwmark=POD_MARK, fwmask=MARK_MASK, table=LOCAL_TABLE,
+                              priority=RULE_PRIORITY)),
+            (f"local 0.0.0.0/0 dev lo table {LOCAL_TABLE}",
+             lambda: ipr.route("add", dst="0.0.0.0", dst_len=0, type="local", scope=254, oif=lo,
+                               table=LOCAL_TABLE)),
+        )
+        for what, step in steps:
+            try:
+                step()
+            except Exception as exc:  # pyroute2's NetlinkError; EEXIST means already done
+                if getattr(exc, "code", None) != errno.EEXIST:
+                    raise PodNetError(errno.EIO, f"{what} in {target}: {exc}") from exc
 
 
 def listener(target: str | Path, ip: str, port: int, backlog: int = 1024) -> socket.socket:
@@ -103,7 +106,8 @@ def listener(target: str | Path, ip: str, port: int, backlog: int = 1024) -> soc
         s.setblocking(False)
     except OSError as exc:
         s.close()
-        raise PodNetError(exc.errno, f"cannot listen on {ip}:{port} in {target}: {exc.strerror}") from exc
+        msg = f"cannot listen on {ip}:{port} in {target}: {exc.strerror}"
+        raise PodNetError(exc.errno, msg) from exc
     return s
 
 
@@ -122,7 +126,8 @@ def upstream(target: str | Path, mark: int, source_ip: str | None = None) -> soc
         s.setblocking(False)
     except OSError as exc:
         s.close()
-        raise PodNetError(exc.errno, f"cannot set up upstream socket in {target}: {exc.strerror}") from exc
+        msg = f"cannot set up an upstream socket in {target}: {exc.strerror}"
+        raise PodNetError(exc.errno, msg) from exc
     return s
 
 
@@ -142,7 +147,5 @@ def local_address(sock: socket.socket) -> tuple[ipaddress.IPv4Address, int]:
 
 def abort_with_reset(sock: socket.socket) -> None:
     """Close so the peer sees RST rather than FIN (a reset propagated from the tunnel)."""
-    try:
+    with contextlib.suppress(OSError):  # already closed: nothing to reset
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass  # already closed: nothing to reset

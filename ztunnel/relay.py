@@ -6,13 +6,14 @@ another TCP socket), with back-pressure both ways and half-close/reset propagati
 - writing: bytes from the peer are written; while our transport's buffer is above its high-water
   mark we owe the peer an acknowledgement, paid in `resume_writing` (for a tunnel stream this is
   what opens the HTTP/2 window again);
-- EOF from the socket -> `peer.finish()` (END_STREAM); `finish()` from the peer -> shutdown(SHUT_WR);
+- EOF from the socket -> `peer.finish()` (END_STREAM); `finish()` from the peer -> SHUT_WR;
 - a reset on either side becomes a reset on the other (RST_STREAM <-> TCP RST).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import struct
@@ -146,10 +147,8 @@ class PlainSide(asyncio.Protocol):
         self.reset_seen = True
         sock = self.transport.get_extra_info("socket")
         if sock is not None:
-            try:
+            with contextlib.suppress(OSError):  # already gone: the peer sees what the kernel sent
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            except OSError:
-                pass  # already gone: the peer sees whatever the kernel sent
         self.transport.abort()
 
     def close(self) -> None:

@@ -29,7 +29,7 @@ KEEPALIVE_TIMEOUT = 20.0
 Verifier = Callable[[ssl.SSLObject | None], Identity]
 
 
-class TunnelClosed(ConnectionError):
+class TunnelClosedError(ConnectionError):
     """The HBONE connection went away (or was refused) before the stream finished."""
 
 
@@ -57,7 +57,7 @@ RequestHandler = Callable[["HboneSession", int, dict[str, str]], None]
 
 
 class HboneSession(asyncio.Protocol):
-    def __init__(self, client: bool, verify: Verifier, settings: hbone.Settings | None = None,
+    def __init__(self, client: bool, verify: Verifier, settings: hbone.Settings | None = None, *,
                  on_request: RequestHandler | None = None, label: str = "",
                  keepalive: float = KEEPALIVE_INTERVAL,
                  keepalive_timeout: float = KEEPALIVE_TIMEOUT) -> None:
@@ -137,12 +137,13 @@ class HboneSession(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        reason = exc or self.failure or TunnelClosed("HBONE connection closed by peer")
+        reason = exc or self.failure or TunnelClosedError("HBONE connection closed by peer")
         if not self.ready.done():
-            self.ready.set_exception(reason if isinstance(reason, BaseException) else TunnelClosed())
+            self.ready.set_exception(reason)
         for fut in self._responses.values():
             if not fut.done():
-                fut.set_exception(TunnelClosed(f"HBONE connection lost before the response: {reason}"))
+                fut.set_exception(
+                    TunnelClosedError(f"HBONE connection lost before the response: {reason}"))
         self._responses.clear()
         plains, self._plains = self._plains, {}
         for plain in plains.values():
@@ -250,70 +251,81 @@ class HboneSession(asyncio.Protocol):
         self._waiting_tls.discard(sid)
         fut = self._responses.pop(sid, None)
         if fut is not None and not fut.done():
-            fut.set_exception(TunnelClosed(f"stream {sid} was reset before a response"))
+            fut.set_exception(TunnelClosedError(f"stream {sid} was reset before a response"))
         self._changed()
 
     def _changed(self) -> None:
         if self.on_change is not None:
             self.on_change(self)
 
-    def _dispatch(self, events: list[hbone.Event]) -> None:  # noqa: PLR0912 -- one branch per event type
+    def _dispatch(self, events: list[hbone.Event]) -> None:
         for ev in events:
-            sid = ev.stream_id
-            if isinstance(ev, hbone.Data):
-                plain = self._plains.get(sid)
-                if plain is None:
-                    self._early.setdefault(sid, []).append(ev.data)  # unacknowledged: bounded by the window
-                elif plain.send(ev.data):
-                    self.core.consumed(sid, len(ev.data))
-            elif isinstance(ev, hbone.Writable):
-                plain = self._plains.get(sid)
-                if plain is not None:
-                    if self._tls_paused:
-                        self._waiting_tls.add(sid)
-                    else:
-                        plain.drained(0)
-            elif isinstance(ev, hbone.End):
-                plain = self._plains.get(sid)
-                if plain is None:
-                    self._early_end.add(sid)
+            if isinstance(ev, hbone.Data | hbone.Writable | hbone.End | hbone.Reset | hbone.Closed):
+                self._stream_event(ev)
+            else:
+                self._connection_event(ev)
+
+    def _stream_event(self, ev: hbone.Event) -> None:  # noqa: PLR0912 -- per event: attached or not yet
+        sid = ev.stream_id
+        if isinstance(ev, hbone.Data):
+            plain = self._plains.get(sid)
+            if plain is None:
+                # Not acknowledged until written onward: bounded by the stream window.
+                self._early.setdefault(sid, []).append(ev.data)
+            elif plain.send(ev.data):
+                self.core.consumed(sid, len(ev.data))
+        elif isinstance(ev, hbone.Writable):
+            plain = self._plains.get(sid)
+            if plain is not None:
+                if self._tls_paused:
+                    self._waiting_tls.add(sid)
                 else:
-                    plain.finish()
-            elif isinstance(ev, hbone.Reset):
-                plain = self._plains.pop(sid, None)
-                if plain is None:
-                    self._early_reset.add(sid)
-                else:
-                    plain.reset()
-                fut = self._responses.pop(sid, None)
-                if fut is not None and not fut.done():
-                    fut.set_exception(TunnelClosed(f"peer reset stream {sid} (code {ev.code})"))
-            elif isinstance(ev, hbone.Closed):
-                self._plains.pop(sid, None)
-                self._waiting_tls.discard(sid)
-                self._changed()
-            elif isinstance(ev, hbone.Request):
-                if self._on_request is not None:
-                    self._on_request(self, sid, ev.headers)
-            elif isinstance(ev, hbone.Response):
-                fut = self._responses.pop(sid, None)
-                if fut is not None and not fut.done():
-                    fut.set_result((ev.status, ev.headers))
-            elif isinstance(ev, hbone.SettingsReceived):
-                if not self.ready.done():
-                    self.ready.set_result(None)
-                self._changed()
-            elif isinstance(ev, hbone.PingAck):
-                self._ping_sent = None
-            elif isinstance(ev, hbone.GoAway):
-                log.info("HBONE peer %s:%d sent GOAWAY (code %d): no new streams on it",
-                         *self.remote_addr, ev.code)
-                self._changed()
-            elif isinstance(ev, hbone.ConnectionError_):
-                log.warning("HBONE connection with %s:%d failed: %s", *self.remote_addr, ev.reason)
-                self._flush()
-                if self.transport is not None:
-                    self.transport.close()
+                    plain.drained(0)
+        elif isinstance(ev, hbone.End):
+            plain = self._plains.get(sid)
+            if plain is None:
+                self._early_end.add(sid)
+            else:
+                plain.finish()
+        elif isinstance(ev, hbone.Reset):
+            plain = self._plains.pop(sid, None)
+            if plain is None:
+                self._early_reset.add(sid)
+            else:
+                plain.reset()
+            fut = self._responses.pop(sid, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(
+                    TunnelClosedError(f"peer reset stream {sid} (code {ev.code})"))
+        elif isinstance(ev, hbone.Closed):
+            self._plains.pop(sid, None)
+            self._waiting_tls.discard(sid)
+            self._changed()
+
+    def _connection_event(self, ev: hbone.Event) -> None:
+        sid = ev.stream_id
+        if isinstance(ev, hbone.Request):
+            if self._on_request is not None:
+                self._on_request(self, sid, ev.headers)
+        elif isinstance(ev, hbone.Response):
+            fut = self._responses.pop(sid, None)
+            if fut is not None and not fut.done():
+                fut.set_result((ev.status, ev.headers))
+        elif isinstance(ev, hbone.SettingsReceived):
+            if not self.ready.done():
+                self.ready.set_result(None)
+            self._changed()
+        elif isinstance(ev, hbone.PingAck):
+            self._ping_sent = None
+        elif isinstance(ev, hbone.GoAway):
+            log.info("HBONE peer %s:%d sent GOAWAY (code %d): no new streams on it",
+                     *self.remote_addr, ev.code)
+            self._changed()
+        elif isinstance(ev, hbone.ConnectionFailed):
+            log.warning("HBONE connection with %s:%d failed: %s", *self.remote_addr, ev.reason)
+            self._flush()
+            if self.transport is not None:
+                self.transport.close()
 
     def _tick(self) -> None:
         now = time.monotonic()

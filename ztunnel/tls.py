@@ -52,8 +52,8 @@ def _load_chain(ctx: ssl.SSLContext, chain_pem: bytes, key_pem: bytes) -> None:
 
 
 def _base(purpose: ssl.Purpose, chain_pem: bytes, key_pem: bytes, bundle: bytes) -> ssl.SSLContext:
-    proto = ssl.PROTOCOL_TLS_CLIENT if purpose is ssl.Purpose.SERVER_AUTH else ssl.PROTOCOL_TLS_SERVER
-    ctx = ssl.SSLContext(proto)
+    client = purpose is ssl.Purpose.SERVER_AUTH
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT if client else ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     # Names are SPIFFE URIs checked after the handshake; chain verification stays on.
@@ -107,7 +107,8 @@ def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> Identity:
 def check_alpn(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> None:
     proto = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
     if proto != ALPN:
-        raise PeerIdentityError(f"peer did not negotiate ALPN {ALPN!r} (got {proto!r}): not an HBONE peer")
+        raise PeerIdentityError(
+            f"peer did not negotiate ALPN {ALPN!r} (got {proto!r}): not an HBONE peer")
 
 
 def verify_server(ssl_object: ssl.SSLObject | ssl.SSLSocket | None, expected: Identity) -> Identity:
@@ -115,8 +116,9 @@ def verify_server(ssl_object: ssl.SSLObject | ssl.SSLSocket | None, expected: Id
     got = peer_identity(ssl_object)
     if got != expected:
         raise PeerIdentityError(
-            f"server certificate identity {got} is not the expected destination identity {expected}: "
-            "the destination address may belong to another workload, or someone is impersonating it"
+            f"server certificate identity {got} is not the expected destination identity "
+            f"{expected}: the destination address may belong to another workload, or someone "
+            "is impersonating it"
         )
     check_alpn(ssl_object)
     return got
@@ -145,7 +147,7 @@ def describe_handshake_error(exc: BaseException) -> str:
             "SSLV3_ALERT_CERTIFICATE_EXPIRED": "the peer says our certificate expired",
             "TLSV13_ALERT_CERTIFICATE_REQUIRED": "the peer requires a client certificate",
             "SSLV3_ALERT_BAD_CERTIFICATE": "the peer rejected our certificate",
-            "CERTIFICATE_VERIFY_FAILED": "the peer certificate did not verify against the trust bundle",
+            "CERTIFICATE_VERIFY_FAILED": "the peer's certificate does not verify against our roots",
         }
         return f"TLS error {reason}: {hints.get(str(reason), 'see the peer logs')}"
     if isinstance(exc, ConnectionResetError):

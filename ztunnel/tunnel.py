@@ -30,7 +30,7 @@ from ztunnel import connect, hbone, podnet
 from ztunnel.events import ConnectionEvent, Direction, EventHook, Flag, emit
 from ztunnel.pool import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_STREAMS, Pool, PoolKey
 from ztunnel.relay import PlainSide
-from ztunnel.session import HboneSession, TunnelClosed
+from ztunnel.session import HboneSession, TunnelClosedError
 from ztunnel.tls import (
     CertificateSource,
     Contexts,
@@ -173,6 +173,10 @@ class Tunnel:
             s.close()
         log.info("pod %s removed: listeners closed", pod.spec.name or uid)
 
+    def inbound_listener(self, uid: str) -> socket.socket:
+        """The pod's plaintext (15006) listener: the kernel's sk_lookup steers inbound to it."""
+        return self._pods[uid].listeners[1]
+
     def listening(self, uid: str) -> bool:
         """Whether the pod's listeners are open (False once removed or draining)."""
         pod = self._pods.get(uid)
@@ -288,7 +292,8 @@ class Tunnel:
             await self._passthrough(spec, app, ev)
             return
         key = PoolKey(spec.identity, wl.identity, dst_ip, spec.ip)
-        headers = connect.request_headers(dst_ip_a, dst_port, ipaddress.ip_address(spec.ip), addr[1])
+        headers = connect.request_headers(dst_ip_a, dst_port, ipaddress.ip_address(spec.ip),
+                                          addr[1])
         try:
             session, sid = await self.pool.open_stream(key, headers)
             status, _ = await asyncio.wait_for(session.response(sid), self.config.connect_timeout)
@@ -296,7 +301,7 @@ class Tunnel:
             app.reset()
             emit(self.config.on_event, ev.closed(flags=exc.flag, reason=str(exc)))
             return
-        except (TunnelClosed, OSError, TimeoutError, hbone.StreamError) as exc:
+        except (TunnelClosedError, OSError, TimeoutError, hbone.StreamError) as exc:
             log.warning("HBONE CONNECT from pod %s to %s:%d failed: %s", spec.name, dst_ip,
                         dst_port, exc or "timed out waiting for the response")
             app.reset()
@@ -388,7 +393,8 @@ class Tunnel:
         except (ssl.SSLError, ConnectionError, TimeoutError, OSError) as exc:
             sock.close()
             cause = describe_handshake_error(exc)
-            if isinstance(exc, ConnectionError | TimeoutError) and not isinstance(exc, ssl.SSLError):
+            closed = isinstance(exc, ConnectionError | TimeoutError)
+            if closed and not isinstance(exc, ssl.SSLError):
                 cause = (f"{cause}: the peer closed the connection during setup; it probably "
                          "rejected our client certificate (see its logs)")
             msg = f"mTLS handshake with {where} (expecting {expected}) failed: {cause}"

@@ -59,8 +59,9 @@ def test_impersonation_is_rejected_with_the_cause_logged(
         src = c.pod(0, 0)
         ca.install(m.identity(src), ca.leaf("spiffe://other.domain/ns/default/sa/n0p0"))
         assert failed(through_tunnel(m, src, dst))
-        assert logged(caplog, r"client certificate identity spiffe://other\.domain/ns/default/sa/n0p0 "
-                              r"is in trust domain 'other\.domain', not ours")
+        assert logged(caplog, r"client certificate identity "
+                              r"spiffe://other\.domain/ns/default/sa/n0p0 is in trust domain "
+                              r"'other\.domain', not ours")
 
         # Expired: the server's chain verification refuses it in the handshake.
         src = c.pod(0, 1)
@@ -84,8 +85,9 @@ def test_impersonation_is_rejected_with_the_cause_logged(
         ca.install(m.identity(src), ca.leaf(m.identity(src).uri))
         m.workloads[str(dst.ip)] = Workload(str(dst.ip), identity("impostor"), dst.name)
         assert failed(through_tunnel(m, src, dst))
-        assert logged(caplog, r"server certificate identity spiffe://cluster\.local/ns/default/sa/n1p0 "
-                              r"is not the expected destination identity "
+        assert logged(caplog, r"server certificate identity "
+                              r"spiffe://cluster\.local/ns/default/sa/n1p0 is not the expected "
+                              r"destination identity "
                               r"spiffe://cluster\.local/ns/default/sa/impostor")
 
         failures = [e for e in m.closed_events(Direction.OUTBOUND) if e.flags & Flag.TLS_FAILURE]

@@ -20,7 +20,9 @@ import asyncio
 import hashlib
 import json
 import random
+import select
 import socket
+import struct
 import sys
 
 MARKER = b"NODEMESH-PLAINTEXT-MARKER-7f3a"
@@ -104,9 +106,6 @@ async def clients(host: str, port: int, size: int, n: int) -> None:
 
 
 def capture(iface: str) -> None:
-    import select
-    import struct
-
     s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))  # ETH_P_ALL
     s.setsockopt(socket.SOL_SOCKET, 33, 64 << 20)  # SO_RCVBUFFORCE: keep up with bursts
     s.bind((iface, 0))

@@ -8,10 +8,13 @@ the kernel program keys it: by the accepted socket's netns cookie (which pod it 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import json
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -90,8 +93,6 @@ class Mesh:
 
     def wait_until(self, cond: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
         """Poll a condition evaluated on the tunnel loop (events arrive asynchronously)."""
-        import time
-
         end = time.monotonic() + timeout
         while not self.loop.call(cond):
             assert time.monotonic() < end, f"gave up waiting for {what}"
@@ -111,10 +112,8 @@ class Mesh:
         assert line == b"ready", f"server in {pod.name} did not start: {line!r}"
         return proc
 
-    def run_clients(self, pod: Pod, host: str, port: int, size: int, n: int,
+    def run_clients(self, pod: Pod, host: str, port: int, size: int, n: int, *,
                     timeout: float = 120) -> dict[str, Any]:
-        import json
-
         proc = pod.spawn([sys.executable, APPS, "client", host, str(port), str(size), str(n)],
                          stdout=subprocess.PIPE)
         assert proc.popen is not None
@@ -152,8 +151,6 @@ class Capture:
         assert self.proc.popen.stdout.readline().strip() == b"ready"
 
     def finish(self) -> dict[str, int]:
-        import json
-
         assert self.proc.popen is not None
         out, _ = self.proc.popen.communicate(input=b"stop\n", timeout=30)
         counts: dict[str, int] = json.loads(out.decode().strip().splitlines()[-1])
@@ -161,8 +158,6 @@ class Capture:
 
 
 def _original_dst_from(routes: dict[int, tuple[str, int]]) -> Callable[[socket.socket], Any]:
-    import ipaddress
-
     def lookup(sock: socket.socket) -> tuple[ipaddress.IPv4Address, int]:
         cookie = netns_cookie(sock)
         if cookie not in routes:
@@ -173,8 +168,6 @@ def _original_dst_from(routes: dict[int, tuple[str, int]]) -> Callable[[socket.s
 
 
 def _inbound_dst_from(routes: dict[int, int]) -> Callable[[socket.socket], Any]:
-    import ipaddress
-
     def lookup(sock: socket.socket) -> tuple[ipaddress.IPv4Address, int]:
         ip, port = sock.getsockname()[:2]
         # sk_lookup would have delivered the connection with its real port as the local address.
