@@ -22,7 +22,7 @@ from agent.policy.authz import DEFAULT_ROOT_NAMESPACE
 from agent.state.documents import parse_document
 from agent.state.fields import FieldError, FieldPath
 from agent.state.model import Workload
-from agent.state.snapshot import KIND_OF, MeshObject, MeshState, key_of
+from agent.state.snapshot import KIND_OF, KINDS, MeshObject, MeshState, key_of
 from agent.state.store import StateStore
 
 log = logging.getLogger(__name__)
@@ -174,6 +174,7 @@ class FileSource:
         self.root_namespace = root_namespace
         self.poll_interval = poll_interval
         self._digest: bytes | None = None  # of the last content tried, good or bad
+        self._applied = MeshState()  # what this source last put in the store
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -182,7 +183,7 @@ class FileSource:
         contents = _read(self.path)
         self._digest = _digest(contents)
         state = parse_files(contents, self.root_namespace)
-        self.store.replace(state)
+        self._apply(state)
         log.info("loaded %s: %d objects", self.path, len(state.all_objects()))
         return state
 
@@ -207,9 +208,16 @@ class FileSource:
         except ConfigError as e:
             self._report(e)
             return False
-        self.store.replace(state)
+        self._apply(state)
         log.info("reloaded %s: %d objects", self.path, len(state.all_objects()))
         return True
+
+    def _apply(self, state: MeshState) -> None:
+        """Swap this source's objects for `state`'s in one store update. Objects other sources
+        wrote (the Kubernetes source's) stay: an object is this source's while the store holds
+        the very instance it put there (see docs/kubernetes.md, "Several sources")."""
+        self.store.update(lambda current: merge_own(current, self._applied, state, "file"))
+        self._applied = state
 
     def _report(self, error: ConfigError) -> None:
         log.error("%s; keeping the last good configuration", error)
@@ -244,6 +252,23 @@ class FileSource:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+
+
+def merge_own(current: MeshState, previous: MeshState, new: MeshState, source: str) -> MeshState:
+    """`current` with the objects of `previous` that are still there (same instance) replaced by
+    those of `new`; `new` itself (same root namespace) when nothing else is in the store."""
+    others: dict[str, dict[str, MeshObject]] = {}
+    for kind in KINDS:
+        mine = previous.objects[kind]
+        others[kind] = {k: o for k, o in current.objects[kind].items() if mine.get(k) is not o}
+    if not any(others.values()):
+        return new
+    for kind, theirs in others.items():
+        for key in new.objects[kind].keys() & theirs.keys():
+            log.warning("%s: %s %s replaces the one another source wrote", source, kind, key)
+        theirs.update(new.objects[kind])
+    return MeshState.build((o for objs in others.values() for o in objs.values()),
+                           new.root_namespace)
 
 
 def _digest(contents: list[tuple[Path, bytes]]) -> bytes:

@@ -61,7 +61,8 @@ def workload_from_pod(pod: object, *, trust_domain: str = DEFAULT_TRUST_DOMAIN) 
     return Workload(name=name, namespace=namespace, service_account=account, ips=tuple(ips),
                     node=f.string(spec, "nodeName", ("spec",), default="", nonempty=False),
                     labels=Labels(labels), trust_domain=trust_domain, in_mesh=in_mesh,
-                    uid=pod_uid(namespace, name))
+                    uid=pod_uid(namespace, name),
+                    k8s_uid=f.string(meta, "uid", ("metadata",), default="", nonempty=False))
 
 
 def namespace_from_k8s(ns: object) -> Namespace:

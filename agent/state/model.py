@@ -55,6 +55,7 @@ class Workload:
     # True/False: explicitly in or out of the mesh; None: follow the namespace's label.
     in_mesh: bool | None = True
     uid: str = ""
+    k8s_uid: str = ""  # the pod's metadata.uid: names its cgroup on the node; new on recreate
 
     def __post_init__(self) -> None:
         if not self.uid:

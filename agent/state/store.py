@@ -58,6 +58,11 @@ class StateStore:
             raise ValueError(f"unknown kind {kind!r}: want one of {', '.join(KINDS)}")
         self._swap(lambda old: old.without(kind, key))
 
+    def update(self, change: Callable[[MeshState], MeshState]) -> None:
+        """Replace the snapshot with `change(current)`, atomically: no other write lands between
+        the read and the swap (sources that share the store edit only their own objects)."""
+        self._swap(change)
+
     def _swap(self, change: Callable[[MeshState], MeshState]) -> None:
         with self._lock:
             old = self._state
