@@ -8,13 +8,14 @@ know, and re-reads them on a miss, so pods added later are found.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import ipaddress
 import logging
 import re
 import socket
+import struct
 from pathlib import Path
-
-from pyroute2 import IPRoute
 
 from agent.enroll.placement import PodPlacement
 from agent.host import cgroup, netns
@@ -24,16 +25,24 @@ from agent.testbed.addressing import Plan
 log = logging.getLogger(__name__)
 
 _POD_SUFFIX = re.compile(r"n(\d+)p(\d+)")
+SIOCGIFADDR = 0x8915
 
 
-def eth0_addresses(netns_path: Path) -> set[ipaddress.IPv4Address]:
-    """IPv4 addresses on eth0 inside a netns (empty if it has no eth0)."""
-    with netns.entered(netns_path), IPRoute() as ipr:  # the netlink socket opens in that netns
-        links = ipr.link_lookup(ifname="eth0")
-        if not links:
-            return set()
-        return {ipaddress.IPv4Address(a.get("address"))
-                for a in ipr.get_addr(family=socket.AF_INET, index=links[0])}
+def eth0_address(netns_path: Path) -> ipaddress.IPv4Address | None:
+    """The IPv4 address of eth0 inside a netns; None if it has no eth0 or no address.
+
+    SIOCGIFADDR on a socket made in that netns, rather than netlink: pyroute2's synchronous
+    IPRoute runs an event loop of its own, which cannot start inside the agent's running one.
+    Test-bed pods hold exactly one address on eth0, the one this returns.
+    """
+    with netns.socket_in(netns_path, socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            reply = fcntl.ioctl(s.fileno(), SIOCGIFADDR, struct.pack("256s", b"eth0"))
+        except OSError as e:
+            if e.errno in (errno.ENODEV, errno.EADDRNOTAVAIL):
+                return None
+            raise
+    return ipaddress.IPv4Address(reply[20:24])  # struct ifreq: name[16], sockaddr_in at 16
 
 
 class TestbedLocator:
@@ -75,20 +84,22 @@ class TestbedLocator:
         return PodPlacement(str(self.netns_dir / name), cg, pids[0] if pids else None)
 
     def rescan(self) -> None:
-        """Read eth0's addresses of every netns with the prefix."""
+        """Read eth0's addresses of every pod netns with the prefix (node netns hold node
+        addresses, which are never a pod's)."""
         found: dict[ipaddress.IPv4Address, str] = {}
         try:
             names = sorted(p.name for p in self.netns_dir.iterdir()
-                           if p.name.startswith(self.prefix))
+                           if p.name.startswith(self.prefix)
+                           and _POD_SUFFIX.fullmatch(p.name[len(self.prefix):]))
         except FileNotFoundError:
             names = []
         for name in names:
             try:
-                addresses = eth0_addresses(self.netns_dir / name)
+                ip = eth0_address(self.netns_dir / name)
             except OSError as e:  # removed while we looked
                 log.debug("netns %s: %s", name, e)
                 continue
-            for ip in addresses:
+            if ip is not None:
                 found[ip] = name
         self._by_ip = found
 
