@@ -1,0 +1,505 @@
+"""Scenarios: the Kubernetes manifests in daemonset/ are valid Kubernetes objects, and they agree
+with the code they deploy: the agent's settings, ports and readiness path, the Kubernetes
+source's resources (RBAC), the uninstall command, the image, and the kustomizations."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import subprocess
+import tomllib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from prereq import require_tool
+
+from agent import config
+from agent.datapath import cli as uninstall_cli
+from agent.datapath.options import DEFAULT_PIN_ROOT
+from agent.policy.authz import Action, parse_authorization_policy
+from agent.sources.kubernetes import RESOURCES
+from agent.state.model import DATAPLANE_MODE_LABEL
+from agent.telemetry.server import DEFAULT_PORT as METRICS_SERVER_PORT
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "daemonset"
+IMAGE_DIR = DEPLOY / "image"  # the container build, not objects to apply
+ENTRYPOINT = IMAGE_DIR / "entrypoint.sh"
+# The oldest Kubernetes release the manifests target (appArmorProfile appeared in 1.30) and the
+# newest whose schemas kubernetes-validate bundles.
+KUBE_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
+# Custom resources: no bundled schema; their shape is checked by the tests below.
+CUSTOM_GROUPS = ("monitoring.coreos.com/", "security.istio.io/")
+# The Kubernetes source only lists (paginated collection GETs) and watches (?watch=1); see
+# agent/sources/kubernetes.py and docs/kubernetes.md, "What it reads".
+SOURCE_VERBS = {"list", "watch"}
+CAPABILITIES = {"BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"}
+
+Obj = dict[str, Any]
+
+
+# -- loading ------------------------------------------------------------------------------------
+def manifest_files() -> list[Path]:
+    return sorted(p for p in DEPLOY.rglob("*.yaml")
+                  if p.name != "kustomization.yaml" and IMAGE_DIR not in p.parents)
+
+
+def load_all(path: Path) -> list[Obj]:
+    return [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d is not None]
+
+
+def objects() -> Iterator[tuple[Path, Obj]]:
+    for path in manifest_files():
+        for doc in load_all(path):
+            yield path, doc
+
+
+def the(kind: str, name: str, path: Path | None = None) -> Obj:
+    found = [d for p, d in objects() if d["kind"] == kind and d["metadata"]["name"] == name
+             and (path is None or p == path)]
+    assert len(found) == 1, f"expected one {kind} {name}, found {len(found)}"
+    doc: Obj = found[0]
+    return doc
+
+
+def agent_ds() -> Obj:
+    return the("DaemonSet", "nodemesh")
+
+
+def container(ds: Obj, name: str) -> Obj:
+    found: list[Obj] = [c for c in ds["spec"]["template"]["spec"]["containers"]
+                        if c["name"] == name]
+    (c,) = found
+    return c
+
+
+def env_file(path: Path) -> dict[str, str]:
+    """A kustomize `envs:` file: KEY=VALUE lines, # comments and blank lines ignored."""
+    out = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, sep, value = line.partition("=")
+            assert sep, f"{path.name}: not KEY=VALUE: {line!r}"
+            out[key.strip()] = value
+    return out
+
+
+def kustomize(directory: Path) -> list[Obj]:
+    kubectl = require_tool("kubectl")
+    out = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True,
+                         check=False, timeout=120)
+    assert out.returncode == 0, f"kubectl kustomize {directory}: {out.stderr}"
+    return [d for d in yaml.safe_load_all(out.stdout) if d is not None]
+
+
+def flag_values(args: list[str]) -> dict[str, str]:
+    out = {}
+    for a in args:
+        assert a.startswith("--") and "=" in a, f"args are --flag=value pairs, not {a!r}"
+        k, _, v = a.partition("=")
+        out[k] = v
+    return out
+
+
+def port_number(c: Obj, port: int | str) -> int:
+    if isinstance(port, int):
+        return port
+    (n,) = [p["containerPort"] for p in c.get("ports", []) if p["name"] == port]
+    return int(n)
+
+
+# -- every object is valid ----------------------------------------------------------------------
+def test_every_manifest_parses_and_names_what_it_is() -> None:
+    assert manifest_files(), "no manifests found under daemonset/"
+    for path, doc in objects():
+        assert isinstance(doc, dict), f"{path}: a document is not a mapping"
+        for key in ("apiVersion", "kind", "metadata"):
+            assert key in doc, f"{path}: document without {key}"
+        assert doc["metadata"].get("name"), f"{path}: {doc['kind']} without a name"
+
+
+@pytest.mark.parametrize("version", KUBE_VERSIONS)
+def test_builtin_objects_validate_against_the_kubernetes_schema(version: str) -> None:
+    checked = 0
+    for path, doc in objects():
+        if doc["apiVersion"].startswith(CUSTOM_GROUPS):
+            continue
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{path.relative_to(ROOT)} {doc['kind']} {doc['metadata']['name']} "
+                        f"(Kubernetes {version}): {exc.message}")
+        checked += 1
+    assert checked >= 10
+
+
+@pytest.mark.parametrize("version", KUBE_VERSIONS)
+def test_rendered_kustomizations_validate_including_generated_configmaps(version: str) -> None:
+    for directory in (DEPLOY, DEPLOY / "uninstall", DEPLOY / "samples", DEPLOY / "istio-crds"):
+        for doc in kustomize(directory):
+            if not doc["apiVersion"].startswith(CUSTOM_GROUPS):
+                kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_the_validator_rejects_what_the_api_server_would() -> None:
+    ds = agent_ds()
+    ds["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}  # a typo
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(ds, KUBE_VERSIONS[0], strict=True)
+
+
+def pod_specs() -> Iterator[tuple[str, Obj, Obj]]:
+    for _path, doc in objects():
+        if doc["kind"] in ("DaemonSet", "Deployment"):
+            yield doc["metadata"]["name"], doc, doc["spec"]["template"]["spec"]
+
+
+def test_rules_the_api_server_enforces_beyond_the_schema() -> None:
+    for name, doc, spec in pod_specs():
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            sc = c.get("securityContext", {})
+            added = set(sc.get("capabilities", {}).get("add", []))
+            for m in c.get("volumeMounts", []):
+                if m.get("mountPropagation") == "Bidirectional":
+                    assert sc.get("privileged") is True, (
+                        f"{name}/{c['name']}: Bidirectional propagation needs privileged")
+            if sc.get("allowPrivilegeEscalation") is False:
+                assert "SYS_ADMIN" not in added and not sc.get("privileged"), (
+                    f"{name}/{c['name']}: allowPrivilegeEscalation false with SYS_ADMIN")
+        # Surge pods run next to the old ones: host ports would keep them Pending forever.
+        surge = doc["spec"].get("updateStrategy", {}).get("rollingUpdate", {}).get("maxSurge", 0)
+        if doc["kind"] == "DaemonSet" and surge:
+            assert not spec.get("hostNetwork"), f"{name}: maxSurge with hostNetwork"
+            for c in spec["containers"]:
+                assert all("hostPort" not in p for p in c.get("ports", [])), name
+
+
+# -- the agent's DaemonSet agrees with the agent ------------------------------------------------
+def agent_environment() -> dict[str, str]:
+    """What the agent container sees: the ConfigMap (mesh.env) under its env entries."""
+    c = container(agent_ds(), "agent")
+    (ref,) = c["envFrom"]
+    assert ref["configMapRef"]["name"] == "nodemesh-config"
+    env = env_file(DEPLOY / "agent" / "mesh.env")
+    for e in c["env"]:
+        env[e["name"]] = e["value"] if "value" in e else f"<{e['valueFrom']['fieldRef']}>"
+    return env
+
+
+def test_every_variable_and_flag_the_daemonset_passes_is_an_agent_setting() -> None:
+    c = container(agent_ds(), "agent")
+    assert c["command"][-2:] == ["nodemesh", "run"]
+    unknown_flags = set(flag_values(c["args"])) - config.flags_of()
+    assert not unknown_flags, f"flags nodemesh run does not take: {unknown_flags}"
+    unknown_env = set(agent_environment()) - config.envs_of()
+    assert not unknown_env, f"variables the agent does not read: {unknown_env}"
+
+
+def test_the_agent_builds_its_config_from_the_daemonset() -> None:
+    """The same parser flags as `nodemesh run` and the same builder, on the manifest's values."""
+    c = container(agent_ds(), "agent")
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser)
+    env = {k: ("node-a" if k == "NODE_NAME" else v) for k, v in agent_environment().items()}
+    cfg = config.from_environment(parser.parse_args(c["args"]), env)
+    assert cfg.source == "kubernetes" and cfg.node_name == "node-a"
+    assert cfg.origins["node_name"] == "env NODE_NAME"
+    fields = c["env"][0]
+    assert fields == {"name": "NODE_NAME",
+                      "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}
+    # Paths the agent writes or attaches to are on the volumes mounted for them.
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    for value in (cfg.cgroup_root, cfg.pin_dir, cfg.ca_root_cert, cfg.flow_log, cfg.audit_log):
+        assert value is not None
+        assert any(Path(m) in (value, *value.parents) for m in mounts), f"{value} not mounted"
+    assert DEFAULT_PIN_ROOT in cfg.pin_dir.parents  # what `nodemesh uninstall --all` covers
+    assert cfg.drain_seconds < agent_ds()["spec"]["template"]["spec"][
+        "terminationGracePeriodSeconds"]
+
+
+def test_nodemesh_run_accepts_the_daemonset_command_line() -> None:
+    from agent.cli import build_parser  # noqa: PLC0415 -- imports every subcommand module
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    if "run" not in sub.choices:
+        pytest.skip("`nodemesh run` is not registered in agent/cli.py COMMANDS yet")
+    c = container(agent_ds(), "agent")
+    args = parser.parse_args([c["command"][-1], *c["args"]])
+    assert args.pin_dir == "/sys/fs/bpf/nodemesh/default"
+
+
+def test_ports_and_probes_match_the_agents_defaults() -> None:
+    c = container(agent_ds(), "agent")
+    metrics = config.parse_addr(config.DEFAULT_METRICS_ADDR)[1]
+    ready = config.parse_addr(config.DEFAULT_READINESS_ADDR)[1]
+    assert (metrics, ready) == (15020, 15021) and metrics == METRICS_SERVER_PORT
+    env = agent_environment()
+    assert "METRICS_ADDR" not in env and "READINESS_ADDR" not in env  # the defaults apply
+    assert {p["containerPort"] for p in c["ports"]} == {metrics, ready}
+    probe = c["readinessProbe"]["httpGet"]
+    assert probe["path"] == "/healthz/ready" and port_number(c, probe["port"]) == ready
+    for kind in ("startupProbe", "livenessProbe"):
+        assert port_number(c, c[kind]["tcpSocket"]["port"]) == ready
+    svc = the("Service", "nodemesh-metrics")
+    (sp,) = svc["spec"]["ports"]
+    assert port_number(c, sp["targetPort"]) == metrics
+    assert svc["spec"]["selector"].items() <= agent_labels().items()
+
+
+def test_the_readiness_path_is_the_one_the_agent_serves() -> None:
+    admin = pytest.importorskip("agent.runtime.admin")
+    app = admin.readiness_app(asyncio.Event())
+    paths = {r.canonical for r in app.router.resources()}
+    probe = container(agent_ds(), "agent")["readinessProbe"]["httpGet"]["path"]
+    assert probe in paths
+
+
+def agent_labels() -> Mapping[str, str]:
+    labels: Mapping[str, str] = agent_ds()["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+def test_the_daemonset_runs_as_designed() -> None:
+    ds = agent_ds()
+    spec = ds["spec"]["template"]["spec"]
+    assert ds["spec"]["selector"]["matchLabels"].items() <= agent_labels().items()
+    assert spec["hostPID"] is True and not spec.get("hostNetwork")
+    assert spec["priorityClassName"] == "system-node-critical"
+    assert {"operator": "Exists"} in spec["tolerations"]  # every taint
+    rolling = ds["spec"]["updateStrategy"]
+    assert rolling == {"type": "RollingUpdate",
+                       "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    c = container(ds, "agent")
+    sc = c["securityContext"]
+    assert sc["privileged"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": sorted(CAPABILITIES)}
+    assert "lifecycle" not in c  # no preStop: termination must not uninstall
+    assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    host_paths = {m["mountPath"]: volumes[m["name"]]["hostPath"]["path"]
+                  for m in c["volumeMounts"]}
+    assert host_paths["/sys/fs/bpf"] == "/sys/fs/bpf"
+    assert host_paths["/host/lib/modules"] == "/lib/modules"
+    assert host_paths["/host/usr/src"] == "/usr/src"
+    for m in c["volumeMounts"]:
+        if m["mountPath"].startswith("/host/lib") or m["mountPath"].startswith("/host/usr"):
+            assert m["readOnly"] is True
+    (init,) = spec["initContainers"]
+    (bpffs,) = init["volumeMounts"]
+    assert bpffs["mountPropagation"] == "Bidirectional" and bpffs["mountPath"] == "/sys/fs/bpf"
+
+
+def test_the_cluster_role_grants_exactly_what_the_kubernetes_source_reads() -> None:
+    role = the("ClusterRole", "nodemesh")
+    granted = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"]
+               for r in rule["resources"] for v in rule["verbs"]}
+    needed = {(res.group_version.rpartition("/")[0], res.name, verb)
+              for res in RESOURCES.values() for verb in SOURCE_VERBS}
+    assert granted == needed
+    assert all(set(rule) == {"apiGroups", "resources", "verbs"} for rule in role["rules"])
+    binding = the("ClusterRoleBinding", "nodemesh")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io",
+                                  "kind": "ClusterRole", "name": "nodemesh"}
+    sa = the("ServiceAccount", "nodemesh")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"],
+                                    "namespace": sa["metadata"]["namespace"]}]
+    assert agent_ds()["spec"]["template"]["spec"]["serviceAccountName"] == "nodemesh"
+
+
+def test_namespaced_objects_live_in_the_agents_namespace() -> None:
+    the("Namespace", "nodemesh-system")
+    for path, doc in objects():
+        if DEPLOY / "samples" in path.parents:
+            continue
+        ns = doc["metadata"].get("namespace")
+        assert ns in (None, "nodemesh-system"), f"{path}: {doc['kind']} in {ns}"
+
+
+# -- monitoring ---------------------------------------------------------------------------------
+def test_the_pod_monitor_scrapes_the_agents_metrics_port() -> None:
+    pm = the("PodMonitor", "nodemesh")
+    assert pm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert pm["spec"]["selector"]["matchLabels"].items() <= agent_labels().items()
+    (ep,) = pm["spec"]["podMetricsEndpoints"]
+    c = container(agent_ds(), "agent")
+    assert port_number(c, ep["port"]) == config.parse_addr(config.DEFAULT_METRICS_ADDR)[1]
+    assert ep["path"] == "/metrics"
+
+
+def test_the_prometheus_rule_has_the_operators_shape() -> None:
+    rule = the("PrometheusRule", "nodemesh")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    alerts = [r for g in rule["spec"]["groups"] for r in g["rules"]]
+    assert alerts and all(isinstance(g["name"], str) for g in rule["spec"]["groups"])
+    for r in alerts:
+        assert re.fullmatch(r"[A-Z][A-Za-z]+", r["alert"]) and r["expr"].strip()
+        assert r["labels"]["severity"] in ("warning", "critical")
+
+
+def test_the_dashboard_configmap_carries_the_dashboard_unchanged() -> None:
+    rendered = kustomize(DEPLOY)
+    (cm,) = [d for d in rendered if d["kind"] == "ConfigMap"
+             and d["metadata"]["name"] == "nodemesh-dashboard"]
+    assert cm["metadata"]["namespace"] == "nodemesh-system"
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    text = (DEPLOY / "grafana" / "nodemesh-dashboard.json").read_text(encoding="utf-8")
+    assert cm["data"]["nodemesh-dashboard.json"] == text
+    json.loads(text)
+
+
+# -- kustomizations -----------------------------------------------------------------------------
+def kustomizations() -> dict[Path, Obj]:
+    return {p.parent: yaml.safe_load(p.read_text(encoding="utf-8"))
+            for p in DEPLOY.rglob("kustomization.yaml")}
+
+
+def referenced(directory: Path, k: Obj) -> set[Path]:
+    refs = {directory / r for r in k.get("resources", [])}
+    for gen in k.get("configMapGenerator", []):
+        refs |= {directory / f.rpartition("=")[2] for f in gen.get("files", [])}
+        refs |= {directory / f for f in gen.get("envs", [])}
+    return refs
+
+
+def test_each_kustomization_lists_every_file_beside_it() -> None:
+    ks = kustomizations()
+    for directory, k in ks.items():
+        refs = referenced(directory, k)
+        for ref in refs:
+            assert ref.exists(), f"{directory.name}/kustomization.yaml names missing {ref.name}"
+        present = {p for p in directory.iterdir() if p.is_file()
+                   and p.suffix in (".yaml", ".json", ".env") and p.name != "kustomization.yaml"}
+        assert present <= refs, f"{directory}: not in its kustomization: {present - refs}"
+    for path in DEPLOY.rglob("*"):
+        if path.suffix in (".yaml", ".json", ".env") and IMAGE_DIR not in path.parents:
+            assert path.parent in ks, f"{path} is in no kustomization"
+    # The top level ties the agent and its monitoring together.
+    assert referenced(DEPLOY, ks[DEPLOY]) == {DEPLOY / "agent", DEPLOY / "prometheus",
+                                             DEPLOY / "grafana"}
+
+
+def test_the_top_level_kustomization_renders_the_whole_install() -> None:
+    rendered = kustomize(DEPLOY)
+    kinds = sorted(f"{d['kind']}/{d['metadata']['name']}" for d in rendered)
+    (cm,) = [d for d in rendered if d["metadata"]["name"].startswith("nodemesh-config-")]
+    assert kinds == sorted([
+        "Namespace/nodemesh-system", "ServiceAccount/nodemesh", "ClusterRole/nodemesh",
+        "ClusterRoleBinding/nodemesh", f"ConfigMap/{cm['metadata']['name']}",
+        "ConfigMap/nodemesh-dashboard", "DaemonSet/nodemesh", "Service/nodemesh-metrics",
+        "PodMonitor/nodemesh", "PrometheusRule/nodemesh"])
+    # The generated ConfigMap is the one the DaemonSet reads (kustomize renames the reference).
+    (ds,) = [d for d in rendered if d["kind"] == "DaemonSet"]
+    assert container(ds, "agent")["envFrom"] == [{"configMapRef": {"name": cm["metadata"]["name"]}}]
+    assert cm["data"] == env_file(DEPLOY / "agent" / "mesh.env")
+
+
+# -- uninstall ----------------------------------------------------------------------------------
+def test_the_cleanup_daemonset_runs_nodemesh_uninstall_over_the_agents_pins() -> None:
+    ds = the("DaemonSet", "nodemesh-cleanup")
+    spec = ds["spec"]["template"]["spec"]
+    (init,) = spec["initContainers"]
+    assert init["command"][0] == "nodemesh"
+    parser = argparse.ArgumentParser()
+    uninstall_cli.register(parser.add_subparsers())
+    args = parser.parse_args(init["command"][1:])
+    assert args.all and args.func is uninstall_cli.run
+    agent_pin = Path(flag_values(container(agent_ds(), "agent")["args"])["--pin-dir"])
+    assert args.pin_root in agent_pin.parents
+    (m,) = init["volumeMounts"]
+    assert Path(m["mountPath"]) in args.pin_root.parents or Path(m["mountPath"]) == args.pin_root
+    assert {"operator": "Exists"} in spec["tolerations"]
+
+
+# -- image --------------------------------------------------------------------------------------
+def test_every_pod_runs_the_image_the_project_builds() -> None:
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))[
+        "project"]["version"]
+    for _name, _doc, spec in pod_specs():
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            if c["image"].startswith("busybox"):
+                continue  # sample workloads
+            assert c["image"] == f"localhost/nodemesh:{version}"
+    dockerfile = (IMAGE_DIR / "Dockerfile").read_text(encoding="utf-8")
+    assert container(agent_ds(), "agent")["command"][0] in dockerfile  # the entrypoint's path
+    assert "FROM debian:bookworm" in dockerfile
+    for pkg in ("python3-bpfcc", "bpftool", "iproute2", "linux-headers-"):
+        assert pkg in dockerfile
+    assert "dist-packages/bcc" in dockerfile  # only bcc linked into the venv, as setup.sh does
+
+
+def run_entrypoint(tmp_path: Path, kernel: str, **env: str) -> tuple[Path, str]:
+    modules = tmp_path / "modules"
+    base = {"NM_KERNEL": kernel, "NM_MODULES": str(modules), "NM_HOST": str(tmp_path / "host"),
+            "NM_KHEADERS": str(tmp_path / "no-kheaders"), "NM_BUNDLED": str(tmp_path / "image")}
+    out = subprocess.run(["sh", str(ENTRYPOINT), "echo", "exec'd"], capture_output=True,
+                         text=True, check=True, env={**os.environ, **base, **env}, timeout=30)
+    assert out.stdout == "exec'd\n"
+    return modules / kernel, out.stderr
+
+
+def test_entrypoint_links_the_hosts_headers_into_the_container(tmp_path: Path) -> None:
+    kernel = "6.8.0-45-generic"
+    src = tmp_path / "host" / "usr" / "src"
+    (src / f"linux-headers-{kernel}" / "include").mkdir(parents=True)
+    (src / "linux-headers-6.8.0-45" / "include").mkdir(parents=True)
+    mods = tmp_path / "host" / "lib" / "modules" / kernel
+    mods.mkdir(parents=True)
+    # The host's links are absolute paths of the host, which this container sees under /host.
+    (mods / "build").symlink_to(f"/usr/src/linux-headers-{kernel}")
+    (mods / "source").symlink_to("/usr/src/linux-headers-6.8.0-45")
+    linked, log = run_entrypoint(tmp_path, kernel)
+    assert (linked / "build").resolve() == src / f"linux-headers-{kernel}"
+    assert (linked / "source").resolve() == src / "linux-headers-6.8.0-45"
+    assert "host's headers" in log
+
+
+def test_entrypoint_falls_back_to_the_images_headers(tmp_path: Path) -> None:
+    for d in ("linux-headers-6.1.0-9-amd64", "linux-headers-6.1.0-12-amd64",
+              "linux-headers-6.1.0-12-common"):
+        (tmp_path / "image" / d).mkdir(parents=True)
+    linked, log = run_entrypoint(tmp_path, "6.18.0")
+    assert (linked / "build").resolve() == tmp_path / "image" / "linux-headers-6.1.0-12-amd64"
+    assert (linked / "source").resolve() == tmp_path / "image" / "linux-headers-6.1.0-12-common"
+    assert "install linux-headers-6.18.0 on the node" in log
+
+
+def test_entrypoint_leaves_builtin_kernel_headers_to_bcc(tmp_path: Path) -> None:
+    (tmp_path / "kheaders.tar.xz").write_bytes(b"")
+    (tmp_path / "image" / "linux-headers-6.1.0-12-amd64").mkdir(parents=True)
+    linked, log = run_entrypoint(tmp_path, "6.18.0", NM_KHEADERS=str(tmp_path / "kheaders.tar.xz"))
+    assert not linked.exists() and "kernel's own" in log
+
+
+def test_entrypoint_without_any_headers_says_what_to_install(tmp_path: Path) -> None:
+    linked, log = run_entrypoint(tmp_path, "6.18.0")
+    assert not (linked / "build").exists()
+    assert "Install linux-headers-6.18.0 on the node" in log
+
+
+# -- samples ------------------------------------------------------------------------------------
+def test_the_sample_policy_is_one_the_agent_enforces() -> None:
+    samples = DEPLOY / "samples"
+    policy = the("AuthorizationPolicy", "server-allow-client")
+    parsed = parse_authorization_policy(policy)
+    assert parsed.action is Action.ALLOW
+    ns = the("Namespace", "demo", samples / "demo.yaml")
+    assert ns["metadata"]["labels"][DATAPLANE_MODE_LABEL] == "ambient"
+    server = the("Deployment", "server")
+    assert policy["spec"]["selector"]["matchLabels"].items() <= server["spec"]["template"][
+        "metadata"]["labels"].items()
+    (principal,) = policy["spec"]["rules"][0]["from"][0]["source"]["principals"]
+    client = the("Deployment", "client")
+    sa = client["spec"]["template"]["spec"]["serviceAccountName"]
+    assert principal == f"cluster.local/ns/demo/sa/{sa}"
+    crds = {d["spec"]["names"]["plural"] for d in load_all(DEPLOY / "istio-crds" /
+                                                            "security-crds.yaml")}
+    istio = {r.name for r in RESOURCES.values() if r.group_version.startswith("security.")}
+    assert crds == istio  # the stand-ins cover what the agent waits for
