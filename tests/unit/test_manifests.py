@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import re
@@ -46,9 +47,17 @@ Obj = dict[str, Any]
 
 
 # -- loading ------------------------------------------------------------------------------------
+def patch_files() -> set[Path]:
+    """Partial objects that kustomize merges into others (not objects of their own)."""
+    return {k.parent / patch["path"] for k in DEPLOY.rglob("kustomization.yaml")
+            for patch in yaml.safe_load(k.read_text(encoding="utf-8")).get("patches", [])}
+
+
 def manifest_files() -> list[Path]:
+    patches = patch_files()
     return sorted(p for p in DEPLOY.rglob("*.yaml")
-                  if p.name != "kustomization.yaml" and IMAGE_DIR not in p.parents)
+                  if p.name != "kustomization.yaml" and IMAGE_DIR not in p.parents
+                  and p not in patches)
 
 
 def load_all(path: Path) -> list[Obj]:
@@ -91,12 +100,18 @@ def env_file(path: Path) -> dict[str, str]:
     return out
 
 
-def kustomize(directory: Path) -> list[Obj]:
-    kubectl = require_tool("kubectl")
+@functools.cache
+def _kustomized(directory: Path, kubectl: str) -> str:
     out = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True,
                          check=False, timeout=120)
     assert out.returncode == 0, f"kubectl kustomize {directory}: {out.stderr}"
-    return [d for d in yaml.safe_load_all(out.stdout) if d is not None]
+    return out.stdout
+
+
+def kustomize(directory: Path) -> list[Obj]:
+    """The objects `kubectl apply -k directory` would send (kubectl's built-in kustomize)."""
+    text = _kustomized(directory, require_tool("kubectl"))
+    return [d for d in yaml.safe_load_all(text) if d is not None]
 
 
 def flag_values(args: list[str]) -> dict[str, str]:
@@ -142,7 +157,7 @@ def test_builtin_objects_validate_against_the_kubernetes_schema(version: str) ->
 
 @pytest.mark.parametrize("version", KUBE_VERSIONS)
 def test_rendered_kustomizations_validate_including_generated_configmaps(version: str) -> None:
-    for directory in (DEPLOY, DEPLOY / "uninstall", DEPLOY / "samples", DEPLOY / "istio-crds"):
+    for directory in kustomizations():
         for doc in kustomize(directory):
             if not doc["apiVersion"].startswith(CUSTOM_GROUPS):
                 kubernetes_validate.validate(doc, version, strict=True)
@@ -363,6 +378,7 @@ def kustomizations() -> dict[Path, Obj]:
 
 def referenced(directory: Path, k: Obj) -> set[Path]:
     refs = {directory / r for r in k.get("resources", [])}
+    refs |= {directory / p["path"] for p in k.get("patches", [])}
     for gen in k.get("configMapGenerator", []):
         refs |= {directory / f.rpartition("=")[2] for f in gen.get("files", [])}
         refs |= {directory / f for f in gen.get("envs", [])}
@@ -401,6 +417,16 @@ def test_the_top_level_kustomization_renders_the_whole_install() -> None:
     assert cm["data"] == env_file(DEPLOY / "agent" / "mesh.env")
 
 
+def test_the_shared_ca_overlay_mounts_the_root_where_the_agent_reads_it() -> None:
+    (ds,) = [d for d in kustomize(DEPLOY / "shared-ca") if d["kind"] == "DaemonSet"]
+    c = container(ds, "agent")
+    root_cert = Path(flag_values(c["args"])["--ca-root-cert"])
+    volumes = {v["name"]: v for v in ds["spec"]["template"]["spec"]["volumes"]}
+    (mount,) = [m for m in c["volumeMounts"] if "secret" in volumes[m["name"]]]
+    assert Path(mount["mountPath"]) == root_cert.parent and mount["readOnly"] is True
+    assert volumes[mount["name"]]["secret"]["secretName"] == "nodemesh-ca"
+
+
 # -- uninstall ----------------------------------------------------------------------------------
 def test_the_cleanup_daemonset_runs_nodemesh_uninstall_over_the_agents_pins() -> None:
     ds = the("DaemonSet", "nodemesh-cleanup")
@@ -429,7 +455,7 @@ def test_every_pod_runs_the_image_the_project_builds() -> None:
             assert c["image"] == f"localhost/nodemesh:{version}"
     dockerfile = (IMAGE_DIR / "Dockerfile").read_text(encoding="utf-8")
     assert container(agent_ds(), "agent")["command"][0] in dockerfile  # the entrypoint's path
-    assert "FROM debian:bookworm" in dockerfile
+    assert re.search(r"^FROM (docker.io/library/)?debian:bookworm", dockerfile, re.M)
     for pkg in ("python3-bpfcc", "bpftool", "iproute2", "linux-headers-"):
         assert pkg in dockerfile
     assert "dist-packages/bcc" in dockerfile  # only bcc linked into the venv, as setup.sh does
