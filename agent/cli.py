@@ -16,6 +16,7 @@ COMMANDS = (
     "agent.telemetry.cli",
     "agent.policy.cli",
     "agent.identity.cli",
+    "agent.datapath.cli",
 )
 
 Handler = Callable[[argparse.Namespace], int]
