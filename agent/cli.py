@@ -13,6 +13,8 @@ from typing import Protocol
 # `func` (a callable taking the parsed namespace and returning an exit code).
 COMMANDS = (
     "agent.testbed.cli",
+    "agent.runtime.cli",
+    "agent.runtime.demo",
     "agent.telemetry.cli",
     "agent.policy.cli",
     "agent.identity.cli",

@@ -42,34 +42,76 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("node_name", "NODE_NAME", "--node-name", "this node's name (pods on it are enrolled)"),
     Setting("source", "NODEMESH_SOURCE", "--source", "where state comes from: file or kubernetes"),
-    Setting("config_path", "NODEMESH_CONFIG", "--config",
-            "mesh YAML file or directory (file source)"),
-    Setting("kubeconfig", "KUBECONFIG", "--kubeconfig", "kubeconfig (kubernetes source, outside "
-            "a cluster)"),
-    Setting("cgroup_root", "NODEMESH_CGROUP_ROOT", "--cgroup-root",
-            "cgroup v2 directory the programs attach to (default: the cgroup2 mount)"),
+    Setting(
+        "config_path", "NODEMESH_CONFIG", "--config", "mesh YAML file or directory (file source)"
+    ),
+    Setting(
+        "kubeconfig",
+        "KUBECONFIG",
+        "--kubeconfig",
+        "kubeconfig (kubernetes source, outside a cluster)",
+    ),
+    Setting(
+        "cgroup_root",
+        "NODEMESH_CGROUP_ROOT",
+        "--cgroup-root",
+        "cgroup v2 directory the programs attach to (default: the cgroup2 mount)",
+    ),
     Setting("pin_dir", "NODEMESH_PIN_DIR", "--pin-dir", "bpffs directory for pinned maps/links"),
     Setting("trust_domain", "TRUST_DOMAIN", "--trust-domain", "SPIFFE trust domain"),
-    Setting("root_namespace", "ROOT_NAMESPACE", "--root-namespace",
-            "namespace whose policies apply mesh-wide"),
-    Setting("ca_address", "CA_ADDRESS", "--ca-address",
-            "Istio-compatible CA (host:port); empty runs the embedded CA"),
+    Setting(
+        "root_namespace",
+        "ROOT_NAMESPACE",
+        "--root-namespace",
+        "namespace whose policies apply mesh-wide",
+    ),
+    Setting(
+        "ca_address",
+        "CA_ADDRESS",
+        "--ca-address",
+        "Istio-compatible CA (host:port); empty runs the embedded CA",
+    ),
     Setting("ca_root_cert", "CA_ROOT_CERT", "--ca-root-cert", "trust anchor of the CA"),
     Setting("ca_token_path", "CA_TOKEN_PATH", "--ca-token", "bearer token file for the CA"),
-    Setting("cert_ttl_seconds", "SECRET_TTL", "--cert-ttl", "workload certificate TTL, seconds",
-            int),
+    Setting(
+        "cert_ttl_seconds", "SECRET_TTL", "--cert-ttl", "workload certificate TTL, seconds", int
+    ),
     Setting("admin_addr", "ADMIN_ADDR", "--admin-addr", "admin endpoint (localhost only)"),
     Setting("metrics_addr", "METRICS_ADDR", "--metrics-addr", "Prometheus endpoint"),
     Setting("readiness_addr", "READINESS_ADDR", "--readiness-addr", "/healthz/ready endpoint"),
     Setting("flow_log", "NODEMESH_FLOW_LOG", "--flow-log", "JSON-lines flow log file"),
-    Setting("audit_log", "NODEMESH_AUDIT_LOG", "--audit-log", "audit log file (denies, auth "
-            "failures)"),
-    Setting("exclude_ports", "NODEMESH_EXCLUDE_PORTS", "--exclude-port",
-            "destination port never captured (repeatable; env: comma list)", int, True),
-    Setting("exclude_cidrs", "NODEMESH_EXCLUDE_CIDRS", "--exclude-cidr",
-            "destination CIDR never captured (repeatable; env: comma list)", str, True),
-    Setting("drain_seconds", "NODEMESH_DRAIN_SECONDS", "--drain-seconds",
-            "graceful drain on SIGTERM, seconds", float),
+    Setting(
+        "audit_log", "NODEMESH_AUDIT_LOG", "--audit-log", "audit log file (denies, auth failures)"
+    ),
+    Setting(
+        "exclude_ports",
+        "NODEMESH_EXCLUDE_PORTS",
+        "--exclude-port",
+        "destination port never captured (repeatable; env: comma list)",
+        int,
+        True,
+    ),
+    Setting(
+        "exclude_cidrs",
+        "NODEMESH_EXCLUDE_CIDRS",
+        "--exclude-cidr",
+        "destination CIDR never captured (repeatable; env: comma list)",
+        str,
+        True,
+    ),
+    Setting(
+        "testbed_run",
+        "NODEMESH_TESTBED_RUN",
+        "--testbed-run",
+        "find pods in this test-bed run (demo, tests) instead of by pod UID",
+    ),
+    Setting(
+        "drain_seconds",
+        "NODEMESH_DRAIN_SECONDS",
+        "--drain-seconds",
+        "graceful drain on SIGTERM, seconds",
+        float,
+    ),
 )
 
 
@@ -98,6 +140,7 @@ class Config:
     audit_log: Path | None = None
     exclude_ports: tuple[int, ...] = ()
     exclude_cidrs: tuple[ipaddress.IPv4Network, ...] = ()
+    testbed_run: str = ""
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
     origins: Mapping[str, str] = field(default_factory=dict, compare=False)
 
@@ -108,8 +151,11 @@ class Config:
             if f.name == "origins":
                 continue
             v = getattr(self, f.name)
-            out[f.name] = [str(x) for x in v] if isinstance(v, tuple) else (
-                str(v) if isinstance(v, Path) else v)
+            out[f.name] = (
+                [str(x) for x in v]
+                if isinstance(v, tuple)
+                else (str(v) if isinstance(v, Path) else v)
+            )
         out["origins"] = dict(self.origins)
         return out
 
@@ -130,8 +176,9 @@ def _convert(s: Setting, raw: object, origin: str) -> object:
                 return tuple(ipaddress.IPv4Network(str(x).strip()) for x in items)
             return tuple(s.kind(str(x).strip()) for x in items)
         default = Config.__dataclass_fields__[s.name].default
-        if isinstance(default, Path) or s.name.endswith(("_path", "_root", "_dir", "_log",
-                                                         "_cert", "kubeconfig")):
+        if isinstance(default, Path) or s.name.endswith(
+            ("_path", "_root", "_dir", "_log", "_cert", "kubeconfig")
+        ):
             return Path(str(raw))
         return s.kind(raw)
     except ValueError as exc:
@@ -160,8 +207,9 @@ def build(env: Mapping[str, str], flags: Mapping[str, object] | None = None) -> 
     return cfg
 
 
-def from_environment(args: argparse.Namespace | None = None,
-                     env: Mapping[str, str] | None = None) -> Config:
+def from_environment(
+    args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None
+) -> Config:
     flags = {s.name: getattr(args, s.name, None) for s in SETTINGS} if args else {}
     return build(os.environ if env is None else env, flags)
 

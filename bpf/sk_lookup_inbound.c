@@ -3,12 +3,13 @@
  * but the tunnel's own and the excluded ones, goes to the tunnel's inbound listener (15006);
  * the accepted socket's local address stays the original destination.
  *
- * Traffic arriving on loopback is local (including the tunnel's upstream connects to the app)
- * and is never steered. IPv6 is not steered yet and is dropped, so it cannot bypass STRICT.
+ * Traffic arriving on loopback is local and never steered; neither are the tunnel's upstream
+ * connects to the app (recorded by connect4 in nm_upstream_v1). IPv6 is not steered yet and is dropped, so it cannot bypass STRICT.
  */
 #include "lib/common.h"
 #include "lib/ipcache.h"
 #include "lib/inbound.h"
+#include "lib/conn.h"
 #include "lib/events.h"
 
 int nm_sk_lookup(struct bpf_sk_lookup *ctx)
@@ -31,6 +32,12 @@ int nm_sk_lookup(struct bpf_sk_lookup *ctx)
 	ip = ctx->local_ip4;
 	if (nm_exclude_port_v1.lookup(&port))
 		return SK_PASS;
+	struct upstream_key uk = {
+		.src_ip = ctx->remote_ip4, .dst_ip = ip, .src_port = bpf_ntohs(ctx->remote_port),
+		.dst_port = port,
+	};
+	if (nm_upstream_v1.lookup(&uk))
+		return SK_PASS; /* the tunnel's own upstream to this pod's app */
 	sk = (struct bpf_sock *)nm_inbound_v1.lookup(&ip); /* sockhash lookup yields the socket */
 	if (!sk)
 		return SK_PASS;

@@ -2,10 +2,11 @@
 /* cgroup/connect4: outbound capture and L4 policy at connect time.
  *
  * For a TCP connect() in an enrolled pod's netns:
- *   1. sockets with the tunnel mark and no identity are the tunnel's own: untouched;
+ *   1. sockets with the tunnel mark and id 0 or all-ones are the tunnel's own: untouched;
  *   2. sockets with the tunnel mark and an identity are the tunnel's upstream connects on behalf
  *      of an authenticated (or plaintext) peer: destination-side policy; deny -> EPERM, which
- *      the tunnel answers with HTTP 401;
+ *      the tunnel answers with HTTP 401; an allowed one is recorded so sk_lookup lets it
+ *      reach the app instead of steering it back to the tunnel;
  *   3. other sockets are the app's: loopback and excluded destinations pass; the egress policy
  *      is checked with the pod's own identity (deny -> EPERM at once); otherwise the original
  *      destination is recorded by socket cookie and the connect goes to 127.0.0.1:15001.
@@ -63,7 +64,7 @@ int nm_connect4(struct bpf_sock_addr *ctx)
 	mark = sk->mark;
 	if (nm_is_tunnel_mark(mark)) {
 		src_id = mark >> NM_MARK_ID_SHIFT;
-		if (src_id == NM_ID_NONE)
+		if (src_id == NM_ID_NONE || src_id == NM_ID_TUNNEL)
 			return 1;
 		nm_policy_verdict(dst, src_id, sk->src_ip4, dport, &pe);
 		if (pe.verdict == NM_VERDICT_DENY) {
@@ -71,6 +72,12 @@ int nm_connect4(struct bpf_sock_addr *ctx)
 			nm_emit_deny(ctx, netns, sk->src_ip4, src_id, &pe, NM_DIR_INGRESS);
 			return 0;
 		}
+		struct upstream_key uk = {
+			.src_ip = sk->src_ip4, .dst_ip = dst, .src_port = (__u16)sk->src_port,
+			.dst_port = dport,
+		};
+		__u32 one = 1;
+		nm_upstream_v1.update(&uk, &one);
 		return 1;
 	}
 

@@ -72,8 +72,11 @@ def prepare_pod_netns(target: str | Path) -> None:
             except OSError as exc:
                 msg = f"cannot set net.ipv4.{key} in {target}: {exc}"
                 raise PodNetError(exc.errno, msg) from exc
-    path = str(netns.path_of(str(target))) if "/" not in str(target) else str(target)
-    with IPRoute(netns=path) as ipr:
+    # IPRoute(netns=...) forks a helper to open its socket, and a fork in this multi-threaded
+    # process can inherit a held lock and hang; a socket opened in the entered netns needs none.
+    with netns.entered(target):
+        ipr_in_pod = IPRoute()
+    with ipr_in_pod as ipr:
         lo = ipr.link_lookup(ifname="lo")[0]
         steps: tuple[tuple[str, Callable[[], object]], ...] = (
             (f"ip rule fwmark {TUNNEL_MARK:#x} lookup main",

@@ -23,7 +23,7 @@ from agent.datapath import bpfsys, layouts
 from agent.datapath.bccloader import Module, ProgType, compile_module
 from agent.datapath.bpfsys import AttachType, MapType
 from agent.datapath.layouts import FlowEvent, PolicyEntry, PolicyKey
-from agent.datapath.options import BuildOptions
+from agent.datapath.options import ID_TUNNEL, BuildOptions
 from agent.datapath.verdicts import COUNTER_SLOTS, Counter
 from agent.host import netns
 
@@ -157,8 +157,8 @@ class Datapath:
     # -- enrollment ------------------------------------------------------------------------
     def enroll(self, ns: str | Path, identity: int, pod_ip: ipaddress.IPv4Address) -> int:
         """Enroll a pod netns: capture its traffic and steer its inbound plaintext."""
-        if identity < 2 or identity >= 1 << 20:
-            raise ValueError(f"identity id {identity} out of range 2..{(1 << 20) - 1}")
+        if not 2 <= identity < ID_TUNNEL:
+            raise ValueError(f"identity id {identity} out of range 2..{ID_TUNNEL - 1}")
         cookie = netns.cookie_of(ns)
         bpfsys.map_update(
             self.module.map_fd("nm_enrolled_v1"),

@@ -1,6 +1,6 @@
 """Node-local numeric ids for SPIFFE identities: the keys of kernel policy and socket marks.
 
-Reserved ids: 0 = not an upstream socket (the tunnel's own), 1 = plaintext source, 2 = any
+Reserved ids: 0 and all-ones = the tunnel's own sockets, 1 = plaintext source, 2 = any
 identity the agent has not been told about (so the kernel can still decide for it exactly).
 Ids are stable while the process lives and never reused, and fit the mark's 20 high bits.
 """
@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import threading
 
-from agent.datapath.options import ID_PLAINTEXT, MARK_ID_SHIFT, MARK_MAGIC
+from agent.datapath.options import ID_PLAINTEXT, ID_TUNNEL, MARK_ID_SHIFT, MARK_MAGIC
 from agent.identity.spiffe import Identity
 
 ID_OTHER = 2
 FIRST_ID = 3
-MAX_ID = (1 << 20) - 1
+MAX_ID = ID_TUNNEL - 1  # all-ones marks the tunnel's own sockets
 
 
 class IdentityTable:

@@ -17,6 +17,7 @@ MARK_MASK = 0xFFF
 MARK_ID_SHIFT = 12
 ID_NONE = 0
 ID_PLAINTEXT = 1
+ID_TUNNEL = 0xFFFFF  # the tunnel's own sockets (ztunnel/podnet.py TUNNEL_ID)
 
 # The attach points, one C file each, in the order they are compiled into one module.
 ATTACH_POINTS = (

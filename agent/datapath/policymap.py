@@ -72,7 +72,8 @@ class PolicyCompiler:
         dests = [w for w in workloads if w.in_mesh is not False and _v4(w.ips)]
         for w in dests:
             self.identities.allocate(w.identity)
-        named = {n for w in dests for n in referenced_cidrs(policies, w).source if isinstance(n, V4)}
+        named = {n for w in dests for n in referenced_cidrs(policies, w).source
+                 if isinstance(n, V4)}
         prefixes = sorted(named, key=lambda n: (n.prefixlen, int(n.network_address)))
         out = CompiledPolicy()
         for net in prefixes:

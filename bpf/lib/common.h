@@ -27,8 +27,9 @@
 #define NM_HBONE_PORT 15008
 #endif
 /* Sockets owned by the tunnel carry this mark in the low bits (Istio's in-pod mark 0x539); the
- * high 20 bits carry the authenticated source identity on upstream sockets (0: not an upstream,
- * 1: plaintext source, >=2: a SPIFFE identity). */
+ * high 20 bits carry the authenticated source identity on upstream sockets (1: plaintext source,
+ * >=2: a SPIFFE identity); 0 and all-ones mark the tunnel's own sockets (listeners, HBONE dials,
+ * passthrough), which are never captured or policed. */
 #ifndef NM_MARK_MAGIC
 #define NM_MARK_MAGIC 0x539
 #endif
@@ -36,6 +37,7 @@
 #define NM_MARK_ID_SHIFT 12
 #define NM_ID_NONE 0
 #define NM_ID_PLAINTEXT 1
+#define NM_ID_TUNNEL 0xfffff
 
 #ifndef NM_MAX_PODS
 #define NM_MAX_PODS 1024

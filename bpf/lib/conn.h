@@ -36,4 +36,20 @@ BPF_TABLE_PINNED("lru_hash", __u64, struct conn_entry, nm_conn_cookie_v1, NM_MAX
 BPF_TABLE_PINNED("lru_hash", struct conn_tuple, struct conn_entry, nm_conn_tuple_v1, NM_MAX_CONNS,
 		 NM_PIN(nm_conn_tuple_v1));
 
+struct upstream_key {
+	__u32 src_ip;   /* network order */
+	__u32 dst_ip;   /* network order */
+	__u16 src_port; /* host order */
+	__u16 dst_port; /* host order */
+};
+
+/* nm_upstream_v1: the tunnel's allowed upstream connects to a local pod. They arrive on the
+ * pod's own address from a spoofed client address and, measured, with the pod's eth0 as
+ * ingress device, so sk_lookup could not tell them from real inbound plaintext without this.
+ * key: struct upstream_key -> u32 (unused); NM_MAX_CONNS entries, LRU.
+ * Writer: connect4 (tunnel upstream allowed). Reader: sk_lookup (never steer these).
+ */
+BPF_TABLE_PINNED("lru_hash", struct upstream_key, __u32, nm_upstream_v1, NM_MAX_CONNS,
+		 NM_PIN(nm_upstream_v1));
+
 #endif

@@ -61,12 +61,12 @@ print(json.dumps({"peer": f"{peer[0]}:{peer[1]}", "reply": data.decode()}))
 
 # The tunnel's upstream connect: a marked socket created in a pod netns from the node's cgroup.
 MARKED_CONNECT = """
-import errno, json, socket, sys
+import errno, json, socket, struct, sys
 from agent.host import netns
 ns, ip, port, mark = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 with netns.entered(ns):
     s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, struct.pack("I", mark))  # marks may exceed 2^31
 s.settimeout(5)
 try:
     s.connect((ip, port))
@@ -123,4 +123,24 @@ dp.apply_policy({PolicyKey(ipaddress.IPv4Address(deny_ip)): PolicyEntry(Verdict.
                  Reason.POLICY_DENY)}, {})
 print(",".join(actions), flush=True)
 time.sleep(600)
+"""
+
+# The tunnel's inbound upstream: marked, bound transparently to the client's address, from the
+# node's cgroup inside the destination pod, to that pod's own app.
+TRANSPARENT_CONNECT = """
+import errno, json, socket, sys
+from agent.host import netns
+ns, src, ip, port, mark = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+from ztunnel import podnet
+podnet.prepare_pod_netns(ns)
+s = podnet.upstream(ns, mark, src)
+s.setblocking(True)
+s.settimeout(5)
+try:
+    s.connect((ip, port))
+    s.sendall(b"x")
+    s.shutdown(socket.SHUT_WR)
+    print(json.dumps({"reply": s.recv(4096).decode()}))
+except OSError as e:
+    print(json.dumps({"errno": errno.errorcode.get(e.errno, str(e.errno))}))
 """

@@ -11,11 +11,11 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
-from peers import CLIENT, FAKE_TUNNEL, MARKED_CONNECT, SERVER
+from peers import CLIENT, FAKE_TUNNEL, MARKED_CONNECT, SERVER, TRANSPARENT_CONNECT
 
 from agent.datapath.datapath import Datapath
 from agent.datapath.layouts import PolicyEntry, PolicyKey
-from agent.datapath.options import ID_PLAINTEXT, MARK_MAGIC
+from agent.datapath.options import ID_PLAINTEXT, ID_TUNNEL, MARK_MAGIC
 from agent.datapath.verdicts import Counter, EventKind, Reason, Verdict
 from agent.testbed import Cluster, Pod, PodProcess
 
@@ -167,7 +167,9 @@ def test_destination_side_deny_follows_the_identity_in_the_socket_mark(
     assert upstream(55) == {"errno": "EPERM"}
     assert upstream(56)["reply"].startswith("p1|")  # another identity: no entry, allowed
     assert upstream(ID_PLAINTEXT) == {"errno": "EPERM"}  # plaintext under STRICT
-    assert upstream(0)["reply"].startswith("p1|")  # the tunnel's own sockets: never policed
+    # the tunnel's own sockets (id 0, or all-ones as ztunnel marks them): never policed
+    assert upstream(0)["reply"].startswith("p1|")
+    assert upstream(ID_TUNNEL)["reply"].startswith("p1|")
 
 
 ANY_PORT_ = 0
@@ -208,6 +210,20 @@ def test_inbound_plaintext_is_steered_to_the_inbound_listener(
                 conn.shutdown(socket.SHUT_WR)
                 conn.recv(100)
             assert run_json(client)["reply"] == "steered"
+        # the tunnel's own upstream (marked, source spoofed) to the pod's app is not steered
+        node = kcluster.nodes[0]
+        out = run_json(
+            node.python(
+                TRANSPARENT_CONNECT,
+                b.netns_path,
+                "10.251.9.9",
+                str(b.ip),
+                "8080",
+                str((55 << 12) | MARK_MAGIC),
+                stdout=subprocess.PIPE,
+            )
+        )
+        assert out["reply"].startswith(f"p2|{b.ip}:8080|10.251.9.9:")
         # excluded port: reaches the real server; 15008: not steered (nothing listens: refused)
         assert connect_from(c, b.ip, 9000)["reply"].startswith("p2|")
         assert connect_from(c, b.ip, 15008) == {"errno": "ECONNREFUSED"}

@@ -19,8 +19,9 @@ from agent.testbed import Cluster
 
 
 def bpftool(*args: str) -> object:
-    out = subprocess.run(["bpftool", "-j", *args], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        ["bpftool", "-j", *args], capture_output=True, text=True, check=True
+    ).stdout
     return json.loads(out.strip() or "[]")
 
 
@@ -65,9 +66,19 @@ def test_uninstall_pin_dir_removes_what_a_killed_agent_left(
     before = {k: ids(k) for k in ("prog", "map", "link")}
     # The agent installs, enrolls pod 0 (an sk_lookup link in its netns), denies pod 1, dies.
     agent = subprocess.Popen(
-        [sys.executable, "-c", AGENT, str(cg), str(pin), c.pod(0, 0).netns,
-         str(c.pod(0, 0).ip), str(c.pod(0, 1).ip)],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            AGENT,
+            str(cg),
+            str(pin),
+            c.pod(0, 0).netns,
+            str(c.pod(0, 0).ip),
+            str(c.pod(0, 1).ip),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert agent.stdout is not None
         assert "attached nm_connect4" in agent.stdout.readline()

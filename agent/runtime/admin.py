@@ -1,0 +1,43 @@
+"""Admin (localhost: /config_dump, /flows) and readiness (/healthz/ready) HTTP endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from agent.telemetry.stream import FlowHub
+from agent.telemetry.stream import add_routes as add_flow_routes
+
+
+def admin_app(dump: Callable[[], dict[str, Any]], hub: FlowHub) -> web.Application:
+    app = web.Application()
+
+    async def config_dump(_req: web.Request) -> web.Response:
+        return web.json_response(dump(), dumps=lambda o: json.dumps(o, default=str, indent=2))
+
+    app.router.add_get("/config_dump", config_dump)
+    add_flow_routes(app, hub)
+    return app
+
+
+def readiness_app(ready: asyncio.Event) -> web.Application:
+    app = web.Application()
+
+    async def healthz(_req: web.Request) -> web.Response:
+        if ready.is_set():
+            return web.Response(text="ready\n")
+        return web.Response(status=503, text="not ready: first sync or enrollment pending\n")
+
+    app.router.add_get("/healthz/ready", healthz)
+    return app
+
+
+async def serve(app: web.Application, host: str, port: int) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner

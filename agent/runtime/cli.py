@@ -1,0 +1,136 @@
+"""`nodemesh run`: the node agent and tunnel in one process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from typing import Any
+
+from agent import config as cfgmod
+from agent.enroll import KubernetesLocator, PodLocator, TestbedLocator
+from agent.runtime import admin
+from agent.runtime.node import NodeAgent
+from agent.sources.file import FileSource
+from agent.state.store import StateStore
+from agent.telemetry.server import MetricsServer
+
+log = logging.getLogger("nodemesh")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: structured logs for collectors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run the node agent and tunnel",
+        epilog="example: nodemesh run --config mesh.yaml --node-name node0",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cfgmod.add_arguments(p)
+    p.add_argument("--log-format", choices=("json", "text"), default="json")
+    p.set_defaults(func=_run)
+
+
+def _locator(cfg: cfgmod.Config) -> PodLocator:
+    if cfg.testbed_run:
+        return TestbedLocator.for_run(cfg.testbed_run)
+    return KubernetesLocator()
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.log_format == "json":
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonFormatter())
+        logging.getLogger().handlers[:] = [handler]
+    try:
+        cfg = cfgmod.from_environment(args)
+    except cfgmod.ConfigError as exc:
+        print(f"nodemesh run: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(run_agent(cfg))
+
+
+async def run_agent(cfg: cfgmod.Config) -> int:
+    store = StateStore()
+    if cfg.source != "file" or cfg.config_path is None:
+        print("nodemesh run: only the file source is wired into `run` so far", file=sys.stderr)
+        return 2
+    source = FileSource(cfg.config_path, store, root_namespace=cfg.root_namespace)
+    source.load_once()
+    agent = NodeAgent(cfg, store, _locator(cfg))
+    agent.synced.set()  # a file source is fully synced once loaded
+    actions = agent.start_datapath()
+    log.info("datapath: %s", ", ".join(actions))
+    runners = [
+        await admin.serve(
+            admin.admin_app(lambda: _dump(agent), agent.telemetry.hub),
+            *cfgmod.parse_addr(cfg.admin_addr),
+        ),
+        await admin.serve(admin.readiness_app(agent.ready), *cfgmod.parse_addr(cfg.readiness_addr)),
+    ]
+    metrics = MetricsServer(agent.registry, *cfgmod.parse_addr(cfg.metrics_addr))
+    await metrics.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    tasks = [
+        asyncio.create_task(agent.run(), name="reconcile"),
+        asyncio.create_task(source.run(), name="file-source"),
+    ]
+    log.info("nodemesh agent on node %s running", cfg.node_name)
+    await stop.wait()
+    log.info("shutting down: draining the tunnel for up to %.1fs", cfg.drain_seconds)
+    for t in tasks:
+        t.cancel()
+    for t in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await t
+    await agent.shutdown(cfg.drain_seconds)
+    await metrics.stop()
+    for r in runners:
+        await r.cleanup()
+    return 0
+
+
+def _dump(agent: NodeAgent) -> dict[str, Any]:
+    st = agent.state
+    return {
+        "config": agent.config.dump(),
+        "enrolled": {
+            uid: {"workload": e.workload.ref, "netns": e.placement.netns, "netns_cookie": e.cookie}
+            for uid, e in agent.enrolled.items()
+        },
+        "pending": sorted(agent.pending),
+        "identities": {str(i): n for i, n in agent.identities.items()},
+        "workloads": [w.ref for w in st.workloads],
+        "policy": {
+            "entries": len(agent.compiled.entries),
+            "cidrs": len(agent.compiled.cidrs),
+            "policies": agent.compiled.policy_names,
+            "updates": agent.policy_updates,
+        },
+        "datapath": {
+            "pin_dir": str(agent.datapath.pin_dir),
+            "counters": {c.name.lower(): v for c, v in agent.datapath.counters().items()},
+        },
+        "ready": agent.ready.is_set(),
+    }

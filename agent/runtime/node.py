@@ -1,0 +1,245 @@
+"""NodeAgent: one node's agent and tunnel under one supervisor.
+
+On every state change it recompiles policy (one atomic generation swap) and reconciles
+enrollment: each local in-mesh workload gets a certificate, tunnel listeners in its netns and a
+datapath enrollment; workloads that leave are removed. Kernel flow events and tunnel connection
+events feed telemetry. Readiness turns true after the first full sync and reconcile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from prometheus_client import CollectorRegistry
+
+from agent.config import Config
+from agent.datapath.datapath import Datapath
+from agent.datapath.identities import IdentityTable
+from agent.datapath.layouts import FlowEvent
+from agent.datapath.options import BuildOptions
+from agent.datapath.policymap import CompiledPolicy, PolicyCompiler
+from agent.datapath.verdicts import Counter
+from agent.enroll import PodLocator, PodPlacement
+from agent.host import cgroup
+from agent.identity import pki
+from agent.identity.manager import CertificateManager
+from agent.policy.peerauth import MtlsMode
+from agent.runtime import flows
+from agent.runtime.certs import (
+    InProcessCa,
+    TunnelCertificates,
+    embedded_ca,
+    load_or_create_authority,
+)
+from agent.state.model import Workload
+from agent.state.snapshot import MeshState
+from agent.state.store import StateStore
+from agent.telemetry.pipeline import Telemetry, TelemetryConfig
+from ztunnel.tunnel import Mode, PodSpec, Tunnel, TunnelConfig
+from ztunnel.tunnel import Workload as TunnelWorkload
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Enrolled:
+    workload: Workload
+    placement: PodPlacement
+    cookie: int
+
+
+@dataclass
+class NodeAgent:
+    config: Config
+    store: StateStore
+    locator: PodLocator
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    synced: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        cfg = self.config
+        self.identities = IdentityTable()
+        self.compiler = PolicyCompiler(self.identities)
+        root = cfg.cgroup_root or cgroup.mount_point()
+        self.datapath = Datapath(root, BuildOptions(pin_dir=cfg.pin_dir))
+        self.telemetry = Telemetry(
+            TelemetryConfig(node=cfg.node_name, flow_log=cfg.flow_log, audit_log=cfg.audit_log),
+            self.registry,
+        )
+        ttl = timedelta(seconds=cfg.cert_ttl_seconds)
+        ca_cert = cfg.ca_root_cert or cfg.pin_dir.parent / "ca" / "root-cert.pem"
+        ca_key = ca_cert.with_name("root-key.pem")
+        authority = load_or_create_authority(ca_cert, ca_key, cfg.trust_domain)
+        self.ca = embedded_ca(authority, self.store, cfg.trust_domain, ttl)
+        self.certs = CertificateManager(
+            InProcessCa(self.ca, cfg.node_name, ttl),
+            registry=self.registry,
+            trust_bundle=[pki.cert_to_pem(authority.root)],
+        )
+        self.tunnel = Tunnel(
+            TunnelConfig(
+                certificates=TunnelCertificates(self.certs),
+                resolver=self._resolve,
+                trust_domain=cfg.trust_domain,
+                identity_id=self.identities.id_of,
+                on_event=self._tunnel_event,
+            )
+        )
+        self.enrolled: dict[str, _Enrolled] = {}
+        self.pending: set[str] = set()
+        self.compiled = CompiledPolicy()
+        self.policy_updates = 0
+        self._dirty = asyncio.Event()
+        self._stop = threading.Event()
+        self._events_thread: threading.Thread | None = None
+
+    # -- lookups -----------------------------------------------------------------------------
+    @property
+    def state(self) -> MeshState:
+        return self.store.current
+
+    def _workload_by_ip(self, ip: str) -> Workload | None:
+        try:
+            return self.state.workload_by_ip(ipaddress.ip_address(ip))
+        except ValueError:
+            return None
+
+    def _resolve(self, ip: str) -> TunnelWorkload | None:
+        w = self._workload_by_ip(ip)
+        if w is None or not self.state.in_mesh(w):
+            return None
+        return TunnelWorkload(ip=ip, identity=w.identity, name=w.ref)
+
+    def _policy_name(self, pid: int) -> str:
+        return self.compiled.policy_names.get(pid, str(pid))
+
+    # -- telemetry producers -----------------------------------------------------------------
+    def _tunnel_event(self, ev: object) -> None:
+        self.telemetry.emit(flows.from_tunnel(ev, self._workload_by_ip))  # type: ignore[arg-type]  # EventHook passes ConnectionEvent
+
+    def _kernel_event(self, ev: FlowEvent) -> None:
+        self.telemetry.emit(flows.from_kernel(ev, self._workload_by_ip, self._policy_name))
+
+    def _poll_events(self) -> None:
+        while not self._stop.is_set():
+            self.datapath.poll_events(200)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start_datapath(self) -> list[str]:
+        actions = self.datapath.install()
+        self.datapath.set_exclusions(self.config.exclude_ports, self.config.exclude_cidrs)
+        self.datapath.open_events(self._kernel_event)
+        self._events_thread = threading.Thread(
+            target=self._poll_events, name="bpf-events", daemon=True
+        )
+        self._events_thread.start()
+        am = self.telemetry.agent_metrics
+        am.ringbuf_drops.set_reader(lambda: self.datapath.counters()[Counter.RINGBUF_DROPS])
+        am.enrolled_pods.set_reader(lambda: len(self.enrolled))
+        am.map_fill.set_reader(
+            lambda: {m: used / cap for m, (used, cap) in self.datapath.map_fill().items()}
+        )
+        self.store.subscribe(lambda _old, _new: self._dirty.set())
+        return actions
+
+    async def run(self) -> None:
+        """Reconcile whenever state changes, until cancelled."""
+        self._dirty.set()
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            try:
+                await self.reconcile()
+            except Exception:
+                # A failed pass must not stop the agent: what is installed keeps enforcing.
+                log.exception("reconcile failed; retrying in 1s")
+                await asyncio.sleep(1)
+                self._dirty.set()
+                continue
+            if self.synced.is_set() and not self.pending:
+                self.ready.set()
+            if self.pending:
+                await asyncio.sleep(0.5)  # netns not found yet: retry soon
+                self._dirty.set()
+
+    async def reconcile(self) -> None:
+        state = self.state
+        start = time.monotonic()
+        compiled = self.compiler.compile(state.policy_set, state.workloads)
+        self.datapath.apply_policy(compiled.entries, compiled.cidrs)
+        self.compiled = compiled
+        self.policy_updates += 1
+        self.telemetry.agent_metrics.policy_update_seconds.observe(time.monotonic() - start)
+        local = {
+            w.uid: w
+            for w in state.workloads_on_node(self.config.node_name)
+            if state.in_mesh(w) and _v4(w) is not None
+        }
+        for uid in list(self.enrolled):
+            if uid not in local or local[uid] != self.enrolled[uid].workload:
+                await self._unenroll(uid)
+        self.pending = set()
+        for uid, w in local.items():
+            if uid in self.enrolled:
+                continue
+            placement = self.locator.locate(w)
+            if placement is None:
+                self.pending.add(uid)
+                continue
+            try:
+                await self._enroll(w, placement)
+            except (OSError, LookupError, TimeoutError) as exc:
+                log.error("enrolling %s failed: %s", w.ref, exc)
+                self.pending.add(uid)
+
+    async def _enroll(self, w: Workload, placement: PodPlacement) -> None:
+        ip = _v4(w)
+        assert ip is not None
+        ident = self.identities.allocate(w.identity)
+        await self.certs.get(w.identity, timeout=30)
+        base, _ports = self.state.policy_set.mtls.strict_ports(w)
+        mode = Mode.STRICT if base is MtlsMode.STRICT else Mode.PERMISSIVE
+        await self.tunnel.add_pod(
+            PodSpec(
+                uid=w.uid,
+                netns=placement.netns,
+                ip=str(ip),
+                identity=w.identity,
+                name=w.ref,
+                mode=mode,
+            )
+        )
+        cookie = self.datapath.enroll(placement.netns, ident, ip)
+        self.datapath.set_inbound_listener(ip, self.tunnel.inbound_listener(w.uid))
+        self.enrolled[w.uid] = _Enrolled(w, placement, cookie)
+        log.info("enrolled %s (%s, %s, id %d)", w.ref, ip, w.identity, ident)
+
+    async def _unenroll(self, uid: str) -> None:
+        e = self.enrolled.pop(uid)
+        self.datapath.unenroll(e.cookie)
+        ip = _v4(e.workload)
+        if ip is not None:
+            with contextlib.suppress(OSError):
+                self.datapath.remove_inbound_listener(ip)
+        await self.tunnel.remove_pod(uid)
+        log.info("unenrolled %s", e.workload.ref)
+
+    async def shutdown(self, drain: float) -> None:
+        """Drain the tunnel and stop; the datapath stays pinned (fail closed while down)."""
+        await self.tunnel.drain(drain)
+        self._stop.set()
+        if self._events_thread is not None:
+            self._events_thread.join(timeout=2)
+        await self.certs.close()
+
+
+def _v4(w: Workload) -> ipaddress.IPv4Address | None:
+    return next((ip for ip in w.ips if isinstance(ip, ipaddress.IPv4Address)), None)
