@@ -14,6 +14,7 @@ import os
 import ssl
 import time
 from collections.abc import Callable
+from typing import Any
 
 from agent.identity.spiffe import Identity
 from ztunnel import hbone
@@ -71,6 +72,8 @@ class HboneSession(asyncio.Protocol):
         self.failure: BaseException | None = None
         loop = asyncio.get_running_loop()
         self.ready: asyncio.Future[None] = loop.create_future()
+        # Only dialers await `ready`; a server-side failure must not warn "never retrieved".
+        self.ready.add_done_callback(_retrieve)
         self.closed: asyncio.Future[None] = loop.create_future()
         self.reserved = 0  # pool: stream slots promised but not yet opened
         self.on_change: Callable[[HboneSession], None] | None = None
@@ -144,7 +147,6 @@ class HboneSession(asyncio.Protocol):
             if not fut.done():
                 fut.set_exception(
                     TunnelClosedError(f"HBONE connection lost before the response: {reason}"))
-        self._responses.clear()
         plains, self._plains = self._plains, {}
         for plain in plains.values():
             plain.reset()
@@ -166,12 +168,18 @@ class HboneSession(asyncio.Protocol):
     # -- client ------------------------------------------------------------------------------
     def open_stream(self, headers: list[tuple[str, str]]) -> int:
         sid = self.core.open_stream(headers)
-        self._responses[sid] = self._loop.create_future()
+        # Kept until `response()` takes it, so an early reset still reaches the caller.
+        fut: asyncio.Future[tuple[int, dict[str, str]]] = self._loop.create_future()
+        fut.add_done_callback(_retrieve)
+        self._responses[sid] = fut
         self._flush()
         return sid
 
     async def response(self, stream_id: int) -> tuple[int, dict[str, str]]:
-        return await self._responses[stream_id]
+        try:
+            return await self._responses[stream_id]
+        finally:
+            self._responses.pop(stream_id, None)
 
     # -- server ------------------------------------------------------------------------------
     def respond(self, stream_id: int, status: int) -> None:
@@ -249,7 +257,7 @@ class HboneSession(asyncio.Protocol):
         self._early.pop(sid, None)
         self._early_end.discard(sid)
         self._waiting_tls.discard(sid)
-        fut = self._responses.pop(sid, None)
+        fut = self._responses.get(sid)
         if fut is not None and not fut.done():
             fut.set_exception(TunnelClosedError(f"stream {sid} was reset before a response"))
         self._changed()
@@ -293,7 +301,7 @@ class HboneSession(asyncio.Protocol):
                 self._early_reset.add(sid)
             else:
                 plain.reset()
-            fut = self._responses.pop(sid, None)
+            fut = self._responses.get(sid)
             if fut is not None and not fut.done():
                 fut.set_exception(
                     TunnelClosedError(f"peer reset stream {sid} (code {ev.code})"))
@@ -308,7 +316,7 @@ class HboneSession(asyncio.Protocol):
             if self._on_request is not None:
                 self._on_request(self, sid, ev.headers)
         elif isinstance(ev, hbone.Response):
-            fut = self._responses.pop(sid, None)
+            fut = self._responses.get(sid)
             if fut is not None and not fut.done():
                 fut.set_result((ev.status, ev.headers))
         elif isinstance(ev, hbone.SettingsReceived):
@@ -340,3 +348,8 @@ class HboneSession(asyncio.Protocol):
             self.core.ping(os.urandom(8))
             self._flush()
         self._timer = self._loop.call_later(self._keepalive, self._tick)
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()

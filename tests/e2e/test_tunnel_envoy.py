@@ -11,7 +11,7 @@ from string import Template
 from typing import Any
 
 import pytest
-from conftest import require_root, requires
+from prereq import require_root, requires
 from support.mesh import mesh, read_peers
 
 from agent.testbed import Cluster

@@ -7,11 +7,12 @@ from __future__ import annotations
 import dataclasses
 import re
 import socket
+import struct
 import threading
 from typing import Any
 
 import pytest
-from conftest import require_root
+from prereq import require_root
 from support.mesh import mesh, read_peers, unread_output
 
 from agent.testbed import Cluster
@@ -146,3 +147,56 @@ def test_drain_finishes_open_connections_then_stops(small_cluster: Cluster) -> N
         assert drained.is_set()
         assert [e.flags for e in m.closed_events(Direction.OUTBOUND)] == [Flag.CONNECT | Flag.HBONE]
 
+
+
+def rst_close(s: socket.socket) -> None:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+
+
+def test_resets_propagate_both_ways_and_half_close_keeps_the_other_direction(
+        small_cluster: Cluster) -> None:
+    c = small_cluster
+    src, dst = c.pod(0, 0), c.pod(1, 0)
+    with mesh(c) as m, dst.socket() as listener:
+        listener.bind((str(dst.ip), 9000))
+        listener.listen(8)
+        listener.settimeout(30)
+        m.route(src, str(dst.ip), 9000)
+
+        def pair() -> tuple[socket.socket, socket.socket]:
+            client = src.socket()
+            client.settimeout(30)
+            client.connect(("127.0.0.1", 15001))
+            client.sendall(b"hello")
+            server, _ = listener.accept()
+            server.settimeout(30)
+            assert server.recv(5) == b"hello"
+            return client, server
+
+        # App-side reset -> RST_STREAM -> reset at the client.
+        client, server = pair()
+        rst_close(server)
+        with client, pytest.raises(ConnectionResetError):
+            client.recv(10)
+
+        # Client reset -> RST_STREAM -> reset at the app.
+        client, server = pair()
+        rst_close(client)
+        with server, pytest.raises(ConnectionResetError):
+            server.recv(10)
+
+        # Half-close: the client's EOF reaches the app, which can still answer, then close.
+        client, server = pair()
+        with client, server:
+            client.shutdown(socket.SHUT_WR)
+            assert server.recv(10) == b""
+            server.sendall(b"answer after your EOF")
+            server.shutdown(socket.SHUT_WR)
+            got = b""
+            while chunk := client.recv(100):
+                got += chunk
+            assert got == b"answer after your EOF"
+        m.wait_until(lambda: len(m.closed_events(Direction.OUTBOUND)) == 3, "close events")
+        flags = [e.flags & Flag.RESET for e in m.closed_events(Direction.OUTBOUND)]
+        assert flags == [Flag.RESET, Flag.RESET, Flag.NONE]

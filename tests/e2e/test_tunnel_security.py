@@ -10,7 +10,7 @@ import re
 from typing import Any
 
 import pytest
-from conftest import require_root
+from prereq import require_root
 from support.mesh import Mesh, mesh, read_peers, unread_output
 from support.testca import identity
 

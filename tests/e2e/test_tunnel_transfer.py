@@ -3,7 +3,7 @@ the app sees the real client IP and the identity mark, telemetry events for ever
 
 from __future__ import annotations
 
-from conftest import require_root
+from prereq import require_root
 from support.mesh import Capture, mesh, read_peers
 
 from agent.testbed import Cluster
