@@ -155,6 +155,7 @@ class Core:
         self._h2.decoder.max_header_list_size = self.settings.max_header_list
         self._streams: dict[int, _Stream] = {}
         self.goaway_received = False
+        self.goaway_sent = False
         self.settings_received = False
         self.terminated = False
 
@@ -247,6 +248,22 @@ class Core:
     def ping(self, payload: bytes) -> None:
         self._h2.ping(payload)
 
+    def goaway(self) -> None:
+        """Graceful drain: the peer must open no new streams; the ones open carry on."""
+        if not self.goaway_sent and not self.terminated:
+            self.goaway_sent = True
+            self._h2.close_connection(error_code=ErrorCodes.NO_ERROR)
+            self._reopen()
+
+    def _reopen(self) -> None:
+        # h2 treats GOAWAY (sent or received) as the end of the connection and then rejects
+        # every frame, but HTTP/2 lets streams up to the last stream id finish. Put h2's
+        # connection state back; new streams are refused by this core instead.
+        sm = self._h2.state_machine
+        if sm.state is h2.connection.ConnectionState.CLOSED:
+            sm.state = (h2.connection.ConnectionState.CLIENT_OPEN if self.client
+                        else h2.connection.ConnectionState.SERVER_OPEN)
+
     def close(self, code: int = ErrorCodes.NO_ERROR) -> None:
         if not self.terminated:
             self.terminated = True
@@ -270,22 +287,16 @@ class Core:
     def _translate(self, ev: h2.events.Event, out: list[Event]) -> None:  # noqa: PLR0912 -- one branch per h2 event type
         if isinstance(ev, h2.events.RequestReceived):
             sid = int(ev.stream_id)
+            if self.goaway_sent:
+                self._h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)  # came after our GOAWAY
+                return
             self._streams[sid] = _Stream()
             out.append(Request(sid, _headers(ev.headers)))
         elif isinstance(ev, h2.events.ResponseReceived):
             hdrs = _headers(ev.headers)
             out.append(Response(int(ev.stream_id), int(hdrs.get(":status", "0") or 0), hdrs))
         elif isinstance(ev, h2.events.DataReceived):
-            sid = int(ev.stream_id)
-            data = bytes(ev.data or b"")
-            padding = int(ev.flow_controlled_length or 0) - len(data)
-            if padding > 0:
-                self.consumed(sid, padding)  # padding never reaches the plain side
-            if sid in self._streams:
-                if data:
-                    out.append(Data(sid, data))
-            else:
-                self.consumed(sid, len(data))  # stream already reset locally: drop, keep window
+            self._on_data(ev, out)
         elif isinstance(ev, h2.events.StreamEnded):
             sid = int(ev.stream_id)
             s = self._streams.get(sid)
@@ -311,12 +322,39 @@ class Core:
         elif isinstance(ev, h2.events.PingAckReceived):
             out.append(PingAck(0, bytes(ev.ping_data or b"")))
         elif isinstance(ev, h2.events.ConnectionTerminated):
-            self.goaway_received = True
-            out.append(GoAway(0, int(ev.error_code or 0), int(ev.last_stream_id or 0)))
+            self._on_goaway(ev, out)
         elif isinstance(ev, h2.events.TrailersReceived | h2.events.InformationalResponseReceived):
             pass  # CONNECT tunnels carry neither; ignore rather than fail the stream
 
     # -- internals ---------------------------------------------------------------------------
+    def _on_data(self, ev: h2.events.DataReceived, out: list[Event]) -> None:
+        sid = int(ev.stream_id)
+        data = bytes(ev.data or b"")
+        padding = int(ev.flow_controlled_length or 0) - len(data)
+        if padding > 0:
+            self.consumed(sid, padding)  # padding never reaches the plain side
+        if sid in self._streams:
+            if data:
+                out.append(Data(sid, data))
+        else:
+            self.consumed(sid, len(data))  # stream already reset locally: drop, keep window
+
+    def _on_goaway(self, ev: h2.events.ConnectionTerminated, out: list[Event]) -> None:
+        self.goaway_received = True
+        code = int(ev.error_code or 0)
+        last = int(ev.last_stream_id or 0)
+        if code == ErrorCodes.NO_ERROR:
+            self._reopen()  # graceful: let open streams finish
+        else:
+            self.terminated = True
+        out.append(GoAway(0, code, last))
+        if self.client:
+            # Streams above the last id were never processed: fail them so apps can retry.
+            for sid in [s for s in self._streams if s > last or self.terminated]:
+                del self._streams[sid]
+                out.append(Reset(sid, ErrorCodes.REFUSED_STREAM))
+                out.append(Closed(sid))
+
     def _stream(self, stream_id: int) -> _Stream:
         s = self._streams.get(stream_id)
         if s is None:

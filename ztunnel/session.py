@@ -235,8 +235,15 @@ class HboneSession(asyncio.Protocol):
         self._dispatch(self.core.reset(stream_id))
         self._flush()
 
+    def goaway(self) -> None:
+        """Drain: no new streams from the peer; close once the open ones finish."""
+        self.core.goaway()
+        self._flush()
+        if not self.core.open_streams:
+            self.close()
+
     def close(self) -> None:
-        """Graceful: GOAWAY, then close once written."""
+        """GOAWAY, then close once written (open streams are cut)."""
         self.core.close()
         self._flush()
         if self.transport is not None:
@@ -308,6 +315,8 @@ class HboneSession(asyncio.Protocol):
         elif isinstance(ev, hbone.Closed):
             self._plains.pop(sid, None)
             self._waiting_tls.discard(sid)
+            if self.core.goaway_sent and not self.core.open_streams:
+                self.close()  # draining and the last stream is done
             self._changed()
 
     def _connection_event(self, ev: hbone.Event) -> None:
@@ -328,6 +337,8 @@ class HboneSession(asyncio.Protocol):
         elif isinstance(ev, hbone.GoAway):
             log.info("HBONE peer %s:%d sent GOAWAY (code %d): no new streams on it",
                      *self.remote_addr, ev.code)
+            if self.core.terminated:
+                self.close()
             self._changed()
         elif isinstance(ev, hbone.ConnectionFailed):
             log.warning("HBONE connection with %s:%d failed: %s", *self.remote_addr, ev.reason)

@@ -192,6 +192,8 @@ class Tunnel:
         self.draining = True
         for pod in self._pods.values():
             self._close_listeners(pod)
+            for s in list(pod.sessions):
+                s.goaway()  # peers stop opening streams here; open ones finish
         pending = {t for t in self._tasks if not t.done()}
         if pending:
             log.info("draining: waiting up to %.1fs for %d connections", deadline, len(pending))

@@ -200,3 +200,38 @@ def test_resets_propagate_both_ways_and_half_close_keeps_the_other_direction(
         m.wait_until(lambda: len(m.closed_events(Direction.OUTBOUND)) == 3, "close events")
         flags = [e.flags & Flag.RESET for e in m.closed_events(Direction.OUTBOUND)]
         assert flags == [Flag.RESET, Flag.RESET, Flag.NONE]
+
+
+def test_draining_destination_sends_goaway_and_finishes_open_streams(
+        small_cluster: Cluster) -> None:
+    c = small_cluster
+    src, dst = c.pod(0, 0), c.pod(1, 0)
+    with mesh(c) as m:
+        m.start_server(dst, 8080, SMALL)
+        m.route(src, str(dst.ip), 8080)
+        pool = m.tunnel_of(src).pool
+        with src.socket() as app:
+            app.connect(("127.0.0.1", 15001))
+            app.sendall(b"x" * SMALL)
+            m.wait_until(lambda: any(e.phase == "open" and e.direction is Direction.INBOUND
+                                     for e in m.events), "tunnel to open")
+            done = threading.Event()
+
+            def drain() -> None:
+                m.loop.run(m.tunnel_of(dst).drain(60))
+                done.set()
+
+            t = threading.Thread(target=drain)
+            t.start()
+            try:
+                # The source saw GOAWAY: the connection leaves the pool, its stream goes on.
+                m.wait_until(lambda: not pool.connections(), "GOAWAY to reach the source")
+                app.shutdown(socket.SHUT_WR)
+                got = b""
+                while chunk := app.recv(65536):
+                    got += chunk
+                assert len(got) == SMALL + 32
+            finally:
+                t.join(60)
+        assert done.is_set()
+        assert [e.flags for e in m.closed_events(Direction.OUTBOUND)] == [Flag.CONNECT | Flag.HBONE]

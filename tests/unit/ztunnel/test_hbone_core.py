@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from h2.errors import ErrorCodes
 
 from ztunnel import hbone
 from ztunnel.hbone import Core
@@ -203,3 +204,31 @@ def test_only_clients_open_streams_and_unknown_streams_are_errors() -> None:
     client.end(sid)
     with pytest.raises(hbone.StreamError):
         client.send(sid, b"after end")
+
+
+def test_graceful_goaway_lets_open_streams_finish() -> None:
+    client, server = connected()
+    sid = tunnel(client, server)
+    server.goaway()
+    ce, _ = pump(client, server)
+    assert of(ce, hbone.GoAway) and client.goaway_received and not client.terminated
+    with pytest.raises(hbone.StreamError):
+        client.open_stream(HEADERS)
+    # h2 alone would reject every frame after GOAWAY; the open stream still works both ways.
+    assert server.send(sid, b"after goaway") is True
+    client.send(sid, b"still talking")
+    client.end(sid)
+    ce, se = pump(client, server)
+    assert [e.data for e in ce if isinstance(e, hbone.Data)] == [b"after goaway"]
+    assert [e.data for e in se if isinstance(e, hbone.Data)] == [b"still talking"]
+    assert of(se, hbone.End)
+
+
+def test_error_goaway_fails_open_streams() -> None:
+    client, server = connected()
+    sid = tunnel(client, server)
+    server.close(ErrorCodes.INTERNAL_ERROR)
+    ce, _ = pump(client, server)
+    assert [(type(e), e.stream_id) for e in ce] == [
+        (hbone.GoAway, 0), (hbone.Reset, sid), (hbone.Closed, sid)]
+    assert client.terminated and client.open_streams == 0
