@@ -119,6 +119,7 @@ class DialError(ConnectionError):
 class _Pod:
     spec: PodSpec
     listeners: list[socket.socket] = field(default_factory=list)
+    by_port: dict[int, socket.socket] = field(default_factory=dict)
     accept_tasks: list[asyncio.Task[None]] = field(default_factory=list)
     sessions: set[HboneSession] = field(default_factory=set)
 
@@ -153,6 +154,7 @@ class Tunnel:
             ):
                 lsock = podnet.listener(spec.netns, ip, port)
                 pod.listeners.append(lsock)
+                pod.by_port[port] = lsock
                 pod.accept_tasks.append(asyncio.create_task(self._accept_loop(pod, lsock, handler)))
         except BaseException:
             self._close_listeners(pod)
@@ -174,8 +176,12 @@ class Tunnel:
         log.info("pod %s removed: listeners closed", pod.spec.name or uid)
 
     def inbound_listener(self, uid: str) -> socket.socket:
-        """The pod's plaintext (15006) listener: the kernel's sk_lookup steers inbound to it."""
-        return self._pods[uid].listeners[1]
+        """The pod's 15006 listener: the kernel's sk_lookup program steers plaintext to it."""
+        pod = self._pods.get(uid)
+        sock = pod.by_port.get(self.config.inbound_port) if pod else None
+        if sock is None:
+            raise KeyError(f"pod {uid} is not enrolled (or is draining): no inbound listener")
+        return sock
 
     def listening(self, uid: str) -> bool:
         """Whether the pod's listeners are open (False once removed or draining)."""
@@ -230,6 +236,7 @@ class Tunnel:
         for s in pod.listeners:
             s.close()
         pod.listeners.clear()
+        pod.by_port.clear()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)

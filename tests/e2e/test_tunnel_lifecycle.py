@@ -46,6 +46,8 @@ def test_plaintext_strict_refuses_permissive_forwards(
         m.loop.run(t.remove_pod(permissive.name))
         spec = dataclasses.replace(m.specs[permissive.name], mode=Mode.PERMISSIVE)
         m.loop.run(t.add_pod(spec))
+        # The socket the kernel's sk_lookup program is given for each pod.
+        assert t.inbound_listener(permissive.name).getsockname() == ("0.0.0.0", 15006)
         # sk_lookup would deliver these to 15006 with the real port as the local address.
         for pod in (strict, permissive):
             m.inbound_routes[pod.cookie()] = 8080
