@@ -303,6 +303,7 @@ class Tunnel:
         key = PoolKey(spec.identity, wl.identity, dst_ip, spec.ip)
         headers = connect.request_headers(dst_ip_a, dst_port, ipaddress.ip_address(spec.ip),
                                           addr[1])
+        sid = 0
         try:
             session, sid = await self.pool.open_stream(key, headers)
             status, _ = await asyncio.wait_for(session.response(sid), self.config.connect_timeout)
@@ -311,10 +312,13 @@ class Tunnel:
             emit(self.config.on_event, ev.closed(flags=exc.flag, reason=str(exc)))
             return
         except (TunnelClosedError, OSError, TimeoutError, hbone.StreamError) as exc:
+            why = str(exc) or "no response in time (destination tunnel overloaded or hung?)"
             log.warning("HBONE CONNECT from pod %s to %s:%d failed: %s", spec.name, dst_ip,
-                        dst_port, exc or "timed out waiting for the response")
+                        dst_port, why)
+            if sid:
+                session.stream_reset(sid)  # do not leave the stream open on the connection
             app.reset()
-            emit(self.config.on_event, ev.closed(flags=Flag.UPSTREAM_FAILURE, reason=str(exc)))
+            emit(self.config.on_event, ev.closed(flags=Flag.UPSTREAM_FAILURE, reason=why))
             return
         if status != connect.OK:
             flag, why = _status_meaning(status)

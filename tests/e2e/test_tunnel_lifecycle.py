@@ -14,11 +14,12 @@ from typing import Any
 import pytest
 from prereq import require_root
 from support.mesh import mesh, read_peers, unread_output
+from support.testca import identity
 
 from agent.testbed import Cluster
 from ztunnel import podnet
 from ztunnel.events import Direction, Flag
-from ztunnel.tunnel import Mode
+from ztunnel.tunnel import Mode, Workload
 
 SMALL = 16 * 1024
 
@@ -83,6 +84,15 @@ def test_destinations_outside_the_mesh_pass_through_or_are_refused(
         assert [e.flags for e in m.closed_events(Direction.OUTBOUND)] == [
             Flag.CONNECT | Flag.PASSTHROUGH]
         assert m.tunnel_of(src).pool.connections_opened == 0
+
+        # In the mesh by the resolver's account, but no tunnel listens at that pod.
+        m.workloads[str(outside.ip)] = Workload(str(outside.ip), identity("ghost"), "ghost")
+        m.loop.run(m.tunnel_of(outside).remove_pod(outside.name))
+        assert m.run_clients(src, "127.0.0.1", 15001, SMALL, 1)["ok"] == 0
+        assert logged(caplog, rf"connection to {re.escape(str(outside.ip))}:15008 refused: no "
+                              r"tunnel listens there")
+        assert m.closed_events(Direction.OUTBOUND)[-1].flags == Flag.UPSTREAM_FAILURE
+        del m.workloads[str(outside.ip)]
 
         m.tunnel_of(src).config.outside_mesh = "refuse"
         assert m.run_clients(src, "127.0.0.1", 15001, SMALL, 1)["ok"] == 0
