@@ -92,12 +92,13 @@ def test_impersonation_is_rejected_with_the_cause_logged(
 
         failures = [e for e in m.closed_events(Direction.OUTBOUND) if e.flags & Flag.TLS_FAILURE]
         assert len(failures) == 4
-        inbound_failures = [e for e in m.closed_events(Direction.INBOUND)
-                            if e.flags & Flag.TLS_FAILURE]
-        # The fourth: our client aborted after checking the server's identity.
-        assert len(inbound_failures) == 4
-        assert logged(caplog, r"rejected HBONE connection from .* reset the connection during the "
-                              r"TLS handshake")
+        # The server recorded each certificate it refused, with the cause. (The client's own
+        # abort in the fourth case may land during or after the server's handshake.)
+        reasons = [e.reason for e in m.closed_events(Direction.INBOUND)
+                   if e.flags & Flag.TLS_FAILURE]
+        for cause in ("trust domain 'other.domain'", "certificate has expired",
+                      "self-signed certificate"):
+            assert sum(cause in r for r in reasons) == 1, (cause, reasons)
 
         # No impersonation attempt reached the app; with sane certificates the same path works.
         m.workloads[str(dst.ip)] = Workload(str(dst.ip), m.identity(dst), dst.name)
