@@ -24,6 +24,8 @@ DEFAULT_ADMIN_ADDR = "127.0.0.1:15000"
 DEFAULT_METRICS_ADDR = "0.0.0.0:15020"
 DEFAULT_READINESS_ADDR = "0.0.0.0:15021"
 DEFAULT_CA_ADDR = ""  # empty: run the embedded CA in process
+# The embedded CA root; bpffs holds only BPF objects, so this lives on a real filesystem.
+DEFAULT_CA_ROOT_CERT = Path("/var/lib/nodemesh/ca/root-cert.pem")
 DEFAULT_CERT_TTL_SECONDS = 24 * 3600
 DEFAULT_DRAIN_SECONDS = 5.0
 DEFAULT_POLICY_SOURCE = "file"

@@ -16,6 +16,9 @@ from agent.enroll import KubernetesLocator, PodLocator, TestbedLocator
 from agent.runtime import admin
 from agent.runtime.node import NodeAgent
 from agent.sources.file import FileSource
+from agent.sources.k8sstate import KubernetesStateSink
+from agent.sources.kube import config as kubeconfig
+from agent.sources.kubernetes import KubernetesSource
 from agent.state.store import StateStore
 from agent.telemetry.server import MetricsServer
 
@@ -70,13 +73,17 @@ def _run(args: argparse.Namespace) -> int:
 
 async def run_agent(cfg: cfgmod.Config) -> int:
     store = StateStore()
-    if cfg.source != "file" or cfg.config_path is None:
-        print("nodemesh run: only the file source is wired into `run` so far", file=sys.stderr)
-        return 2
-    source = FileSource(cfg.config_path, store, root_namespace=cfg.root_namespace)
-    source.load_once()
     agent = NodeAgent(cfg, store, _locator(cfg))
-    agent.synced.set()  # a file source is fully synced once loaded
+    if cfg.source == "file":
+        assert cfg.config_path is not None  # checked by config.build
+        file_source = FileSource(cfg.config_path, store, root_namespace=cfg.root_namespace)
+        file_source.load_once()
+        agent.synced.set()  # a file source is fully synced once loaded
+        source_task = file_source.run()
+    else:
+        sink = KubernetesStateSink(store, trust_domain=cfg.trust_domain)
+        kube = KubernetesSource(kubeconfig.load(cfg.kubeconfig), cfg.node_name, sink)
+        source_task = _kube_run(kube, sink, agent)
     actions = agent.start_datapath()
     log.info("datapath: %s", ", ".join(actions))
     runners = [
@@ -94,7 +101,7 @@ async def run_agent(cfg: cfgmod.Config) -> int:
         loop.add_signal_handler(sig, stop.set)
     tasks = [
         asyncio.create_task(agent.run(), name="reconcile"),
-        asyncio.create_task(source.run(), name="file-source"),
+        asyncio.create_task(source_task, name=f"{cfg.source}-source"),
     ]
     log.info("nodemesh agent on node %s running", cfg.node_name)
     await stop.wait()
@@ -109,6 +116,21 @@ async def run_agent(cfg: cfgmod.Config) -> int:
     for r in runners:
         await r.cleanup()
     return 0
+
+
+async def _kube_run(kube: KubernetesSource, sink: KubernetesStateSink, agent: NodeAgent) -> None:
+    """Run the watch; readiness waits for the first full list of every resource."""
+
+    async def mark_synced() -> None:
+        await sink.wait_synced()
+        agent.synced.set()
+        agent.request_reconcile()
+
+    synced = asyncio.create_task(mark_synced())
+    try:
+        await kube.run()
+    finally:
+        synced.cancel()
 
 
 def _dump(agent: NodeAgent) -> dict[str, Any]:

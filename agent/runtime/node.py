@@ -19,7 +19,7 @@ from datetime import timedelta
 
 from prometheus_client import CollectorRegistry
 
-from agent.config import Config
+from agent.config import DEFAULT_CA_ROOT_CERT, Config, ConfigError
 from agent.datapath.datapath import Datapath
 from agent.datapath.identities import IdentityTable
 from agent.datapath.layouts import FlowEvent
@@ -29,6 +29,7 @@ from agent.datapath.verdicts import Counter
 from agent.enroll import PodLocator, PodPlacement
 from agent.host import cgroup
 from agent.identity import pki
+from agent.identity.caclient import CaClient
 from agent.identity.manager import CertificateManager
 from agent.policy.peerauth import MtlsMode
 from agent.runtime import flows
@@ -75,15 +76,7 @@ class NodeAgent:
             self.registry,
         )
         ttl = timedelta(seconds=cfg.cert_ttl_seconds)
-        ca_cert = cfg.ca_root_cert or cfg.pin_dir.parent / "ca" / "root-cert.pem"
-        ca_key = ca_cert.with_name("root-key.pem")
-        authority = load_or_create_authority(ca_cert, ca_key, cfg.trust_domain)
-        self.ca = embedded_ca(authority, self.store, cfg.trust_domain, ttl)
-        self.certs = CertificateManager(
-            InProcessCa(self.ca, cfg.node_name, ttl),
-            registry=self.registry,
-            trust_bundle=[pki.cert_to_pem(authority.root)],
-        )
+        self.certs = self._certificate_manager(ttl)
         self.tunnel = Tunnel(
             TunnelConfig(
                 certificates=TunnelCertificates(self.certs),
@@ -100,6 +93,29 @@ class NodeAgent:
         self._dirty = asyncio.Event()
         self._stop = threading.Event()
         self._events_thread: threading.Thread | None = None
+
+    def _certificate_manager(self, ttl: timedelta) -> CertificateManager:
+        """An external Istio-compatible CA when configured, else the embedded CA in process."""
+        cfg = self.config
+        if cfg.ca_address:
+            if cfg.ca_root_cert is None:
+                raise ConfigError("ca_address needs ca_root_cert: the CA's trust anchor")
+            root = cfg.ca_root_cert.read_text(encoding="ascii")
+            token = (
+                cfg.ca_token_path.read_text(encoding="ascii").strip() if cfg.ca_token_path else None
+            )
+            client = CaClient(cfg.ca_address, root, token=token, ttl=ttl)
+            return CertificateManager(client, registry=self.registry, trust_bundle=[root])
+        ca_cert = cfg.ca_root_cert or DEFAULT_CA_ROOT_CERT
+        authority = load_or_create_authority(
+            ca_cert, ca_cert.with_name("root-key.pem"), cfg.trust_domain
+        )
+        ca = embedded_ca(authority, self.store, cfg.trust_domain, ttl)
+        return CertificateManager(
+            InProcessCa(ca, cfg.node_name, ttl),
+            registry=self.registry,
+            trust_bundle=[pki.cert_to_pem(authority.root)],
+        )
 
     # -- lookups -----------------------------------------------------------------------------
     @property
@@ -127,6 +143,9 @@ class NodeAgent:
 
     def _kernel_event(self, ev: FlowEvent) -> None:
         self.telemetry.emit(flows.from_kernel(ev, self._workload_by_ip, self._policy_name))
+
+    def request_reconcile(self) -> None:
+        self._dirty.set()
 
     def _poll_events(self) -> None:
         while not self._stop.is_set():
