@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import psutil
-from conftest import require_root
+from prereq import require_root
 
 from agent.host import cgroup, netns
 from agent.testbed import Cluster, registry

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from conftest import requires
+from prereq import requires
 
 from agent.identity.proto import CREATE_CERTIFICATE_PATH, build, ca_pb2
 

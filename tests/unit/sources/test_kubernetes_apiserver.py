@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import require_tool
+from prereq import require_tool
 from support.apiserver import ApiError, ApiServer, Kubectl, make_tls
 
 TOKEN = {"Authorization": "Bearer test-token"}
