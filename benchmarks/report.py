@@ -1,0 +1,160 @@
+"""Summaries, the results table (Markdown) and the chart (PNG) from the suite's raw runs."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from benchmarks.bed import MODES
+
+LABELS = {
+    "bulk": "bulk, 1 stream",
+    "streams": "concurrent streams, aggregate",
+    "latency": "1-byte request/response",
+    "connrate": "new connection per request",
+}
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    med = statistics.median(values)
+    return {
+        "median": med,
+        "min": min(values),
+        "max": max(values),
+        "spread_pct": 100 * (max(values) - min(values)) / med if med else 0.0,
+    }
+
+
+def summarize(runs: list[dict[str, Any]], key: str = "value") -> dict[str, Any]:
+    vals = [float(r[key]) for r in runs if r.get(key) is not None]
+    return spread(vals) if vals else {"median": None}
+
+
+def ratios(summary: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    def ratio(a: str, b: str) -> float | None:
+        x, y = summary[a].get("median"), summary[b].get("median")
+        return x / y if x is not None and y else None
+
+    return {"nodemesh/no-mesh": ratio("nodemesh", "no-mesh"),
+            "nodemesh/envoy": ratio("nodemesh", "envoy")}
+
+
+def _fmt(v: float | None, digits: int = 2) -> str:
+    if v is None:
+        return "n/a"
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.{digits}f}"
+
+
+def _cell(s: dict[str, Any]) -> str:
+    if s.get("median") is None:
+        return "n/a"
+    return f"{_fmt(s['median'])} ({_fmt(s['min'])}-{_fmt(s['max'])})"
+
+
+def table(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    sec = results["sections"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, kernel {m['kernel']}, Python {m['python']}, "
+        f"Envoy {m['envoy']}, iperf3 {m['iperf3']}.",
+        f"Run: {results['started']}, {results['duration_s']:.0f} s, "
+        f"{results['settings']['reps']} repetitions per cell (median, min-max in brackets); "
+        f"TLS: nodemesh {', '.join(results['ciphers'].get('nodemesh', []))}, Envoy "
+        f"{', '.join(results['ciphers'].get('envoy', []))}.",
+        "",
+        "| workload | unit | no mesh | nodemesh | Envoy HBONE | nodemesh / no mesh "
+        "| nodemesh / Envoy | verified |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, w in sec.get("paths", {}).items():
+        s = w["summary"]
+        r = w["ratios"]
+        lines.append(
+            f"| {LABELS.get(name, name)} | {w['unit']} | {_cell(s['no-mesh'])} | "
+            f"{_cell(s['nodemesh'])} | {_cell(s['envoy'])} | {_fmt(r['nodemesh/no-mesh'], 3)} | "
+            f"{_fmt(r['nodemesh/envoy'], 3)} | {'yes' if w['verified'] else 'NO'} |"
+        )
+        if name == "latency":
+            p99 = {mode: summarize(w["runs"][mode], "p99_us") for mode in MODES}
+            r99 = ratios(p99)
+            lines.append(
+                f"| 1-byte request/response | us p99 | {_cell(p99['no-mesh'])} | "
+                f"{_cell(p99['nodemesh'])} | {_cell(p99['envoy'])} | "
+                f"{_fmt(r99['nodemesh/no-mesh'], 3)} | {_fmt(r99['nodemesh/envoy'], 3)} | "
+                f"{'yes' if w['verified'] else 'NO'} |"
+            )
+        if name == "bulk":
+            cpu = {mode: w["cpu_s_per_gb"][mode] for mode in ("nodemesh", "envoy")}
+            lines.append(
+                f"| bulk: proxy CPU per GB received | CPU s | - | {_fmt(cpu['nodemesh'])} | "
+                f"{_fmt(cpu['envoy'])} | - | "
+                f"{_fmt(cpu['nodemesh'] / cpu['envoy'] if cpu['envoy'] else None, 3)} | - |"
+            )
+    lines.append("")
+    if "connect_cost" in sec:
+        cc = sec["connect_cost"]
+        lines.append(f"connect() cost ({cc['connects_per_mode']} calls per mode):")
+        lines.append("")
+        lines.append("| mode | p50 us | p90 us | p99 us | p50 / no programs |")
+        lines.append("| --- | --- | --- | --- | --- |")
+        for mode in ("no programs", "programs, 0 entries", "programs, 100k entries"):
+            c = cc[mode]
+            lines.append(
+                f"| {mode} | {c['p50_ns'] / 1e3:.2f} | {c['p90_ns'] / 1e3:.2f} | "
+                f"{c['p99_ns'] / 1e3:.2f} | {c['p50_ratio_vs_no_programs']:.2f} |"
+            )
+        lines.append("")
+    if "policy_update" in sec:
+        p = sec["policy_update"]
+        lines.append(
+            f"Policy update, {p['rules']:,} rules ({p['mesh_file_bytes'] / 1e6:.1f} MB mesh file, "
+            f"{p['kernel_entries']} kernel entries): file replaced -> connect denied "
+            f"median {_fmt(p['median_s'], 3)} s (min {_fmt(p['min_s'], 3)}, max "
+            f"{_fmt(p['max_s'], 3)}); denied -> allowed again median "
+            f"{_fmt(p['restore_median_s'], 3)} s; first load {p['initial_load_s']:.2f} s; "
+            f"verified: {'yes' if p['verified'] else 'NO'}."
+        )
+        lines.append("")
+    if "scale" in sec:
+        s = sec["scale"]
+        lines.append(
+            f"Agent + tunnel with {s['enrolled']} enrolled pods (one process): ready in "
+            f"{s['ready_s']:.1f} s; idle RSS {s['idle_rss_mib']:.0f} MiB, idle CPU "
+            f"{s['idle_cpu_pct']:.1f}% of a core; with {s['load_connections']} connections "
+            f"echoing 1 KiB ({s['load_round_trips_per_s']:,.0f} round trips/s): CPU "
+            f"{s['load_cpu_pct']:.0f}% of a core, RSS {s['load_rss_mib']:.0f} MiB "
+            f"(peak {s['peak_rss_mib']:.0f} MiB); verified: {'yes' if s['verified'] else 'NO'}."
+        )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def chart(results: dict[str, Any], path: Path) -> None:
+    import matplotlib  # noqa: PLC0415 -- optional (bench extra) and slow to import
+
+    matplotlib.use("Agg")  # no display on the test machines
+    import matplotlib.pyplot as plt  # noqa: PLC0415 -- after choosing the backend
+
+    paths = results["sections"].get("paths", {})
+    fig, axes = plt.subplots(1, len(paths), figsize=(4 * max(1, len(paths)), 3.6), squeeze=False)
+    colors = {"no-mesh": "#9e9e9e", "nodemesh": "#1f77b4", "envoy": "#ff7f0e"}
+    for ax, (name, w) in zip(axes[0], paths.items(), strict=False):
+        meds, lo, hi = [], [], []
+        for mode in MODES:
+            s = w["summary"][mode]
+            med = s.get("median") or 0.0
+            meds.append(med)
+            lo.append(med - (s.get("min") or med))
+            hi.append((s.get("max") or med) - med)
+        ax.bar(MODES, meds, yerr=[lo, hi], color=[colors[m] for m in MODES], capsize=4)
+        ax.set_title(LABELS.get(name, name), fontsize=9)
+        ax.set_ylabel(w["unit"] + (" (lower is better)" if not w["higher_is_better"] else ""))
+        ax.tick_params(axis="x", labelsize=8)
+    m = results["machine"]
+    fig.suptitle(f"nodemesh vs no mesh vs Envoy - {m['cpu']}, kernel {m['kernel']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
