@@ -28,7 +28,8 @@ from agent.testbed import Cluster
 TIMER = """
 import json, socket, sys, time
 from agent.host import netns
-ns, dst, port, mark, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+ns, dst = sys.argv[1], sys.argv[2]
+port, mark, n = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 socks = []
 with netns.entered(ns):
     for _ in range(n):

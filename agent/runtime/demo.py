@@ -150,7 +150,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _start_agents(
-    c: Cluster, args: argparse.Namespace, work: Path, pins: list[Path]
+    c: Cluster, args: argparse.Namespace, work: Path, pins: list[Path], extra: tuple[str, ...] = ()
 ) -> list[PodProcess]:
     """One `nodemesh run` per node, in the node's netns and cgroup, sharing the CA root."""
     ca_cert = work / "ca" / "root-cert.pem"
@@ -179,6 +179,7 @@ def _start_agents(
                         str(ca_cert),
                         "--flow-log",
                         str(work / f"flows-n{node.index}.log"),
+                        *extra,
                     ],
                     stdout=log,
                     stderr=subprocess.STDOUT,

@@ -25,7 +25,7 @@ from agent.datapath.identities import IdentityTable
 from agent.datapath.layouts import FlowEvent
 from agent.datapath.options import BuildOptions
 from agent.datapath.policymap import CompiledPolicy, PolicyCompiler
-from agent.datapath.verdicts import Counter
+from agent.datapath.verdicts import Counter, EventKind
 from agent.enroll import PodLocator, PodPlacement
 from agent.host import cgroup
 from agent.identity import pki
@@ -142,7 +142,11 @@ class NodeAgent:
         self.telemetry.emit(flows.from_tunnel(ev, self._workload_by_ip))  # type: ignore[arg-type]  # EventHook passes ConnectionEvent
 
     def _kernel_event(self, ev: FlowEvent) -> None:
-        self.telemetry.emit(flows.from_kernel(ev, self._workload_by_ip, self._policy_name))
+        # The tunnel reports every connection it carries (with identities, both reporters), so
+        # the kernel's open/close events would count them twice; only connect-time denies,
+        # which never reach the tunnel, go to telemetry.
+        if ev.kind == EventKind.DENY:
+            self.telemetry.emit(flows.from_kernel(ev, self._workload_by_ip, self._policy_name))
 
     def request_reconcile(self) -> None:
         self._dirty.set()
