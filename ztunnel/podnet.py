@@ -60,6 +60,24 @@ def set_mark(sock: socket.socket, mark: int) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, struct.pack("I", mark))
 
 
+# In an unprivileged container /proc/sys is read-only; the DaemonSet mounts the host's /proc at
+# /host/proc, and net sysctls there resolve against the writing thread's netns all the same.
+SYSCTL_ROOTS = (Path("/proc/sys/net"), Path("/host/proc/sys/net"))
+
+
+def _set_net_sysctl(key: str, target: str | Path) -> None:
+    errors = []
+    for root in SYSCTL_ROOTS:
+        try:
+            (root / key).write_text("1\n", encoding="ascii")
+            return
+        except OSError as exc:
+            errors.append(exc)
+    first = errors[0]
+    msg = f"cannot set net.{key.replace('/', '.')} in {target}: {first}"
+    raise PodNetError(first.errno, msg) from first
+
+
 def prepare_pod_netns(target: str | Path) -> None:
     """Idempotently set up the return path for spoofed-source upstream connections."""
     # tcp_fwmark_accept: the app's accepted socket inherits our SYN's mark. fwmark_reflect: the
@@ -67,11 +85,7 @@ def prepare_pod_netns(target: str | Path) -> None:
     # connect fails at once instead of its RST being routed away to the spoofed client address.
     with netns.entered(target):
         for key in ("tcp_fwmark_accept", "fwmark_reflect"):
-            try:
-                Path(f"/proc/sys/net/ipv4/{key}").write_text("1\n", encoding="ascii")
-            except OSError as exc:
-                msg = f"cannot set net.ipv4.{key} in {target}: {exc}"
-                raise PodNetError(exc.errno, msg) from exc
+            _set_net_sysctl(f"ipv4/{key}", target)
     # IPRoute(netns=...) forks a helper to open its socket, and a fork in this multi-threaded
     # process can inherit a held lock and hang; a socket opened in the entered netns needs none.
     with netns.entered(target):
