@@ -60,6 +60,18 @@ def _captured_stderr() -> Iterator[list[str]]:
             out.append(tmp.read().decode(errors="replace"))
 
 
+def _logged(what: str, log_name: str, action: Callable[[], Any]) -> Any:
+    """Run a BCC call; on failure raise DatapathBuildError with the tail of what libbcc printed."""
+    with _captured_stderr() as log:
+        try:
+            return action()
+        except Exception as exc:
+            failure = exc
+    raise DatapathBuildError(
+        f"{what} failed: {str(failure)[:300]}\n{log_name} (last lines):\n{_excerpt(log[0])}"
+    ) from failure
+
+
 def _excerpt(log: str, lines: int = 25) -> str:
     kept = [ln for ln in log.splitlines() if ln.strip()]
     return "\n".join(kept[-lines:])
@@ -80,18 +92,8 @@ class Module:
             if name in self._progs:
                 return self._progs[name]
             kw = {} if attach_type is None else {"attach_type": attach_type}
-            with _captured_stderr() as log:
-                try:
-                    fn = self._bpf.load_func(name.encode(), int(prog_type), **kw)
-                except Exception as exc:
-                    failure: Exception | None = exc
-                else:
-                    failure = None
-            if failure is not None:
-                raise DatapathBuildError(
-                    f"loading eBPF program {name} failed: {failure}\nverifier log (last lines):\n"
-                    f"{_excerpt(log[0])}"
-                ) from failure
+            fn = _logged(f"loading eBPF program {name}", "verifier log",
+                         lambda: self._bpf.load_func(name.encode(), int(prog_type), **kw))
             self._progs[name] = int(fn.fd)
             return self._progs[name]
 
@@ -145,18 +147,8 @@ def compile_module(options: BuildOptions, *, cached: bool = True) -> Module:
         options.pin_dir.mkdir(parents=True, exist_ok=True)
         text = assemble(options.sources)
         cflags = [*options.cflags(), f"-I{bpf_dir()}"]
-        with _captured_stderr() as log:
-            try:
-                bpf = BPF(text=text.encode("ascii"), cflags=cflags)
-            except Exception as exc:
-                failure: Exception | None = exc
-            else:
-                failure = None
-        if failure is not None:
-            raise DatapathBuildError(
-                f"compiling {', '.join(options.sources)} failed: {str(failure)[:300]}\n"
-                f"compiler output (last lines):\n{_excerpt(log[0])}"
-            ) from failure
+        bpf = _logged(f"compiling {', '.join(options.sources)}", "compiler output",
+                      lambda: BPF(text=text.encode("ascii"), cflags=cflags))
         module = Module(options=options, _bpf=bpf)
         if cached:
             _cache[options] = module

@@ -225,7 +225,7 @@ def _report(c: Cluster, rows: list[tuple[str, str, str, str]], frames: int, leak
         f"plaintext marker -> {verdict}"
     )
     for n in c.nodes:
-        dump = _admin_get(n.netns, "/config_dump")
+        dump = http_get(n.netns, 15000, "/config_dump")
         if dump:
             d = json.loads(dump)
             print(
@@ -268,10 +268,11 @@ def _in_cluster(c: Cluster, args: argparse.Namespace, work: Path) -> int:
             Datapath(c.nodes[0].cgroup_root, BuildOptions(pin_dir=pin)).uninstall()
 
 
-def _admin_get(ns: str, path: str) -> str | None:
+def http_get(ns: str, port: int, path: str) -> str | None:
+    """GET a localhost endpoint inside a netns (the agents' admin and metrics); None on error."""
     try:
         with netns.entered(ns):
-            s = socket.create_connection(("127.0.0.1", 15000), timeout=2)
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
         with s:
             s.sendall(f"GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n".encode())
             data = b""
@@ -280,3 +281,8 @@ def _admin_get(ns: str, path: str) -> str | None:
         return data.split(b"\r\n\r\n", 1)[1].decode()
     except (OSError, IndexError):
         return None
+
+
+def _admin_get(ns: str, path: str) -> str | None:
+    """The agent's admin endpoint (127.0.0.1:15000) inside a node netns."""
+    return http_get(ns, 15000, path)

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -24,7 +23,14 @@ from agent.config import DEFAULT_PIN_ROOT
 from agent.datapath.datapath import Datapath
 from agent.datapath.options import BuildOptions
 from agent.host import cgroup, netns
-from agent.runtime.demo import EXAMPLE, SERVER, _run_client, _start_agents, _wait_ready
+from agent.runtime.demo import (
+    EXAMPLE,
+    SERVER,
+    _run_client,
+    _start_agents,
+    _wait_ready,
+    http_get,
+)
 from agent.testbed import Cluster
 
 
@@ -109,17 +115,6 @@ def test_policy_file_changes_apply_and_a_broken_file_keeps_the_last_good_policy(
     until(c, "OK")
 
 
-def _get(node_ns: str, port: int, path: str) -> str:
-    with netns.entered(node_ns):
-        s = socket.create_connection(("127.0.0.1", port), timeout=5)
-    with s:
-        s.sendall(f"GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n".encode())
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    return data.split(b"\r\n\r\n", 1)[1].decode()
-
-
 def _samples(text: str, name: str, **labels: str) -> float:
     total = 0.0
     for family in text_string_to_metric_families(text):
@@ -127,6 +122,34 @@ def _samples(text: str, name: str, **labels: str) -> float:
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
                 total += s.value
     return total
+
+
+class FlowFollower:
+    """`nodemesh flows --follow --json` in a node netns, its records collected as they come."""
+
+    def __init__(self, node: object) -> None:
+        self.proc = node.spawn(  # type: ignore[attr-defined]
+            [sys.executable, "-m", "agent.cli", "flows", "--follow", "--json",
+             "--admin", "127.0.0.1:15000"], stdout=subprocess.PIPE, text=True)
+        assert self.proc.popen is not None and self.proc.popen.stdout is not None
+        stream = self.proc.popen.stdout
+        self.records: list[dict[str, object]] = []
+        self.reader = threading.Thread(
+            target=lambda: self.records.extend(json.loads(x) for x in stream if x[:1] == "{"),
+            daemon=True)
+        self.reader.start()
+
+    def closes_to_backend(self) -> int:
+        return sum(1 for r in list(self.records) if r.get("kind") == "close"
+                   and r.get("reporter") == "source"
+                   and r["destination"]["workload"] == "backend")  # type: ignore[index]
+
+    def stop(self) -> list[dict[str, object]]:
+        assert self.proc.popen is not None
+        self.proc.popen.terminate()
+        self.reader.join(timeout=10)  # reads to EOF before the pipe is closed
+        self.proc.stop()
+        return list(self.records)
 
 
 @pytest.mark.parametrize("live_mesh", [("--cert-ttl", "4")], indirect=True)
@@ -138,20 +161,8 @@ def test_metrics_flows_and_certificate_rotation_on_the_test_bed(
     repeatedly under a continuous stream of new connections without one failing."""
     c, _mesh, _work = live_mesh
     node0 = c.nodes[0]
-    follower = node0.spawn(
-        [sys.executable, "-m", "agent.cli", "flows", "--follow", "--json",
-         "--admin", "127.0.0.1:15000"], stdout=subprocess.PIPE, text=True)
-    assert follower.popen is not None and follower.popen.stdout is not None
-    lines: list[dict[str, object]] = []
-    stream = follower.popen.stdout
-    reader = threading.Thread(
-        target=lambda: lines.extend(json.loads(x) for x in stream if x.startswith("{")),
-        daemon=True)
-    reader.start()
-
-    def closes_seen() -> int:
-        return sum(1 for r in list(lines) if r.get("kind") == "close" and r.get("reporter") ==
-                   "source" and r["destination"]["workload"] == "backend")  # type: ignore[index]
+    follower = FlowFollower(node0)
+    closes_seen = follower.closes_to_backend
 
     # The follower is subscribed once it shows a probe connection.
     probe_deadline = time.monotonic() + 30
@@ -177,7 +188,8 @@ def test_metrics_flows_and_certificate_rotation_on_the_test_bed(
     assert not failures, failures
     assert _run_client(c.pod(0, 0), str(c.pod(1, 0).ip), 5432, "x") == "ERR EPERM"
     time.sleep(1.0)
-    metrics = _get(node0.netns, 15020, "/metrics")
+    metrics = http_get(node0.netns, 15020, "/metrics")
+    assert metrics is not None
     src = {"reporter": "source", "source_workload": "frontend", "destination_workload": "backend"}
     # Istio's meaning: "received" is the request (source -> destination), "sent" the response.
     probe_reply = len(f"backend got 5 bytes from {c.pod(0, 0).ip}")
@@ -193,6 +205,5 @@ def test_metrics_flows_and_certificate_rotation_on_the_test_bed(
     while closes_seen() - base < n and time.monotonic() < seen_deadline:
         time.sleep(0.1)
     assert closes_seen() - base == n  # every connection's record reached the follower
-    follower.stop()
-    records = list(lines)
+    records = follower.stop()
     assert any(r.get("kind") == "deny" and r["destination"]["workload"] == "db" for r in records)
