@@ -59,8 +59,11 @@ def _wait_updates(bed: Bed, before: int, limit: float) -> float:
     """Seconds until node0's agent has applied another policy generation."""
     start = time.monotonic()
     while time.monotonic() - start < limit:
-        if config_dump(bed.cluster.nodes[0])["policy"]["updates"] > before:
-            return time.monotonic() - start
+        try:
+            if config_dump(bed.cluster.nodes[0])["policy"]["updates"] > before:
+                return time.monotonic() - start
+        except BedError:
+            pass  # the agent is busy parsing and compiling: its admin endpoint answers later
         time.sleep(0.02)
     raise BedError(f"the agent did not apply the new mesh file within {limit:.0f}s")
 

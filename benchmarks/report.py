@@ -63,7 +63,9 @@ def table(results: dict[str, Any]) -> str:
         f"Run: {results['started']}, {results['duration_s']:.0f} s, "
         f"{results['settings']['reps']} repetitions per cell (median, min-max in brackets); "
         f"TLS: nodemesh {', '.join(results['ciphers'].get('nodemesh', []))}, Envoy "
-        f"{', '.join(results['ciphers'].get('envoy', []))}.",
+        f"{', '.join(results['ciphers'].get('envoy', []))} (openssl speed at 16 KiB: "
+        + ", ".join(f"{k} {_fmt(v)} GB/s" for k, v in m.get("cipher_gb_s", {}).items())
+        + ").",
         "",
         "| workload | unit | no mesh | nodemesh | Envoy HBONE | nodemesh / no mesh "
         "| nodemesh / Envoy | verified |",
@@ -94,7 +96,10 @@ def table(results: dict[str, Any]) -> str:
                 f"{_fmt(cpu['nodemesh'] / cpu['envoy'] if cpu['envoy'] else None, 3)} | - |"
             )
     lines.append("")
-    if "connect_cost" in sec:
+    for name, section in sec.items():
+        if name != "paths" and "error" in section:
+            lines += [f"{name}: FAILED - {section['error']}", ""]
+    if "connect_cost" in sec and "error" not in sec["connect_cost"]:
         cc = sec["connect_cost"]
         lines.append(f"connect() cost ({cc['connects_per_mode']} calls per mode):")
         lines.append("")
@@ -107,7 +112,7 @@ def table(results: dict[str, Any]) -> str:
                 f"{c['p99_ns'] / 1e3:.2f} | {c['p50_ratio_vs_no_programs']:.2f} |"
             )
         lines.append("")
-    if "policy_update" in sec:
+    if "policy_update" in sec and "error" not in sec["policy_update"]:
         p = sec["policy_update"]
         lines.append(
             f"Policy update, {p['rules']:,} rules ({p['mesh_file_bytes'] / 1e6:.1f} MB mesh file, "
@@ -118,7 +123,7 @@ def table(results: dict[str, Any]) -> str:
             f"verified: {'yes' if p['verified'] else 'NO'}."
         )
         lines.append("")
-    if "scale" in sec:
+    if "scale" in sec and "error" not in sec["scale"]:
         s = sec["scale"]
         lines.append(
             f"Agent + tunnel with {s['enrolled']} enrolled pods (one process): ready in "

@@ -23,6 +23,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,20 @@ def _version(argv: list[str]) -> str:
     return text[0] if text else "unknown"
 
 
+def cipher_speed(evp: str) -> float | None:
+    """GB/s of one cipher at 16 KiB records (openssl speed, 1 s): the suites differ (see README)."""
+    out = _version_all(["openssl", "speed", "-evp", evp, "-bytes", "16384", "-seconds", "1"])
+    last = out.split()[-1] if out.split() else ""
+    return float(last[:-1]) * 1000 / 1e9 if last.endswith("k") else None
+
+
+def _version_all(argv: list[str]) -> str:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False).stdout
+    except OSError:
+        return ""
+
+
 def machine() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -58,6 +74,7 @@ def machine() -> dict[str, Any]:
         "envoy": envoy_version.split("/")[1] if "/" in envoy_version else envoy_version,
         "iperf3": _version(["iperf3", "--version"]).split()[1:2][0]
         if len(_version(["iperf3", "--version"]).split()) > 1 else "unknown",
+        "cipher_gb_s": {c: cipher_speed(c) for c in ("aes-128-gcm", "aes-256-gcm")},
     }
 
 
@@ -116,21 +133,23 @@ def run(
                 print(f"test bed {bed.cluster.run_id} up; TLS {bed.ciphers}", flush=True)
                 if "paths" in sections:
                     sec["paths"] = run_paths(bed, s)
-                if "policy_update" in sections:
-                    print(f"policy update with {s.policy_rules} rules", flush=True)
-                    sec["policy_update"] = policy_update.measure(bed, s.policy_rules, s.policy_reps)
                 if s.profile_seconds and profile_out is not None:
                     print("profiling the agents under bulk load", flush=True)
-                    sec["profile"] = profile.record(bed, s.profile_seconds, profile_out)
+                    sec["profile"] = _guarded(
+                        lambda: profile.record(bed, s.profile_seconds, profile_out))
+                if "policy_update" in sections:
+                    print(f"policy update with {s.policy_rules} rules", flush=True)
+                    sec["policy_update"] = _guarded(
+                        lambda: policy_update.measure(bed, s.policy_rules, s.policy_reps))
         if "scale" in sections:
             print(f"agent footprint with {s.scale_pods} pods", flush=True)
-            sec["scale"] = scale.measure(s.scale_pods, s.scale_load_seconds)
+            sec["scale"] = _guarded(lambda: scale.measure(s.scale_pods, s.scale_load_seconds))
         if "connect_cost" in sections:
             print("connect() cost", flush=True)
-            sec["connect_cost"] = connect_cost.main(
+            sec["connect_cost"] = _guarded(lambda: connect_cost.main(
                 ["--connects", str(s.connect_cost_connects),
                  "--repeats", str(s.connect_cost_repeats)]
-            )
+            ))
     results["duration_s"] = time.monotonic() - started
     results["verified"] = _all_verified(sec)
     out.mkdir(parents=True, exist_ok=True)
@@ -145,9 +164,19 @@ def run(
     return results
 
 
+def _guarded(section: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """A failing section is recorded (and fails the run) without losing the other results."""
+    try:
+        return section()
+    except (RuntimeError, OSError, ValueError, KeyError, subprocess.SubprocessError) as exc:
+        traceback.print_exc()
+        return {"error": f"{type(exc).__name__}: {exc}", "verified": False}
+
+
 def _all_verified(sec: dict[str, Any]) -> bool:
     checks = [w["verified"] for w in sec.get("paths", {}).values()]
     checks += [sec[k]["verified"] for k in ("policy_update", "scale") if k in sec]
+    checks += [sec[k].get("verified", True) for k in ("connect_cost", "profile") if k in sec]
     return all(checks)
 
 
