@@ -143,17 +143,13 @@ class Bed:
     servers: dict[str, PodProcess]
     ciphers: dict[str, list[str]]
 
-    def ensure_iperf_servers(self) -> None:
-        """(Re)start the iperf3 servers in both server pods if one exited."""
-        for pod in (self.cluster.pod(1, 0), self.cluster.pod(1, 1)):
-            proc = self.servers.get(pod.name)
-            if proc is not None and proc.poll() is None:
-                continue
-            self.servers[pod.name] = pod.spawn(
-                ["iperf3", "-s", "-p", str(BULK_PORT)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )
-            wait_listening(pod, BULK_PORT)
+    def iperf_server(self, route: Route) -> PodProcess:
+        """A one-off iperf3 server (-1) in the route's server pod: every run starts clean."""
+        pod = self.cluster.pod(1, 0 if route.mode == "nodemesh" else 1)
+        proc = pod.spawn(["iperf3", "-s", "-1", "-p", str(BULK_PORT)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_listening(pod, BULK_PORT)
+        return proc
 
 
 def cpu_seconds(procs: list[PodProcess]) -> float:
@@ -211,7 +207,6 @@ def bring_up(work: Path, envoy_concurrency: int) -> Iterator[Bed]:
                                envoy.ECHO_LISTEN, [e.proc for e in envoys]),
             }
             bed = Bed(c, work, mesh_file, agents, envoys, routes, servers, {})
-            bed.ensure_iperf_servers()
             # One exchange per mode so the Envoys' TLS counters exist before reading ciphers.
             for r in routes.values():
                 programs.run_json(r.client, programs.PINGPONG, r.ip, str(r.echo_port), "10", "0")

@@ -1,8 +1,9 @@
 """Where the tunnel's time goes: py-spy samples both agents during a nodemesh bulk transfer.
 
-py-spy (PyPI) reads the agent's stacks from outside the process (`--nonblocking`: the agent is not
-paused). `--native` adds C frames (OpenSSL, the socket calls), `--idle` keeps the samples where a
-thread waits in epoll, so the summary also says how busy the event loop was.
+py-spy (PyPI) reads the agent's stacks from outside the process. `--native` adds C frames
+(OpenSSL, the socket calls) and needs the process paused for each sample, so the profiled run is
+a little slower than the measured ones; `--idle` keeps the samples where a thread waits in epoll,
+so the summary also says how busy the event loop was.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ def _frame_name(frame: str) -> str:
 
 
 def summarize(raw: Path, top: int = 12) -> dict[str, Any]:
-    """Self and inclusive shares of the collapsed stacks py-spy wrote (`a;b;c count` lines)."""
+    """Self and inclusive shares, within the event-loop thread, of the collapsed stacks py-spy
+    wrote (`a;b;c count` lines); epoll_wait's share is the loop's idle time."""
     self_time: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     total = 0
@@ -39,6 +41,8 @@ def summarize(raw: Path, top: int = 12) -> dict[str, Any]:
         if not stack or not count.isdigit():
             continue
         n = int(count)
+        if "run_forever" not in stack:
+            continue  # only the event-loop thread: it runs the tunnel (others wait on events)
         frames = [_frame_name(f) for f in stack.split(";")]
         # The first frame is the thread ("process 123:"...); drop anything without a source.
         frames = [f for f in frames if "(" in f] or frames
@@ -63,7 +67,7 @@ def record(bed: Bed, seconds: float, out: Path) -> dict[str, Any]:
     for i, agent in enumerate(bed.agents):
         raw = out / f"profile-node{i}.txt"
         argv = [exe, "record", "-p", str(agent.pid), "-d", str(int(seconds) + 1), "-r", "250",
-                "-f", "raw", "--nolineno", "--nonblocking", "--idle", "--native", "-o", str(raw)]
+                "-f", "raw", "--nolineno", "--idle", "--native", "-o", str(raw)]
         spies.append((raw, subprocess.Popen(argv, stdout=subprocess.DEVNULL,
                                             stderr=subprocess.PIPE)))
     try:

@@ -27,8 +27,10 @@ def spread(values: list[float]) -> dict[str, float]:
 
 
 def summarize(runs: list[dict[str, Any]], key: str = "value") -> dict[str, Any]:
-    vals = [float(r[key]) for r in runs if r.get(key) is not None]
-    return spread(vals) if vals else {"median": None}
+    """Median and spread of the verified runs; failed runs are counted, never averaged in."""
+    vals = [float(r[key]) for r in runs if r.get("verified") and r.get(key) is not None]
+    failed = sum(1 for r in runs if not r.get("verified"))
+    return {**(spread(vals) if vals else {"median": None}), "failed": failed}
 
 
 def ratios(summary: dict[str, dict[str, Any]]) -> dict[str, float | None]:
@@ -54,6 +56,11 @@ def _cell(s: dict[str, Any]) -> str:
     return f"{_fmt(s['median'])} ({_fmt(s['min'])}-{_fmt(s['max'])})"
 
 
+def _verified(summary: dict[str, dict[str, Any]]) -> str:
+    failed = [f"{mode} {s['failed']}" for mode, s in summary.items() if s.get("failed")]
+    return "yes" if not failed else "failed runs: " + ", ".join(failed)
+
+
 def table(results: dict[str, Any]) -> str:
     m = results["machine"]
     sec = results["sections"]
@@ -77,7 +84,7 @@ def table(results: dict[str, Any]) -> str:
         lines.append(
             f"| {LABELS.get(name, name)} | {w['unit']} | {_cell(s['no-mesh'])} | "
             f"{_cell(s['nodemesh'])} | {_cell(s['envoy'])} | {_fmt(r['nodemesh/no-mesh'], 3)} | "
-            f"{_fmt(r['nodemesh/envoy'], 3)} | {'yes' if w['verified'] else 'NO'} |"
+            f"{_fmt(r['nodemesh/envoy'], 3)} | {_verified(s)} |"
         )
         if name == "latency":
             p99 = {mode: summarize(w["runs"][mode], "p99_us") for mode in MODES}
@@ -86,7 +93,7 @@ def table(results: dict[str, Any]) -> str:
                 f"| 1-byte request/response | us p99 | {_cell(p99['no-mesh'])} | "
                 f"{_cell(p99['nodemesh'])} | {_cell(p99['envoy'])} | "
                 f"{_fmt(r99['nodemesh/no-mesh'], 3)} | {_fmt(r99['nodemesh/envoy'], 3)} | "
-                f"{'yes' if w['verified'] else 'NO'} |"
+                f"{_verified(s)} |"
             )
         if name == "bulk":
             cpu = {mode: w["cpu_s_per_gb"][mode] for mode in ("nodemesh", "envoy")}

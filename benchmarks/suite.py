@@ -189,7 +189,19 @@ def main(argv: list[str] | None = None) -> int:
                     help="also sample both agents with py-spy during a bulk run")
     ap.add_argument("--envoy-concurrency", type=int, help="Envoy worker threads (default 1)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    ap.add_argument("--report", type=Path, metavar="JSON",
+                    help="only re-render the table and chart of a saved results file")
     args = ap.parse_args(argv)
+    if args.report:
+        results = json.loads(args.report.read_text())
+        for w in results["sections"].get("paths", {}).values():
+            w["summary"] = {mode: report.summarize(w["runs"][mode]) for mode in MODES}
+            w["ratios"] = report.ratios(w["summary"])
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "latest.md").write_text(report.table(results) + "\n")
+        report.chart(results, args.out / "latest.png")
+        print(report.table(results))
+        return 0
     if os.geteuid() != 0:
         print("benchmarks: run as root (network namespaces, cgroups, BPF)", file=sys.stderr)
         return 2

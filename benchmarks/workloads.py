@@ -46,7 +46,7 @@ Measure = Callable[[Bed, Route, Settings], dict[str, Any]]
 
 def iperf3(bed: Bed, route: Route, seconds: float, streams: int) -> dict[str, Any]:
     """iperf3 client in the route's client pod; throughput from the bytes the server received."""
-    bed.ensure_iperf_servers()
+    server = bed.iperf_server(route)
     argv = ["iperf3", "-c", route.ip, "-p", str(route.bulk_port), "-t", str(seconds), "-J",
             "--connect-timeout", "5000"]
     if streams > 1:
@@ -57,6 +57,7 @@ def iperf3(bed: Bed, route: Route, seconds: float, streams: int) -> dict[str, An
         out, _ = proc.popen.communicate(timeout=seconds + 60)
     finally:
         proc.stop()
+        server.stop()
     try:
         report = json.loads(out)
     except json.JSONDecodeError:
