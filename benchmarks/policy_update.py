@@ -1,9 +1,9 @@
 """Policy update latency with a large policy: mesh file change -> enforced in the kernel.
 
-A probe in the client pod connects to the server every 2 ms; the suite atomically replaces the
-mesh file (os.replace) and notes CLOCK_MONOTONIC, the probe notes when its result flips. The
-latency covers everything on the way: the file source's poll (every 0.25 s), parsing and
-validating the YAML, compiling, and the map update.
+A probe in the client pod connects to the server every 2 ms (denied = EPERM from the kernel);
+the suite atomically replaces the mesh file (os.replace) and notes CLOCK_MONOTONIC, the probe
+notes when its result flips. The latency covers everything on the way: the file source's poll
+(every 0.25 s), parsing and validating the YAML, compiling, and the map update.
 """
 
 from __future__ import annotations
@@ -51,8 +51,10 @@ def _flip(bed: Bed, text: str, want: str, limit: float) -> dict[str, Any]:
         raise BedError("the policy probe exited without a result")
     seen = json.loads(line)
     if seen["seen_at"] is None:
-        return {"seconds": None, "attempts": seen["attempts"], "verified": False}
-    return {"seconds": seen["seen_at"] - t0, "attempts": seen["attempts"], "verified": True}
+        return {"seconds": None, "attempts": seen["attempts"], "broken": seen["broken"],
+                "verified": False}
+    return {"seconds": seen["seen_at"] - t0, "attempts": seen["attempts"],
+            "broken": seen["broken"], "verified": True}
 
 
 def _wait_updates(bed: Bed, before: int, limit: float) -> float:

@@ -63,6 +63,7 @@ def record(bed: Bed, seconds: float, out: Path) -> dict[str, Any]:
     exe = py_spy()
     if exe is None:
         return {"skipped": "py-spy not installed (pip install py-spy)"}
+    out.mkdir(parents=True, exist_ok=True)
     spies = []
     for i, agent in enumerate(bed.agents):
         raw = out / f"profile-node{i}.txt"

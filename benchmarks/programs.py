@@ -101,8 +101,9 @@ print(json.dumps({"requests": ok, "failed": bad, "seconds": elapsed,
 """
 
 # Policy probe: a connect + 1-byte round trip every `gap` seconds; reports the CLOCK_MONOTONIC
-# time (system-wide, so comparable with the suite's clock) of the first result that differs
-# from the one it started in, then exits.
+# time (system-wide, so comparable with the suite's clock) of the first result equal to `want`.
+# Only EPERM at connect counts as denied (what the kernel answers); a stall or reset while the
+# agent is busy counts as neither, and is counted.
 PROBE = """
 import json, socket, sys, time
 ip, port, want = sys.argv[1], int(sys.argv[2]), sys.argv[3]
@@ -111,20 +112,25 @@ def attempt():
     try:
         with socket.create_connection((ip, port), timeout=2) as s:
             s.sendall(b"x")
-            return "allowed" if s.recv(1) == b"x" else "denied"
-    except OSError:
+            return "allowed" if s.recv(1) == b"x" else "broken"
+    except PermissionError:
         return "denied"
+    except OSError:
+        return "broken"
 print("ready " + attempt(), flush=True)
 sys.stdin.readline()
-end, n = time.monotonic() + limit, 0
+end, n, broken = time.monotonic() + limit, 0, 0
 while time.monotonic() < end:
     n += 1
-    if attempt() == want:
-        print(json.dumps({"seen_at": time.monotonic(), "attempts": n}), flush=True)
+    got = attempt()
+    broken += got == "broken"
+    if got == want:
+        print(json.dumps({"seen_at": time.monotonic(), "attempts": n, "broken": broken}),
+              flush=True)
         break
     time.sleep(gap)
 else:
-    print(json.dumps({"seen_at": None, "attempts": n}), flush=True)
+    print(json.dumps({"seen_at": None, "attempts": n, "broken": broken}), flush=True)
 """
 
 # Many pods at once from one process: listeners in every pod netns (FANOUT_SERVER) and one client

@@ -126,7 +126,9 @@ def table(results: dict[str, Any]) -> str:
             f"{p['kernel_entries']} kernel entries): file replaced -> connect denied "
             f"median {_fmt(p['median_s'], 3)} s (min {_fmt(p['min_s'], 3)}, max "
             f"{_fmt(p['max_s'], 3)}); denied -> allowed again median "
-            f"{_fmt(p['restore_median_s'], 3)} s; first load {p['initial_load_s']:.2f} s; "
+            f"{_fmt(p['restore_median_s'], 3)} s; first load {p['initial_load_s']:.2f} s; probe "
+            f"attempts that stalled or broke while the agents reloaded: "
+            f"{sum(r['broken'] for r in p['allowed_to_denied'] + p['denied_to_allowed'])}; "
             f"verified: {'yes' if p['verified'] else 'NO'}."
         )
         lines.append("")
