@@ -260,6 +260,8 @@ class Tunnel:
                 await asyncio.sleep(0.1)
                 continue
             conn.setblocking(False)
+            # Small writes (HTTP/2 frames, CONNECT replies) must not wait for delayed ACKs.
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             podnet.set_mark(conn, podnet.TUNNEL_MARK)
             self._spawn(self._guard(handler(pod, conn, addr), conn))
 

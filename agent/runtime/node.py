@@ -196,8 +196,9 @@ class NodeAgent:
     async def reconcile(self) -> None:
         state = self.state
         start = time.monotonic()
-        compiled = self.compiler.compile(state.policy_set, state.workloads)
-        self.datapath.apply_policy(compiled.entries, compiled.cidrs)
+        # Compiling thousands of rules takes seconds; off the event loop the tunnel keeps
+        # relaying and the admin endpoint keeps answering meanwhile (reconciles never overlap).
+        compiled = await asyncio.to_thread(self._compile_and_apply, state)
         self.compiled = compiled
         self.policy_updates += 1
         self.telemetry.agent_metrics.policy_update_seconds.observe(time.monotonic() - start)
@@ -222,6 +223,11 @@ class NodeAgent:
             except (OSError, LookupError, TimeoutError) as exc:
                 log.error("enrolling %s failed: %s", w.ref, exc)
                 self.pending.add(uid)
+
+    def _compile_and_apply(self, state: MeshState) -> CompiledPolicy:
+        compiled = self.compiler.compile(state.policy_set, state.workloads)
+        self.datapath.apply_policy(compiled.entries, compiled.cidrs)
+        return compiled
 
     async def _enroll(self, w: Workload, placement: PodPlacement) -> None:
         ip = _v4(w)
