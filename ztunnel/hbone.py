@@ -373,6 +373,17 @@ class Core:
             self._maybe_closed(sid, out)
 
     def _flush(self, sid: int, s: _Stream) -> None:
+        try:
+            self._send_pending(sid, s)
+        except h2.exceptions.StreamClosedError:
+            # h2 applies a whole batch of frames before reporting events, so a window update
+            # can be handled for a stream a later frame of the same batch reset. That stream
+            # takes no more data; its StreamReset event follows and ends it, and the other
+            # streams of the connection are untouched.
+            s.pending.clear()
+            s.pending_len = 0
+
+    def _send_pending(self, sid: int, s: _Stream) -> None:
         h2c = self._h2
         while s.pending:
             room = min(h2c.local_flow_control_window(sid), h2c.max_outbound_frame_size)

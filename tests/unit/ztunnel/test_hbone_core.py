@@ -232,3 +232,23 @@ def test_error_goaway_fails_open_streams() -> None:
     assert [(type(e), e.stream_id) for e in ce] == [
         (hbone.GoAway, 0), (hbone.Reset, sid), (hbone.Closed, sid)]
     assert client.terminated and client.open_streams == 0
+
+
+def test_window_update_and_reset_in_one_batch_fail_only_that_stream() -> None:
+    """h2 applies a whole batch of frames before reporting events, so a WINDOW_UPDATE followed
+    by RST_STREAM reaches us as 'window opened' for a stream h2 has already closed. Flushing the
+    buffered data then must not fail the connection: only that stream ends."""
+    client, server = connected()
+    sid = tunnel(client, server)
+    other = tunnel(client, server)
+    assert not server.send(sid, os.urandom(5 * MIB))  # 1 MiB stays buffered past the window
+    ce, _ = pump(client, server)
+    assert data_len(ce) == 4 * MIB and server.buffered(sid) == MIB
+    client.consumed(sid, 4 * MIB)  # WINDOW_UPDATE ...
+    client.reset(sid)  # ... then RST_STREAM, sent together
+    se = server.receive(client.outbound())
+    assert [e.stream_id for e in of(se, hbone.Reset)] == [sid]
+    assert not server.has_stream(sid)
+    server.send(other, b"still here")
+    ce, _ = pump(client, server)
+    assert [(e.stream_id, e.data) for e in of(ce, hbone.Data)] == [(other, b"still here")]
