@@ -28,7 +28,7 @@ from agent.config import DEFAULT_PIN_ROOT
 from agent.datapath.datapath import Datapath
 from agent.datapath.options import BuildOptions
 from agent.host import netns
-from agent.runtime.demo import _admin_get, _start_agents, _wait_ready
+from agent.runtime.demo import _start_agents, _wait_ready, http_get
 from agent.testbed import Cluster
 from agent.testbed.cluster import Node, Place, Pod, PodProcess
 from benchmarks import envoy, meshfile, programs
@@ -91,7 +91,7 @@ def stop_agents(c: Cluster, agents: list[PodProcess], pins: list[Path]) -> None:
 
 
 def config_dump(node: Node) -> dict[str, Any]:
-    text = _admin_get(node.netns, "/config_dump")
+    text = http_get(node.netns, 15000, "/config_dump")
     if text is None:
         raise BedError(f"node{node.index}: the agent's admin endpoint does not answer")
     dump: dict[str, Any] = json.loads(text)

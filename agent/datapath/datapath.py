@@ -8,6 +8,7 @@ sk_lookup link in the pod's netns.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import logging
@@ -54,6 +55,31 @@ def _possible_cpus() -> int:
     text = Path("/sys/devices/system/cpu/possible").read_text(encoding="ascii").strip()
     last = text.split(",")[-1].split("-")[-1]
     return int(last) + 1
+
+
+def _detach_pinned_link(pin: Path) -> None:
+    """Detach the link pinned at `pin` (even if another process holds it) and unpin it."""
+    try:
+        link = bpfsys.obj_get(pin)
+    except FileNotFoundError:
+        pass
+    else:
+        try:
+            bpfsys.link_detach(link)
+        except bpfsys.BpfError as exc:
+            if exc.errno != ENOLINK:  # already defunct: its cgroup or netns is gone
+                raise
+        finally:
+            os.close(link)
+    pin.unlink(missing_ok=True)
+
+
+def _replace_keys(fd: int, key_size: int, wanted: set[bytes]) -> None:
+    """Make a set-like map (value unused) hold exactly `wanted`: add first, then remove."""
+    for key in wanted:
+        bpfsys.map_update(fd, key, layouts.U32.pack(1))
+    for key in set(bpfsys.map_keys(fd, key_size)) - wanted:
+        bpfsys.map_delete(fd, key)
 
 
 class Datapath:
@@ -130,18 +156,7 @@ class Datapath:
         removed: list[str] = []
         if self.links_dir.is_dir():
             for pin in sorted(self.links_dir.iterdir()):
-                try:
-                    link = bpfsys.obj_get(pin)
-                    try:
-                        bpfsys.link_detach(link)
-                    except bpfsys.BpfError as exc:
-                        if exc.errno != ENOLINK:
-                            raise
-                    finally:
-                        os.close(link)
-                except FileNotFoundError:
-                    pass
-                pin.unlink(missing_ok=True)
+                _detach_pinned_link(pin)
                 removed.append(f"link {pin.name}")
         if self.pin_dir.is_dir():
             for pin in sorted(p for p in self.pin_dir.iterdir() if p.is_file()):
@@ -181,16 +196,8 @@ class Datapath:
 
     def unenroll(self, cookie: int) -> None:
         bpfsys.map_delete(self.module.map_fd("nm_enrolled_v1"), cookie.to_bytes(8, "little"))
-        pin = self.links_dir / f"sklookup-{cookie}"
-        try:
-            link = bpfsys.obj_get(pin)
-            try:
-                bpfsys.link_detach(link)
-            finally:
-                os.close(link)
-        except (FileNotFoundError, bpfsys.BpfError):
-            pass
-        pin.unlink(missing_ok=True)
+        with contextlib.suppress(bpfsys.BpfError):
+            _detach_pinned_link(self.links_dir / f"sklookup-{cookie}")
 
     def enrolled(self) -> dict[int, tuple[int, ipaddress.IPv4Address]]:
         fd = self.module.map_fd("nm_enrolled_v1")
@@ -217,18 +224,16 @@ class Datapath:
         self, ports: Iterable[int] = (), cidrs: Iterable[ipaddress.IPv4Network] = ()
     ) -> None:
         """Destinations never captured; replaces the previous lists."""
-        pfd = self.module.map_fd("nm_exclude_port_v1")
-        want_ports = {layouts.EXCLUDE_PORT_KEY.pack(p) for p in ports}
-        for k in want_ports:
-            bpfsys.map_update(pfd, k, layouts.U32.pack(1))
-        for k in set(bpfsys.map_keys(pfd, 2)) - want_ports:
-            bpfsys.map_delete(pfd, k)
-        cfd = self.module.map_fd("nm_exclude_cidr_v1")
-        want_cidrs = {layouts.ipcache_key(c) for c in cidrs}
-        for k in want_cidrs:
-            bpfsys.map_update(cfd, k, layouts.U32.pack(1))
-        for k in set(bpfsys.map_keys(cfd, layouts.IPCACHE_KEY.size)) - want_cidrs:
-            bpfsys.map_delete(cfd, k)
+        _replace_keys(
+            self.module.map_fd("nm_exclude_port_v1"),
+            layouts.EXCLUDE_PORT_KEY.size,
+            {layouts.EXCLUDE_PORT_KEY.pack(p) for p in ports},
+        )
+        _replace_keys(
+            self.module.map_fd("nm_exclude_cidr_v1"),
+            layouts.IPCACHE_KEY.size,
+            {layouts.ipcache_key(c) for c in cidrs},
+        )
 
     # -- policy ----------------------------------------------------------------------------
     def apply_policy(

@@ -282,7 +282,3 @@ def http_get(ns: str, port: int, path: str) -> str | None:
     except (OSError, IndexError):
         return None
 
-
-def _admin_get(ns: str, path: str) -> str | None:
-    """The agent's admin endpoint (127.0.0.1:15000) inside a node netns."""
-    return http_get(ns, 15000, path)

@@ -26,7 +26,7 @@ from agent.datapath.layouts import FlowEvent
 from agent.datapath.options import BuildOptions
 from agent.datapath.policymap import CompiledPolicy, PolicyCompiler
 from agent.datapath.verdicts import Counter, EventKind
-from agent.enroll import PodLocator, PodPlacement
+from agent.enroll import Enroller, PodLocator, PodPlacement
 from agent.host import cgroup
 from agent.identity import pki
 from agent.identity.caclient import CaClient
@@ -87,6 +87,7 @@ class NodeAgent:
             )
         )
         self.enrolled: dict[str, _Enrolled] = {}
+        self.enroller = Enroller(cfg.node_name, self.locator, self._enroll, self._unenroll)
         self.pending: set[str] = set()
         self.compiled = CompiledPolicy()
         self.policy_updates = 0
@@ -202,27 +203,8 @@ class NodeAgent:
         self.compiled = compiled
         self.policy_updates += 1
         self.telemetry.agent_metrics.policy_update_seconds.observe(time.monotonic() - start)
-        local = {
-            w.uid: w
-            for w in state.workloads_on_node(self.config.node_name)
-            if state.in_mesh(w) and _v4(w) is not None
-        }
-        for uid in list(self.enrolled):
-            if uid not in local or local[uid] != self.enrolled[uid].workload:
-                await self._unenroll(uid)
-        self.pending = set()
-        for uid, w in local.items():
-            if uid in self.enrolled:
-                continue
-            placement = self.locator.locate(w)
-            if placement is None:
-                self.pending.add(uid)
-                continue
-            try:
-                await self._enroll(w, placement)
-            except (OSError, LookupError, TimeoutError) as exc:
-                log.error("enrolling %s failed: %s", w.ref, exc)
-                self.pending.add(uid)
+        await self.enroller.reconcile(state)
+        self.pending = set(self.enroller.pending)
 
     def _compile_and_apply(self, state: MeshState) -> CompiledPolicy:
         compiled = self.compiler.compile(state.policy_set, state.workloads)
@@ -231,7 +213,10 @@ class NodeAgent:
 
     async def _enroll(self, w: Workload, placement: PodPlacement) -> None:
         ip = _v4(w)
-        assert ip is not None
+        if ip is None:
+            # The datapath is IPv4 only; connect6 already fails closed for enrolled pods.
+            log.warning("%s has no IPv4 address: not captured (IPv4 only)", w.ref)
+            return
         ident = self.identities.allocate(w.identity)
         await self.certs.get(w.identity, timeout=30)
         base, _ports = self.state.policy_set.mtls.strict_ports(w)
@@ -252,14 +237,15 @@ class NodeAgent:
         log.info("enrolled %s (%s, %s, id %d)", w.ref, ip, w.identity, ident)
 
     async def _unenroll(self, uid: str) -> None:
-        e = self.enrolled.pop(uid)
+        e = self.enrolled.pop(uid, None)
+        if e is None:
+            return  # never entered the datapath (no IPv4 address)
         self.datapath.unenroll(e.cookie)
         ip = _v4(e.workload)
         if ip is not None:
             with contextlib.suppress(OSError):
                 self.datapath.remove_inbound_listener(ip)
         await self.tunnel.remove_pod(uid)
-        log.info("unenrolled %s", e.workload.ref)
 
     async def shutdown(self, drain: float) -> None:
         """Drain the tunnel and stop; the datapath stays pinned (fail closed while down)."""

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import signal
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -142,6 +141,4 @@ def cleanup(force: bool = False) -> dict[str, list[str]]:
             log.info("testbed run %s is live (owner pid %d): kept", rid, rec.owner_pid)
             continue
         done[rid] = teardown_run(rid)
-    # Wait for the kernel to release namespaces of killed processes before callers compare.
-    time.sleep(0)
     return done

@@ -59,6 +59,18 @@ while True:
 print(json.dumps({"peer": f"{peer[0]}:{peer[1]}", "reply": data.decode()}))
 """
 
+# Shared end of the connect peers below: connect to (ip, port) with the prepared socket `s`,
+# send one byte, report the reply or the errno as JSON.
+_CONNECT_AND_REPORT = """
+try:
+    s.connect((ip, port))
+    s.sendall(b"x")
+    s.shutdown(socket.SHUT_WR)
+    print(json.dumps({"reply": s.recv(4096).decode()}))
+except OSError as e:
+    print(json.dumps({"errno": errno.errorcode.get(e.errno, str(e.errno))}))
+"""
+
 # The tunnel's upstream connect: a marked socket created in a pod netns from the node's cgroup.
 MARKED_CONNECT = """
 import errno, json, socket, struct, sys
@@ -68,14 +80,7 @@ with netns.entered(ns):
     s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, struct.pack("I", mark))  # marks may exceed 2^31
 s.settimeout(5)
-try:
-    s.connect((ip, port))
-    s.sendall(b"x")
-    s.shutdown(socket.SHUT_WR)
-    print(json.dumps({"reply": s.recv(4096).decode()}))
-except OSError as e:
-    print(json.dumps({"errno": errno.errorcode.get(e.errno, str(e.errno))}))
-"""
+""" + _CONNECT_AND_REPORT
 
 # Runs batches of upstream-style connects for the differential test: each case is
 # [mark, source ip, destination ip, port]; the socket is bound transparently to the source ip,
@@ -136,11 +141,4 @@ podnet.prepare_pod_netns(ns)
 s = podnet.upstream(ns, mark, src)
 s.setblocking(True)
 s.settimeout(5)
-try:
-    s.connect((ip, port))
-    s.sendall(b"x")
-    s.shutdown(socket.SHUT_WR)
-    print(json.dumps({"reply": s.recv(4096).decode()}))
-except OSError as e:
-    print(json.dumps({"errno": errno.errorcode.get(e.errno, str(e.errno))}))
-"""
+""" + _CONNECT_AND_REPORT

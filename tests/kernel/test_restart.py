@@ -4,6 +4,7 @@ duplicate attachments, and uninstall leaves the kernel as it was before the inst
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -27,8 +28,6 @@ def bpftool_ids(kind: str) -> set[int]:
 
 
 def attached(cluster: Cluster) -> dict[str, int]:
-    import os  # noqa: PLC0415 -- local to this helper
-
     fd = os.open(cluster.nodes[0].cgroup_root, os.O_RDONLY)
     try:
         return {p.name: len(bpfsys.prog_query(fd, p.attach_type)) for p in CGROUP_PROGRAMS}
