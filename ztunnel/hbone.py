@@ -154,6 +154,7 @@ class Core:
         self._h2.max_inbound_frame_size = self.settings.max_frame
         self._h2.decoder.max_header_list_size = self.settings.max_header_list
         self._streams: dict[int, _Stream] = {}
+        self._rotation = 0  # where the next shared-window flush starts (see _flush_many)
         self.goaway_received = False
         self.goaway_sent = False
         self.settings_received = False
@@ -362,19 +363,37 @@ class Core:
         return s
 
     def _flush_many(self, ids: list[int], out: list[Event]) -> None:
-        for sid in ids:
-            s = self._streams.get(sid)
-            if s is None or (not s.pending_len and not s.end_requested):
+        """Send what waiting streams can, sharing the connection window: round-robin, one frame
+        per stream per round, starting one stream later each time. Serving them in a fixed
+        order let the first waiting streams take every window update and starve the rest."""
+        waiting = [sid for sid in ids if (st := self._streams.get(sid)) is not None
+                   and (st.pending_len or st.end_requested)]
+        if not waiting:
+            return
+        start = self._rotation % len(waiting)
+        self._rotation += 1
+        order = waiting[start:] + waiting[:start]
+        had = {sid: self._streams[sid].pending_len for sid in order}
+        sent = True
+        while sent:
+            sent = False
+            for sid in order:
+                st = self._streams.get(sid)
+                if st is not None and st.pending and self._flush(sid, st, max_frames=1):
+                    sent = True
+        for sid in order:
+            st = self._streams.get(sid)
+            if st is None:
                 continue
-            had = s.pending_len
-            self._flush(sid, s)
-            if had and not s.pending_len:
+            self._flush(sid, st)  # ends streams whose data is all out
+            if had[sid] and not st.pending_len:
                 out.append(Writable(sid))
             self._maybe_closed(sid, out)
 
-    def _flush(self, sid: int, s: _Stream) -> None:
+    def _flush(self, sid: int, s: _Stream, max_frames: int | None = None) -> int:
+        """Send pending data as the windows allow, at most max_frames frames; bytes sent."""
         try:
-            self._send_pending(sid, s)
+            return self._send_pending(sid, s, max_frames)
         except h2.exceptions.StreamClosedError:
             # h2 applies a whole batch of frames before reporting events, so a window update
             # can be handled for a stream a later frame of the same batch reset. That stream
@@ -382,13 +401,15 @@ class Core:
             # streams of the connection are untouched.
             s.pending.clear()
             s.pending_len = 0
+            return 0
 
-    def _send_pending(self, sid: int, s: _Stream) -> None:
+    def _send_pending(self, sid: int, s: _Stream, max_frames: int | None) -> int:
         h2c = self._h2
-        while s.pending:
+        sent = frames = 0
+        while s.pending and (max_frames is None or frames < max_frames):
             room = min(h2c.local_flow_control_window(sid), h2c.max_outbound_frame_size)
             if room <= 0:
-                return
+                return sent
             chunk = s.pending[0]
             if len(chunk) <= room:
                 s.pending.popleft()
@@ -397,9 +418,12 @@ class Core:
                 chunk = chunk[:room]
             s.pending_len -= len(chunk)
             h2c.send_data(sid, chunk)
-        if s.end_requested and not s.local_closed:
+            sent += len(chunk)
+            frames += 1
+        if not s.pending and s.end_requested and not s.local_closed:
             h2c.end_stream(sid)
             s.local_closed = True
+        return sent
 
     def _maybe_closed(self, sid: int, out: list[Event]) -> None:
         s = self._streams.get(sid)

@@ -252,3 +252,23 @@ def test_window_update_and_reset_in_one_batch_fail_only_that_stream() -> None:
     server.send(other, b"still here")
     ce, _ = pump(client, server)
     assert [(e.stream_id, e.data) for e in of(ce, hbone.Data)] == [(other, b"still here")]
+
+
+def test_a_reopened_connection_window_is_shared_between_waiting_streams() -> None:
+    """With more data waiting than the connection window holds, small window updates (a
+    receiver returning credit as its app reads) must not all go to the first waiting stream:
+    every waiting stream gets a share."""
+    client, server = connected()
+    sids = [tunnel(client, server) for _ in range(8)]
+    for sid in sids:  # 8 x 3 MiB waiting; the 16 MiB connection window holds 5 and a bit
+        server.send(sid, os.urandom(3 * MIB))
+    ce, _ = pump(client, server)
+    first = sids[0]
+    assert sum(len(e.data) for e in of(ce, hbone.Data) if e.stream_id == first) == 3 * MIB
+    waiting = [sid for sid in sids if server.buffered(sid) > 0]
+    assert len(waiting) >= 3
+    before = {sid: server.buffered(sid) for sid in waiting}
+    for _ in range(len(waiting)):  # the app reads stream `first` 256 KiB at a time
+        client.consumed(first, 256 * 1024)
+        pump(client, server)
+    assert all(server.buffered(sid) < before[sid] for sid in waiting)
