@@ -85,8 +85,12 @@ def _walk(node: yaml.Node, data: object, path: FieldPath, lines: dict[FieldPath,
 _CONSTRUCTOR = yaml.SafeLoader("")
 
 
+# libyaml parses a 10k-rule policy ~10x faster than the pure-Python loader; same nodes and marks.
+_Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def _documents(text: str, name: str) -> Iterator[_Document]:
-    loader = yaml.SafeLoader(text)
+    loader = _Loader(text)
     try:
         while loader.check_node():
             node = loader.get_node()
