@@ -195,20 +195,9 @@ def parse_authorization_policy(obj: object, path: FieldPath = ()) -> Authorizati
 
     Raises FieldError for anything Istio would reject or nodemesh cannot enforce (AUDIT/CUSTOM).
     """
-    doc = f.mapping(obj, path)
-    f.check_keys(doc, path, ("apiVersion", "kind", "metadata", "spec", "status"))
-    api = f.string(doc, "apiVersion", path)
-    if api not in API_VERSIONS:
-        f.fail((*path, "apiVersion"), f"{api!r}: want one of {', '.join(API_VERSIONS)}")
-    if f.string(doc, "kind", path) != "AuthorizationPolicy":
-        f.fail((*path, "kind"), "want AuthorizationPolicy")
+    head = f.object_head(obj, path, "AuthorizationPolicy", API_VERSIONS)
+    doc, name, namespace, annotations = head.doc, head.name, head.namespace, head.annotations
     mp = (*path, "metadata")
-    meta = f.mapping(doc.get("metadata"), mp)
-    f.check_keys(meta, mp, f.OBJECT_META_KEYS)
-    name = f.string(meta, "name", mp)
-    namespace = f.string(meta, "namespace", mp, default="default")
-    f.string_map(meta, "labels", mp)  # unused, but Kubernetes would reject non-string values
-    annotations = f.string_map(meta, "annotations", mp)
     dry_run = False
     if DRY_RUN_ANNOTATION in annotations:
         dry_run = parse_dry_run(annotations[DRY_RUN_ANNOTATION],

@@ -58,20 +58,8 @@ def _mtls(obj: Mapping[str, object], key: str, path: FieldPath) -> MtlsMode:
 
 
 def parse_peer_authentication(obj: object, path: FieldPath = ()) -> PeerAuthentication:
-    doc = f.mapping(obj, path)
-    f.check_keys(doc, path, ("apiVersion", "kind", "metadata", "spec", "status"))
-    api = f.string(doc, "apiVersion", path)
-    if api not in API_VERSIONS:
-        f.fail((*path, "apiVersion"), f"{api!r}: want one of {', '.join(API_VERSIONS)}")
-    if f.string(doc, "kind", path) != "PeerAuthentication":
-        f.fail((*path, "kind"), "want PeerAuthentication")
-    mp = (*path, "metadata")
-    meta = f.mapping(doc.get("metadata"), mp)
-    f.check_keys(meta, mp, f.OBJECT_META_KEYS)
-    name = f.string(meta, "name", mp)
-    namespace = f.string(meta, "namespace", mp, default="default")
-    f.string_map(meta, "labels", mp)  # unused, but Kubernetes would reject non-string values
-    created = meta.get("creationTimestamp") or ""
+    head = f.object_head(obj, path, "PeerAuthentication", API_VERSIONS)
+    doc, name, namespace = head.doc, head.name, head.namespace
     sp = (*path, "spec")
     spec = f.optional_mapping(doc, "spec", path)
     f.check_keys(spec, sp, ("selector", "mtls", "portLevelMtls"))
@@ -90,7 +78,7 @@ def parse_peer_authentication(obj: object, path: FieldPath = ()) -> PeerAuthenti
         port_modes.append((number, _mtls({"m": value}, "m", (*pp, str(raw_port)))))
     return PeerAuthentication(name=name, namespace=namespace, selector=selector, mode=mode,
                               port_modes=tuple(sorted(port_modes, key=lambda pm: pm[0])),
-                              created=str(created))
+                              created=head.created)
 
 
 class MtlsResolver:

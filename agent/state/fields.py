@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from typing import NoReturn
 
 FieldPath = tuple[str | int, ...]
@@ -179,3 +180,34 @@ OBJECT_META_KEYS = frozenset({
     "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "managedFields",
     "ownerReferences", "finalizers", "generateName", "selfLink",
 })
+
+
+@dataclass(frozen=True)
+class ObjectHead:
+    """What every Istio security object shares: the document, its metadata and identity."""
+
+    doc: Mapping[str, object]
+    name: str
+    namespace: str
+    annotations: dict[str, str]
+    created: str  # creationTimestamp (RFC 3339 sorts as text); "" when absent
+
+
+def object_head(obj: object, path: FieldPath, kind: str,
+                api_versions: Collection[str]) -> ObjectHead:
+    """Check apiVersion, kind and metadata of a Kubernetes-shaped object with a spec."""
+    doc = mapping(obj, path)
+    check_keys(doc, path, ("apiVersion", "kind", "metadata", "spec", "status"))
+    api = string(doc, "apiVersion", path)
+    if api not in api_versions:
+        fail((*path, "apiVersion"), f"{api!r}: want one of {', '.join(api_versions)}")
+    if string(doc, "kind", path) != kind:
+        fail((*path, "kind"), f"want {kind}")
+    mp = (*path, "metadata")
+    meta = mapping(doc.get("metadata"), mp)
+    check_keys(meta, mp, OBJECT_META_KEYS)
+    name = string(meta, "name", mp)
+    namespace = string(meta, "namespace", mp, default="default")
+    string_map(meta, "labels", mp)  # unused, but Kubernetes would reject non-string values
+    return ObjectHead(doc, name, namespace, annotations=string_map(meta, "annotations", mp),
+                      created=str(meta.get("creationTimestamp") or ""))
