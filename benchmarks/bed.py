@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import ssl
 import subprocess
 import time
@@ -71,11 +72,28 @@ CONN_SYSCTLS = {
 }
 
 
+# Envoy's BoringSSL always picks AES-128-GCM for TLS 1.3 and offers no setting to change that;
+# OpenSSL (the agents) prefers AES-256-GCM and Python's ssl cannot set TLS 1.3 suites either. An
+# OpenSSL config file given to the agents alone makes both tunnels use the same suite.
+OPENSSL_SUITE = "TLS_AES_128_GCM_SHA256"
+_OPENSSL_CONF = f"""openssl_conf = nodemesh_bench
+[nodemesh_bench]
+ssl_conf = nodemesh_bench_ssl
+[nodemesh_bench_ssl]
+system_default = nodemesh_bench_tls
+[nodemesh_bench_tls]
+Ciphersuites = {OPENSSL_SUITE}
+"""
+
+
 def start_agents(c: Cluster, config: Path, work: Path, prefix: str) -> tuple[list[PodProcess],
                                                                              list[Path]]:
     """One agent per node (demo's helper); the pins are returned so the caller removes them."""
     pins = [DEFAULT_PIN_ROOT / f"{prefix}-{c.run_id}-n{n.index}" for n in c.nodes]
-    agents = _start_agents(c, argparse.Namespace(config=config), work, pins)
+    conf = work / "openssl-bench.cnf"
+    conf.write_text(_OPENSSL_CONF, encoding="ascii")
+    env = {**os.environ, "OPENSSL_CONF": str(conf)}
+    agents = _start_agents(c, argparse.Namespace(config=config), work, pins, env=env)
     for node in c.nodes:
         if not _wait_ready(node, 15021, timeout=120):
             log = (work / f"agent-n{node.index}.log").read_text()[-3000:]
@@ -117,11 +135,14 @@ def nodemesh_cipher(c: Cluster, ca_dir: Path, work: Path) -> str:
     return got[0] if got else "unknown"
 
 
-def wait_listening(pod: Pod, port: int, timeout: float = 10) -> None:
+def wait_listening(pod: Pod, port: int, proc: PodProcess | None = None,
+                   timeout: float = 10) -> None:
     """Until a listener on `port` exists in the pod (asked of `ss`: a test connect would count as
-    a client to iperf3)."""
+    a client to iperf3); BedError at once if `proc`, the server meant to listen, has exited."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise BedError(f"the server for port {port} in {pod.netns} exited ({proc.poll()})")
         out = subprocess.run(
             ["ip", "netns", "exec", pod.netns, "ss", "-Hltn", f"sport = :{port}"],
             capture_output=True, check=False,
@@ -146,9 +167,16 @@ class Bed:
     def iperf_server(self, route: Route) -> PodProcess:
         """A one-off iperf3 server (-1) in the route's server pod: every run starts clean."""
         pod = self.cluster.pod(1, 0 if route.mode == "nodemesh" else 1)
-        proc = pod.spawn(["iperf3", "-s", "-1", "-p", str(BULK_PORT)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_listening(pod, BULK_PORT)
+        log = self.work / f"iperf3-server-{route.mode}.log"
+        with log.open("ab") as out:
+            proc = pod.spawn(["iperf3", "-s", "-1", "-p", str(BULK_PORT)],
+                             stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_listening(pod, BULK_PORT, proc)
+        except BedError as e:
+            proc.stop()
+            tail = log.read_text(errors="replace")[-800:]
+            raise BedError(f"{e}; iperf3 server output:\n{tail}") from e
         return proc
 
 

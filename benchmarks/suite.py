@@ -151,7 +151,10 @@ def run(
                  "--repeats", str(s.connect_cost_repeats)]
             ))
     results["duration_s"] = time.monotonic() - started
-    results["verified"] = _all_verified(sec)
+    # Both tunnels must have used the same TLS 1.3 suite (bed.start_agents sees to it).
+    ciphers = results["ciphers"]
+    same_suite = not ciphers or len({tuple(v) for v in ciphers.values()}) == 1
+    results["verified"] = _all_verified(sec) and same_suite
     out.mkdir(parents=True, exist_ok=True)
     (out / "latest.json").write_text(json.dumps(results, indent=2))
     text = report.table(results)

@@ -150,7 +150,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _start_agents(
-    c: Cluster, args: argparse.Namespace, work: Path, pins: list[Path], extra: tuple[str, ...] = ()
+    c: Cluster, args: argparse.Namespace, work: Path, pins: list[Path], extra: tuple[str, ...] = (),
+    *, env: dict[str, str] | None = None,
 ) -> list[PodProcess]:
     """One `nodemesh run` per node, in the node's netns and cgroup, sharing the CA root."""
     ca_cert = work / "ca" / "root-cert.pem"
@@ -183,6 +184,7 @@ def _start_agents(
                     ],
                     stdout=log,
                     stderr=subprocess.STDOUT,
+                    env=env,
                 )
             )
     return agents
