@@ -73,6 +73,13 @@ class Envoy:
                 out[key] = int(value)
         return out
 
+    def stat(self, name: str) -> int:
+        """One counter by its exact name."""
+        try:
+            return self.stats(name)[name]
+        except KeyError:
+            raise EnvoyError(f"Envoy has no stat {name}") from None
+
     def ciphers(self) -> list[str]:
         """TLS 1.3 cipher suites this Envoy negotiated (from its ssl.ciphers.* counters)."""
         return sorted(
@@ -80,9 +87,12 @@ class Envoy:
         )
 
 
-def start(place: Place, template: str, workdir: Path, concurrency: int, **values: object) -> Envoy:
-    cfg = workdir / f"{place.netns}-{template}"
-    text = Template((CONFIGS / template).read_text()).substitute(admin_port=ADMIN_PORT, **values)
+def start(place: Place, template: str | Path, workdir: Path, concurrency: int,
+          **values: object) -> Envoy:
+    """Envoy in `place` from a config template (a name in benchmarks/envoy/, or a path), ready."""
+    source = template if isinstance(template, Path) else CONFIGS / template
+    cfg = workdir / f"{place.netns}-{source.name}"
+    text = Template(source.read_text()).substitute(admin_port=ADMIN_PORT, **values)
     cfg.write_text(text)
     log = cfg.with_suffix(".log")
     with log.open("wb") as f:
