@@ -64,12 +64,22 @@ class PlainSide(asyncio.Protocol):
         self._paused = start_paused
         self._write_blocked = False
         self._owed = 0
+        self._held: list[bytes] = []  # read before attach: forwarded by attach, never dropped
 
     # -- wiring ------------------------------------------------------------------------------
     def attach(self, peer: Endpoint) -> None:
-        """Join the other side and start reading."""
+        """Join the other side, hand it what arrived before, and start reading."""
         self.peer = peer
-        self._resume()
+        held, self._held = self._held, []
+        flowing = True
+        for data in held:
+            flowing = peer.send(data) and flowing
+        if self.eof_in:
+            peer.finish()
+        if self.closed and self.reset_seen:
+            peer.reset()
+        elif flowing:
+            self._resume()
 
     # -- asyncio.Protocol --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -85,7 +95,13 @@ class PlainSide(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.bytes_read += len(data)
         if self.peer is None:
-            return  # reading only starts once attached; nothing to forward to
+            # Not attached yet: a loop may start reading despite pause_reading() in
+            # connection_made (uvloop does, measured). Hold it and stop reading until attach.
+            self._held.append(data)
+            if self.transport is not None and not self.closed:
+                self._paused = True
+                self.transport.pause_reading()
+            return
         if not self.peer.send(data):
             self._pause()
 
