@@ -98,9 +98,7 @@ class PlainSide(asyncio.Protocol):
             # Not attached yet: a loop may start reading despite pause_reading() in
             # connection_made (uvloop does, measured). Hold it and stop reading until attach.
             self._held.append(data)
-            if self.transport is not None and not self.closed:
-                self._paused = True
-                self.transport.pause_reading()
+            self._pause()
             return
         if not self.peer.send(data):
             self._pause()
@@ -173,7 +171,9 @@ class PlainSide(asyncio.Protocol):
 
     # -- internals ---------------------------------------------------------------------------
     def _pause(self) -> None:
-        if not self._paused and self.transport is not None and not self.closed:
+        # Not skipped when _paused is already set: start_paused's pause may not have taken
+        # (see data_received), and pause_reading() on a paused transport is a no-op.
+        if self.transport is not None and not self.closed:
             self._paused = True
             self.transport.pause_reading()
 
