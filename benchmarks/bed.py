@@ -141,8 +141,8 @@ def wait_listening(pod: Pod, port: int, proc: PodProcess | None = None,
     a client to iperf3); BedError at once if `proc`, the server meant to listen, has exited."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise BedError(f"the server for port {port} in {pod.netns} exited ({proc.poll()})")
+        if proc is not None and (code := proc.poll()) is not None:
+            raise BedError(f"the server for port {port} in {pod.netns} exited ({code})")
         out = subprocess.run(
             ["ip", "netns", "exec", pod.netns, "ss", "-Hltn", f"sport = :{port}"],
             capture_output=True, check=False,
