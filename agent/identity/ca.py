@@ -46,10 +46,10 @@ from agent.identity.spiffe import (
     node_uri,
     uri_sans,
 )
+from agent.identity.workloadcert import DEFAULT_TTL
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TTL = timedelta(hours=24)
 MAX_TTL = timedelta(hours=24)
 
 

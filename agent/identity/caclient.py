@@ -24,11 +24,9 @@ from agent.identity.proto import (
     IstioCertificateResponse,
 )
 from agent.identity.spiffe import Identity, IdentityError, from_certificate
-from agent.identity.workloadcert import WorkloadCertificate
+from agent.identity.workloadcert import DEFAULT_TTL, WorkloadCertificate
 
 log = logging.getLogger(__name__)
-
-DEFAULT_TTL = timedelta(hours=24)
 
 
 class CaError(Exception):

@@ -5,12 +5,14 @@ from __future__ import annotations
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from cryptography import x509
 
 from agent.identity import pki, tlsmem
 from agent.identity.spiffe import Identity, from_certificate
+
+DEFAULT_TTL = timedelta(hours=24)  # Istio's default workload certificate lifetime
 
 
 @dataclass(frozen=True, repr=False)
