@@ -2,12 +2,15 @@
 /* cgroup/connect4: outbound capture and L4 policy at connect time.
  *
  * For a TCP connect() in an enrolled pod's netns:
- *   1. sockets with the tunnel mark and id 0 or all-ones are the tunnel's own: untouched;
- *   2. sockets with the tunnel mark and an identity are the tunnel's upstream connects on behalf
- *      of an authenticated (or plaintext) peer: destination-side policy; deny -> EPERM, which
- *      the tunnel answers with HTTP 401; an allowed one is recorded so sk_lookup lets it
- *      reach the app instead of steering it back to the tunnel;
- *   3. other sockets are the app's: loopback and excluded destinations pass; the egress policy
+ *   1. sockets with the tunnel mark, connected by a task in a trusted (agent) cgroup, with id 0
+ *      or all-ones are the tunnel's own: untouched;
+ *   2. such sockets with an identity are the tunnel's upstream connects on behalf of an
+ *      authenticated (or plaintext) peer: destination-side policy; deny -> EPERM, which the
+ *      tunnel answers with HTTP 401; an allowed one is recorded (bound to the socket's cookie,
+ *      deleted by sockops at close) so sk_lookup lets it reach the app instead of steering it
+ *      back to the tunnel;
+ *   3. other sockets are the app's, including a pod's own socket carrying a forged tunnel mark
+ *      (counted): loopback and excluded destinations pass; the egress policy
  *      is checked with the pod's own identity (deny -> EPERM at once); otherwise the original
  *      destination is recorded by socket cookie and the connect goes to 127.0.0.1:15001.
  * UDP is not captured.
@@ -18,6 +21,7 @@
 #include "lib/policy.h"
 #include "lib/conn.h"
 #include "lib/events.h"
+#include "lib/trust.h"
 
 static __always_inline void nm_emit_deny(struct bpf_sock_addr *ctx, __u64 netns, __u32 src_ip,
 					 __u32 src_id, struct policy_entry *pe, __u8 dir)
@@ -61,8 +65,8 @@ int nm_connect4(struct bpf_sock_addr *ctx)
 	dst = ctx->user_ip4;
 	dport = bpf_ntohs(ctx->user_port);
 
-	mark = sk->mark;
-	if (nm_is_tunnel_mark(mark)) {
+	if (nm_tunnel_socket(sk)) {
+		mark = sk->mark;
 		src_id = mark >> NM_MARK_ID_SHIFT;
 		if (src_id == NM_ID_NONE || src_id == NM_ID_TUNNEL)
 			return 1;
@@ -72,12 +76,16 @@ int nm_connect4(struct bpf_sock_addr *ctx)
 			nm_emit_deny(ctx, netns, sk->src_ip4, src_id, &pe, NM_DIR_INGRESS);
 			return 0;
 		}
+		/* Unbound: no spoofed tuple to let through (to the pod's own address it goes over
+		 * loopback, which sk_lookup passes). */
+		if (sk->src_port == 0)
+			return 1;
 		struct upstream_key uk = {
 			.src_ip = sk->src_ip4, .dst_ip = dst, .src_port = (__u16)sk->src_port,
 			.dst_port = dport,
 		};
-		__u32 one = 1;
-		nm_upstream_v1.update(&uk, &one);
+		struct upstream_entry ue = { .cookie = bpf_get_socket_cookie(ctx) };
+		nm_upstream_v2.update(&uk, &ue);
 		return 1;
 	}
 

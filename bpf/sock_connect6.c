@@ -3,11 +3,13 @@
  *
  * A TCP connect() over IPv6 from an enrolled pod (other than to ::1, and including IPv4-mapped
  * addresses, which would otherwise bypass connect4) gets EPERM, so IPv6 can never carry
- * plaintext past a policy. The tunnel's own sockets are untouched.
+ * plaintext past a policy. Only the tunnel's own sockets (tunnel mark, connected from a trusted
+ * agent cgroup) are untouched; a forged mark is counted and refused like any app socket.
  */
 #include "lib/common.h"
 #include "lib/enroll.h"
 #include "lib/events.h"
+#include "lib/trust.h"
 
 int nm_connect6(struct bpf_sock_addr *ctx)
 {
@@ -20,7 +22,7 @@ int nm_connect6(struct bpf_sock_addr *ctx)
 	if (!nm_enrolled(netns))
 		return 1;
 	sk = ctx->sk;
-	if (sk && nm_is_tunnel_mark(sk->mark))
+	if (nm_tunnel_socket(sk))
 		return 1;
 	if (ctx->user_ip6[0] == 0 && ctx->user_ip6[1] == 0 && ctx->user_ip6[2] == 0 &&
 	    ctx->user_ip6[3] == bpf_htonl(1))

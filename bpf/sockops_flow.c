@@ -4,6 +4,11 @@
  * At TCP connect the source port is known, so the connection is re-keyed as the tunnel will see
  * it and an OPEN event is sent; at close a CLOSE event carries bytes each way and duration, and
  * both map entries go.
+ *
+ * The agent's upstream sockets that connect4 recorded in nm_upstream_v2 get the state callback
+ * too, and their entry goes when they close, so sk_lookup lets a tuple through only while the
+ * agent's own connection holds it. The entry must name this socket's cookie: another netns may
+ * use the same 4-tuple.
  */
 #include "lib/common.h"
 #include "lib/conn.h"
@@ -62,8 +67,26 @@ static __always_inline void nm_flow_event(struct bpf_sock_ops *skops, struct con
 	nm_event_submit(ev);
 }
 
+static __always_inline void nm_upstream_key_of(struct bpf_sock_ops *skops, struct upstream_key *k)
+{
+	k->src_ip = skops->local_ip4;
+	k->dst_ip = skops->remote_ip4;
+	k->src_port = (__u16)skops->local_port;
+	k->dst_port = (__u16)bpf_ntohl(skops->remote_port); /* network order in the high half */
+}
+
+/* The upstream entry of this socket, if it is one of the agent's recorded upstreams. */
+static __always_inline struct upstream_entry *nm_own_upstream(struct bpf_sock_ops *skops,
+							    struct upstream_key *k, __u64 cookie)
+{
+	nm_upstream_key_of(skops, k);
+	struct upstream_entry *ue = nm_upstream_v2.lookup(k);
+	return ue && ue->cookie == cookie ? ue : NULL;
+}
+
 int nm_sockops(struct bpf_sock_ops *skops)
 {
+	struct upstream_key uk;
 	struct conn_entry *c;
 	__u64 cookie;
 
@@ -73,8 +96,11 @@ int nm_sockops(struct bpf_sock_ops *skops)
 	case BPF_SOCK_OPS_TCP_CONNECT_CB: {
 		cookie = bpf_get_socket_cookie(skops);
 		c = nm_conn_cookie_v1.lookup(&cookie);
-		if (!c)
+		if (!c) {
+			if (nm_own_upstream(skops, &uk, cookie))
+				bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
 			return 1;
+		}
 		struct conn_tuple k = {
 			.netns = bpf_get_netns_cookie(skops), .ip = skops->local_ip4,
 			.port = skops->local_port,
@@ -89,8 +115,11 @@ int nm_sockops(struct bpf_sock_ops *skops)
 			return 1;
 		cookie = bpf_get_socket_cookie(skops);
 		c = nm_conn_cookie_v1.lookup(&cookie);
-		if (!c)
+		if (!c) {
+			if (nm_own_upstream(skops, &uk, cookie))
+				nm_upstream_v2.delete(&uk);
 			return 1;
+		}
 		nm_flow_event(skops, c, cookie, NM_EVENT_CLOSE);
 		struct conn_tuple k = {
 			.netns = c->netns, .ip = skops->local_ip4, .port = skops->local_port,

@@ -3,7 +3,8 @@
 Attachments are bpf_links pinned under <pin_dir>/links, so they stay while the agent restarts;
 install() adopts them by updating each link to the newly loaded program (no duplicates), and
 uninstall() detaches and unpins everything it made. Pod enrollment is a map update plus one
-sk_lookup link in the pod's netns.
+sk_lookup link in the pod's netns. install() also registers the agent's own cgroup as the one
+whose sockets may carry the tunnel mark (agent/datapath/trust.py).
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.datapath import bpfsys, layouts
+from agent.datapath import bpfsys, layouts, trust
 from agent.datapath.bccloader import Module, ProgType, compile_module
 from agent.datapath.bpfsys import AttachType, MapType
-from agent.datapath.layouts import FlowEvent, PolicyEntry, PolicyKey
+from agent.datapath.layouts import FlowEvent, PolicyEntry, PolicyKey, TrustedEntry, UpstreamKey
 from agent.datapath.options import ID_TUNNEL, BuildOptions
 from agent.datapath.verdicts import COUNTER_SLOTS, Counter
 from agent.host import netns
@@ -121,7 +122,45 @@ class Datapath:
         lookup_fd = self.module.load(SK_LOOKUP, ProgType.SK_LOOKUP, int(AttachType.SK_LOOKUP))
         for pin in sorted(self.links_dir.glob("sklookup-*")):
             done.append(self._adopt(pin, lookup_fd) or f"dropped defunct {pin.name}")
+        done.extend(self._trust_own_cgroup())
         return done
+
+    # -- trust -----------------------------------------------------------------------------
+    def _trust_own_cgroup(self) -> list[str]:
+        """Forget trusted cgroups whose agent is gone, then trust this process's cgroup."""
+        fd = self.module.map_fd("nm_trusted_cg_v1")
+        done = []
+        for cg_id, owner in self.trusted_cgroups().items():
+            if not trust.owner_alive(owner):
+                bpfsys.map_delete(fd, layouts.CGROUP_ID.pack(cg_id))
+                done.append(f"untrusted cgroup {cg_id} of gone pid {owner.owner_pid}")
+        own = self.trust_cgroup(trust.own_cgroup())
+        return [*done, f"trusted cgroup {own}"]
+
+    def trust_cgroup(self, path: Path) -> int:
+        """Let sockets connected by tasks in this cgroup use the tunnel mark; owned by this
+        process. Returns the cgroup id."""
+        cg_id = trust.cgroup_id(path)
+        bpfsys.map_update(
+            self.module.map_fd("nm_trusted_cg_v1"),
+            layouts.CGROUP_ID.pack(cg_id),
+            trust.this_process().pack(),
+        )
+        return cg_id
+
+    def untrust_cgroup(self, path: Path) -> None:
+        bpfsys.map_delete(
+            self.module.map_fd("nm_trusted_cg_v1"), layouts.CGROUP_ID.pack(trust.cgroup_id(path))
+        )
+
+    def trusted_cgroups(self) -> dict[int, TrustedEntry]:
+        fd = self.module.map_fd("nm_trusted_cg_v1")
+        out: dict[int, TrustedEntry] = {}
+        for key in bpfsys.map_keys(fd, layouts.CGROUP_ID.size):
+            raw = bpfsys.map_lookup(fd, key, layouts.TRUSTED_ENTRY.size)
+            if raw is not None:
+                out[layouts.CGROUP_ID.unpack(key)[0]] = TrustedEntry.unpack(raw)
+        return out
 
     def _attach(self, pin: Path, prog_fd: int, target_fd: int, attach: AttachType) -> str:
         adopted = self._adopt(pin, prog_fd)
@@ -175,6 +214,12 @@ class Datapath:
         if not 2 <= identity < ID_TUNNEL:
             raise ValueError(f"identity id {identity} out of range 2..{ID_TUNNEL - 1}")
         cookie = netns.cookie_of(ns)
+        previous = self._enrollment(cookie)
+        addr_fd = self.module.map_fd("nm_pod_addr_v1")
+        if previous is not None and previous[1] != pod_ip:
+            bpfsys.map_delete(addr_fd, previous[1].packed)
+        # The address first: from then on sk_lookup drops what the tunnel cannot take yet.
+        bpfsys.map_update(addr_fd, pod_ip.packed, cookie.to_bytes(8, "little"))
         bpfsys.map_update(
             self.module.map_fd("nm_enrolled_v1"),
             cookie.to_bytes(8, "little"),
@@ -195,9 +240,21 @@ class Datapath:
         return cookie
 
     def unenroll(self, cookie: int) -> None:
+        entry = self._enrollment(cookie)
+        if entry is not None:
+            bpfsys.map_delete(self.module.map_fd("nm_pod_addr_v1"), entry[1].packed)
         bpfsys.map_delete(self.module.map_fd("nm_enrolled_v1"), cookie.to_bytes(8, "little"))
         with contextlib.suppress(bpfsys.BpfError):
             _detach_pinned_link(self.links_dir / f"sklookup-{cookie}")
+
+    def _enrollment(self, cookie: int) -> tuple[int, ipaddress.IPv4Address] | None:
+        raw = bpfsys.map_lookup(
+            self.module.map_fd("nm_enrolled_v1"), cookie.to_bytes(8, "little"), layouts.ENROLL.size
+        )
+        if raw is None:
+            return None
+        ident, ip, _f, _p = layouts.ENROLL.unpack(raw)
+        return ident, ipaddress.IPv4Address(ip)
 
     def enrolled(self) -> dict[int, tuple[int, ipaddress.IPv4Address]]:
         fd = self.module.map_fd("nm_enrolled_v1")
@@ -311,6 +368,16 @@ class Datapath:
         entry = layouts.ConnEntry.unpack(raw)
         return entry.orig_ip, entry.orig_port
 
+    def upstreams(self) -> dict[UpstreamKey, int]:
+        """The agent's live upstream connects sk_lookup lets through, with their socket cookie."""
+        fd = self.module.map_fd("nm_upstream_v2")
+        out: dict[UpstreamKey, int] = {}
+        for key in bpfsys.map_keys(fd, layouts.UPSTREAM_KEY.size):
+            raw = bpfsys.map_lookup(fd, key, layouts.UPSTREAM_ENTRY.size)
+            if raw is not None:
+                out[UpstreamKey.unpack(key)] = layouts.UPSTREAM_ENTRY.unpack(raw)[0]
+        return out
+
     def map_fill(self) -> dict[str, tuple[int, int]]:
         """Entries used and capacity of the maps that grow with the cluster."""
         o = self.options
@@ -318,6 +385,7 @@ class Datapath:
             "nm_enrolled_v1": (8, o.max_pods),
             "nm_conn_cookie_v1": (8, o.max_conns),
             "nm_conn_tuple_v1": (layouts.CONN_TUPLE.size, o.max_conns),
+            "nm_upstream_v2": (layouts.UPSTREAM_KEY.size, o.max_conns),
         }
         return {
             name: (len(bpfsys.map_keys(self.module.map_fd(name), ks)), cap)

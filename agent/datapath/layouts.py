@@ -26,6 +26,10 @@ POLICY_KEY = struct.Struct("=4sIIHBB")
 POLICY_VALUE = struct.Struct("=BBHI")
 CONN_TUPLE = struct.Struct("=Q4sI")
 CONN_ENTRY = struct.Struct("=4sHH4sIQQ")
+UPSTREAM_KEY = struct.Struct("=4s4sHH")
+UPSTREAM_ENTRY = struct.Struct("=Q")
+TRUSTED_ENTRY = struct.Struct("=IIQ")
+CGROUP_ID = struct.Struct("=Q")
 FLOW_EVENT = struct.Struct("=QQQQQQ4s4sHHIIHBBBB2x")
 FLOW_EVENT_SIZE = 80  # sizeof(struct flow_event), 8-byte aligned
 
@@ -83,6 +87,37 @@ class ConnEntry:
 
 def conn_tuple(netns: int, ip: Ip, port: int) -> bytes:
     return CONN_TUPLE.pack(netns, ip.packed, port)
+
+
+@dataclass(frozen=True, order=True)
+class UpstreamKey:
+    """struct upstream_key: the agent's upstream connect as the destination pod sees it."""
+
+    src: Ip
+    dst: Ip
+    src_port: int
+    dst_port: int
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> UpstreamKey:
+        sip, dip, sport, dport = UPSTREAM_KEY.unpack(raw[: UPSTREAM_KEY.size])
+        return cls(Ip(sip), Ip(dip), sport, dport)
+
+
+@dataclass(frozen=True)
+class TrustedEntry:
+    """struct trusted_entry: the agent process that registered a trusted cgroup."""
+
+    owner_pid: int
+    owner_start: int
+
+    def pack(self) -> bytes:
+        return TRUSTED_ENTRY.pack(self.owner_pid, 0, self.owner_start)
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> TrustedEntry:
+        pid, _pad, start = TRUSTED_ENTRY.unpack(raw[: TRUSTED_ENTRY.size])
+        return cls(pid, start)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ class Reason(enum.IntEnum):
     POLICY_NOT_ALLOWED = 2
     MTLS_REQUIRED = 3
     IPV6_UNSUPPORTED = 4
+    NO_TUNNEL = 5
 
     @property
     def label(self) -> str:
@@ -41,6 +42,8 @@ class Counter(enum.IntEnum):
     DENY_INGRESS = 3
     INBOUND_STEERED = 4
     IPV6_DENIED = 5
+    INBOUND_NO_TUNNEL = 6
+    UNTRUSTED_MARK = 7
 
 
 COUNTER_SLOTS = 8  # NM_CTR_MAX

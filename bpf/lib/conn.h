@@ -43,13 +43,21 @@ struct upstream_key {
 	__u16 dst_port; /* host order */
 };
 
-/* nm_upstream_v1: the tunnel's allowed upstream connects to a local pod. They arrive on the
- * pod's own address from a spoofed client address and, measured, with the pod's eth0 as
- * ingress device, so sk_lookup could not tell them from real inbound plaintext without this.
- * key: struct upstream_key -> u32 (unused); NM_MAX_CONNS entries, LRU.
- * Writer: connect4 (tunnel upstream allowed). Reader: sk_lookup (never steer these).
+struct upstream_entry {
+	__u64 cookie; /* the agent's upstream socket this entry belongs to */
+};
+
+/* nm_upstream_v2: the tunnel's allowed upstream connects to a local pod, while they last. They
+ * arrive on the pod's own address from a spoofed client address and, measured, with the pod's
+ * eth0 as ingress device, so sk_lookup could not tell them from real inbound plaintext without
+ * this. An entry lives exactly as long as the agent's socket: sockops deletes it when that
+ * socket closes, so a 4-tuple cannot be replayed from the underlay later. (v1 had no owner and
+ * stayed until LRU eviction.)
+ * key: struct upstream_key -> struct upstream_entry; NM_MAX_CONNS entries, LRU.
+ * Writer: connect4 (an agent-connected upstream that policy allows), sockops (delete at close).
+ * Reader: sk_lookup (never steer these), sockops.
  */
-BPF_TABLE_PINNED("lru_hash", struct upstream_key, __u32, nm_upstream_v1, NM_MAX_CONNS,
-		 NM_PIN(nm_upstream_v1));
+BPF_TABLE_PINNED("lru_hash", struct upstream_key, struct upstream_entry, nm_upstream_v2,
+		 NM_MAX_CONNS, NM_PIN(nm_upstream_v2));
 
 #endif

@@ -17,6 +17,7 @@
 #define NM_REASON_POLICY_NOT_ALLOWED 2    /* ALLOW policies select the destination, none matched */
 #define NM_REASON_MTLS_REQUIRED 3         /* plaintext source while the destination is STRICT */
 #define NM_REASON_IPV6_UNSUPPORTED 4      /* IPv6 TCP from/to an enrolled pod: fail closed */
+#define NM_REASON_NO_TUNNEL 5             /* inbound plaintext while the pod's tunnel is absent */
 
 /* Flow event kinds (flow_event.kind). */
 #define NM_EVENT_OPEN 1
@@ -34,6 +35,8 @@
 #define NM_CTR_DENY_INGRESS 3
 #define NM_CTR_INBOUND_STEERED 4
 #define NM_CTR_IPV6_DENIED 5
+#define NM_CTR_INBOUND_NO_TUNNEL 6  /* sk_lookup dropped: no inbound listener (agent absent) */
+#define NM_CTR_UNTRUSTED_MARK 7     /* tunnel mark on a socket not connected by the agent */
 #define NM_CTR_MAX 8
 
 #endif

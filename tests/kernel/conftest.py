@@ -27,6 +27,9 @@ def datapath(kcluster: Cluster) -> Iterator[Datapath]:
     dp = Datapath(kcluster.nodes[0].cgroup_root, opts)
     try:
         dp.install()
+        # The tests' stand-ins for the tunnel run as node processes (the node's sys cgroup),
+        # as the real agent does; only they may use the tunnel mark.
+        dp.trust_cgroup(kcluster.nodes[0].cgroup)
         yield dp
     finally:
         dp.uninstall()
