@@ -142,3 +142,81 @@ s = podnet.upstream(ns, mark, src)
 s.setblocking(True)
 s.settimeout(5)
 """ + _CONNECT_AND_REPORT
+
+# A hostile process inside a pod (its cgroup and netns, root, so it holds CAP_NET_ADMIN): it sets
+# the tunnel's mark on its own socket, optionally binds its own address and adds the tunnel's
+# routing rule for the mark (as ztunnel/podnet.py does for the real tunnel), then connects.
+# Reports the reply, the errno, or "timeout".
+FORGED_CONNECT = """
+import errno, json, socket, struct, sys
+from pyroute2 import IPRoute
+ip, port, mark, bind_ip, rule = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+ipr = IPRoute()
+if rule == "1":
+    lo = ipr.link_lookup(ifname="lo")[0]
+    ipr.rule("add", fwmark=0x539, fwmask=0xfff, table=100, priority=100)
+    ipr.route("add", dst="0.0.0.0", dst_len=0, type="local", scope=254, oif=lo, table=100)
+try:
+    s = socket.socket(family)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, struct.pack("I", mark))
+    if bind_ip:
+        s.bind((bind_ip, 0))
+    s.settimeout(3)
+    try:
+        s.connect((ip, port))
+        s.sendall(b"forged")
+        s.shutdown(socket.SHUT_WR)
+        print(json.dumps({"reply": s.recv(4096).decode()}))
+    except socket.timeout:
+        print(json.dumps({"errno": "timeout"}))
+    except OSError as e:
+        print(json.dumps({"errno": errno.errorcode.get(e.errno, str(e.errno))}))
+finally:
+    if rule == "1":
+        ipr.rule("del", fwmark=0x539, fwmask=0xfff, table=100, priority=100)
+        ipr.route("del", dst="0.0.0.0", dst_len=0, type="local", scope=254, oif=lo, table=100)
+    ipr.close()
+"""
+
+# A plaintext client with a short timeout: a dropped SYN shows as "timeout", not a 5 s hang.
+# Optionally bound transparently to (source ip, source port) to replay a 4-tuple.
+PLAIN_CONNECT = """
+import errno, json, socket, sys
+ip, port, src = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+s = socket.socket()
+if src:
+    sip, sport = src.split(":")
+    s.setsockopt(socket.SOL_IP, 19, 1)  # IP_TRANSPARENT: a source address not on this host
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((sip, int(sport)))
+s.settimeout(2)
+try:
+    s.connect((ip, port))
+    s.sendall(b"plain")
+    s.shutdown(socket.SHUT_WR)
+    print(json.dumps({"reply": s.recv(4096).decode()}))
+except socket.timeout:
+    print(json.dumps({"errno": "timeout"}))
+except OSError as e:
+    print(json.dumps({"errno": errno.errorcode.get(e.errno, str(e.errno))}))
+"""
+
+# The tunnel's inbound upstream held open: connect (marked, transparent source) from a node
+# process into the pod, print the local port, wait for a line on stdin, then close.
+HELD_UPSTREAM = """
+import json, socket, sys
+ns, src, ip, port, mark = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+from ztunnel import podnet
+podnet.prepare_pod_netns(ns)
+s = podnet.upstream(ns, mark, src)
+s.setblocking(True)
+s.settimeout(5)
+s.connect((ip, port))
+print(json.dumps({"port": s.getsockname()[1]}), flush=True)
+sys.stdin.readline()
+s.sendall(b"held")
+s.shutdown(socket.SHUT_WR)
+print(json.dumps({"reply": s.recv(4096).decode()}), flush=True)
+s.close()
+"""
