@@ -122,11 +122,11 @@ class Datapath:
         lookup_fd = self.module.load(SK_LOOKUP, ProgType.SK_LOOKUP, int(AttachType.SK_LOOKUP))
         for pin in sorted(self.links_dir.glob("sklookup-*")):
             done.append(self._adopt(pin, lookup_fd) or f"dropped defunct {pin.name}")
-        done.extend(self._trust_own_cgroup())
+        done.extend(self.refresh_trust())
         return done
 
     # -- trust -----------------------------------------------------------------------------
-    def _trust_own_cgroup(self) -> list[str]:
+    def refresh_trust(self) -> list[str]:
         """Forget trusted cgroups whose agent is gone, then trust this process's cgroup."""
         fd = self.module.map_fd("nm_trusted_cg_v1")
         done = []

@@ -49,7 +49,9 @@ def plain(place: Place, ip: object, port: int) -> str:
     return str(out.decode().strip())
 
 
-def spawn_agent(node: Node, c: Cluster, mesh: Path, work: Path, pin: Path, tag: str) -> PodProcess:
+def spawn_agent(
+    node: Node, c: Cluster, *, mesh: Path, work: Path, pin: Path, tag: str
+) -> PodProcess:
     """The same `nodemesh run` command _start_agents uses, for one node."""
     with (work / f"agent-n{node.index}-{tag}.log").open("w") as log:
         return node.spawn(
@@ -124,8 +126,8 @@ def test_strict_pod_stays_closed_while_its_agent_is_killed_and_recovers_after_re
     # Mesh traffic from the node's pods is captured and finds no tunnel: refused, not plaintext.
     assert _run_client(frontend, str(backend.ip), 8080, "x") == "ERR ECONNREFUSED"
 
-    restarted = spawn_agent(node0, c, work / "mesh.yaml", work, pins[0], "restart")
-    agents[0] = restarted
+    agents[0] = spawn_agent(node0, c, mesh=work / "mesh.yaml", work=work, pin=pins[0],
+                            tag="restart")
     assert _wait_ready(node0, 15021), (work / "agent-n0-restart.log").read_text()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:  # enrollment and listeners come back with readiness

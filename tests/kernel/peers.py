@@ -150,7 +150,8 @@ s.settimeout(5)
 FORGED_CONNECT = """
 import errno, json, socket, struct, sys
 from pyroute2 import IPRoute
-ip, port, mark, bind_ip, rule = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+ip, port, mark = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+bind_ip, rule = sys.argv[4], sys.argv[5]
 family = socket.AF_INET6 if ":" in ip else socket.AF_INET
 ipr = IPRoute()
 if rule == "1":

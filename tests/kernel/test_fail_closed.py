@@ -13,6 +13,7 @@ One node, pods p0..p3; p0 plays the hostile enrolled pod, p2 the STRICT destinat
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -20,8 +21,9 @@ from collections.abc import Iterator
 import pytest
 from peers import FAKE_TUNNEL, FORGED_CONNECT, HELD_UPSTREAM, PLAIN_CONNECT, SERVER
 
+from agent.datapath import bpfsys, layouts, trust
 from agent.datapath.datapath import Datapath
-from agent.datapath.layouts import FlowEvent, PolicyEntry, PolicyKey, UpstreamKey
+from agent.datapath.layouts import FlowEvent, PolicyEntry, PolicyKey, TrustedEntry, UpstreamKey
 from agent.datapath.options import ID_TUNNEL, MARK_MAGIC
 from agent.datapath.verdicts import Counter, Direction, EventKind, Reason, Verdict
 from agent.testbed import Cluster, PodProcess
@@ -84,22 +86,23 @@ def events(clean_policy: Datapath) -> Iterator[list[FlowEvent]]:
 
 
 FORGERIES = [
-    pytest.param(DB_ID, False, False, id="db-identity"),
-    pytest.param(DB_ID, True, False, id="db-identity-bound"),
-    pytest.param(DB_ID, True, True, id="db-identity-bound-with-rule"),
-    pytest.param(0, False, False, id="tunnel-own-id0"),
-    pytest.param(ID_TUNNEL, True, True, id="tunnel-own-all-ones-with-rule"),
+    pytest.param((DB_ID, False, False), id="db-identity"),
+    pytest.param((DB_ID, True, False), id="db-identity-bound"),
+    pytest.param((DB_ID, True, True), id="db-identity-bound-with-rule"),
+    pytest.param((0, False, False), id="tunnel-own-id0"),
+    pytest.param((ID_TUNNEL, True, True), id="tunnel-own-all-ones-with-rule"),
 ]
 
 
-@pytest.mark.parametrize(("identity", "bind", "rule"), FORGERIES)
+@pytest.mark.parametrize("forgery", FORGERIES)
 def test_a_forged_mark_is_judged_with_the_pods_real_identity(
     kcluster: Cluster, clean_policy: Datapath, servers: None, events: list[FlowEvent],
-    identity: int, bind: bool, rule: bool,
+    forgery: tuple[int, bool, bool],
 ) -> None:
     """p1 admits only db's identity. A frontend-like pod forging db's mark (or the tunnel's own
     id 0/all-ones), with and without its own address bound and a routing rule for the mark, is
     still frontend: EPERM at connect and a DENY event naming its real identity."""
+    identity, bind, rule = forgery
     a, p1 = kcluster.pod(0, 0), kcluster.pod(0, 1)
     clean_policy.enroll(a.netns, A_ID, a.ip)
     clean_policy.apply_policy({
@@ -161,7 +164,7 @@ def test_inbound_plaintext_to_an_enrolled_pod_without_its_tunnel_is_dropped_and_
     before = counter(clean_policy, Counter.INBOUND_NO_TUNNEL)
     for src in (c, node, c):
         assert plain(src, b.ip, 8080) == REFUSED
-    assert counter(clean_policy, Counter.INBOUND_NO_TUNNEL) >= before + 3  
+    assert counter(clean_policy, Counter.INBOUND_NO_TUNNEL) >= before + 3
     clean_policy.drain_events()
     drops = [e for e in events if e.reason == Reason.NO_TUNNEL]
     assert drops, "no NO_TUNNEL event"
@@ -230,3 +233,43 @@ def test_a_refused_upstream_leaves_no_entry(
     _out, err = held.popen.communicate(timeout=30)
     assert b"ConnectionRefusedError" in err  # nothing listens on 8181: the app's RST
     assert not clean_policy.upstreams()
+
+
+def test_trust_of_a_gone_agent_is_dropped_and_a_live_one_kept(
+    kcluster: Cluster, clean_policy: Datapath, servers: None,
+) -> None:
+    """What install() does on restart: a cgroup registered by an agent that is gone stops being
+    trusted; one registered by an agent still running (a surge upgrade) stays."""
+    a, p1 = kcluster.pod(0, 0), kcluster.pod(0, 1)
+    clean_policy.enroll(a.netns, A_ID, a.ip)
+    clean_policy.apply_policy({
+        PolicyKey(p1.ip): PolicyEntry(Verdict.DENY, Reason.POLICY_NOT_ALLOWED),
+        PolicyKey(p1.ip, DB_ID, WORLD, 8080): PolicyEntry(Verdict.ALLOW),
+    }, {})
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    live = subprocess.Popen(["sleep", "60"])
+    fd = clean_policy.module.map_fd("nm_trusted_cg_v1")
+    pod_cg, other_cg = trust.cgroup_id(a.cgroup), trust.cgroup_id(kcluster.pod(0, 3).cgroup)
+    start = trust.process_start(os.getpid())
+    assert start is not None
+    try:
+        # Pretend p0's cgroup belonged to an agent that died: its forged mark is honoured now.
+        bpfsys.map_update(fd, layouts.CGROUP_ID.pack(pod_cg), TrustedEntry(dead.pid, start).pack())
+        live_start = trust.process_start(live.pid)
+        assert live_start is not None
+        bpfsys.map_update(fd, layouts.CGROUP_ID.pack(other_cg),
+                          TrustedEntry(live.pid, live_start).pack())
+        assert forged(a, p1.ip, 8080, DB_ID)["reply"].startswith("p1|")
+        done = clean_policy.refresh_trust()
+        assert f"untrusted cgroup {pod_cg} of gone pid {dead.pid}" in done
+        trusted = clean_policy.trusted_cgroups()
+        assert pod_cg not in trusted
+        assert trusted[other_cg] == TrustedEntry(live.pid, live_start)
+        assert trusted[trust.cgroup_id(trust.own_cgroup())].owner_pid == os.getpid()
+        assert forged(a, p1.ip, 8080, DB_ID) == {"errno": "EPERM"}
+    finally:
+        live.kill()
+        live.wait()
+        bpfsys.map_delete(fd, layouts.CGROUP_ID.pack(pod_cg))
+        bpfsys.map_delete(fd, layouts.CGROUP_ID.pack(other_cg))

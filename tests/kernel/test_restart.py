@@ -14,7 +14,7 @@ import pytest
 from peers import AGENT, CLIENT, SERVER
 from prereq import require_tool
 
-from agent.datapath import bpfsys
+from agent.datapath import bpfsys, trust
 from agent.datapath.datapath import CGROUP_PROGRAMS, Datapath
 from agent.datapath.options import DEFAULT_PIN_ROOT, BuildOptions
 from agent.testbed import Cluster
@@ -91,6 +91,10 @@ def test_sigkill_restart_adopt_and_uninstall(own_cluster: Cluster, datapath: Dat
         procs.append(second)
         assert actions.split(",")[:5] == [f"adopted {p.name}" for p in CGROUP_PROGRAMS]
         assert "adopted sklookup-" in actions
+        # The killed agent's cgroup trust is replaced by the new agent's (same cgroup here).
+        own_cg = trust.cgroup_id(trust.own_cgroup())
+        assert f"untrusted cgroup {own_cg} of gone pid {first.pid}" in actions.split(",")
+        assert actions.split(",")[-1] == f"trusted cgroup {own_cg}"
         assert attached(c) == {p.name: 1 for p in CGROUP_PROGRAMS}  # no duplicates
         assert connect(c) == {"errno": "EPERM"}
         second.kill()
