@@ -49,6 +49,14 @@ CGROUP_PROGRAMS = (
     CgroupProgram("nm_sockops", ProgType.SOCK_OPS, AttachType.CGROUP_SOCK_OPS),
 )
 SK_LOOKUP = "nm_sk_lookup"
+# Counters that record a refusal (or a forged tunnel mark, ignored and counted).
+DROP_COUNTERS = (
+    Counter.DENY_EGRESS,
+    Counter.DENY_INGRESS,
+    Counter.IPV6_DENIED,
+    Counter.INBOUND_NO_TUNNEL,
+    Counter.UNTRUSTED_MARK,
+)
 ENOLINK = 67
 
 
@@ -353,6 +361,11 @@ class Datapath:
             )
         assert len(Counter) <= COUNTER_SLOTS
         return out
+
+    def drop_counts(self) -> dict[str, int]:
+        """Refusals and ignored forgeries the kernel counted, by reason (for nodemesh_bpf_drops)."""
+        c = self.counters()
+        return {k.name.lower(): c[k] for k in DROP_COUNTERS}
 
     def original_destination(
         self, ns_cookie: int, peer_ip: ipaddress.IPv4Address, peer_port: int

@@ -26,7 +26,14 @@ from agent.config import DEFAULT_PIN_ROOT
 from agent.datapath import bpfsys
 from agent.datapath.datapath import CGROUP_PROGRAMS, Datapath
 from agent.datapath.options import BuildOptions
-from agent.runtime.demo import EXAMPLE, SERVER, _run_client, _start_agents, _wait_ready
+from agent.runtime.demo import (
+    EXAMPLE,
+    SERVER,
+    _run_client,
+    _start_agents,
+    _wait_ready,
+    http_get,
+)
 from agent.testbed import Cluster, PodProcess
 from agent.testbed.cluster import Node, Place
 
@@ -151,3 +158,9 @@ def test_strict_pod_stays_closed_while_its_agent_is_killed_and_recovers_after_re
         time.sleep(0.2)
     assert len(drops) >= len(outage), drops[-3:]
     assert {r["destination"]["workload"] for r in drops} == {"backend"}  # type: ignore[index]
+    # The kernel's counters live in a pinned map too: the metric covers the whole outage.
+    metrics = http_get(node0.netns, 15020, "/metrics")
+    assert metrics is not None
+    line = 'nodemesh_bpf_drops_total{reason="inbound_no_tunnel"} '
+    counted = [float(x[len(line):]) for x in metrics.splitlines() if x.startswith(line)]
+    assert counted and counted[0] >= len(outage), counted
