@@ -10,6 +10,7 @@ keeps those of an agent still running next to it (a surge upgrade).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from agent.datapath.layouts import TrustedEntry
@@ -39,8 +40,32 @@ def this_process() -> TrustedEntry:
     return TrustedEntry(pid, start)
 
 
+def cgroup2_ns_root(mountinfo: str) -> Path:
+    """A cgroup2 mount showing this process's cgroup-namespace root at its top (mountinfo root
+    field "/"). In a DaemonSet pod the host's hierarchy is also mounted (for attaching at the
+    host root); its root field is outside the namespace ("/../.."), so /proc/self/cgroup paths,
+    which are relative to the namespace root, resolve only under the namespaced mount."""
+    for line in mountinfo.splitlines():
+        pre, _sep, post = line.partition(" - ")
+        fields = pre.split()
+        if post.split()[:1] == ["cgroup2"] and len(fields) >= 5 and fields[3] == "/":
+            return Path(_unescape(fields[4]))
+    raise cgroup.CgroupError(2, "no cgroup2 mount of this cgroup namespace's root in mountinfo")
+
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as octal (\\040)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
 def own_cgroup() -> Path:
-    return cgroup.of_process(os.getpid())
+    """This process's cgroup-v2 directory, read through a mount where its path is valid."""
+    with open("/proc/self/cgroup", encoding="ascii") as f:
+        rel = next((ln[3:].strip() for ln in f if ln.startswith("0::")), None)
+    if rel is None:
+        raise cgroup.CgroupError(2, "this process has no cgroup v2 entry")
+    root = cgroup2_ns_root(Path("/proc/self/mountinfo").read_text(encoding="utf-8"))
+    return root / rel.lstrip("/")
 
 
 def owner_alive(entry: TrustedEntry) -> bool:
