@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         dp = Datapath(meshed.nodes[0].cgroup_root, BuildOptions(pin_dir=pin))
         try:
             dp.install()
+            dp.trust_cgroup(meshed.nodes[0].cgroup)  # the timer plays the tunnel from the node
             dp.enroll(meshed.pod(0, 0).netns, 7, meshed.pod(0, 0).ip)
             big = policy_entries(100_000, meshed.pod(0, 1).ip)
             measure(plain, 500)  # warm-up
