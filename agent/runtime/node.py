@@ -43,6 +43,7 @@ from agent.state.model import Workload
 from agent.state.snapshot import MeshState
 from agent.state.store import StateStore
 from agent.telemetry.pipeline import Telemetry, TelemetryConfig
+from ztunnel.events import ConnectionEvent
 from ztunnel.tunnel import Mode, PodSpec, Tunnel, TunnelConfig
 from ztunnel.tunnel import Workload as TunnelWorkload
 
@@ -139,8 +140,10 @@ class NodeAgent:
         return self.compiled.policy_names.get(pid, str(pid))
 
     # -- telemetry producers -----------------------------------------------------------------
-    def _tunnel_event(self, ev: object) -> None:
-        self.telemetry.emit(flows.from_tunnel(ev, self._workload_by_ip))  # type: ignore[arg-type]  # EventHook passes ConnectionEvent
+    def _tunnel_event(self, ev: ConnectionEvent) -> None:
+        if flows.reported_by_kernel(ev):
+            return  # the kernel's deny event records it, with the policy and reason
+        self.telemetry.emit(flows.from_tunnel(ev, self._workload_by_ip))
 
     def _kernel_event(self, ev: FlowEvent) -> None:
         # The tunnel reports every connection it carries (with identities, both reporters), so
