@@ -72,9 +72,10 @@ class RepeatLimiter(logging.Filter):
         now = self._clock()
         due: list[tuple[Key, _Window]] = []
         with self._lock:
+            # Admit first: a line whose own window ended carries its count itself.
+            passed = self._admit(_key(record), record, now)
             if now >= self._next_sweep:
                 due = self._sweep(now)
-            passed = self._admit(_key(record), record, now)
         for key, win in due:
             self._summary(key, win)
         return passed

@@ -347,7 +347,9 @@ class Tunnel:
             log.warning("HBONE CONNECT from pod %s (%s) to %s:%d (%s) answered %d: %s", spec.name,
                         spec.identity, dst_ip, dst_port, wl.identity, status, why)
             app.reset()
-            emit(self.config.on_event, ev.refused(response, cause, flag, f"{status}: {why}"))
+            # Refused by the destination over an established mTLS connection.
+            emit(self.config.on_event, ev.refused(response, cause, flag | Flag.HBONE,
+                                                  f"{status}: {why}"))
             return
         ev.flags = Flag.CONNECT | Flag.HBONE
         emit(self.config.on_event, ev)
