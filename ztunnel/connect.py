@@ -39,10 +39,17 @@ class AuthorityError(ValueError):
     """A CONNECT :authority that is not a literal IP:port."""
 
 
+def _show(text: str) -> str:
+    """The quoted text for an error message, cut so the message stays one short line whatever a
+    peer sent (repr can make one character ten)."""
+    shown = repr(text)
+    return shown if len(shown) <= 80 else shown[:76] + "...'"
+
+
 def parse_port(text: str) -> int:
     """A TCP port 1..65535 written in ASCII digits; ValueError for anything else."""
     if not _PORT.fullmatch(text) or not 0 < int(text) < 65536:
-        raise ValueError(f"invalid port {text[:16]!r}: want 1..65535 in ASCII digits")
+        raise ValueError(f"invalid port {_show(text[:16])}: want 1..65535 in ASCII digits")
     return int(text)
 
 
@@ -53,30 +60,34 @@ def format_hostport(ip: IPAddress, port: int) -> str:
 def parse_authority(authority: str) -> tuple[IPAddress, int]:
     """Parse `a.b.c.d:port` or `[v6]:port`; hostnames are not accepted by this tunnel."""
     if len(authority) > _MAX_AUTHORITY:
-        raise AuthorityError(f"authority {authority[:_MAX_AUTHORITY]!r}... is longer than "
+        raise AuthorityError(f"authority {_show(authority)} is longer than "
                              f"{_MAX_AUTHORITY} characters: not an <ip>:<port>")
     if not authority.isascii():
-        raise AuthorityError(f"authority {authority!r} is not ASCII: want <ip>:<port>")
+        raise AuthorityError(f"authority {_show(authority)} is not ASCII: want <ip>:<port>")
     host, sep, port_s = authority.rpartition(":")
     if not sep or not host:
-        raise AuthorityError(f"authority {authority!r} has no port: want <ip>:<port>")
+        raise AuthorityError(f"authority {_show(authority)} has no port: want <ip>:<port>")
     bracketed = host.startswith("[") and host.endswith("]")
     if bracketed:
         host = host[1:-1]
     elif ":" in host:
-        raise AuthorityError(f"authority {authority!r}: IPv6 addresses must be in brackets")
+        raise AuthorityError(f"authority {_show(authority)}: IPv6 addresses must be in brackets")
     if "%" in host:
-        raise AuthorityError(f"authority {authority!r}: scoped (%zone) addresses are not accepted")
+        raise AuthorityError(f"authority {_show(authority)}: scoped (%zone) addresses are not "
+                             "accepted")
     try:
         ip = ipaddress.ip_address(host)
     except ValueError as exc:
-        raise AuthorityError(f"authority {authority!r} does not start with an IP address") from exc
+        raise AuthorityError(
+            f"authority {_show(authority)} does not start with an IP address") from exc
     if bracketed != (ip.version == 6):
-        raise AuthorityError(f"authority {authority!r}: brackets are for IPv6 addresses only")
+        raise AuthorityError(
+            f"authority {_show(authority)}: brackets are for IPv6 addresses only")
     try:
         return ip, parse_port(port_s)
     except ValueError:
-        raise AuthorityError(f"authority {authority!r} has an invalid port {port_s!r}") from None
+        raise AuthorityError(
+            f"authority {_show(authority)} has an invalid port {_show(port_s)}") from None
 
 
 def new_traceparent() -> str:
@@ -115,7 +126,8 @@ def validate_request(headers: Mapping[str, str], local_ip: IPAddress) -> Verdict
     connection was made to, then the illegal-port check. RBAC and upstream connect come later."""
     method = headers.get(":method", "")
     if method != "CONNECT":
-        return Verdict(BAD_REQUEST, f"method {method[:32]!r} is not CONNECT", Cause.BAD_METHOD)
+        return Verdict(BAD_REQUEST, f"method {_show(method[:32])} is not CONNECT",
+                       Cause.BAD_METHOD)
     try:
         ip, port = parse_authority(headers.get(":authority", ""))
     except AuthorityError as exc:

@@ -22,7 +22,15 @@ from agent.datapath.verdicts import Reason, Verdict
 from agent.identity.spiffe import Identity
 from agent.runtime import flows
 from agent.state.model import Workload
-from agent.telemetry.flow import RESPONSE_FLAGS, EventKind, FlowRecord, SecurityPolicy
+from agent.telemetry.flow import (
+    RESPONSE_FLAGS,
+    Endpoint,
+    EventKind,
+    FlowRecord,
+    Reporter,
+    SecurityPolicy,
+)
+from agent.telemetry.flow import Verdict as FlowVerdict
 from agent.telemetry.pipeline import Telemetry, TelemetryConfig
 from ztunnel.events import Cause, ConnectionEvent, Direction, Flag, Phase, ResponseFlag, emit
 
@@ -87,8 +95,8 @@ CASES = {
 def test_the_tunnel_vocabulary_is_the_flow_record_vocabulary() -> None:
     assert {f.value for f in ResponseFlag} == RESPONSE_FLAGS
     for cause in Cause:  # every cause is a valid reason token
-        FlowRecord(EventKind.REJECT, "destination", flows.Endpoint(), flows.Endpoint(),
-                   verdict="denied", reason=cause.value)
+        FlowRecord(EventKind.REJECT, Reporter.DESTINATION, Endpoint(), Endpoint(),
+                   verdict=FlowVerdict.DENIED, reason=cause.value)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import pytest
 
@@ -18,7 +19,8 @@ class Clock:
 
 
 @pytest.fixture
-def limited(caplog: pytest.LogCaptureFixture) -> tuple[logging.Logger, RepeatLimiter, Clock]:
+def limited(
+        caplog: pytest.LogCaptureFixture) -> Iterator[tuple[logging.Logger, RepeatLimiter, Clock]]:
     clock = Clock()
     limiter = RepeatLimiter(burst=3, window=60.0, max_keys=4, clock=clock)
     logger = logging.getLogger("test.lograte")
