@@ -23,14 +23,17 @@ from ztunnel.events import Direction as TunnelDirection
 WorkloadByIp = Callable[[str], Workload | None]
 
 
-def _endpoint(ip: str, port: int, by_ip: WorkloadByIp, principal: str = "") -> Endpoint:
+def _endpoint(ip: str, port: int, by_ip: WorkloadByIp, principal: str | None = None) -> Endpoint:
+    """`principal` None: the workload's own identity (an enrolled local pod, whose identity the
+    agent assigned). A string, even empty: what was authenticated; an address never vouches for
+    a peer's identity."""
     w = by_ip(ip)
     if w is None:
-        return Endpoint(ip=ip, port=port, principal=principal)
+        return Endpoint(ip=ip, port=port, principal=principal or "")
     return Endpoint(
         workload=w.name,
         namespace=w.namespace,
-        principal=principal or w.identity.uri,
+        principal=w.identity.uri if principal is None else principal,
         ip=ip,
         port=port,
     )
@@ -52,7 +55,8 @@ def from_kernel(
     kind = {EventKind.OPEN: Kind.OPEN, EventKind.CLOSE: Kind.CLOSE, EventKind.DENY: Kind.DENY}[
         ev.kind
     ]
-    src = _endpoint(str(ev.src_ip), ev.src_port, by_ip)
+    plaintext_peer = ev.direction == Direction.INGRESS and ev.src_id == ID_PLAINTEXT
+    src = _endpoint(str(ev.src_ip), ev.src_port, by_ip, "" if plaintext_peer else None)
     dst = _endpoint(str(ev.dst_ip), ev.dst_port, by_ip)
     denied = ev.kind == EventKind.DENY
     reporter = Reporter.DESTINATION if ev.direction == Direction.INGRESS else Reporter.SOURCE
@@ -108,8 +112,11 @@ def from_tunnel(ev: ConnectionEvent, by_ip: WorkloadByIp) -> FlowRecord:
     kind = _TUNNEL_KINDS.get(ev.response)
     if kind is None:
         kind = Kind.OPEN if ev.phase is Phase.OPEN else Kind.CLOSE
-    src = _endpoint(ev.src_ip, ev.src_port, by_ip, ev.src_identity.uri if ev.src_identity else "")
-    dst = _endpoint(ev.dst_ip, ev.dst_port, by_ip, ev.dst_identity.uri if ev.dst_identity else "")
+    # Inbound, the source is a peer: only what its certificate proved names it.
+    outbound = ev.direction is TunnelDirection.OUTBOUND
+    src_principal = ev.src_identity.uri if ev.src_identity else (None if outbound else "")
+    src = _endpoint(ev.src_ip, ev.src_port, by_ip, src_principal)
+    dst = _endpoint(ev.dst_ip, ev.dst_port, by_ip, ev.dst_identity.uri if ev.dst_identity else None)
     return FlowRecord(
         kind,
         Reporter.SOURCE if ev.direction is TunnelDirection.OUTBOUND else Reporter.DESTINATION,

@@ -117,6 +117,11 @@ def test_each_tunnel_refusal_is_recorded_counted_and_audited(
         audit_event, flag, reason)
     assert len(audit_line) < 1024 and "Traceback" not in audit_line
     assert "free text" not in audit_line + line  # the explanation is for logs, not labels
+    # A peer's address never vouches for its identity: only a verified certificate does.
+    proven = ev.src_identity.uri if ev.src_identity else ""
+    if ev.direction is not Direction.OUTBOUND:
+        assert rec["source"]["principal"] == proven and audit["source"]["identity"] == (
+            proven or None)
 
     metrics = _samples(tel)
     failed = metrics["istio_tcp_connections_failed_total"]
@@ -184,6 +189,8 @@ def test_kernel_denies_carry_the_security_policy_istio_would(  # noqa: PLR0917 -
         direction: KDirection, src_id: int, reason: Reason, reporter: str, security: str,
         tel: Telemetry, tmp_path: Path) -> None:
     rec = flows.from_kernel(kernel_deny(direction, src_id, reason), by_ip, lambda _: "prod/p")
+    # The kernel knows the pod's own identity and the authenticated peer's; plaintext has none.
+    assert rec.source.principal == ("" if src_id == ID_PLAINTEXT else SLEEP.identity.uri)
     assert (rec.kind, rec.reporter.value, rec.connection_security_policy.value, rec.reason,
             rec.response_flags, rec.policy) == (
         EventKind.DENY, reporter, security, reason.label, "DENY", "prod/p")
