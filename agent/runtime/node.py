@@ -42,8 +42,10 @@ from agent.runtime.certs import (
 from agent.state.model import Workload
 from agent.state.snapshot import MeshState
 from agent.state.store import StateStore
+from agent.telemetry.metrics import ScrapeCollector
 from agent.telemetry.pipeline import Telemetry, TelemetryConfig
 from ztunnel.events import ConnectionEvent
+from ztunnel.lograte import RepeatLimiter
 from ztunnel.tunnel import Mode, PodSpec, Tunnel, TunnelConfig
 from ztunnel.tunnel import Workload as TunnelWorkload
 
@@ -76,6 +78,10 @@ class NodeAgent:
             TelemetryConfig(node=cfg.node_name, flow_log=cfg.flow_log, audit_log=cfg.audit_log),
             self.registry,
         )
+        # The tunnel's repeat-limited log (ztunnel.lograte): how much a flood kept out of it.
+        ScrapeCollector(self.registry, "nodemesh_log_lines_suppressed",
+                        "Repeated identical warning lines counted instead of written", "counter",
+                        read=lambda: RepeatLimiter.shared().suppressed_total)
         ttl = timedelta(seconds=cfg.cert_ttl_seconds)
         self.certs = self._certificate_manager(ttl)
         self.tunnel = Tunnel(
