@@ -4,6 +4,7 @@ metric with the right labels and one bounded audit line: the tunnel's event voca
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import json
 import logging
@@ -14,14 +15,18 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from agent import config
 from agent.datapath.layouts import FlowEvent
 from agent.datapath.options import ID_PLAINTEXT
 from agent.datapath.verdicts import Direction as KDirection
 from agent.datapath.verdicts import EventKind as KKind
 from agent.datapath.verdicts import Reason, Verdict
+from agent.identity import cli as identity_cli
 from agent.identity.spiffe import Identity
 from agent.runtime import flows
 from agent.state.model import Workload
+from agent.telemetry import cli as telemetry_cli
+from agent.telemetry import stream
 from agent.telemetry.flow import (
     RESPONSE_FLAGS,
     Endpoint,
@@ -213,3 +218,24 @@ def test_a_failing_event_hook_logs_one_bounded_line_without_a_traceback(
     assert len(errors[0].getMessage()) < 300
     # The traceback is still there for whoever turns DEBUG on.
     assert any(r.levelno == logging.DEBUG and r.exc_info for r in caplog.records)
+
+
+ARABIC_8080 = "\u0668\u0660\u0668\u0660"  # int() and str.isdigit() read it as 8080
+
+
+def test_numbers_from_requests_and_config_are_ascii_digits() -> None:
+    """Beyond :authority (tests/unit/ztunnel): the admin /flows `limit`, the `--since` age, the
+    listen addresses in the config, and the identity CLI's durations."""
+    assert stream._limit("25") == 25
+    for bad in ("\u0663", " 3", "1_0", "+3", ""):
+        with pytest.raises(ValueError, match="ASCII digits"):
+            stream._limit(bad)
+    with pytest.raises(argparse.ArgumentTypeError):
+        telemetry_cli.parse_time("\u0665m")
+    assert config.parse_addr("127.0.0.1:15020") == ("127.0.0.1", 15020)
+    for bad in (f"127.0.0.1:{ARABIC_8080}", "127.0.0.1: 80", "127.0.0.1:99999", "x"):
+        with pytest.raises(config.ConfigError, match="ASCII digits"):
+            config.parse_addr(bad)
+    assert identity_cli.duration("15m").total_seconds() == 900
+    with pytest.raises(argparse.ArgumentTypeError):
+        identity_cli.duration("\u0661\u0665m")
