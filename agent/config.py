@@ -218,6 +218,9 @@ def from_environment(
 
 def parse_addr(addr: str) -> tuple[str, int]:
     host, _, port = addr.rpartition(":")
+    # ASCII digits only: int() also takes other scripts' digits, signs, spaces and underscores.
+    if not (port.isascii() and port.isdigit() and len(port) <= 5 and int(port) <= 65535):
+        raise ConfigError(f"address {addr!r}: want host:port, the port 0-65535 in ASCII digits")
     return host.strip("[]") or "0.0.0.0", int(port)
 
 

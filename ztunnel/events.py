@@ -1,4 +1,11 @@
-"""Per-connection events for telemetry: one on open and one on close of every proxied connection."""
+"""Per-connection events for telemetry: one on open and one on close of every proxied connection,
+and one for every refusal (a refused connection never opens, so it only has the close).
+
+The event vocabulary is Istio's: `response` is the response flag that flow records, metrics and
+logs use as is (see docs/telemetry.md), and `cause` is a verdict-name token saying which check
+refused the connection. `reason` is the human explanation for logs and tests; it is free text and
+never used as a label.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from agent.identity.spiffe import Identity
+from ztunnel.lograte import RepeatLimiter
 
 log = logging.getLogger(__name__)
+log.addFilter(RepeatLimiter.shared())
 
 
 class Direction(enum.Enum):
@@ -19,8 +28,14 @@ class Direction(enum.Enum):
     INBOUND_PLAINTEXT = "inbound_plaintext"  # plaintext into a local pod (15006)
 
 
+class Phase(enum.StrEnum):
+    OPEN = "open"
+    CLOSE = "close"
+
+
 class Flag(enum.Flag):
-    """Response flags (like Istio's): what happened to the connection."""
+    """How the connection was carried (CONNECT, HBONE, PASSTHROUGH, RESET) plus a coarse outcome
+    bit; telemetry reads `ConnectionEvent.response` instead of the outcome bits."""
 
     NONE = 0
     CONNECT = enum.auto()  # tunnel or upstream established
@@ -34,11 +49,50 @@ class Flag(enum.Flag):
     NO_ROUTE = enum.auto()  # destination unknown and passthrough not allowed
 
 
+class ResponseFlag(enum.StrEnum):
+    """Istio's response flags, as exposed in the `response_flags` label and the flow record.
+
+    ztunnel's own flags first (DENY ... CERT_REVOKED), then the Envoy flags ztunnel has no name
+    for: Envoy's DPE (downstream protocol error) for a malformed CONNECT and NR (no route) for a
+    destination the tunnel has no way to reach. `-` is a clean connection; any other flag counts
+    the connection in istio_tcp_connections_failed_total.
+    """
+
+    NONE = "-"
+    DENY = "DENY"  # authorization policy (or STRICT mTLS, which Istio expresses as a policy)
+    CONNECT = "CONNECT"  # the upstream connection could not be made (Envoy's UF)
+    TLS_FAILURE = "TLS_FAILURE"  # the mTLS handshake failed
+    H2_HANDSHAKE_FAILURE = "H2_HANDSHAKE_FAILURE"
+    NETWORK_POLICY = "NETWORK_POLICY"
+    IDENTITY_ERROR = "IDENTITY_ERROR"  # handshake done, but the peer's identity is not acceptable
+    CERT_REVOKED = "CERT_REVOKED"
+    DOWNSTREAM_PROTOCOL_ERROR = "DPE"  # malformed CONNECT request (400)
+    NO_ROUTE = "NR"  # no route: outside the mesh with passthrough off, or a tunnel port
+
+
+class Cause(enum.StrEnum):
+    """Which check refused a connection: the flow record's `reason` token for tunnel refusals."""
+
+    TLS_HANDSHAKE = "TLS_HANDSHAKE"  # handshake failed (chain, expiry, alert from the peer)
+    PEER_IDENTITY = "PEER_IDENTITY"  # verified certificate, wrong or foreign identity, no ALPN
+    STRICT_MTLS = "STRICT_MTLS"  # plaintext to a STRICT pod
+    POLICY_DENY = "POLICY_DENY"  # the policy program refused the upstream connect (EPERM)
+    REMOTE_DENY = "REMOTE_DENY"  # the destination tunnel answered 401
+    BAD_METHOD = "BAD_METHOD"  # CONNECT request with another method
+    BAD_AUTHORITY = "BAD_AUTHORITY"  # :authority not a literal ip:port
+    WRONG_DESTINATION = "WRONG_DESTINATION"  # :authority names another pod's address
+    ILLEGAL_PORT = "ILLEGAL_PORT"  # a tunnel port as the target (loop)
+    REMOTE_BAD_REQUEST = "REMOTE_BAD_REQUEST"  # the destination tunnel answered 400
+    OUTSIDE_MESH = "OUTSIDE_MESH"  # not in the mesh and passthrough is off
+    UPSTREAM = "UPSTREAM"  # upstream connect failed / 503
+    DRAINING = "DRAINING"  # the tunnel is shutting down
+
+
 @dataclass
 class ConnectionEvent:
-    """Telemetry record; `phase` is "open" or "close"; byte counts are from the app's side."""
+    """Telemetry record; byte counts are from the app's side."""
 
-    phase: str
+    phase: Phase
     direction: Direction
     src_ip: str
     src_port: int
@@ -52,13 +106,23 @@ class ConnectionEvent:
     bytes_received: int = 0  # back toward the source
     duration: float = 0.0
     flags: Flag = Flag.NONE
-    reason: str = ""
+    reason: str = ""  # human explanation (logs); `cause` is the token
     started: float = field(default_factory=time.monotonic)
+    response: ResponseFlag = ResponseFlag.NONE
+    cause: Cause | None = None
+
+    def __post_init__(self) -> None:
+        self.phase = Phase(self.phase)
 
     def closed(self, **changes: object) -> ConnectionEvent:
-        ev = replace(self, phase="close", **changes)  # type: ignore[arg-type]  # dataclass replace takes the field kwargs
+        ev = replace(self, phase=Phase.CLOSE, **changes)  # type: ignore[arg-type]  # dataclass replace takes the field kwargs
         ev.duration = time.monotonic() - self.started
         return ev
+
+    def refused(self, response: ResponseFlag, cause: Cause, flags: Flag,
+                reason: str = "") -> ConnectionEvent:
+        """The close event of a connection refused before it carried data."""
+        return self.closed(response=response, cause=cause, flags=flags, reason=reason)
 
 
 EventHook = Callable[[ConnectionEvent], None]
@@ -69,6 +133,8 @@ def emit(hook: EventHook | None, ev: ConnectionEvent) -> None:
         return
     try:
         hook(ev)
-    except Exception:
-        # Telemetry must never break the data path.
-        log.exception("connection event hook failed")
+    except Exception as exc:
+        # Telemetry must never break the data path. One bounded line; the traceback only at
+        # DEBUG, so a telemetry bug hit by every refusal cannot flood the log.
+        log.error("BUG: connection event hook failed: %s: %.200s", type(exc).__name__, exc)
+        log.debug("connection event hook traceback", exc_info=True)

@@ -306,7 +306,7 @@ class Core:
             out.append(Request(sid, _headers(ev.headers)))
         elif isinstance(ev, h2.events.ResponseReceived):
             hdrs = _headers(ev.headers)
-            out.append(Response(int(ev.stream_id), int(hdrs.get(":status", "0") or 0), hdrs))
+            out.append(Response(int(ev.stream_id), _status(hdrs.get(":status", "")), hdrs))
         elif isinstance(ev, h2.events.DataReceived):
             self._on_data(ev, out)
         elif isinstance(ev, h2.events.StreamEnded):
@@ -441,6 +441,12 @@ class Core:
         if s is not None and s.local_closed and s.remote_closed:
             del self._streams[sid]
             out.append(Closed(sid))
+
+
+def _status(text: str) -> int:
+    """`:status` as three ASCII digits; anything else is 0, which no caller takes as success
+    (int() would read "٢٠٠" as 200 and raise on garbage)."""
+    return int(text) if len(text) == 3 and text.isascii() and text.isdigit() else 0
 
 
 def _headers(raw: object) -> dict[str, str]:

@@ -18,10 +18,12 @@ from typing import Any
 
 from agent.identity.spiffe import Identity
 from ztunnel import hbone
+from ztunnel.lograte import RepeatLimiter
 from ztunnel.relay import PlainSide
 from ztunnel.tls import PeerIdentityError
 
 log = logging.getLogger(__name__)
+log.addFilter(RepeatLimiter.shared())  # a peer decides how often these warnings fire
 
 TLS_HIGH_WATER = 1024 * 1024
 KEEPALIVE_INTERVAL = 10.0
@@ -117,7 +119,8 @@ class HboneSession(asyncio.Protocol):
         except PeerIdentityError as exc:
             self.failure = exc
             side = "server" if self.client else "client"
-            log.warning("rejecting HBONE %s %s:%d: %s", side, *self.remote_addr, exc)
+            # The text can carry a peer-chosen identity: cut it so a line stays bounded.
+            log.warning("rejecting HBONE %s %s:%d: %.300s", side, *self.remote_addr, exc)
             if not self.ready.done():
                 self.ready.set_exception(exc)
             transport.abort()
@@ -341,7 +344,8 @@ class HboneSession(asyncio.Protocol):
                 self.close()
             self._changed()
         elif isinstance(ev, hbone.ConnectionFailed):
-            log.warning("HBONE connection with %s:%d failed: %s", *self.remote_addr, ev.reason)
+            log.warning("HBONE connection with %s:%d failed: %.300s", *self.remote_addr,
+                        ev.reason)
             self._flush()
             if self.transport is not None:
                 self.transport.close()

@@ -27,7 +27,17 @@ from typing import Any, Literal
 
 from agent.identity.spiffe import DEFAULT_TRUST_DOMAIN, Identity
 from ztunnel import connect, hbone, podnet
-from ztunnel.events import ConnectionEvent, Direction, EventHook, Flag, emit
+from ztunnel.events import (
+    Cause,
+    ConnectionEvent,
+    Direction,
+    EventHook,
+    Flag,
+    Phase,
+    ResponseFlag,
+    emit,
+)
+from ztunnel.lograte import RepeatLimiter
 from ztunnel.pool import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_STREAMS, Pool, PoolKey
 from ztunnel.relay import PlainSide
 from ztunnel.session import HboneSession, TunnelClosedError
@@ -41,6 +51,8 @@ from ztunnel.tls import (
 )
 
 log = logging.getLogger(__name__)
+# Refusals are logged once each but an attacker controls how many there are: bounded.
+log.addFilter(RepeatLimiter.shared())
 
 
 class Mode(enum.Enum):
@@ -108,11 +120,14 @@ class TunnelConfig:
 
 
 class DialError(ConnectionError):
-    """No HBONE connection to the destination; `flag` says why for telemetry."""
+    """No HBONE connection to the destination; `flag`, `response` and `cause` say why."""
 
-    def __init__(self, message: str, flag: Flag) -> None:
+    def __init__(self, message: str, flag: Flag, response: ResponseFlag = ResponseFlag.CONNECT,
+                 cause: Cause = Cause.UPSTREAM) -> None:
         super().__init__(message)
         self.flag = flag
+        self.response = response
+        self.cause = cause
 
 
 @dataclass
@@ -209,6 +224,7 @@ class Tunnel:
         await self.close()
 
     async def close(self) -> None:
+        RepeatLimiter.shared().flush()  # say what a flood suppressed before going away
         self.draining = True
         for pod in list(self._pods.values()):
             self._close_listeners(pod)
@@ -271,8 +287,10 @@ class Tunnel:
         except asyncio.CancelledError:
             conn.close()
             raise
-        except Exception:
-            log.exception("connection handler failed")
+        except Exception as exc:
+            # A bug, but one a peer may trigger at will: one bounded line, traceback at DEBUG.
+            log.error("BUG: connection handler failed: %s: %.200s", type(exc).__name__, exc)
+            log.debug("connection handler traceback", exc_info=True)
             conn.close()
 
     # -- outbound (15001) --------------------------------------------------------------------
@@ -288,7 +306,7 @@ class Tunnel:
             return
         dst_ip = str(dst_ip_a)
         wl = self.config.resolver(dst_ip)
-        ev = ConnectionEvent("open", Direction.OUTBOUND, spec.ip, addr[1], dst_ip, dst_port,
+        ev = ConnectionEvent(Phase.OPEN, Direction.OUTBOUND, spec.ip, addr[1], dst_ip, dst_port,
                              src_workload=spec.name, src_identity=spec.identity,
                              dst_workload=wl.name if wl else "",
                              dst_identity=wl.identity if wl else None)
@@ -296,7 +314,8 @@ class Tunnel:
             log.warning("outbound connection from pod %s to %s:%d refused: tunnel ports are never "
                         "a target (redirect loop?)", spec.name, dst_ip, dst_port)
             _reset(conn)
-            emit(self.config.on_event, ev.closed(flags=Flag.BAD_REQUEST))
+            emit(self.config.on_event, ev.refused(ResponseFlag.NO_ROUTE, Cause.ILLEGAL_PORT,
+                                                  Flag.BAD_REQUEST))
             return
         _, app = await loop.connect_accepted_socket(lambda: PlainSide(start_paused=True), conn)
         if wl is None or wl.identity is None:
@@ -311,7 +330,7 @@ class Tunnel:
             status, _ = await asyncio.wait_for(session.response(sid), self.config.connect_timeout)
         except DialError as exc:
             app.reset()
-            emit(self.config.on_event, ev.closed(flags=exc.flag, reason=str(exc)))
+            emit(self.config.on_event, ev.refused(exc.response, exc.cause, exc.flag, str(exc)))
             return
         except (TunnelClosedError, OSError, TimeoutError, hbone.StreamError) as exc:
             why = str(exc) or "no response in time (destination tunnel overloaded or hung?)"
@@ -320,14 +339,17 @@ class Tunnel:
             if sid:
                 session.stream_reset(sid)  # do not leave the stream open on the connection
             app.reset()
-            emit(self.config.on_event, ev.closed(flags=Flag.UPSTREAM_FAILURE, reason=why))
+            emit(self.config.on_event, ev.refused(ResponseFlag.CONNECT, Cause.UPSTREAM,
+                                                  Flag.UPSTREAM_FAILURE, why))
             return
         if status != connect.OK:
-            flag, why = _status_meaning(status)
+            flag, response, cause, why = _status_meaning(status)
             log.warning("HBONE CONNECT from pod %s (%s) to %s:%d (%s) answered %d: %s", spec.name,
                         spec.identity, dst_ip, dst_port, wl.identity, status, why)
             app.reset()
-            emit(self.config.on_event, ev.closed(flags=flag, reason=f"{status}: {why}"))
+            # Refused by the destination over an established mTLS connection.
+            emit(self.config.on_event, ev.refused(response, cause, flag | Flag.HBONE,
+                                                  f"{status}: {why}"))
             return
         ev.flags = Flag.CONNECT | Flag.HBONE
         emit(self.config.on_event, ev)
@@ -342,12 +364,14 @@ class Tunnel:
             log.warning("outbound connection from pod %s to %s:%d refused: destination is not in "
                         "the mesh and passthrough is off", spec.name, ev.dst_ip, ev.dst_port)
             app.reset()
-            emit(self.config.on_event, ev.closed(flags=Flag.NO_ROUTE))
+            emit(self.config.on_event, ev.refused(ResponseFlag.NO_ROUTE, Cause.OUTSIDE_MESH,
+                                                  Flag.NO_ROUTE))
             return
         up = await self._connect_plain(spec, (ev.dst_ip, ev.dst_port), podnet.TUNNEL_MARK, None)
         if isinstance(up, str):
             app.reset()
-            emit(self.config.on_event, ev.closed(flags=Flag.UPSTREAM_FAILURE, reason=up))
+            emit(self.config.on_event, ev.refused(ResponseFlag.CONNECT, Cause.UPSTREAM,
+                                                  Flag.UPSTREAM_FAILURE, up))
             return
         ev.flags = Flag.CONNECT | Flag.PASSTHROUGH
         emit(self.config.on_event, ev)
@@ -404,7 +428,8 @@ class Tunnel:
             await asyncio.wait_for(session.ready, cfg.handshake_timeout)
         except PeerIdentityError as exc:
             sock.close()
-            raise DialError(f"mTLS to {where} rejected: {exc}", Flag.TLS_FAILURE) from None
+            raise DialError(f"mTLS to {where} rejected: {exc}", Flag.TLS_FAILURE,
+                            ResponseFlag.IDENTITY_ERROR, Cause.PEER_IDENTITY) from None
         except (ssl.SSLError, ConnectionError, TimeoutError, OSError) as exc:
             sock.close()
             cause = describe_handshake_error(exc)
@@ -414,7 +439,8 @@ class Tunnel:
                          "rejected our client certificate (see its logs)")
             msg = f"mTLS handshake with {where} (expecting {expected}) failed: {cause}"
             log.warning("%s", msg)
-            raise DialError(msg, Flag.TLS_FAILURE) from None
+            raise DialError(msg, Flag.TLS_FAILURE, ResponseFlag.TLS_FAILURE,
+                            Cause.TLS_HANDSHAKE) from None
         return session
 
     # -- inbound HBONE (15008) ---------------------------------------------------------------
@@ -437,15 +463,17 @@ class Tunnel:
                         spec.name, describe_handshake_error(exc))
             conn.close()
             emit(self.config.on_event, ConnectionEvent(
-                "close", Direction.INBOUND, addr[0], addr[1], spec.ip, self.config.hbone_port,
+                Phase.CLOSE, Direction.INBOUND, addr[0], addr[1], spec.ip, self.config.hbone_port,
                 dst_workload=spec.name, dst_identity=spec.identity, flags=Flag.TLS_FAILURE,
-                reason=describe_handshake_error(exc)))
+                reason=describe_handshake_error(exc), response=ResponseFlag.TLS_FAILURE,
+                cause=Cause.TLS_HANDSHAKE))
             return
         if session.failure is not None:
             emit(self.config.on_event, ConnectionEvent(
-                "close", Direction.INBOUND, addr[0], addr[1], spec.ip, self.config.hbone_port,
+                Phase.CLOSE, Direction.INBOUND, addr[0], addr[1], spec.ip, self.config.hbone_port,
                 dst_workload=spec.name, dst_identity=spec.identity, flags=Flag.TLS_FAILURE,
-                reason=str(session.failure)))
+                reason=str(session.failure), response=ResponseFlag.IDENTITY_ERROR,
+                cause=Cause.PEER_IDENTITY))
             return
         pod.sessions.add(session)
         try:
@@ -463,24 +491,26 @@ class Tunnel:
         verdict = connect.validate_request(headers, ipaddress.ip_address(session.local_addr[0]))
         dst_ip, dst_port = (str(verdict.target[0]), verdict.target[1]) if verdict.target else (
             spec.ip, 0)
-        ev = ConnectionEvent("open", Direction.INBOUND, src_ip, src_port, dst_ip, dst_port,
+        ev = ConnectionEvent(Phase.OPEN, Direction.INBOUND, src_ip, src_port, dst_ip, dst_port,
                              src_workload=src_wl.name if src_wl else "", src_identity=session.peer,
                              dst_workload=spec.name, dst_identity=spec.identity)
         if self.draining:
             session.respond(sid, connect.UNAVAILABLE)
-            emit(self.config.on_event, ev.closed(flags=Flag.UPSTREAM_FAILURE, reason="draining"))
+            emit(self.config.on_event, ev.refused(ResponseFlag.CONNECT, Cause.DRAINING,
+                                                  Flag.UPSTREAM_FAILURE, "draining"))
             return
         if not verdict.ok:
             log.warning("HBONE request from %s (%s) to pod %s rejected with %d: %s", src_ip,
                         session.peer, spec.name, verdict.status, verdict.reason)
             session.respond(sid, verdict.status)
-            emit(self.config.on_event, ev.closed(flags=Flag.BAD_REQUEST, reason=verdict.reason))
+            emit(self.config.on_event, ev.refused(
+                ResponseFlag.DOWNSTREAM_PROTOCOL_ERROR, verdict.cause or Cause.BAD_AUTHORITY,
+                Flag.BAD_REQUEST, verdict.reason))
             return
         up = await self._upstream(spec, session.peer, src_ip, (dst_ip, dst_port))
         if isinstance(up, int):
             session.respond(sid, up)
-            flag = Flag.DENY if up == connect.UNAUTHORIZED else Flag.UPSTREAM_FAILURE
-            emit(self.config.on_event, ev.closed(flags=flag, reason=str(up)))
+            emit(self.config.on_event, _upstream_refusal(ev, up))
             return
         session.respond(sid, connect.OK)
         ev.flags = Flag.CONNECT | Flag.HBONE
@@ -536,25 +566,26 @@ class Tunnel:
         spec = pod.spec
         dst_ip_a, dst_port = self.config.inbound_original_dst(conn)
         src_wl = self.config.resolver(addr[0])
-        ev = ConnectionEvent("open", Direction.INBOUND_PLAINTEXT, addr[0], addr[1], str(dst_ip_a),
-                             dst_port, src_workload=src_wl.name if src_wl else "",
+        ev = ConnectionEvent(Phase.OPEN, Direction.INBOUND_PLAINTEXT, addr[0], addr[1],
+                             str(dst_ip_a), dst_port, src_workload=src_wl.name if src_wl else "",
                              dst_workload=spec.name, dst_identity=spec.identity)
         if spec.mode is Mode.STRICT:
             log.warning("plaintext connection from %s:%d to pod %s port %d refused: the pod is "
                         "STRICT (mTLS required); is the client outside the mesh?", addr[0],
                         addr[1], spec.name, dst_port)
             _reset(conn)
-            emit(self.config.on_event, ev.closed(flags=Flag.DENY, reason="STRICT mode"))
+            emit(self.config.on_event, ev.refused(ResponseFlag.DENY, Cause.STRICT_MTLS, Flag.DENY,
+                                                  "STRICT mode"))
             return
         if dst_port in connect.ILLEGAL_PORTS:
             _reset(conn)
-            emit(self.config.on_event, ev.closed(flags=Flag.BAD_REQUEST, reason="illegal port"))
+            emit(self.config.on_event, ev.refused(ResponseFlag.NO_ROUTE, Cause.ILLEGAL_PORT,
+                                                  Flag.BAD_REQUEST, "illegal port"))
             return
         up = await self._upstream(spec, None, addr[0], (str(dst_ip_a), dst_port))
         if isinstance(up, int):
             _reset(conn)
-            flag = Flag.DENY if up == connect.UNAUTHORIZED else Flag.UPSTREAM_FAILURE
-            emit(self.config.on_event, ev.closed(flags=flag))
+            emit(self.config.on_event, _upstream_refusal(ev, up))
             return
         _, app = await loop.connect_accepted_socket(lambda: PlainSide(start_paused=True), conn)
         ev.flags = Flag.CONNECT
@@ -562,14 +593,26 @@ class Tunnel:
         await self._splice(app, up, ev)
 
 
-def _status_meaning(status: int) -> tuple[Flag, str]:
+def _status_meaning(status: int) -> tuple[Flag, ResponseFlag, Cause, str]:
+    """What a non-200 CONNECT answer means for the source side."""
     if status == connect.UNAUTHORIZED:
-        return Flag.DENY, "denied by the destination's policy"
+        return (Flag.DENY, ResponseFlag.DENY, Cause.REMOTE_DENY,
+                "denied by the destination's policy")
     if status == connect.BAD_REQUEST:
-        return Flag.BAD_REQUEST, "the destination rejected the request (wrong pod for that IP?)"
+        return (Flag.BAD_REQUEST, ResponseFlag.CONNECT, Cause.REMOTE_BAD_REQUEST,
+                "the destination rejected the request (wrong pod for that IP?)")
     if status == connect.UNAVAILABLE:
-        return Flag.UPSTREAM_FAILURE, "the destination could not reach the app (not listening?)"
-    return Flag.UPSTREAM_FAILURE, "unexpected status"
+        return (Flag.UPSTREAM_FAILURE, ResponseFlag.CONNECT, Cause.UPSTREAM,
+                "the destination could not reach the app (not listening?)")
+    return Flag.UPSTREAM_FAILURE, ResponseFlag.CONNECT, Cause.UPSTREAM, "unexpected status"
+
+
+def _upstream_refusal(ev: ConnectionEvent, status: int) -> ConnectionEvent:
+    """The destination side's event for a failed upstream connect: 401 is the policy program's
+    EPERM, anything else a connection failure."""
+    if status == connect.UNAUTHORIZED:
+        return ev.refused(ResponseFlag.DENY, Cause.POLICY_DENY, Flag.DENY, str(status))
+    return ev.refused(ResponseFlag.CONNECT, Cause.UPSTREAM, Flag.UPSTREAM_FAILURE, str(status))
 
 
 def _reset(conn: socket.socket) -> None:

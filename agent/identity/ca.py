@@ -288,7 +288,7 @@ class CaServer:
         """Listen on host:port (port 0 picks one); returns the bound port."""
         host, _, port_s = listen.rpartition(":")
         host = host.strip("[]")
-        if not host or not port_s.isdigit():
+        if not host or not (port_s.isascii() and port_s.isdigit()):  # not "٨٠٨٠"
             raise ValueError(f"listen address {listen!r}: want host:port")
         server = grpc.aio.server()
         handler = grpc.unary_unary_rpc_method_handler(

@@ -29,7 +29,7 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 def duration(text: str) -> timedelta:
     """'90', '90s', '15m', '24h', '7d' -> timedelta (argparse type)."""
-    m = re.fullmatch(r"(\d+)([smhd]?)", text.strip())
+    m = re.fullmatch(r"([0-9]+)([smhd]?)", text.strip(), re.ASCII)  # ASCII digits only
     if not m or int(m.group(1)) == 0:
         raise argparse.ArgumentTypeError(f"{text!r}: want a positive duration like 90s, 15m, 24h")
     return timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2) or "s"])

@@ -5,26 +5,47 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from agent.datapath.layouts import FlowEvent
+from agent.datapath.options import ID_PLAINTEXT
 from agent.datapath.verdicts import Direction, EventKind, Reason
 from agent.state.model import Workload
-from agent.telemetry.flow import Endpoint, FlowRecord, Reporter, SecurityPolicy, Verdict
+from agent.telemetry.flow import (
+    REFUSAL_KINDS,
+    Endpoint,
+    FlowRecord,
+    Reporter,
+    SecurityPolicy,
+    Verdict,
+)
 from agent.telemetry.flow import EventKind as Kind
-from ztunnel.events import ConnectionEvent, Flag
+from ztunnel.events import Cause, ConnectionEvent, Flag, Phase, ResponseFlag
+from ztunnel.events import Direction as TunnelDirection
 
 WorkloadByIp = Callable[[str], Workload | None]
 
 
-def _endpoint(ip: str, port: int, by_ip: WorkloadByIp, principal: str = "") -> Endpoint:
+def _endpoint(ip: str, port: int, by_ip: WorkloadByIp, principal: str | None = None) -> Endpoint:
+    """`principal` None: the workload's own identity (an enrolled local pod, whose identity the
+    agent assigned). A string, even empty: what was authenticated; an address never vouches for
+    a peer's identity."""
     w = by_ip(ip)
     if w is None:
-        return Endpoint(ip=ip, port=port, principal=principal)
+        return Endpoint(ip=ip, port=port, principal=principal or "")
     return Endpoint(
         workload=w.name,
         namespace=w.namespace,
-        principal=principal or w.identity.uri,
+        principal=w.identity.uri if principal is None else principal,
         ip=ip,
         port=port,
     )
+
+
+def _kernel_security(ev: FlowEvent) -> SecurityPolicy:
+    """At the tunnel's upstream connect (ingress) the kernel knows whether the peer was
+    authenticated: the plaintext id means no mTLS (Istio's `none`). At the source pod's own
+    connect (egress) nothing has been encrypted yet: `unknown`, as Istio's source reporter."""
+    if ev.direction != Direction.INGRESS:
+        return SecurityPolicy.UNKNOWN
+    return SecurityPolicy.NONE if ev.src_id == ID_PLAINTEXT else SecurityPolicy.MUTUAL_TLS
 
 
 def from_kernel(
@@ -34,7 +55,8 @@ def from_kernel(
     kind = {EventKind.OPEN: Kind.OPEN, EventKind.CLOSE: Kind.CLOSE, EventKind.DENY: Kind.DENY}[
         ev.kind
     ]
-    src = _endpoint(str(ev.src_ip), ev.src_port, by_ip)
+    plaintext_peer = ev.direction == Direction.INGRESS and ev.src_id == ID_PLAINTEXT
+    src = _endpoint(str(ev.src_ip), ev.src_port, by_ip, "" if plaintext_peer else None)
     dst = _endpoint(str(ev.dst_ip), ev.dst_port, by_ip)
     denied = ev.kind == EventKind.DENY
     reporter = Reporter.DESTINATION if ev.direction == Direction.INGRESS else Reporter.SOURCE
@@ -46,55 +68,66 @@ def from_kernel(
         verdict=Verdict.DENIED if denied else Verdict.ALLOWED,
         reason=Reason(ev.reason).label if denied else "",
         reason_code=int(ev.reason) if denied else None,
-        response_flags="DENY" if denied else "-",
+        response_flags=ResponseFlag.DENY.value if denied else ResponseFlag.NONE.value,
         bytes_sent=ev.bytes_sent,
         bytes_received=ev.bytes_received,
         duration=ev.duration_ns / 1e9,
         tunneled=not denied,
-        connection_security_policy=SecurityPolicy.MUTUAL_TLS,
+        connection_security_policy=_kernel_security(ev) if denied else SecurityPolicy.MUTUAL_TLS,
         policy=policy_name(ev.policy) if ev.policy else "",
         rule=str(ev.rule) if denied else "",
     )
 
 
-def _flags(flags: Flag) -> str:
-    for flag, name in (
-        (Flag.DENY, "DENY"),
-        (Flag.TLS_FAILURE, "TLS_FAILURE"),
-        (Flag.UPSTREAM_FAILURE, "CONNECT"),
-        (Flag.NO_ROUTE, "NO_ROUTE"),
-        (Flag.BAD_REQUEST, "CONNECT"),
-    ):
-        if flags & flag:
-            return name
-    return "-"
+# The tunnel's response flag decides the record's kind; flags not listed are failures of a
+# connection that was allowed (CONNECT) or none at all.
+_TUNNEL_KINDS = {
+    ResponseFlag.DENY: Kind.DENY,
+    ResponseFlag.TLS_FAILURE: Kind.AUTH_FAILURE,
+    ResponseFlag.IDENTITY_ERROR: Kind.AUTH_FAILURE,
+    ResponseFlag.CERT_REVOKED: Kind.AUTH_FAILURE,
+    ResponseFlag.DOWNSTREAM_PROTOCOL_ERROR: Kind.REJECT,
+    ResponseFlag.NO_ROUTE: Kind.REJECT,
+}
+
+
+def _tunnel_security(ev: ConnectionEvent) -> SecurityPolicy:
+    if ev.direction is TunnelDirection.INBOUND_PLAINTEXT:
+        return SecurityPolicy.NONE
+    if ev.direction is TunnelDirection.INBOUND:
+        # A peer that passed the identity check spoke mTLS, whatever happened next.
+        return SecurityPolicy.MUTUAL_TLS if ev.src_identity else SecurityPolicy.UNKNOWN
+    return SecurityPolicy.MUTUAL_TLS if ev.flags & Flag.HBONE else SecurityPolicy.UNKNOWN
+
+
+def reported_by_kernel(ev: ConnectionEvent) -> bool:
+    """A tunnel refusal the kernel reports itself: EPERM on the upstream connect comes from the
+    policy program, whose own deny event names the policy, rule and reason (e.g. mtls_required).
+    Recording both would count one connection twice."""
+    return ev.cause is Cause.POLICY_DENY
 
 
 def from_tunnel(ev: ConnectionEvent, by_ip: WorkloadByIp) -> FlowRecord:
     """Tunnel events: each side of an HBONE connection, with identities and response flags."""
-    flags = _flags(ev.flags)
-    if ev.flags & Flag.TLS_FAILURE:
-        kind = Kind.AUTH_FAILURE
-    elif ev.flags & Flag.DENY:
-        kind = Kind.DENY
-    else:
-        kind = Kind.OPEN if ev.phase == "open" else Kind.CLOSE
-    src = _endpoint(ev.src_ip, ev.src_port, by_ip, ev.src_identity.uri if ev.src_identity else "")
-    dst = _endpoint(ev.dst_ip, ev.dst_port, by_ip, ev.dst_identity.uri if ev.dst_identity else "")
-    denied = kind in (Kind.DENY, Kind.AUTH_FAILURE)
+    kind = _TUNNEL_KINDS.get(ev.response)
+    if kind is None:
+        kind = Kind.OPEN if ev.phase is Phase.OPEN else Kind.CLOSE
+    # Inbound, the source is a peer: only what its certificate proved names it.
+    outbound = ev.direction is TunnelDirection.OUTBOUND
+    src_principal = ev.src_identity.uri if ev.src_identity else (None if outbound else "")
+    src = _endpoint(ev.src_ip, ev.src_port, by_ip, src_principal)
+    dst = _endpoint(ev.dst_ip, ev.dst_port, by_ip, ev.dst_identity.uri if ev.dst_identity else None)
     return FlowRecord(
         kind,
-        Reporter.SOURCE if ev.direction.value == "outbound" else Reporter.DESTINATION,
+        Reporter.SOURCE if ev.direction is TunnelDirection.OUTBOUND else Reporter.DESTINATION,
         src,
         dst,
-        verdict=Verdict.DENIED if denied else Verdict.ALLOWED,
-        reason=ev.reason if denied else "",
-        response_flags=flags if denied or flags != "-" else "-",
+        verdict=Verdict.DENIED if kind in REFUSAL_KINDS else Verdict.ALLOWED,
+        reason=ev.cause.value if ev.cause else "",
+        response_flags=ev.response.value,
         bytes_sent=ev.bytes_sent,
         bytes_received=ev.bytes_received,
         duration=ev.duration,
         tunneled=bool(ev.flags & Flag.HBONE),
-        connection_security_policy=SecurityPolicy.MUTUAL_TLS
-        if ev.flags & Flag.HBONE
-        else SecurityPolicy.UNKNOWN,
+        connection_security_policy=_tunnel_security(ev),
     )

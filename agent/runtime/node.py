@@ -42,7 +42,10 @@ from agent.runtime.certs import (
 from agent.state.model import Workload
 from agent.state.snapshot import MeshState
 from agent.state.store import StateStore
+from agent.telemetry.metrics import ScrapeCollector
 from agent.telemetry.pipeline import Telemetry, TelemetryConfig
+from ztunnel.events import ConnectionEvent
+from ztunnel.lograte import RepeatLimiter
 from ztunnel.tunnel import Mode, PodSpec, Tunnel, TunnelConfig
 from ztunnel.tunnel import Workload as TunnelWorkload
 
@@ -75,6 +78,10 @@ class NodeAgent:
             TelemetryConfig(node=cfg.node_name, flow_log=cfg.flow_log, audit_log=cfg.audit_log),
             self.registry,
         )
+        # The tunnel's repeat-limited log (ztunnel.lograte): how much a flood kept out of it.
+        ScrapeCollector(self.registry, "nodemesh_log_lines_suppressed",
+                        "Repeated identical warning lines counted instead of written", "counter",
+                        read=lambda: RepeatLimiter.shared().suppressed_total)
         ttl = timedelta(seconds=cfg.cert_ttl_seconds)
         self.certs = self._certificate_manager(ttl)
         self.tunnel = Tunnel(
@@ -139,8 +146,10 @@ class NodeAgent:
         return self.compiled.policy_names.get(pid, str(pid))
 
     # -- telemetry producers -----------------------------------------------------------------
-    def _tunnel_event(self, ev: object) -> None:
-        self.telemetry.emit(flows.from_tunnel(ev, self._workload_by_ip))  # type: ignore[arg-type]  # EventHook passes ConnectionEvent
+    def _tunnel_event(self, ev: ConnectionEvent) -> None:
+        if flows.reported_by_kernel(ev):
+            return  # the kernel's deny event records it, with the policy and reason
+        self.telemetry.emit(flows.from_tunnel(ev, self._workload_by_ip))
 
     def _kernel_event(self, ev: FlowEvent) -> None:
         # The tunnel reports every connection it carries (with identities, both reporters), so

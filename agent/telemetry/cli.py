@@ -46,7 +46,7 @@ class Dropped:
     count: int
 
 
-_AGE = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_AGE = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smhd])", re.ASCII)  # ASCII digits only
 _UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -160,7 +160,7 @@ def _flows(args: argparse.Namespace) -> int:
 _COLUMNS: Final = (("TIME", 8), ("KIND", 5), ("SOURCE", 18), ("DESTINATION", 20),
                    ("SENT/RCVD", 10))
 _KIND: Final = {EventKind.OPEN: "open", EventKind.CLOSE: "close", EventKind.DENY: "DENY",
-                EventKind.AUTH_FAILURE: "AUTHF"}
+                EventKind.AUTH_FAILURE: "AUTHF", EventKind.REJECT: "REJ"}
 
 
 def _fit(text: str, width: int) -> str:

@@ -32,12 +32,14 @@ class Reporter(StrEnum):
 
 class EventKind(StrEnum):
     """open: connection established. close: it ended (bytes and duration final). deny: refused by
-    policy before carrying data. auth_failure: the peer failed mTLS/identity checks."""
+    policy (or STRICT mTLS) before carrying data. auth_failure: the peer failed mTLS/identity
+    checks. reject: refused as malformed or unroutable (a bad CONNECT request, no route)."""
 
     OPEN = "open"
     CLOSE = "close"
     DENY = "deny"
     AUTH_FAILURE = "auth_failure"
+    REJECT = "reject"
 
 
 class Verdict(StrEnum):
@@ -46,22 +48,30 @@ class Verdict(StrEnum):
 
 
 class SecurityPolicy(StrEnum):
-    """Istio's `connection_security_policy` label."""
+    """Istio's `connection_security_policy` label: mutual_tls when the connection was (or was
+    to be) mTLS, none for plaintext seen by the destination, unknown when the reporter cannot
+    tell (the source side of a connection that never reached the tunnel)."""
 
     MUTUAL_TLS = "mutual_tls"
+    NONE = "none"
     UNKNOWN = "unknown"
 
 
-# Istio's response flags for L4 connections. "-" means none (a clean connection).
+# Istio's response flags for L4 connections: ztunnel's set, plus Envoy's DPE (downstream
+# protocol error) and NR (no route) where ztunnel has no name. "-" means none (a clean
+# connection). The tunnel's ztunnel.events.ResponseFlag has exactly these values (a unit test
+# checks).
 NO_FLAGS: Final = "-"
 RESPONSE_FLAGS: Final = frozenset({
     NO_FLAGS, "DENY", "CONNECT", "TLS_FAILURE", "H2_HANDSHAKE_FAILURE", "NETWORK_POLICY",
-    "IDENTITY_ERROR", "CERT_REVOKED",
+    "IDENTITY_ERROR", "CERT_REVOKED", "DPE", "NR",
 })
 # Terminal events end a connection attempt; they carry the final bytes and duration.
-TERMINAL_KINDS: Final = frozenset({EventKind.CLOSE, EventKind.DENY, EventKind.AUTH_FAILURE})
-_REFUSALS: Final = frozenset({EventKind.DENY, EventKind.AUTH_FAILURE})
-_DEFAULT_FLAGS: Final = {EventKind.DENY: "DENY", EventKind.AUTH_FAILURE: "TLS_FAILURE"}
+TERMINAL_KINDS: Final = frozenset({EventKind.CLOSE, EventKind.DENY, EventKind.AUTH_FAILURE,
+                                   EventKind.REJECT})
+REFUSAL_KINDS: Final = frozenset({EventKind.DENY, EventKind.AUTH_FAILURE, EventKind.REJECT})
+_DEFAULT_FLAGS: Final = {EventKind.DENY: "DENY", EventKind.AUTH_FAILURE: "TLS_FAILURE",
+                         EventKind.REJECT: "DPE"}
 # Reason strings come from the kernel verdict table (bpf/lib/verdicts.h, mirrored in Python by the
 # datapath, e.g. Reason.POLICY_DENY.label) or from the tunnel; telemetry treats them as opaque
 # tokens.
@@ -192,14 +202,14 @@ class FlowRecord:
                                   f"flag: want one of {sorted(RESPONSE_FLAGS)}")
         if self.reason and not _REASON.fullmatch(self.reason):
             raise FlowRecordError(
-                f"reason {self.reason!r}: want a verdict name (letters, digits, _)")
+                f"reason {self.reason[:80]!r}: want a verdict name (letters, digits, _)")
         if self.bytes_sent < 0 or self.bytes_received < 0 or self.duration < 0:
             raise FlowRecordError("bytes and duration must not be negative")
-        if self.kind in _REFUSALS and self.verdict is not Verdict.DENIED:
+        if self.kind in REFUSAL_KINDS and self.verdict is not Verdict.DENIED:
             raise FlowRecordError(f"a {self.kind} event must have verdict denied")
-        if self.kind not in _REFUSALS and self.verdict is Verdict.DENIED:
+        if self.kind not in REFUSAL_KINDS and self.verdict is Verdict.DENIED:
             raise FlowRecordError(
-                f"verdict denied needs kind deny or auth_failure, not {self.kind}")
+                f"verdict denied needs kind deny, auth_failure or reject, not {self.kind}")
         if not self.protocol:
             raise FlowRecordError("protocol must not be empty (Istio uses 'tcp')")
 

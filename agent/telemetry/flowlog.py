@@ -1,5 +1,6 @@
 """JSON-lines logs on disk: the flow log (every finished connection and every refusal) and the
-audit log (policy denies and authentication failures only, in a SIEM-oriented schema).
+audit log (every refusal: policy denies, authentication failures and rejected requests, in a
+SIEM-oriented schema).
 
 Both files rotate by size (`path` → `path.1` → ... → `path.<backups>`). Both schemas are JSON
 Schemas defined here (FLOW_SCHEMA in flow.py, AUDIT_SCHEMA below) and embedded verbatim in
@@ -32,6 +33,8 @@ _AUDIT_EVENTS: Final = {
     # No identity could be established (or it was not acceptable): more serious than a deny of a
     # known identity, which is policy working as written.
     EventKind.AUTH_FAILURE: ("auth_failure", "error"),
+    # Malformed or unroutable requests: probing or a broken client, not a policy decision.
+    EventKind.REJECT: ("rejected", "warning"),
 }
 
 
@@ -126,7 +129,7 @@ def _party(ep_identity: str, workload: str, namespace: str, ip: str, port: int) 
 
 
 def audit_event(rec: FlowRecord, node: str) -> dict[str, Any] | None:
-    """The audit log entry (AUDIT_SCHEMA) for a deny or authentication failure, else None."""
+    """The audit log entry (AUDIT_SCHEMA) for a refusal, else None."""
     if rec.kind not in _AUDIT_EVENTS:
         return None
     event, severity = _AUDIT_EVENTS[rec.kind]
@@ -151,7 +154,8 @@ def audit_event(rec: FlowRecord, node: str) -> dict[str, Any] | None:
 
 
 class AuditLog:
-    """Policy denies and authentication failures, one AUDIT_SCHEMA JSON line each."""
+    """Every refusal (deny, authentication failure, reject), one AUDIT_SCHEMA JSON line each.
+    Lines are small and bounded (fixed fields, tokens, SPIFFE URIs and addresses); no free text."""
 
     def __init__(self, path: Path | str, node: str, max_bytes: int = DEFAULT_MAX_BYTES,
                  backups: int = DEFAULT_BACKUPS) -> None:
@@ -199,7 +203,7 @@ AUDIT_SCHEMA: Final[dict[str, Any]] = {
         "schema": {"const": AUDIT_SCHEMA_ID},
         "ts": {"type": "string", "format": "date-time",
                "pattern": r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$"},
-        "event": {"enum": ["policy_deny", "auth_failure"]},
+        "event": {"enum": ["policy_deny", "auth_failure", "rejected"]},
         "severity": {"enum": ["warning", "error"]},
         "node": {"type": "string", "minLength": 1},
         "reporter": {"enum": ["source", "destination"]},

@@ -127,7 +127,8 @@ def security_labels(rec: FlowRecord) -> Labels:
 class FlowMetrics(Collector):
     """Counters fed by flow records (`record`), exposed under Istio's names.
 
-    open → connections_opened. Terminal events (close, deny, auth_failure) → connections_closed
+    open → connections_opened. Terminal events (close, deny, auth_failure, reject) →
+    connections_closed
     for close only; bytes (Istio's convention: `received` is the request direction, source →
     destination, `sent` the response direction, whichever side reports); connections_failed when
     the record has a response flag. deny → nodemesh_policy_denies, auth_failure →
@@ -224,10 +225,11 @@ class ScrapeCollector(Collector):
             try:
                 for labels, value in self._normalise(read()):
                     fam.add_metric(labels, value)
-            except Exception:  # a broken reader must not break the whole scrape
+            except Exception as exc:  # a broken reader must not break the whole scrape
                 self.errors += 1
-                log.exception("reading %s at scrape time failed; its samples are missing",
-                              self.name)
+                log.error("reading %s at scrape time failed; its samples are missing: %s: %.200s",
+                          self.name, type(exc).__name__, exc)
+                log.debug("scrape reader traceback", exc_info=True)
                 fam = self._family()
         yield fam
 

@@ -62,11 +62,14 @@ class Telemetry:
         for sink in self.sinks:
             try:
                 sink(rec)
-            except Exception:  # one broken sink must not cost the others or the data path
+            except Exception as exc:  # one broken sink must not cost the others or the data path
                 self.sink_errors += 1
+                # Bounded: one line for the first failure and every 1000th; traceback at DEBUG.
                 if self.sink_errors == 1 or self.sink_errors % 1000 == 0:
-                    log.exception("BUG: flow sink %r failed (%d failures so far)", sink,
-                                  self.sink_errors)
+                    log.error("BUG: flow sink %s failed (%d failures so far): %s: %.200s",
+                              getattr(sink, "__qualname__", sink), self.sink_errors,
+                              type(exc).__name__, exc)
+                    log.debug("flow sink traceback", exc_info=True)
 
     def close(self) -> None:
         for f in (self.flow_log, self.audit_log):

@@ -238,7 +238,7 @@ class FlowsEndpoint:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         try:
             filt = FlowFilter.from_query(request.query)
-            limit = int(request.query["limit"]) if "limit" in request.query else None
+            limit = _limit(request.query["limit"]) if "limit" in request.query else None
         except (FilterError, ValueError) as e:
             raise web.HTTPBadRequest(text=f"bad /flows query: {e}\n") from None
         resp = web.StreamResponse(headers={"Content-Type": NDJSON})
@@ -285,3 +285,10 @@ def add_routes(app: web.Application, hub: FlowHub) -> FlowsEndpoint:
     app.router.add_get("/flows", endpoint.handle)
     app.on_shutdown.append(endpoint.close_followers)
     return endpoint
+
+
+def _limit(text: str) -> int:
+    """`limit=` of GET /flows: ASCII digits only (int() would also take "٣", " 3" and "1_0")."""
+    if not (text.isascii() and text.isdigit() and len(text) <= 9):
+        raise ValueError(f"limit {text[:16]!r}: want a whole number in ASCII digits")
+    return int(text)

@@ -19,6 +19,7 @@ from telemetry_samples import OUTSIDER, REVIEWS, SLEEP, T0
 
 from agent.telemetry.flow import (
     FLOW_SCHEMA,
+    REFUSAL_KINDS,
     RESPONSE_FLAGS,
     Endpoint,
     EventKind,
@@ -204,7 +205,7 @@ _endpoints = st.builds(
 @st.composite
 def _records(draw: st.DrawFn) -> FlowRecord:
     kind = draw(st.sampled_from(list(EventKind)))
-    refused = kind in (EventKind.DENY, EventKind.AUTH_FAILURE)
+    refused = kind in REFUSAL_KINDS
     return FlowRecord(
         kind, draw(st.sampled_from(list(Reporter))), draw(_endpoints), draw(_endpoints),
         time=draw(st.datetimes(timezones=st.just(UTC))),

@@ -8,6 +8,7 @@ import re
 import pytest
 
 from ztunnel import connect
+from ztunnel.events import Cause
 
 LOCAL = ipaddress.ip_address("10.1.2.3")
 
@@ -60,3 +61,46 @@ def test_validation_order_and_statuses() -> None:
     ok = v("CONNECT", "10.1.2.3:8080")
     assert ok.ok and ok.target == (LOCAL, 8080)
     assert connect.validate_request({}, LOCAL).status == 400
+
+
+@pytest.mark.parametrize("authority", [
+    "10.251.0.11:\u0668\u0660\u0668\u0660",  # Arabic-Indic "8080": int() reads it as 8080
+    "10.1.2.3:\uff18\uff10",  # fullwidth "80"
+    "10.1.2.3:\uff180",
+    "\u0661\u0660.1.2.3:80",
+    "10.1.2.3: 80", "10.1.2.3:8_0", "10.1.2.3:-80", "10.1.2.3:080000",
+    "[10.1.2.3]:80",  # brackets are for IPv6 only
+    "[fe80::1%eth0]:80",  # scoped addresses name an interface, not a pod
+    "10.1.2.3:" + "1" * 5000,  # int() would raise its own ValueError past 4300 digits
+])
+def test_authority_ports_and_addresses_are_ascii_only(authority: str) -> None:
+    with pytest.raises(connect.AuthorityError):
+        connect.parse_authority(authority)
+    verdict = connect.validate_request({":method": "CONNECT", ":authority": authority}, LOCAL)
+    assert verdict.status == 400 and verdict.cause is Cause.BAD_AUTHORITY
+    assert len(verdict.reason) < 200  # the reason goes into a log line: bounded
+
+
+@pytest.mark.parametrize(("text", "want"), [("1", 1), ("8080", 8080), ("65535", 65535),
+                                            ("00080", 80)])
+def test_parse_port_takes_ascii_digits(text: str, want: int) -> None:
+    assert connect.parse_port(text) == want
+
+
+@pytest.mark.parametrize("text", ["", "0", "65536", "\u0668\u0660\u0668\u0660", "+80", " 80",
+                                  "8_0", "99999", "123456"])
+def test_parse_port_refuses_everything_else(text: str) -> None:
+    with pytest.raises(ValueError, match="ASCII digits"):
+        connect.parse_port(text)
+
+
+def test_each_rejection_names_its_cause() -> None:
+    def cause(method: str, authority: str) -> Cause | None:
+        return connect.validate_request({":method": method, ":authority": authority},
+                                        LOCAL).cause
+
+    assert cause("GET", "10.1.2.3:80") is Cause.BAD_METHOD
+    assert cause("CONNECT", "nope") is Cause.BAD_AUTHORITY
+    assert cause("CONNECT", "10.1.2.4:80") is Cause.WRONG_DESTINATION
+    assert cause("CONNECT", "10.1.2.3:15008") is Cause.ILLEGAL_PORT
+    assert cause("CONNECT", "10.1.2.3:80") is None

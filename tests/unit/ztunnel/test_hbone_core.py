@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import h2.config
+import h2.connection
 import pytest
 from h2.errors import ErrorCodes
 from hyperframe.frame import DataFrame
@@ -282,3 +284,23 @@ def test_data_frame_repr_describes_the_size_without_encoding_the_body() -> None:
     text = repr(frame)
     assert "<1048576 bytes>" in text
     assert len(text) < 100
+
+
+@pytest.mark.parametrize(("status", "want"), [("200", 200), ("401", 401), ("\u0662\u0660\u0660", 0),
+                                              ("2OO", 0), ("20", 0), ("+20", 0)])
+def test_a_response_status_is_three_ascii_digits_or_not_success(status: str, want: int) -> None:
+    """A peer's :status in Arabic-Indic digits must not read as 200 (int() would); garbage must
+    not raise out of the core."""
+    client = Core(client=True)
+    client.start()
+    # A raw h2 server: the Core's own would never send such a status.
+    raw = h2.connection.H2Connection(h2.config.H2Configuration(
+        client_side=False, header_encoding="utf-8", validate_outbound_headers=False))
+    raw.initiate_connection()
+    raw.receive_data(client.outbound())
+    client.receive(raw.data_to_send())
+    sid = client.open_stream(HEADERS)
+    raw.receive_data(client.outbound())
+    raw.send_headers(sid, [(":status", status)])
+    (resp,) = of(client.receive(raw.data_to_send()), hbone.Response)
+    assert isinstance(resp, hbone.Response) and resp.status == want
