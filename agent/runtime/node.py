@@ -175,7 +175,9 @@ class NodeAgent:
         )
         self._events_thread.start()
         am = self.telemetry.agent_metrics
-        am.ringbuf_drops.set_reader(lambda: self.datapath.counters()[Counter.RINGBUF_DROPS])
+        am.ringbuf_drops.set_reader(
+            lambda: {"flows": self.datapath.counters()[Counter.RINGBUF_DROPS]}
+        )
         am.datapath_drops.set_reader(self.datapath.drop_counts)
         am.enrolled_pods.set_reader(lambda: len(self.enrolled))
         am.map_fill.set_reader(

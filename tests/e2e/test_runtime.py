@@ -159,7 +159,7 @@ def test_metrics_flows_and_certificate_rotation_on_the_test_bed(
     """Known traffic -> metrics equal the apps' byte counts, denies counted with reason and
     labels, `nodemesh flows --follow --json` shows the records, and 4 s certificates rotate
     repeatedly under a continuous stream of new connections without one failing."""
-    c, _mesh, _work = live_mesh
+    c, _mesh, work = live_mesh
     node0 = c.nodes[0]
     follower = FlowFollower(node0)
     closes_seen = follower.closes_to_backend
@@ -201,6 +201,10 @@ def test_metrics_flows_and_certificate_rotation_on_the_test_bed(
     rotations = _samples(metrics, "nodemesh_certificate_rotations_total",
                          identity="spiffe://cluster.local/ns/shop/sa/frontend")
     assert rotations >= 2
+    # Every scrape-time reader answered with the labels its family declares.
+    assert any(s.labels == {"ring": "flows"} for f in text_string_to_metric_families(metrics)
+               if f.name == "nodemesh_ringbuf_drops" for s in f.samples)
+    assert "at scrape time failed" not in (work / "agent-n0.log").read_text()
     seen_deadline = time.monotonic() + 30
     while closes_seen() - base < n and time.monotonic() < seen_deadline:
         time.sleep(0.1)
