@@ -34,6 +34,9 @@ from agent.state.model import Workload
 from agent.state.snapshot import KIND_OF, KINDS, MeshObject, MeshState, key_of
 from agent.state.store import StateStore
 
+__all__ = ["DEFAULT_LIMITS", "EMPTY_KIND", "ConfigError", "FileSource", "LimitError", "Limits",
+           "config_files", "load_path", "merge_own", "parse_files"]
+
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".yaml", ".yml")
@@ -212,13 +215,12 @@ class FileSource:
         """Read and parse the files if they changed; the slow half of a poll, safe to run off
         the event loop (it touches no shared state but the digest). Never raises Exception."""
         try:
+            error: ConfigError | None = None
             try:
                 contents = _read(self.path, self.limits)
+                digest = _digest(contents)
             except ConfigError as e:
-                digest = b"error\0" + str(e).encode()
-                contents, error = [], e
-            else:
-                digest, error = _digest(contents), None
+                contents, error, digest = [], e, b"error\0" + str(e).encode()
             if digest == self._digest:
                 return None
             self._digest = digest

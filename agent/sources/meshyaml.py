@@ -79,60 +79,78 @@ _CONSTRUCTOR = yaml.SafeLoader("")
 class _Open:
     """A collection whose end event has not come yet."""
 
-    __slots__ = ("anchor", "depth", "deepest", "nodes_before")
+    __slots__ = ("anchor", "deepest", "depth", "nodes_before")
 
     def __init__(self, anchor: str | None, depth: int, nodes_before: int) -> None:
         self.anchor, self.depth, self.deepest = anchor, depth, depth
         self.nodes_before = nodes_before
 
 
+class _BoundsCheck:
+    """Counts one file's events against the load's budget; raises LimitError at the first bound
+    crossed. Anchors map to the expanded size and height of their subtree, so an alias costs
+    what its expansion will cost."""
+
+    def __init__(self, name: str, budget: Budget) -> None:
+        self.name, self.budget, self.lim = name, budget, budget.limits
+        self.anchors: dict[str, tuple[int, int]] = {}
+        self.stack: list[_Open] = []
+
+    def document(self, line: int) -> None:
+        self.budget.documents += 1
+        if self.budget.documents > self.lim.max_documents:
+            raise LimitError(f"{self.name}:{line}: more than {self.lim.max_documents} YAML "
+                             "documents in one load (limit)")
+        self.anchors.clear()  # anchors are per document
+
+    def node(self, ev: yaml.NodeEvent, line: int) -> None:
+        depth = len(self.stack) + 1
+        size = height = 1
+        if isinstance(ev, yaml.AliasEvent):
+            if any(o.anchor == ev.anchor for o in self.stack):
+                raise LimitError(f"{self.name}:{line}: alias *{ev.anchor} refers to a node that "
+                                 "contains it (recursive data is not allowed)")
+            size, height = self.anchors.get(ev.anchor or "", (1, 1))
+        self.budget.nodes += size
+        if self.budget.nodes > self.lim.max_nodes:
+            raise LimitError(f"{self.name}:{line}: the configuration expands to more than "
+                             f"{self.lim.max_nodes} YAML nodes (limit; an alias counts its whole "
+                             "subtree at every use)")
+        reach = depth + height - 1
+        if reach > self.lim.max_depth:
+            raise LimitError(f"{self.name}:{line}: nested more than {self.lim.max_depth} levels "
+                             "deep (limit)")
+        if self.stack:
+            self.stack[-1].deepest = max(self.stack[-1].deepest, reach)
+        if isinstance(ev, yaml.CollectionStartEvent):
+            self.stack.append(_Open(ev.anchor, depth, self.budget.nodes - 1))
+        elif isinstance(ev, yaml.ScalarEvent) and ev.anchor is not None:
+            self.anchors[ev.anchor] = (1, 1)
+
+    def end(self) -> None:
+        done = self.stack.pop()
+        if done.anchor is not None:
+            self.anchors[done.anchor] = (self.budget.nodes - done.nodes_before,
+                                         done.deepest - done.depth + 1)
+        if self.stack:
+            self.stack[-1].deepest = max(self.stack[-1].deepest, done.deepest)
+
+
 def _check_bounds(text: str, name: str, budget: Budget) -> None:
-    """Raise LimitError if loading `text` would cross a bound; syntax errors are left to the
-    composer (they raise here as MarkedYAMLError, like there)."""
-    lim = budget.limits
+    """Raise LimitError if loading `text` would cross a bound; syntax errors raise here as
+    MarkedYAMLError, as they would from the composer."""
+    check = _BoundsCheck(name, budget)
     loader = _Loader(text)
-    anchors: dict[str, tuple[int, int]] = {}  # anchor -> expanded nodes, height of its subtree
-    stack: list[_Open] = []
     try:
         while loader.check_event():
-            ev = loader.get_event()
+            ev = loader.get_event()  # type: ignore[no-untyped-call]  # untyped in the stubs
             line = ev.start_mark.line + 1 if ev.start_mark is not None else 1
             if isinstance(ev, yaml.DocumentStartEvent):
-                budget.documents += 1
-                if budget.documents > lim.max_documents:
-                    raise LimitError(f"{name}:{line}: more than {lim.max_documents} YAML "
-                                     "documents in one load (limit)")
-                anchors.clear()  # anchors are per document
-            elif isinstance(ev, yaml.ScalarEvent | yaml.AliasEvent | yaml.CollectionStartEvent):
-                depth = len(stack) + 1
-                size = height = 1
-                if isinstance(ev, yaml.AliasEvent):
-                    if any(o.anchor == ev.anchor for o in stack):
-                        raise LimitError(f"{name}:{line}: alias *{ev.anchor} refers to a node "
-                                         "that contains it (recursive data is not allowed)")
-                    size, height = anchors.get(ev.anchor or "", (1, 1))
-                budget.nodes += size
-                if budget.nodes > lim.max_nodes:
-                    raise LimitError(f"{name}:{line}: the configuration expands to more than "
-                                     f"{lim.max_nodes} YAML nodes (limit; an alias counts its "
-                                     "whole subtree at every use)")
-                reach = depth + height - 1
-                if reach > lim.max_depth:
-                    raise LimitError(f"{name}:{line}: nested more than {lim.max_depth} levels "
-                                     "deep (limit)")
-                if stack:
-                    stack[-1].deepest = max(stack[-1].deepest, reach)
-                if isinstance(ev, yaml.CollectionStartEvent):
-                    stack.append(_Open(ev.anchor, depth, budget.nodes - 1))
-                elif isinstance(ev, yaml.ScalarEvent) and ev.anchor is not None:
-                    anchors[ev.anchor] = (1, 1)
+                check.document(line)
+            elif isinstance(ev, yaml.NodeEvent):
+                check.node(ev, line)
             elif isinstance(ev, yaml.CollectionEndEvent):
-                done = stack.pop()
-                if done.anchor is not None:
-                    anchors[done.anchor] = (budget.nodes - done.nodes_before,
-                                            done.deepest - done.depth + 1)
-                if stack:
-                    stack[-1].deepest = max(stack[-1].deepest, done.deepest)
+                check.end()
     finally:
         loader.dispose()
 
