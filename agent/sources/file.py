@@ -95,7 +95,7 @@ def _file_documents(name: str, raw: bytes, budget: Budget) -> tuple[list[YamlDoc
 
     A file that is empty, or does not end with a newline, may be half-written: an error."""
     if not raw.strip():
-        raise ConfigError(f"{name}: the file is empty, which is also what a half-written file "
+        raise ConfigError(f"{name}:1: the file is empty, which is also what a half-written file "
                           f"looks like; to define nothing on purpose, write `kind: {EMPTY_KIND}`")
     if not raw.endswith(b"\n"):
         last_line = raw.count(b"\n") + 1
@@ -104,7 +104,8 @@ def _file_documents(name: str, raw: bytes, budget: Budget) -> tuple[list[YamlDoc
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{name}: not UTF-8 text (byte {e.start})") from e
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{name}:{line}: not UTF-8 text (byte {e.start})") from e
     docs = [d for d in documents(text, name, budget) if d.data is not None]
     markers = [d for d in docs if _is_empty_marker(d.data)]
     for marker in markers:
@@ -113,7 +114,7 @@ def _file_documents(name: str, raw: bytes, budget: Budget) -> tuple[list[YamlDoc
         except FieldError as e:
             raise ConfigError(str(e.at(f"{name}:{marker.line_of(e.path)}"))) from e
     if not docs:
-        raise ConfigError(f"{name}: the file has no documents (only comments or `---`); to "
+        raise ConfigError(f"{name}:1: the file has no documents (only comments or `---`); to "
                           f"define nothing on purpose, write `kind: {EMPTY_KIND}`")
     return ([] if markers else docs), bool(markers)
 

@@ -211,10 +211,10 @@ def documents(text: str, name: str, budget: Budget) -> Iterator[YamlDocument]:
             loader.dispose()
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
-        where = f"{name}:{mark.line + 1}" if mark else name
-        raise ConfigError(f"{where}: invalid YAML: {e.problem or e.context}") from e
+        line = mark.line + 1 if mark else 1
+        raise ConfigError(f"{name}:{line}: invalid YAML: {e.problem or e.context}") from e
     except yaml.reader.ReaderError as e:
         raise ConfigError(f"{name}:{_line_at(text, e.position)}: invalid YAML: {e.reason} "
                           f"(character {e.character!r})") from e
     except yaml.YAMLError as e:
-        raise ConfigError(f"{name}: invalid YAML: {e}") from e
+        raise ConfigError(f"{name}:1: invalid YAML: {e}") from e
