@@ -67,13 +67,18 @@ def _read(path: Path, limits: Limits = DEFAULT_LIMITS) -> list[tuple[Path, bytes
             with p.open("rb") as fh:
                 raw = fh.read(left + 1)
             if len(raw) > left:
-                raise LimitError(f"{p}: mesh files larger than {limits.max_bytes} bytes in "
-                                 "total (limit)")
+                raise _too_large(str(p), raw, left, limits)
             left -= len(raw)
             out.append((p, raw))
     except OSError as e:
         raise ConfigError(f"{e.filename or path}: cannot read: {e.strerror}") from e
     return out
+
+
+def _too_large(name: str, raw: bytes, left: int, limits: Limits) -> LimitError:
+    line = raw[:left].count(b"\n") + 1  # where the limit was crossed
+    return LimitError(f"{name}:{line}: mesh files larger than {limits.max_bytes} bytes in total "
+                      "(limit)")
 
 
 def _is_empty_marker(data: object) -> bool:
@@ -131,10 +136,9 @@ def parse_files(contents: list[tuple[Path, bytes]],
                           f"write a file with `kind: {EMPTY_KIND}`")
     for path, raw in contents:
         name = str(path)
+        if budget.bytes + len(raw) > limits.max_bytes:
+            raise _too_large(name, raw, limits.max_bytes - budget.bytes, limits)
         budget.bytes += len(raw)
-        if budget.bytes > limits.max_bytes:
-            raise LimitError(f"{name}: mesh files larger than {limits.max_bytes} bytes in total "
-                             "(limit)")
         docs, _explicitly_empty = _file_documents(name, raw, budget)
         for doc in docs:
             try:

@@ -331,7 +331,7 @@ def test_size_bound_counts_all_files_and_reads_no_more(tmp_path: Path) -> None:
     write(tmp_path / "a.yaml", GOOD)
     assert len(load_path(tmp_path, limits=limits).all_objects()) == 3
     write(tmp_path / "b.yaml", "kind: Empty\n")
-    with pytest.raises(LimitError, match=rf"b\.yaml: mesh files larger than {len(GOOD) + 10} "
+    with pytest.raises(LimitError, match=rf"b\.yaml:1: mesh files larger than {len(GOOD) + 10} "
                                          "bytes in total"):
         load_path(tmp_path, limits=limits)
     big = tmp_path / "big" / "mesh.yaml"
