@@ -16,6 +16,7 @@ from agent import config as cfgmod
 from agent.enroll import KubernetesLocator, PodLocator, TestbedLocator
 from agent.runtime import admin
 from agent.runtime.node import NodeAgent
+from agent.sources.file import ConfigError as MeshConfigError
 from agent.sources.file import FileSource
 from agent.sources.k8sstate import KubernetesStateSink
 from agent.sources.kube import config as kubeconfig
@@ -80,7 +81,11 @@ async def run_agent(cfg: cfgmod.Config) -> int:
     if cfg.source == "file":
         assert cfg.config_path is not None  # checked by config.build
         file_source = FileSource(cfg.config_path, store, root_namespace=cfg.root_namespace)
-        file_source.load_once()
+        try:
+            file_source.load_once()
+        except MeshConfigError as exc:  # no last good state to keep: refuse to start
+            log.error("%s; not starting", exc)
+            return 2
         ScrapeCollector(agent.registry, "nodemesh_config_errors", "Mesh configuration changes "
                         "rejected (the last good configuration stayed in force)", "counter",
                         read=lambda: file_source.errors)

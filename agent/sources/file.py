@@ -3,8 +3,11 @@
 Each file holds YAML documents (`---` separated) of kind Workload, Namespace, Service,
 AuthorizationPolicy or PeerAuthentication. A load is all or nothing: every document of every
 file must be valid, or the store keeps the last good state and the error (file:line: field:
-problem) goes to `on_error` and the log. The files are polled; content is compared, not mtimes,
-so a rewrite within the filesystem's timestamp granularity is still seen.
+problem) goes to `on_error` and the log. Bad input never weakens enforcement: an empty or
+half-written file is an error (`kind: Empty` clears a file on purpose), YAML is bounded
+(meshyaml.Limits) and any failure while loading is reported like invalid input. The files are
+polled; content is compared, not mtimes, so a rewrite within the filesystem's timestamp
+granularity is still seen. See docs/policy.md, "Bad files never weaken enforcement".
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ class LimitError(ConfigError):
 class Limits:
     """Bounds on one load (all files of a directory together).
 
-    The 10k-rule benchmark policy is 0.8 MB, ~140k YAML nodes and depth 9; it loads in ~1 s
+    The 10k-rule benchmark policy is 0.8 MB, ~90k YAML nodes and depth 9; it loads in ~1 s
     with ~60 MB of peak memory growth (measured), so these leave room for a few times that
     while keeping the worst case to seconds and a few hundred MB.
     """

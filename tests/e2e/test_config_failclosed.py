@@ -13,6 +13,7 @@ import argparse
 import json
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -178,3 +179,22 @@ def test_bad_files_never_weaken_enforcement_and_are_reported(
                  f"node{n} reports the good load")
         assert config_errors(c, n) == len(BAD)
     assert verdicts(c)[DENIED[0]] == DENIED[1]
+
+
+@pytest.mark.parametrize("text", ["", "kind: Namespace\nmetadata: {name: a", _alias_bomb()])
+def test_the_agent_refuses_to_start_on_a_bad_file(tmp_path: Path, text: str) -> None:
+    """No last good state to keep: `nodemesh run` exits 2 with the error, before touching the
+    datapath."""
+    require_root()
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text(text)
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "run", "--config", str(mesh), "--node-name", "n0",
+         "--pin-dir", str(tmp_path / "pins"), "--ca-root-cert", str(tmp_path / "ca" / "root.pem"),
+         "--log-format", "json"],
+        capture_output=True, text=True, timeout=WAIT, check=False)
+    assert proc.returncode == 2, proc.stderr
+    errors = [json.loads(x) for x in proc.stderr.splitlines() if '"level": "error"' in x]
+    assert len(errors) == 1 and "exc" not in errors[0], proc.stderr
+    assert str(errors[0]["msg"]).startswith(f"{mesh}:") and "not starting" in errors[0]["msg"]
+    assert not (tmp_path / "pins").exists()
