@@ -75,6 +75,9 @@ def _read(path: Path, limits: Limits = DEFAULT_LIMITS) -> list[tuple[Path, bytes
             out.append((p, raw))
     except OSError as e:
         raise ConfigError(f"{e.filename or path}: cannot read: {e.strerror}") from e
+    if not out:  # an emptied directory would clear the mesh like an empty file
+        raise ConfigError(f"{path}: no mesh files (*.yaml, *.yml); to define nothing on "
+                          f"purpose, write a file with `kind: {EMPTY_KIND}`")
     return out
 
 
@@ -98,8 +101,8 @@ def _check_empty_marker(doc: YamlDocument, name: str, others: int) -> None:
                           "nothing, so it must be the file's only document")
 
 
-def _file_documents(name: str, raw: bytes, budget: Budget) -> tuple[list[YamlDocument], bool]:
-    """The non-empty documents of one file and whether it is explicitly empty (`kind: Empty`).
+def _file_documents(name: str, raw: bytes, budget: Budget) -> list[YamlDocument]:
+    """The documents that define objects in one file (none for a `kind: Empty` file).
 
     A file that is empty, or does not end with a newline, may be half-written: an error."""
     if not raw.strip():
@@ -124,7 +127,7 @@ def _file_documents(name: str, raw: bytes, budget: Budget) -> tuple[list[YamlDoc
     if not docs:
         raise ConfigError(f"{name}:1: the file has no documents (only comments or `---`); to "
                           f"define nothing on purpose, write `kind: {EMPTY_KIND}`")
-    return ([] if markers else docs), bool(markers)
+    return [] if markers else docs
 
 
 def parse_files(contents: list[tuple[Path, bytes]],
@@ -134,16 +137,12 @@ def parse_files(contents: list[tuple[Path, bytes]],
     budget = Budget(limits)
     objects: dict[tuple[str, str], tuple[MeshObject, str]] = {}
     ip_owner: dict[object, tuple[str, str]] = {}
-    if not contents:
-        raise ConfigError("no mesh files (*.yaml, *.yml) found; to define nothing on purpose, "
-                          f"write a file with `kind: {EMPTY_KIND}`")
     for path, raw in contents:
         name = str(path)
         if budget.bytes + len(raw) > limits.max_bytes:
             raise _too_large(name, raw, limits.max_bytes - budget.bytes, limits)
         budget.bytes += len(raw)
-        docs, _explicitly_empty = _file_documents(name, raw, budget)
-        for doc in docs:
+        for doc in _file_documents(name, raw, budget):
             try:
                 obj = parse_document(doc.data)
             except FieldError as e:
