@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import ipaddress
 import json
+import logging
 import sys
+from collections.abc import Callable
 
 from agent.policy.authz import DEFAULT_ROOT_NAMESPACE
 from agent.policy.connection import Connection
@@ -17,6 +21,27 @@ from agent.state.snapshot import MeshState
 
 EXIT_ALLOW, EXIT_DENY, EXIT_ERROR = 0, 1, 2
 
+log = logging.getLogger(__name__)
+
+
+def _exit_2_on_failure(func: Callable[[argparse.Namespace], int]
+                       ) -> Callable[[argparse.Namespace], int]:
+    """Any failure exits 2: an uncaught exception would exit 1, which means "denied"."""
+
+    @functools.wraps(func)
+    def guarded(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except Exception as e:  # MemoryError, RecursionError, a bug: never a verdict
+            log.debug("policy %s failed", args.policy_command, exc_info=True)
+            # If not even the message can be written, the status still says it.
+            with contextlib.suppress(Exception):
+                print(f"nodemesh policy: internal error: {type(e).__name__}: {e}",
+                      file=sys.stderr)
+            return EXIT_ERROR
+
+    return guarded
+
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("policy", help="check and validate L4 authorization policy")
@@ -24,7 +49,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     check = psub.add_parser(
         "check", help="the verdict for one connection and the policy rule that decided it",
         description="Evaluate one connection with the reference evaluator. Exit status: 0 "
-                    "allowed, 1 denied, 2 invalid input.")
+                    "allowed, 1 denied, 2 invalid input or any other failure.")
     _config_args(check)
     check.add_argument("--from", dest="src", required=True, metavar="NS/WORKLOAD|IP",
                        help="source workload, or an IP (a non-workload IP connects in plaintext)")
@@ -34,10 +59,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     check.add_argument("--plaintext", action="store_true",
                        help="the source connects without mTLS even if it is in the mesh")
     check.add_argument("--json", action="store_true", help="machine-readable output")
-    check.set_defaults(func=_check)
-    validate = psub.add_parser("validate", help="validate a mesh file or directory")
+    check.set_defaults(func=_exit_2_on_failure(_check))
+    validate = psub.add_parser(
+        "validate", help="validate a mesh file or directory",
+        description="Exit status: 0 valid, 2 invalid or any other failure.")
     _config_args(validate)
-    validate.set_defaults(func=_validate)
+    validate.set_defaults(func=_exit_2_on_failure(_validate))
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:

@@ -1,4 +1,4 @@
-"""Admin (localhost: /config_dump, /flows) and readiness (/healthz/ready) HTTP endpoints."""
+"""Admin (localhost: /config_dump, /flows) and readiness (/healthz/ready, /healthz) endpoints."""
 
 from __future__ import annotations
 
@@ -24,8 +24,15 @@ def admin_app(dump: Callable[[], dict[str, Any]], hub: FlowHub) -> web.Applicati
     return app
 
 
-def readiness_app(ready: asyncio.Event) -> web.Application:
+def readiness_app(ready: asyncio.Event,
+                  health: Callable[[], dict[str, Any]] | None = None) -> web.Application:
+    """/healthz/ready for probes; /healthz always answers 200 with details (`health()`), such
+    as a rejected configuration that left the last good one in force."""
     app = web.Application()
+
+    async def details(_req: web.Request) -> web.Response:
+        body = {"ready": ready.is_set(), **(health() if health is not None else {})}
+        return web.json_response(body, dumps=lambda o: json.dumps(o, default=str, indent=2))
 
     async def healthz(_req: web.Request) -> web.Response:
         if ready.is_set():
@@ -33,6 +40,7 @@ def readiness_app(ready: asyncio.Event) -> web.Application:
         return web.Response(status=503, text="not ready: first sync or enrollment pending\n")
 
     app.router.add_get("/healthz/ready", healthz)
+    app.router.add_get("/healthz", details)
     return app
 
 

@@ -9,17 +9,20 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from agent import config as cfgmod
 from agent.enroll import KubernetesLocator, PodLocator, TestbedLocator
 from agent.runtime import admin
 from agent.runtime.node import NodeAgent
+from agent.sources.file import ConfigError as MeshConfigError
 from agent.sources.file import FileSource
 from agent.sources.k8sstate import KubernetesStateSink
 from agent.sources.kube import config as kubeconfig
 from agent.sources.kubernetes import KubernetesSource
 from agent.state.store import StateStore
+from agent.telemetry.metrics import ScrapeCollector
 from agent.telemetry.server import MetricsServer
 
 log = logging.getLogger("nodemesh")
@@ -74,10 +77,19 @@ def _run(args: argparse.Namespace) -> int:
 async def run_agent(cfg: cfgmod.Config) -> int:
     store = StateStore()
     agent = NodeAgent(cfg, store, _locator(cfg))
+    health: dict[str, Callable[[], dict[str, Any]]] = {}
     if cfg.source == "file":
         assert cfg.config_path is not None  # checked by config.build
         file_source = FileSource(cfg.config_path, store, root_namespace=cfg.root_namespace)
-        file_source.load_once()
+        try:
+            file_source.load_once()
+        except MeshConfigError as exc:  # no last good state to keep: refuse to start
+            log.error("%s; not starting", exc)
+            return 2
+        ScrapeCollector(agent.registry, "nodemesh_config_errors", "Mesh configuration changes "
+                        "rejected (the last good configuration stayed in force)", "counter",
+                        read=lambda: file_source.errors)
+        health["config"] = file_source.status
         agent.synced.set()  # a file source is fully synced once loaded
         source_task = file_source.run()
     else:
@@ -91,7 +103,10 @@ async def run_agent(cfg: cfgmod.Config) -> int:
             admin.admin_app(lambda: _dump(agent), agent.telemetry.hub),
             *cfgmod.parse_addr(cfg.admin_addr),
         ),
-        await admin.serve(admin.readiness_app(agent.ready), *cfgmod.parse_addr(cfg.readiness_addr)),
+        await admin.serve(
+            admin.readiness_app(agent.ready, lambda: {k: f() for k, f in health.items()}),
+            *cfgmod.parse_addr(cfg.readiness_addr),
+        ),
     ]
     metrics = MetricsServer(agent.registry, *cfgmod.parse_addr(cfg.metrics_addr))
     await metrics.start()

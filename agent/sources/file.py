@@ -3,8 +3,11 @@
 Each file holds YAML documents (`---` separated) of kind Workload, Namespace, Service,
 AuthorizationPolicy or PeerAuthentication. A load is all or nothing: every document of every
 file must be valid, or the store keeps the last good state and the error (file:line: field:
-problem) goes to `on_error` and the log. The files are polled; content is compared, not mtimes,
-so a rewrite within the filesystem's timestamp granularity is still seen.
+problem) goes to `on_error` and the log. Bad input never weakens enforcement: an empty or
+half-written file is an error (`kind: Empty` clears a file on purpose), YAML is bounded
+(meshyaml.Limits) and any failure while loading is reported like invalid input. The files are
+polled; content is compared, not mtimes, so a rewrite within the filesystem's timestamp
+granularity is still seen. See docs/policy.md, "Bad files never weaken enforcement".
 """
 
 from __future__ import annotations
@@ -13,17 +16,29 @@ import asyncio
 import hashlib
 import logging
 import threading
-from collections.abc import Callable, Iterator, Mapping
+import time
+from collections.abc import Callable
 from pathlib import Path
 
-import yaml
-
 from agent.policy.authz import DEFAULT_ROOT_NAMESPACE
-from agent.state.documents import parse_document
-from agent.state.fields import FieldError, FieldPath
+from agent.sources.meshyaml import (
+    DEFAULT_LIMITS,
+    Budget,
+    ConfigError,
+    LimitError,
+    Limits,
+    YamlDocument,
+    documents,
+)
+from agent.state import fields as f
+from agent.state.documents import API_VERSION, parse_document
+from agent.state.fields import FieldError
 from agent.state.model import Workload
 from agent.state.snapshot import KIND_OF, KINDS, MeshObject, MeshState, key_of
 from agent.state.store import StateStore
+
+__all__ = ["DEFAULT_LIMITS", "EMPTY_KIND", "ConfigError", "FileSource", "LimitError", "Limits",
+           "config_files", "load_path", "merge_own", "parse_files"]
 
 log = logging.getLogger(__name__)
 
@@ -31,84 +46,11 @@ SUFFIXES = (".yaml", ".yml")
 POLL_INTERVAL = 0.25
 
 
-class ConfigError(ValueError):
-    """A configuration file is unreadable or invalid; the message says file:line: field."""
-
-
 ErrorHandler = Callable[[ConfigError], None]
 
-
-# -- YAML with positions ------------------------------------------------------------------------
-
-class _Document:
-    """One YAML document as plain data, plus the line of every field path in it."""
-
-    def __init__(self, data: object, lines: dict[FieldPath, int], start: int) -> None:
-        self.data = data
-        self.lines = lines
-        self.start = start
-
-    def line_of(self, path: FieldPath) -> int:
-        # The deepest recorded prefix: a missing field is reported at its parent.
-        for n in range(len(path), 0, -1):
-            if path[:n] in self.lines:
-                return self.lines[path[:n]]
-        return self.start
-
-
-def _walk(node: yaml.Node, data: object, path: FieldPath, lines: dict[FieldPath, int],
-          name: str) -> None:
-    lines.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode) and isinstance(data, Mapping):
-        seen: set[object] = set()
-        for key_node, value_node in node.value:
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
-                continue  # merge keys and complex keys carry no field position of their own
-            key = yaml.SafeLoader.construct_scalar(_CONSTRUCTOR, key_node)
-            resolved: object = key
-            if key not in data:  # non-string scalar key (e.g. a port number)
-                resolved = next((k for k in data if str(k) == key), key)
-            if resolved in seen:
-                raise FieldError((*path, str(resolved)), "duplicate key",
-                                 f"{name}:{key_node.start_mark.line + 1}")
-            seen.add(resolved)
-            child = (*path, str(resolved))
-            lines[child] = key_node.start_mark.line + 1
-            if resolved in data:
-                _walk(value_node, data[resolved], child, lines, name)
-    elif isinstance(node, yaml.SequenceNode) and isinstance(data, list):
-        for i, (item_node, item) in enumerate(zip(node.value, data, strict=False)):
-            _walk(item_node, item, (*path, i), lines, name)
-
-
-# Only used for construct_scalar, which reads no loader state.
-_CONSTRUCTOR = yaml.SafeLoader("")
-
-
-# libyaml: a 10k-rule policy loads in 1.9 s instead of 5.1 s (measured); same nodes and marks.
-_Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-def _documents(text: str, name: str) -> Iterator[_Document]:
-    loader = _Loader(text)
-    try:
-        while loader.check_node():
-            node = loader.get_node()
-            if node is None:
-                continue
-            data = loader.construct_document(node)
-            lines: dict[FieldPath, int] = {}
-            try:
-                _walk(node, data, (), lines, name)
-            except FieldError as e:
-                raise ConfigError(str(e)) from e
-            yield _Document(data, lines, node.start_mark.line + 1)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = f"{name}:{mark.line + 1}" if mark else name
-        raise ConfigError(f"{where}: invalid YAML: {e.problem or e.context}") from e
-    finally:
-        loader.dispose()
+# A document saying "this file defines nothing, on purpose": a file without objects is what a
+# watcher sees while an editor rewrites it in place, so it never clears the mesh by itself.
+EMPTY_KIND = "Empty"
 
 
 # -- loading -----------------------------------------------------------------------------------
@@ -119,26 +61,88 @@ def config_files(path: Path) -> list[Path]:
     return [path]
 
 
-def _read(path: Path) -> list[tuple[Path, bytes]]:
+def _read(path: Path, limits: Limits = DEFAULT_LIMITS) -> list[tuple[Path, bytes]]:
+    """Every file's bytes; never more than `limits.max_bytes` (+1 to tell) in memory."""
+    out: list[tuple[Path, bytes]] = []
+    left = limits.max_bytes
     try:
-        return [(p, p.read_bytes()) for p in config_files(path)]
+        for p in config_files(path):
+            with p.open("rb") as fh:
+                raw = fh.read(left + 1)
+            if len(raw) > left:
+                raise _too_large(str(p), raw, left, limits)
+            left -= len(raw)
+            out.append((p, raw))
     except OSError as e:
         raise ConfigError(f"{e.filename or path}: cannot read: {e.strerror}") from e
+    if not out:  # an emptied directory would clear the mesh like an empty file
+        raise ConfigError(f"{path}: no mesh files (*.yaml, *.yml); to define nothing on "
+                          f"purpose, write a file with `kind: {EMPTY_KIND}`")
+    return out
+
+
+def _too_large(name: str, raw: bytes, left: int, limits: Limits) -> LimitError:
+    line = raw[:left].count(b"\n") + 1  # where the limit was crossed
+    return LimitError(f"{name}:{line}: mesh files larger than {limits.max_bytes} bytes in total "
+                      "(limit)")
+
+
+def _is_empty_marker(data: object) -> bool:
+    return isinstance(data, dict) and data.get("kind") == EMPTY_KIND
+
+
+def _check_empty_marker(doc: YamlDocument, name: str, others: int) -> None:
+    data = f.mapping(doc.data, ())
+    f.check_keys(data, (), ("apiVersion", "kind"))
+    if "apiVersion" in data and f.string(data, "apiVersion", ()) != API_VERSION:
+        f.fail(("apiVersion",), f"{EMPTY_KIND} wants {API_VERSION} (or no apiVersion)")
+    if others:
+        raise ConfigError(f"{name}:{doc.start}: kind: {EMPTY_KIND} says the file defines "
+                          "nothing, so it must be the file's only document")
+
+
+def _file_documents(name: str, raw: bytes, budget: Budget) -> list[YamlDocument]:
+    """The documents that define objects in one file (none for a `kind: Empty` file).
+
+    A file that is empty, or does not end with a newline, may be half-written: an error."""
+    if not raw.strip():
+        raise ConfigError(f"{name}:1: the file is empty, which is also what a half-written file "
+                          f"looks like; to define nothing on purpose, write `kind: {EMPTY_KIND}`")
+    if not raw.endswith(b"\n"):
+        last_line = raw.count(b"\n") + 1
+        raise ConfigError(f"{name}:{last_line}: the file does not end with a "
+                          "newline: it may be truncated (half-written); end it with a newline")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{name}:{line}: not UTF-8 text (byte {e.start})") from e
+    docs = [d for d in documents(text, name, budget) if d.data is not None]
+    markers = [d for d in docs if _is_empty_marker(d.data)]
+    for marker in markers:
+        try:
+            _check_empty_marker(marker, name, len(docs) - 1)
+        except FieldError as e:
+            raise ConfigError(str(e.at(f"{name}:{marker.line_of(e.path)}"))) from e
+    if not docs:
+        raise ConfigError(f"{name}:1: the file has no documents (only comments or `---`); to "
+                          f"define nothing on purpose, write `kind: {EMPTY_KIND}`")
+    return [] if markers else docs
 
 
 def parse_files(contents: list[tuple[Path, bytes]],
-                root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> MeshState:
+                root_namespace: str = DEFAULT_ROOT_NAMESPACE,
+                limits: Limits = DEFAULT_LIMITS) -> MeshState:
+    """Parse file contents into a MeshState; any problem is a ConfigError naming file:line."""
+    budget = Budget(limits)
     objects: dict[tuple[str, str], tuple[MeshObject, str]] = {}
     ip_owner: dict[object, tuple[str, str]] = {}
     for path, raw in contents:
         name = str(path)
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{name}: not UTF-8 text (byte {e.start})") from e
-        for doc in _documents(text, name):
-            if doc.data is None:
-                continue  # an empty document, e.g. after a trailing `---`
+        if budget.bytes + len(raw) > limits.max_bytes:
+            raise _too_large(name, raw, limits.max_bytes - budget.bytes, limits)
+        budget.bytes += len(raw)
+        for doc in _file_documents(name, raw, budget):
             try:
                 obj = parse_document(doc.data)
             except FieldError as e:
@@ -161,22 +165,36 @@ def parse_files(contents: list[tuple[Path, bytes]],
     return MeshState.build((o for o, _ in objects.values()), root_namespace)
 
 
-def load_path(path: str | Path, root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> MeshState:
+def load_path(path: str | Path, root_namespace: str = DEFAULT_ROOT_NAMESPACE,
+              limits: Limits = DEFAULT_LIMITS) -> MeshState:
     """Parse a file or directory into a MeshState, or raise ConfigError."""
-    return parse_files(_read(Path(path)), root_namespace)
+    return parse_files(_read(Path(path), limits), root_namespace, limits)
 
 
 # -- the source --------------------------------------------------------------------------------
 
+# What one attempt produced: nothing new (None), a state to apply, or the error to report.
+_Outcome = MeshState | ConfigError | None
+
+
 class FileSource:
+    """Watches the mesh files. Whatever goes wrong while loading -- invalid YAML, a crossed
+    limit, MemoryError, a bug -- is reported (log line, `on_error`, `errors`, `status()`) and
+    the last good state stays; the watcher keeps watching."""
+
     def __init__(self, path: str | Path, store: StateStore, on_error: ErrorHandler | None = None,
                  *, root_namespace: str = DEFAULT_ROOT_NAMESPACE,
-                 poll_interval: float = POLL_INTERVAL) -> None:
+                 poll_interval: float = POLL_INTERVAL, limits: Limits = DEFAULT_LIMITS) -> None:
         self.path = Path(path)
         self.store = store
         self.on_error = on_error
         self.root_namespace = root_namespace
         self.poll_interval = poll_interval
+        self.limits = limits
+        self.errors = 0  # reported failures: nodemesh_config_errors_total
+        self.last_error: str | None = None  # None once a later change loaded fine
+        self.last_error_time: float | None = None
+        self.last_load_time: float | None = None
         self._digest: bytes | None = None  # of the last content tried, good or bad
         self._applied = MeshState()  # what this source last put in the store
         self._stop = threading.Event()
@@ -184,36 +202,57 @@ class FileSource:
 
     def load_once(self) -> MeshState:
         """Load now and replace the store's state; raises ConfigError (state unchanged)."""
-        contents = _read(self.path)
-        self._digest = _digest(contents)
-        state = parse_files(contents, self.root_namespace)
-        self._apply(state)
-        log.info("loaded %s: %d objects", self.path, len(state.all_objects()))
-        return state
+        self._digest = None
+        outcome = self._attempt()
+        if isinstance(outcome, ConfigError):
+            raise outcome
+        assert outcome is not None  # a forced attempt always has an outcome
+        self._apply(outcome)
+        log.info("loaded %s: %d objects", self.path, len(outcome.all_objects()))
+        return outcome
 
     def poll(self) -> bool:
         """Reload if the files changed since the last attempt; True if a new state was applied.
 
         An invalid change is reported once (not on every poll) and the last good state stays.
         """
-        error: ConfigError | None = None
+        return self._finish(self._attempt())
+
+    def _attempt(self) -> _Outcome:
+        """Read and parse the files if they changed; the slow half of a poll, safe to run off
+        the event loop (it touches no shared state but the digest). Never raises Exception."""
         try:
-            contents = _read(self.path)
+            error: ConfigError | None = None
+            try:
+                contents = _read(self.path, self.limits)
+                digest = _digest(contents)
+            except ConfigError as e:
+                contents, error, digest = [], e, b"error\0" + str(e).encode()
+            if digest == self._digest:
+                return None
+            self._digest = digest
+            return error or parse_files(contents, self.root_namespace, self.limits)
         except ConfigError as e:
-            contents, error = [], e
-        digest = _digest(contents) if error is None else b"unreadable"
-        if digest == self._digest:
+            return e
+        except Exception as e:  # MemoryError, RecursionError, a bug: bad config all the same
+            log.debug("loading %s failed unexpectedly", self.path, exc_info=True)
+            return ConfigError(f"{self.path}: loading failed unexpectedly: "
+                               f"{type(e).__name__}: {e}")
+
+    def _finish(self, outcome: _Outcome) -> bool:
+        if outcome is None:
             return False
-        self._digest = digest
+        if isinstance(outcome, ConfigError):
+            self._report(outcome)
+            return False
         try:
-            if error is not None:
-                raise error
-            state = parse_files(contents, self.root_namespace)
-        except ConfigError as e:
-            self._report(e)
+            self._apply(outcome)
+        except Exception as e:
+            log.debug("applying %s failed unexpectedly", self.path, exc_info=True)
+            self._report(ConfigError(f"{self.path}: applying the new state failed "
+                                     f"unexpectedly: {type(e).__name__}: {e}"))
             return False
-        self._apply(state)
-        log.info("reloaded %s: %d objects", self.path, len(state.all_objects()))
+        log.info("reloaded %s: %d objects", self.path, len(outcome.all_objects()))
         return True
 
     def _apply(self, state: MeshState) -> None:
@@ -222,16 +261,42 @@ class FileSource:
         the very instance it put there (see docs/kubernetes.md, "Several sources")."""
         self.store.update(lambda current: merge_own(current, self._applied, state, "file"))
         self._applied = state
+        self.last_error = None
+        self.last_load_time = time.time()
 
     def _report(self, error: ConfigError) -> None:
+        self.errors += 1
+        self.last_error = str(error)
+        self.last_error_time = time.time()
         log.error("%s; keeping the last good configuration", error)
         if self.on_error is not None:
-            self.on_error(error)
+            try:
+                self.on_error(error)
+            except Exception:
+                log.exception("file source %s: error handler failed", self.path)
+
+    def status(self) -> dict[str, object]:
+        """For /healthz: whether the files in force are the ones on disk, and the last error."""
+        return {
+            "path": str(self.path),
+            "state": "ok" if self.last_error is None else "error: last good state kept",
+            "errors": self.errors,
+            "last_error": self.last_error,
+            "last_error_time": self.last_error_time,
+            "last_load_time": self.last_load_time,
+            "objects": len(self._applied.all_objects()),
+        }
 
     async def run(self) -> None:
-        """Poll until cancelled or `stop()`; the first poll loads the files if not yet loaded."""
+        """Poll until cancelled or `stop()`; the first poll loads the files if not yet loaded.
+
+        Reading and parsing run in a worker thread (a large file takes seconds), applying runs
+        here, so store subscribers see changes on the event loop's thread."""
         while not self._stop.is_set():
-            self.poll()
+            try:
+                self._finish(await asyncio.to_thread(self._attempt))
+            except Exception:  # _attempt and _finish report their own; this is a last guard
+                log.exception("file source %s: unexpected error while polling", self.path)
             await asyncio.sleep(self.poll_interval)
 
     def start(self) -> None:

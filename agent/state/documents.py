@@ -45,26 +45,16 @@ def _header(doc: Mapping[str, object], path: FieldPath, kind: str,
     return meta, mp
 
 
-def _checked_name(meta: Mapping[str, object], key: str, path: FieldPath, default: str | None
-                  ) -> str:
-    value = f.string(meta, key, path, default=default)
-    try:  # Identity validates Kubernetes-name syntax for namespaces and accounts
-        Identity(DEFAULT_TRUST_DOMAIN, value, "default")
-    except IdentityError:
-        f.fail((*path, key), f"{value!r} is not a valid Kubernetes name (lowercase letters, "
-               "digits, '-' and '.')")
-    return value
-
-
 def parse_workload(doc_obj: object, path: FieldPath = ()) -> Workload:
     doc = f.mapping(doc_obj, path)
     meta, mp = _header(doc, path, "Workload", (API_VERSION,))
-    name = _checked_name(meta, "name", mp, None)
-    namespace = _checked_name(meta, "namespace", mp, "default")
+    # A workload stands for a pod: its name is a DNS-1123 subdomain, as are service accounts.
+    name = f.name(meta, "name", mp, "subdomain")
+    namespace = f.name(meta, "namespace", mp, "label", default="default")
     sp = (*path, "spec")
     spec = f.mapping(doc.get("spec"), sp)
     f.check_keys(spec, sp, ("serviceAccount", "ips", "node", "trustDomain", "inMesh", "uid"))
-    account = _checked_name(spec, "serviceAccount", sp, "default")
+    account = f.name(spec, "serviceAccount", sp, "subdomain", default="default")
     trust_domain = f.string(spec, "trustDomain", sp, default=DEFAULT_TRUST_DOMAIN)
     try:
         Identity(trust_domain, namespace, account)
@@ -84,7 +74,7 @@ def parse_namespace(doc_obj: object, path: FieldPath = ()) -> Namespace:
     doc = f.mapping(doc_obj, path)
     # A Kubernetes Namespace manifest (apiVersion v1) loads as is; its spec/status are ignored.
     meta, mp = _header(doc, path, "Namespace", ("v1", API_VERSION), ("spec", "status"))
-    return Namespace(name=_checked_name(meta, "name", mp, None),
+    return Namespace(name=f.name(meta, "name", mp, "label"),
                      labels=Labels(f.string_map(meta, "labels", mp)))
 
 
@@ -113,8 +103,9 @@ def parse_service(doc_obj: object, path: FieldPath = ()) -> Service:
         ports.append(ServicePort(number, target, f.string(entry, "name", pp, default="",
                                                           nonempty=False), protocol))
     selector = f.string_map(spec, "selector", sp) if "selector" in spec else None
-    return Service(name=_checked_name(meta, "name", mp, None),
-                   namespace=_checked_name(meta, "namespace", mp, "default"), vips=vips,
+    # Service names are DNS-1035 labels (they become DNS names: no leading digit).
+    return Service(name=f.name(meta, "name", mp, "dns1035"),
+                   namespace=f.name(meta, "namespace", mp, "label", default="default"), vips=vips,
                    ports=tuple(ports), selector=Labels(selector) if selector else None)
 
 

@@ -7,9 +7,10 @@ Every accessor takes the path of the value it reads so an error can name the exa
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Literal, NoReturn
 
 FieldPath = tuple[str | int, ...]
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -173,6 +174,42 @@ def ip_network(value: object, path: FieldPath) -> IPNetwork:
         fail(path, f"{value!r} is not an IP address or CIDR (e.g. 10.0.0.0/8)")
 
 
+# Object names, as the Kubernetes API server validates them (apimachinery's validation package):
+# namespaces and label-named objects are DNS-1123 labels, most objects (pods, service accounts,
+# custom resources such as Istio's) DNS-1123 subdomains, Services DNS-1035 labels.
+_LABEL = "[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+_DNS1123_LABEL = re.compile(_LABEL)
+_DNS1123_SUBDOMAIN = re.compile(rf"{_LABEL}(\.{_LABEL})*")
+_DNS1035_LABEL = re.compile("[a-z]([-a-z0-9]*[a-z0-9])?")
+NameRule = Literal["label", "subdomain", "dns1035"]
+_NAME_RULES: dict[NameRule, tuple[re.Pattern[str], int, str]] = {
+    "label": (_DNS1123_LABEL, 63, "a DNS-1123 label: lowercase letters, digits and '-', "
+              "starting and ending with a letter or digit"),
+    "subdomain": (_DNS1123_SUBDOMAIN, 253, "a DNS-1123 subdomain: lowercase letters, digits, "
+                  "'-' and '.', each '.'-separated part starting and ending with a letter or "
+                  "digit"),
+    "dns1035": (_DNS1035_LABEL, 63, "a DNS-1035 label: lowercase letters, digits and '-', "
+                "starting with a letter and ending with a letter or digit"),
+}
+
+
+def check_name(value: str, path: FieldPath, rule: NameRule) -> str:
+    """`value` if it is a valid Kubernetes name under `rule`, else a FieldError saying why."""
+    pattern, limit, what = _NAME_RULES[rule]
+    if len(value) > limit:
+        fail(path, f"{value[:40]!r}... ({len(value)} characters) is not a valid Kubernetes name: "
+             f"must be no more than {limit} characters ({what})")
+    if not pattern.fullmatch(value):
+        fail(path, f"{value!r} is not a valid Kubernetes name: want {what} (e.g. 'my-name')")
+    return value
+
+
+def name(obj: Mapping[str, object], key: str, path: FieldPath, rule: NameRule, *,
+         default: str | None = None) -> str:
+    """A required (or defaulted) string field holding a Kubernetes name."""
+    return check_name(string(obj, key, path, default=default), (*path, key), rule)
+
+
 # Keys Kubernetes puts in ObjectMeta; accepted (mostly ignored) so objects read back from the API
 # server or `kubectl get -o yaml` load unchanged.
 OBJECT_META_KEYS = frozenset({
@@ -206,8 +243,10 @@ def object_head(obj: object, path: FieldPath, kind: str,
     mp = (*path, "metadata")
     meta = mapping(doc.get("metadata"), mp)
     check_keys(meta, mp, OBJECT_META_KEYS)
-    name = string(meta, "name", mp)
-    namespace = string(meta, "namespace", mp, default="default")
+    # Custom resources (Istio's kinds) get the API server's generic checks: a subdomain name in
+    # a namespace that is a label.
+    name_ = name(meta, "name", mp, "subdomain")
+    namespace = name(meta, "namespace", mp, "label", default="default")
     string_map(meta, "labels", mp)  # unused, but Kubernetes would reject non-string values
-    return ObjectHead(doc, name, namespace, annotations=string_map(meta, "annotations", mp),
+    return ObjectHead(doc, name_, namespace, annotations=string_map(meta, "annotations", mp),
                       created=str(meta.get("creationTimestamp") or ""))

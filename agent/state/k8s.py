@@ -44,8 +44,8 @@ def workload_from_pod(pod: object, *, trust_domain: str = DEFAULT_TRUST_DOMAIN) 
     status = f.optional_mapping(doc, "status", ())
     if status.get("phase") in TERMINAL_PHASES:
         return None
-    name = f.string(meta, "name", ("metadata",))
-    namespace = f.string(meta, "namespace", ("metadata",), default="default")
+    name = f.name(meta, "name", ("metadata",), "subdomain")
+    namespace = f.name(meta, "namespace", ("metadata",), "label", default="default")
     labels = f.string_map(meta, "labels", ("metadata",))
     ips: list[IPAddress] = []
     for i, entry in enumerate(f.items(status, "podIPs", ("status",))):
@@ -58,6 +58,7 @@ def workload_from_pod(pod: object, *, trust_domain: str = DEFAULT_TRUST_DOMAIN) 
     if spec.get("hostNetwork") is True:
         in_mesh = False  # its IP is the node's; ambient never captures host-network pods
     account = f.string(spec, "serviceAccountName", ("spec",), default="") or "default"
+    f.check_name(account, ("spec", "serviceAccountName"), "subdomain")
     return Workload(name=name, namespace=namespace, service_account=account, ips=tuple(ips),
                     node=f.string(spec, "nodeName", ("spec",), default="", nonempty=False),
                     labels=Labels(labels), trust_domain=trust_domain, in_mesh=in_mesh,
@@ -67,7 +68,7 @@ def workload_from_pod(pod: object, *, trust_domain: str = DEFAULT_TRUST_DOMAIN) 
 
 def namespace_from_k8s(ns: object) -> Namespace:
     _doc, meta = _meta(ns)
-    return Namespace(name=f.string(meta, "name", ("metadata",)),
+    return Namespace(name=f.name(meta, "name", ("metadata",), "label"),
                      labels=Labels(f.string_map(meta, "labels", ("metadata",))))
 
 
@@ -92,8 +93,8 @@ def service_from_k8s(svc: object) -> Service:
                                  f.string(entry, "name", pp, default="", nonempty=False),
                                  f.string(entry, "protocol", pp, default="TCP")))
     selector = f.string_map(spec, "selector", ("spec",))
-    return Service(name=f.string(meta, "name", ("metadata",)),
-                   namespace=f.string(meta, "namespace", ("metadata",), default="default"),
+    return Service(name=f.name(meta, "name", ("metadata",), "dns1035"),
+                   namespace=f.name(meta, "namespace", ("metadata",), "label", default="default"),
                    vips=tuple(vips), ports=tuple(ports),
                    selector=Labels(selector) if selector else None)
 

@@ -95,3 +95,43 @@ def test_validate(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     out = capsys.readouterr().out
     assert "warning: AuthorizationPolicy shop/p: spec.rules[0]:" in out
     assert "never matches" in out
+
+
+# -- exit status 1 means "denied" and nothing else -------------------------------------------------
+
+DENIED = ["--from", "shop/frontend", "--to", "shop/backend", "--port", "9090"]
+
+
+def test_deny_is_1_and_bad_config_is_2(capsys: pytest.CaptureFixture[str],
+                                       tmp_path: Path) -> None:
+    assert check(capsys, *DENIED)[0] == 1
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text('a: &a ["x", "x", "x", "x", "x", "x", "x", "x"]\n' + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 8)}]\n"
+        for i in range(8)))
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    for path in (bomb, empty):
+        for command in (["check", *DENIED], ["validate"]):
+            rc = main(["policy", command[0], "--config", str(path), *command[1:]])
+            err = capsys.readouterr().err
+            assert rc == 2, (path, command, err)
+            assert err.startswith(f"nodemesh policy: invalid configuration: {path}:"), err
+
+
+@pytest.mark.parametrize("exc", [MemoryError(), RecursionError("maximum recursion depth"),
+                                 RuntimeError("a bug"), KeyError("x")])
+@pytest.mark.parametrize("where", ["agent.policy.cli.load_path", "agent.policy.cli.evaluate"])
+def test_any_internal_failure_exits_2_never_1(capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch, exc: Exception,
+                                              where: str) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise exc
+
+    monkeypatch.setattr(where, broken)
+    rc, out, err = check(capsys, *DENIED)
+    assert rc == 2 and out == ""
+    assert err == f"nodemesh policy: internal error: {type(exc).__name__}: {exc}\n"
+    if where.endswith("load_path"):
+        assert main(["policy", "validate", "--config", EXAMPLE]) == 2
+        assert "internal error" in capsys.readouterr().err

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import threading
 from pathlib import Path
 
 import pytest
 
-from agent.sources.file import ConfigError, FileSource, load_path
+from agent.sources import file as file_source
+from agent.sources.file import (
+    DEFAULT_LIMITS,
+    ConfigError,
+    FileSource,
+    LimitError,
+    Limits,
+    load_path,
+)
 from agent.state.snapshot import MeshState
 from agent.state.store import StateStore
 
@@ -201,3 +210,232 @@ def test_invalid_start_then_fixed_with_async_run(tmp_path: Path) -> None:
     asyncio.run(asyncio.wait_for(scenario(), WAIT))
     assert rec.errors == []  # load_once raised it; polling the same content does not repeat it
     assert store.current.workload_named("shop", "web") is not None
+
+
+# -- fail closed: empty, truncated and oversized input never replaces the last good state -------
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("", ":1: the file is empty"),
+    ("  \n\n", ":1: the file is empty"),
+    ("# all commented out\n", ":1: the file has no documents"),
+    ("---\n", ":1: the file has no documents"),
+    ("--- ~\n--- null\n", ":1: the file has no documents"),
+    (GOOD[:-1], ":23: the file does not end with a newline: it may be truncated"),
+    (GOOD[: GOOD.index("namespace: shop") + 9], ":7: the file does not end with a newline"),
+])
+def test_empty_or_truncated_files_are_errors(tmp_path: Path, text: str, expected: str) -> None:
+    msg = error_for(tmp_path, text)
+    assert msg.startswith(f"{tmp_path / 'mesh.yaml'}{expected}"), msg
+    assert "kind: Empty" in msg or "newline" in msg  # says how to do it on purpose
+
+
+def test_kind_empty_defines_nothing_on_purpose(tmp_path: Path) -> None:
+    path = write(tmp_path / "mesh.yaml", "# the mesh is cleared on purpose\nkind: Empty\n")
+    assert load_path(path).all_objects() == []
+    write(path, "apiVersion: nodemesh.io/v1alpha1\nkind: Empty\n")
+    assert load_path(path).all_objects() == []
+    # not mixed with objects, and no other fields
+    assert error_for(tmp_path, "kind: Empty\n---\n" + GOOD).endswith(
+        "mesh.yaml:1: kind: Empty says the file defines nothing, so it must be the file's only "
+        "document")
+    assert error_for(tmp_path, "kind: Empty\nspec: {}\n").startswith(
+        f"{path}:2: spec: unknown field (known fields: apiVersion, kind)")
+    # in a directory, one explicitly empty file next to others is fine
+    d = tmp_path / "dir"
+    d.mkdir()
+    write(d / "a.yaml", GOOD)
+    write(d / "b.yaml", "kind: Empty\n")
+    assert len(load_path(d).all_objects()) == 3
+    write(d / "c.yaml", "")
+    with pytest.raises(ConfigError, match=r"c\.yaml:1: the file is empty"):
+        load_path(d)
+
+
+def test_a_directory_without_mesh_files_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no mesh files"):
+        load_path(tmp_path)
+
+
+def _alias_bomb(levels: int = 9, fanout: int = 9) -> str:
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, levels):
+        lines.append(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * fanout)}]")
+    return "\n".join(lines) + "\n"
+
+
+def test_alias_bomb_is_rejected_before_expansion(tmp_path: Path) -> None:
+    # 9^9 (~387M) strings once expanded; rejected at the alias that crosses the node budget.
+    msg = error_for(tmp_path, _alias_bomb())
+    # l5 (line 6) is the first list past 500k nodes: 9^5 strings
+    assert msg.startswith(f"{tmp_path / 'mesh.yaml'}:6: the configuration expands to more than "
+                          f"{DEFAULT_LIMITS.max_nodes} YAML nodes (limit; an alias counts its "
+                          "whole subtree at every use)"), msg
+    with pytest.raises(LimitError):
+        load_path(tmp_path / "mesh.yaml")
+
+
+def test_aliases_within_the_budget_load(tmp_path: Path) -> None:
+    text = GOOD.replace("  - from:", "  - from: &from").replace(
+        "        - cluster.local/ns/shop/sa/b*\n", "        - cluster.local/ns/shop/sa/b*\n"
+        "  - from: *from\n    to: [{operation: {ports: ['80']}}]\n")
+    state = load_path(write(tmp_path / "mesh.yaml", text))
+    (policy,) = state.authorization_policies
+    assert len(policy.rules) == 2 and policy.rules[0].clauses[0] == policy.rules[1].clauses[0]
+
+
+def test_recursive_alias_is_rejected(tmp_path: Path) -> None:
+    msg = error_for(tmp_path, "kind: Namespace\nmetadata: &m {name: a, labels: *m}\n")
+    assert msg == (f"{tmp_path / 'mesh.yaml'}:2: alias *m refers to a node that contains it "
+                   "(recursive data is not allowed)")
+
+
+@pytest.mark.parametrize(("limits", "text", "expected"), [
+    # the document's mapping is level 1, a scalar is a level too
+    (Limits(max_depth=4), "a: [[x]]\n", None),
+    (Limits(max_depth=4), "a: [[[x]]]\n", ":1: nested more than 4 levels deep (limit)"),
+    # an alias reaches as deep as the subtree it repeats
+    (Limits(max_depth=4), "a: &a [x]\nb: [*a]\n", None),
+    (Limits(max_depth=4), "a: &a [[x]]\nb: [*a]\n", ":2: nested more than 4 levels deep"),
+    (Limits(max_documents=2), "a: 1\n---\nb: 2\n", None),
+    (Limits(max_documents=2), "a: 1\n---\nb: 2\n---\nc: 3\n",
+     ":4: more than 2 YAML documents in one load (limit)"),
+    (Limits(max_nodes=7), "a: [1, 2]\nb: 3\n", None),
+    (Limits(max_nodes=7), "a: [1, 2]\nb: [3]\n", ":2: the configuration expands to more than 7"),
+    (Limits(max_nodes=9), "a: &a [1, 2]\nb: *a\n", None),
+    (Limits(max_nodes=9), "a: &a [1, 2]\nb: *a\nc: *a\n", ":3: the configuration expands"),
+])
+def test_each_bound(tmp_path: Path, limits: Limits, text: str, expected: str | None) -> None:
+    path = write(tmp_path / "mesh.yaml", text)
+    if expected is None:
+        # within the bound: the YAML is fine, the (non-mesh) content is what fails
+        with pytest.raises(ConfigError) as info:
+            load_path(path, limits=limits)
+        assert not isinstance(info.value, LimitError), info.value
+        return
+    with pytest.raises(LimitError) as err:
+        load_path(path, limits=limits)
+    assert str(err.value).startswith(f"{path}{expected}"), err.value
+
+
+def test_default_depth_and_document_bounds(tmp_path: Path) -> None:
+    depth = DEFAULT_LIMITS.max_depth
+    msg = error_for(tmp_path, "a: " + "[" * depth + "]" * depth + "\n")
+    assert f"nested more than {depth} levels deep" in msg
+    msg = error_for(tmp_path, "--- ~\n" * (DEFAULT_LIMITS.max_documents + 1))
+    assert msg.startswith(f"{tmp_path / 'mesh.yaml'}:{DEFAULT_LIMITS.max_documents + 1}: more "
+                          f"than {DEFAULT_LIMITS.max_documents} YAML documents"), msg
+
+
+def test_size_bound_counts_all_files_and_reads_no_more(tmp_path: Path) -> None:
+    limits = Limits(max_bytes=len(GOOD) + 10)
+    write(tmp_path / "a.yaml", GOOD)
+    assert len(load_path(tmp_path, limits=limits).all_objects()) == 3
+    write(tmp_path / "b.yaml", "kind: Empty\n")
+    with pytest.raises(LimitError, match=rf"b\.yaml:1: mesh files larger than {len(GOOD) + 10} "
+                                         "bytes in total"):
+        load_path(tmp_path, limits=limits)
+    big = tmp_path / "big" / "mesh.yaml"
+    big.parent.mkdir()
+    with big.open("wb") as fh:
+        fh.truncate(DEFAULT_LIMITS.max_bytes + 1)  # sparse: the limit stops the read
+    with pytest.raises(LimitError, match=f"larger than {DEFAULT_LIMITS.max_bytes} bytes"):
+        load_path(big)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("a: b\x00\n", ":1: invalid YAML: control characters are not allowed"),
+    ("a: 1\nb: 2024-13-45\n", ":1: cannot read a value: month must be in 1..12"),
+    ("a: " + "7" * 5000 + "\n", ":1: cannot read a value: Exceeds the limit"),
+])
+def test_values_python_cannot_build_are_config_errors(tmp_path: Path, text: str,
+                                                      expected: str) -> None:
+    assert error_for(tmp_path, text).startswith(f"{tmp_path / 'mesh.yaml'}{expected}")
+
+
+def test_watcher_keeps_last_good_state_through_bad_writes(tmp_path: Path) -> None:
+    path = write(tmp_path / "mesh.yaml", GOOD)
+    store = StateStore()
+    rec = Recorder(store)
+    source = FileSource(path, store, on_error=rec.error, poll_interval=0.02)
+    first = source.load_once()
+    rec.event.clear()
+    source.start()
+    try:
+        bad = ["", GOOD[: GOOD.index("spec:")], "---\n# nothing\n", _alias_bomb(),
+               GOOD.replace("name: allow-a", "name: ../../etc/Bad_Name!")]
+        for n, text in enumerate(bad, 1):
+            path.write_text(text)  # in place, as a careless writer would
+            rec.wait()
+            assert len(rec.errors) == n and store.current is first, rec.errors
+            assert source.errors == n and source.last_error == str(rec.errors[-1])
+            assert source.status()["state"] == "error: last good state kept"
+        write(path, GOOD.replace("10.251.0.10", "10.251.0.20"))
+        rec.wait()
+        assert store.current is not first and len(rec.states) == 2
+        assert source.status()["state"] == "ok" and source.status()["errors"] == len(bad)
+        write(path, "kind: Empty\n")  # on purpose: the file's objects go
+        rec.wait()
+        assert store.current.all_objects() == [] and source.errors == len(bad)
+    finally:
+        source.stop()
+
+
+@pytest.mark.parametrize("exc", [MemoryError(), RecursionError("maximum recursion depth"),
+                                 RuntimeError("a bug")])
+def test_any_exception_while_loading_is_reported_and_the_watcher_lives(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        exc: Exception) -> None:
+    path = write(tmp_path / "mesh.yaml", GOOD)
+    store = StateStore()
+    rec = Recorder(store)
+    source = FileSource(path, store, on_error=rec.error, poll_interval=0.02)
+    first = source.load_once()
+    rec.states.clear()
+    real = file_source.parse_files
+
+    def broken(*args: object, **kwargs: object) -> MeshState:
+        raise exc
+
+    monkeypatch.setattr(file_source, "parse_files", broken)
+    caplog.set_level(logging.DEBUG, logger="agent.sources.file")
+
+    async def scenario() -> None:
+        task = asyncio.create_task(source.run())
+        try:
+            write(path, GOOD.replace("10.251.0.10", "10.251.0.20"))
+            while not rec.errors:
+                await asyncio.sleep(0.01)
+            assert store.current is first and not task.done()
+            monkeypatch.setattr(file_source, "parse_files", real)
+            write(path, GOOD.replace("10.251.0.10", "10.251.0.30"))
+            while not rec.states:
+                await asyncio.sleep(0.01)
+        finally:
+            source.stop()
+            await task
+
+    asyncio.run(asyncio.wait_for(scenario(), WAIT))
+    assert len(rec.errors) == 1 and source.errors == 1
+    assert str(rec.errors[0]) == (f"{path}: loading failed unexpectedly: "
+                                  f"{type(exc).__name__}: {exc}")
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is None  # one line, no traceback
+    web = store.current.workload_named("shop", "web")
+    assert web is not None and web.ips == (ipaddress.ip_address("10.251.0.30"),)
+
+
+def test_a_failing_apply_or_error_handler_is_reported_too(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path / "mesh.yaml", GOOD)
+    store = StateStore()
+    source = FileSource(path, store, on_error=lambda e: 1 / 0)  # type: ignore[func-returns-value]
+    first = source.load_once()
+
+    def broken(*args: object) -> MeshState:
+        raise MemoryError
+
+    monkeypatch.setattr(file_source, "merge_own", broken)
+    write(path, GOOD.replace("10.251.0.10", "10.251.0.20"))
+    assert source.poll() is False
+    assert store.current is first and source.errors == 1
+    assert source.last_error == f"{path}: applying the new state failed unexpectedly: MemoryError: "
