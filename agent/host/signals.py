@@ -3,16 +3,20 @@
 Service managers, container runtimes and `timeout` stop a process with SIGTERM, whose default
 action kills Python on the spot: no `finally`, no context-manager exit, so network namespaces,
 cgroups and pins of a demo would stay behind. Both helpers here treat the two signals alike:
-- synchronous commands wrap their work in `interrupt_on_stop()`: the first signal raises `Stopped`
-  (a KeyboardInterrupt, so every path that already tears down on Ctrl-C runs) and later ones are
-  ignored, so that teardown is not itself cut short;
-- asyncio commands wait on `stop_event()` and then drain.
+- asyncio commands wait on `stop_event()` and then drain;
+- synchronous commands run inside `interrupt_on_stop()`. A signal there is recorded, and
+  `Stopped` (a KeyboardInterrupt, so every path that tears down on Ctrl-C runs) is raised at the
+  next `checkpoint()` or at once inside `StopGuard.interruptible()` (a wait). It is not raised at
+  an arbitrary bytecode: there it could land in a finalizer, which swallows it, or between a
+  fork and the wait for the child, which would then create a namespace after teardown listed
+  them. Signals after the first are ignored, so the teardown is not cut short.
 """
 
 from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
@@ -21,7 +25,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Stopped(KeyboardInterrupt):
-    """Raised in the main thread by the first SIGINT or SIGTERM."""
+    """Raised in the main thread for the first SIGINT or SIGTERM (see the module docstring)."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
@@ -37,31 +41,66 @@ class StopGuard:
     """The state of one `interrupt_on_stop()` block."""
 
     def __init__(self) -> None:
-        self.signum: int | None = None  # the signal that stopped the command, if any
-        self._armed = True
+        self.signum: int | None = None  # the signal received, if any
+        self._raised = False
+        self._interruptible = False
 
-    def disarm(self) -> None:
-        """From here on signals are ignored: call before a teardown that must run to the end."""
-        self._armed = False
+    def checkpoint(self) -> None:
+        """Raise Stopped here if a signal came and it was not raised yet."""
+        if self.signum is not None and not self._raised:
+            self._raised = True
+            raise Stopped(self.signum)
+
+    @contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """A block (a sleep, a wait) the signal may interrupt at any point."""
+        self.checkpoint()
+        self._interruptible = True
+        try:
+            yield
+        finally:
+            self._interruptible = False
+
+    def wait(self) -> int:
+        """Block until SIGINT or SIGTERM; the signal number."""
+        try:
+            with self.interruptible():
+                while True:
+                    time.sleep(3600)
+        except Stopped as stop:
+            return stop.signum
 
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
-        if not self._armed:
-            return
-        self._armed = False
+        if self.signum is not None:
+            return  # already stopping
         self.signum = signum
-        raise Stopped(signum)
+        if self._interruptible:
+            self._raised = True
+            raise Stopped(signum)
+
+
+_active: list[StopGuard] = []
+
+
+def checkpoint() -> None:
+    """Raise Stopped if the innermost `interrupt_on_stop()` block got a signal; no-op outside
+    one (library code such as the test bed's build calls this between steps)."""
+    if _active:
+        _active[-1].checkpoint()
 
 
 @contextmanager
 def interrupt_on_stop() -> Iterator[StopGuard]:
-    """SIGINT/SIGTERM raise `Stopped` once inside the block; the previous handlers come back
-    after it. Handlers are Python functions (not SIG_IGN), so children started inside still get
+    """Handle SIGINT/SIGTERM as described above inside the block; the previous handlers come
+    back after it. Handlers are Python functions (not SIG_IGN), so children started inside get
     the default dispositions after exec."""
     guard = StopGuard()
     previous = {s: signal.signal(s, guard._handle) for s in STOP_SIGNALS}
+    _active.append(guard)
     try:
         yield guard
     finally:
+        _active.remove(guard)
         for s, handler in previous.items():
             signal.signal(s, handler)
 
