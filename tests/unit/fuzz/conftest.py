@@ -22,7 +22,7 @@ EXAMPLES_ENV = "NODEMESH_FUZZ_EXAMPLES"
 
 settings.register_profile(
     "unit",
-    max_examples=60,
+    max_examples=100,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
