@@ -246,7 +246,7 @@ def _report(c: Cluster, rows: list[tuple[str, str, str, str]], frames: int, leak
 def _in_cluster(
     c: Cluster, args: argparse.Namespace, work: Path, guard: signals.StopGuard
 ) -> int:
-    print(f"test bed {c.run_id}: 2 nodes, 4 pods in network namespaces")
+    print(f"test bed {c.run_id}: 2 nodes, 4 pods in network namespaces", flush=True)
     # Recorded in the run's state file: the cluster's teardown (and `testbed cleanup` after a
     # crash) uninstalls them, detaching the agents' programs.
     pins = [c.pin_dir(n.index, "demo") for n in c.nodes]

@@ -85,6 +85,28 @@ class Lines:
         return "".join(self.seen)
 
 
+# Listings race with the teardown they watch: what vanished meanwhile counts as gone.
+def _procs(cg: Path) -> list[int]:
+    try:
+        return cgroup.procs(cg)
+    except OSError:
+        return []
+
+
+def _started(pid: int) -> tuple[int, float] | None:
+    try:
+        return pid, psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def _ino(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except OSError:
+        return None
+
+
 @dataclass
 class RunObjects:
     """What one test-bed run has on the machine now."""
@@ -103,13 +125,12 @@ class RunObjects:
         taken while the run was up: after teardown its cgroups and netns are gone)."""
         ns = {n for n in netns.list_named() if n.startswith(f"{PREFIX}{run_id}")}
         top = cgroup.mount_point() / f"{PREFIX}{run_id}"
-        cgs = {top, *(p for p in top.rglob("*") if p.is_dir())} if top.is_dir() else set()
+        cgs = {Path(d) for d, _sub, _files in os.walk(top)}  # os.walk skips what vanishes
         pins = ({p.name for p in registry.PIN_ROOT.iterdir() if run_id in p.name}
                 if registry.PIN_ROOT.is_dir() else set())
-        pids = {(pid, psutil.Process(pid).create_time())
-                for cg in cgs for pid in cgroup.procs(cg) if psutil.pid_exists(pid)}
-        cg_ids = {c.stat().st_ino for c in cgs} | (known.cgroup_ids if known else set())
-        ns_inos = {netns.path_of(n).stat().st_ino for n in ns} | (
+        pids = {p for cg in cgs for pid in _procs(cg) if (p := _started(pid))}
+        cg_ids = {i for c in cgs if (i := _ino(c))} | (known.cgroup_ids if known else set())
+        ns_inos = {i for n in ns if (i := _ino(netns.path_of(n)))} | (
             known.netns_inos if known else set())
         links = {int(str(lk["id"])): int(str(lk["prog_id"])) for lk in bpftool("link", "show")
                  if lk.get("cgroup_id") in cg_ids or lk.get("netns_ino") in ns_inos}
@@ -204,6 +225,33 @@ def test_demo_keep_sigterm_tears_everything_down(
     assert "Traceback" not in out
     RunObjects.now(run_id, during).assert_gone(during)
     nothing_new_of(run_id, before)
+
+
+def test_demo_sigterm_while_starting_tears_down_and_exits_143() -> None:
+    """A signal before the demo is up (agents starting, steps running) also tears down."""
+    before = machine()
+    proc = subprocess.Popen([*NODEMESH, "demo"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    lines = Lines(proc.stdout)
+    run_id = ""
+    try:
+        run_id = lines.wait_for(r"^test bed (\w+):").group(1)
+        during = RunObjects.now(run_id)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(180) == 128 + signal.SIGTERM, lines.rest()
+        out = lines.rest()
+        assert "demo stopped by SIGTERM; torn down" in out
+        assert "Traceback" not in out
+        RunObjects.now(run_id, during).assert_gone(during)
+        nothing_new_of(run_id, before)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(60)
+        proc.stdout.close()
+        if run_id:
+            registry.teardown_run(run_id)
 
 
 def test_sigkilled_demo_is_removed_by_testbed_cleanup_pins_and_links_included(
