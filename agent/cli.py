@@ -9,6 +9,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from agent.host.signals import Stopped
+
 # Modules that provide `register(subparsers)`; each adds its subcommands with a handler set as
 # `func` (a callable taking the parsed namespace and returning an exit code).
 COMMANDS = (
@@ -58,6 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return func(args)
+    except Stopped as stop:  # SIGINT or SIGTERM, after the command's teardown ran
+        return stop.exit_status
     except KeyboardInterrupt:
         return 130
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import ipaddress
 import struct
 from dataclasses import dataclass
+from enum import IntEnum
+from typing import TypeVar
 
 from agent.datapath.verdicts import Direction, EventKind, Reason, Verdict
 
@@ -32,6 +34,8 @@ TRUSTED_ENTRY = struct.Struct("=IIQ")
 CGROUP_ID = struct.Struct("=Q")
 FLOW_EVENT = struct.Struct("=QQQQQQ4s4sHHIIHBBBB2x")
 FLOW_EVENT_SIZE = 80  # sizeof(struct flow_event), 8-byte aligned
+
+_E = TypeVar("_E", bound=IntEnum)
 
 assert POLICY_KEY.size == 16 and POLICY_VALUE.size == 8 and CONN_ENTRY.size == 32
 
@@ -179,8 +183,17 @@ class FlowEvent:
             sid,
             policy,
             rule,
-            EventKind(kind),
-            Verdict(verdict),
-            Reason(reason),
-            Direction(direction),
+            _member(EventKind, kind),
+            _member(Verdict, verdict),
+            _member(Reason, reason),
+            _member(Direction, direction),
         )
+
+
+def _member(enum: type[_E], value: int) -> _E:
+    try:
+        return enum(value)
+    except ValueError:
+        known = ", ".join(f"{m.value} {m.name}" for m in enum)
+        raise ValueError(f"flow event: {enum.__name__} {value} is not one of {known} "
+                         "(is bpf/lib/verdicts.h newer than agent/datapath/verdicts.py?)") from None

@@ -28,6 +28,7 @@ import grpc
 import grpc.aio
 import yaml
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from google.protobuf import struct_pb2
 
 from agent.identity import pki
@@ -51,6 +52,8 @@ from agent.identity.workloadcert import DEFAULT_TTL
 log = logging.getLogger(__name__)
 
 MAX_TTL = timedelta(hours=24)
+# A workload CSR (one key, one URI SAN) is 0.3-2 KiB; anything far larger is not one.
+MAX_CSR_BYTES = 64 * 1024
 
 
 class WorkloadLocator(Protocol):
@@ -144,20 +147,34 @@ class CertificateAuthority:
         return self.authority.chain_pems(leaf)
 
     def _check_csr(self, csr_pem: str) -> tuple[Identity, pki.PublicKey]:
+        data = csr_pem.encode(errors="replace")
+        if len(data) > MAX_CSR_BYTES:
+            raise _invalid(f"CSR is {len(data)} bytes; this CA takes at most {MAX_CSR_BYTES}")
         try:
-            csr = x509.load_pem_x509_csr(csr_pem.encode())
-        except ValueError as e:
+            csr = x509.load_pem_x509_csr(data)
+        except (ValueError, x509.InvalidVersion) as e:
             raise _invalid(f"csr is not a PEM certificate request: {e}") from e
-        if not csr.is_signature_valid:
-            raise _invalid("CSR signature does not verify against its own public key "
-                           "(corrupted or tampered CSR)")
-        key = csr.public_key()
+        # The parser is lazy: the key, the signature and the extensions may each still turn out
+        # malformed or of a kind cryptography does not support.
+        try:
+            key = csr.public_key()
+        except (ValueError, UnsupportedAlgorithm) as e:
+            raise _invalid(f"CSR public key is malformed or of an unsupported type: {e}") from e
         if not pki.acceptable_key(key):
             raise _invalid(f"CSR key is {pki.describe_key(key)}; want ECDSA P-256 or RSA >= 2048")
+        try:
+            signature_valid = csr.is_signature_valid
+        except (ValueError, UnsupportedAlgorithm) as e:
+            raise _invalid(f"CSR signature cannot be checked: {e}") from e
+        if not signature_valid:
+            raise _invalid("CSR signature does not verify against its own public key "
+                           "(corrupted or tampered CSR)")
         try:
             sans = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         except x509.ExtensionNotFound:
             raise _invalid("CSR has 0 URI SANs; want exactly one SPIFFE id") from None
+        except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as e:
+            raise _invalid(f"CSR extensions are malformed: {e}") from e
         uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
         if len(uris) != 1:
             raise _invalid(f"CSR has {len(uris)} URI SANs; want exactly one SPIFFE id")

@@ -11,6 +11,7 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+from agent.host import signals
 from agent.identity import pki
 from agent.identity.ca import (
     MAX_TTL,
@@ -25,6 +26,7 @@ from agent.identity.spiffe import DEFAULT_TRUST_DOMAIN, Identity, IdentityError
 log = logging.getLogger(__name__)
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+STOP_GRACE = 1.0  # seconds `ca serve` lets requests in flight finish on SIGTERM/SIGINT
 
 
 def duration(text: str) -> timedelta:
@@ -49,7 +51,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = ca_sub.add_parser(
         "serve", help="serve istio.v1.auth.IstioCertificateService over TLS",
         description="Serve the CA. The root is loaded from --root-cert/--root-key, or generated "
-                    "and written there (key mode 0600) when both files are missing.")
+                    "and written there (key mode 0600) when both files are missing. SIGTERM or "
+                    "SIGINT stops it: requests in flight get a second to finish, then exit 0.")
     serve.add_argument("--listen", default="127.0.0.1:15012",
                        help="host:port (default %(default)s, istiod's CA port)")
     _root_args(serve)
@@ -129,13 +132,23 @@ def _serve(args: argparse.Namespace) -> int:
                       require_node_cert=args.require_node_cert, server_names=args.server_name)
 
     async def run() -> None:
+        stop = signals.stop_event()
         port = await server.start(args.listen)
         host = args.listen.rpartition(":")[0]
         print(f"listening on {host}:{port}", flush=True)
+        stopping = asyncio.create_task(stop.wait())
+        serving = asyncio.create_task(server.wait())
         try:
-            await server.wait()
+            await asyncio.wait((stopping, serving), return_when=asyncio.FIRST_COMPLETED)
         finally:
-            await server.stop(1.0)
+            stopping.cancel()
+            if stop.is_set():
+                print(f"stopping: finishing requests in flight for up to {STOP_GRACE}s",
+                      flush=True)
+            # Stop before reaping `serving`: cancelling grpc's wait_for_termination first
+            # would cancel the shutdown it shares.
+            await server.stop(STOP_GRACE)
+            await serving
 
     asyncio.run(run())
     return 0

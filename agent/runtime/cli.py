@@ -7,13 +7,13 @@ import asyncio
 import contextlib
 import json
 import logging
-import signal
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from agent import config as cfgmod
 from agent.enroll import KubernetesLocator, PodLocator, TestbedLocator
+from agent.host import signals
 from agent.runtime import admin
 from agent.runtime.node import NodeAgent
 from agent.sources.file import ConfigError as MeshConfigError
@@ -75,6 +75,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 async def run_agent(cfg: cfgmod.Config) -> int:
+    stop = signals.stop_event()  # first: a SIGTERM during start-up still drains, then exits
     store = StateStore()
     agent = NodeAgent(cfg, store, _locator(cfg))
     health: dict[str, Callable[[], dict[str, Any]]] = {}
@@ -110,10 +111,6 @@ async def run_agent(cfg: cfgmod.Config) -> int:
     ]
     metrics = MetricsServer(agent.registry, *cfgmod.parse_addr(cfg.metrics_addr))
     await metrics.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     tasks = [
         asyncio.create_task(agent.run(), name="reconcile"),
         asyncio.create_task(source_task, name=f"{cfg.source}-source"),

@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -17,10 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.config import DEFAULT_PIN_ROOT
-from agent.datapath.datapath import Datapath
-from agent.datapath.options import BuildOptions
-from agent.host import netns
+from agent.host import netns, signals
 from agent.runtime.certs import load_or_create_authority
 from agent.testbed import Cluster, Pod, PodProcess
 
@@ -80,7 +78,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         epilog="example: sudo nodemesh demo --keep",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--keep", action="store_true", help="stay up until Ctrl-C (metrics, flows)")
+    p.add_argument("--keep", action="store_true",
+                   help="stay up until Ctrl-C or SIGTERM (metrics, flows); either tears down")
     p.add_argument("--config", type=Path, default=EXAMPLE, help="mesh YAML (default: the sample)")
     p.set_defaults(func=_demo)
 
@@ -89,6 +88,7 @@ def _wait_ready(pod_or_node: object, port: int, timeout: float = 60.0) -> bool:
     """Poll /healthz/ready on the agent (inside the node netns)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        signals.checkpoint()
         try:
             with netns.entered(pod_or_node.netns):  # type: ignore[attr-defined]
                 s = socket.create_connection(("127.0.0.1", port), timeout=1)
@@ -142,11 +142,17 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"nodemesh demo: {args.config} not found", file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="nodemesh-demo-"))
-    try:
-        with Cluster(nodes=2, pods_per_node=2, description="nodemesh demo") as c:
-            return _in_cluster(c, args, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    # SIGTERM (timeout, systemd, a container runtime) tears down exactly as Ctrl-C does.
+    with signals.interrupt_on_stop() as guard:
+        try:
+            with Cluster(nodes=2, pods_per_node=2, description="nodemesh demo") as c:
+                return _in_cluster(c, args, work, guard)
+        except signals.Stopped as stop:
+            print(f"\ndemo stopped by {signal.Signals(stop.signum).name}; torn down",
+                  file=sys.stderr)
+            raise
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def _start_agents(
@@ -203,6 +209,7 @@ def _run_steps(c: Cluster) -> tuple[list[tuple[str, str, str, str]], int, int, i
     rows, failures = [], 0
     sniffers = [Sniffer(n.netns) for n in c.nodes]
     for step in STEPS:
+        signals.checkpoint()
         src, dst = c.pod(*PODS[step.src]), c.pod(*PODS[step.dst])
         out = _run_client(src, str(dst.ip), step.port, MARKER.decode() * 4)
         got = "allowed" if out.startswith("OK") else "denied"
@@ -236,9 +243,13 @@ def _report(c: Cluster, rows: list[tuple[str, str, str, str]], frames: int, leak
             )
 
 
-def _in_cluster(c: Cluster, args: argparse.Namespace, work: Path) -> int:
-    print(f"test bed {c.run_id}: 2 nodes, 4 pods in network namespaces")
-    pins = [DEFAULT_PIN_ROOT / f"demo-{c.run_id}-n{n.index}" for n in c.nodes]
+def _in_cluster(
+    c: Cluster, args: argparse.Namespace, work: Path, guard: signals.StopGuard
+) -> int:
+    print(f"test bed {c.run_id}: 2 nodes, 4 pods in network namespaces", flush=True)
+    # Recorded in the run's state file: the cluster's teardown (and `testbed cleanup` after a
+    # crash) uninstalls them, detaching the agents' programs.
+    pins = [c.pin_dir(n.index, "demo") for n in c.nodes]
     agents: list[PodProcess] = []
     try:
         agents = _start_agents(c, args, work, pins)
@@ -254,11 +265,10 @@ def _in_cluster(c: Cluster, args: argparse.Namespace, work: Path) -> int:
         if args.keep:
             print(
                 f"\nkept running: metrics in netns {c.nodes[0].netns} at "
-                "127.0.0.1:15020/metrics; Ctrl-C tears everything down"
+                "127.0.0.1:15020/metrics; Ctrl-C or SIGTERM tears everything down",
+                flush=True,
             )
-            with contextlib.suppress(KeyboardInterrupt):
-                while True:
-                    time.sleep(3600)
+            guard.wait()
         print(
             "\ndemo " + ("passed" if failures == 0 else f"FAILED ({failures} unexpected results)")
         )
@@ -266,8 +276,6 @@ def _in_cluster(c: Cluster, args: argparse.Namespace, work: Path) -> int:
     finally:
         for a in agents:
             a.stop(grace=10)
-        for pin in pins:
-            Datapath(c.nodes[0].cgroup_root, BuildOptions(pin_dir=pin)).uninstall()
 
 
 def http_get(ns: str, port: int, path: str) -> str | None:

@@ -21,7 +21,7 @@ from typing import Any
 
 from agent.identity.spiffe import DEFAULT_TRUST_DOMAIN
 from agent.state.k8s import object_from_k8s, pod_uid
-from agent.state.snapshot import KIND_OF, MeshObject, MeshState
+from agent.state.snapshot import MeshObject, MeshState
 from agent.state.store import StateStore
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,14 @@ log = logging.getLogger(__name__)
 # The source's resource names and the mesh kind each becomes.
 KIND_OF_RESOURCE: Mapping[str, str] = {
     "pods": "Workload",
+    "namespaces": "Namespace",
+    "services": "Service",
+    "authorizationpolicies": "AuthorizationPolicy",
+    "peerauthentications": "PeerAuthentication",
+}
+# The Kubernetes kind each resource's objects carry.
+API_KIND_OF_RESOURCE: Mapping[str, str] = {
+    "pods": "Pod",
     "namespaces": "Namespace",
     "services": "Service",
     "authorizationpolicies": "AuthorizationPolicy",
@@ -100,6 +108,11 @@ class KubernetesStateSink:
             self._remove(kind, key)
             return
         try:
+            if obj.get("kind") != API_KIND_OF_RESOURCE[resource]:
+                # The source fills `kind` only when the server left it out: a server (or a
+                # proxy) may still send another kind in this watch. Not this resource's object.
+                raise ValueError(f"kind: {obj.get('kind')!r} in the {resource} watch; want "
+                                 f"{API_KIND_OF_RESOURCE[resource]}")
             converted = object_from_k8s(obj, trust_domain=self.trust_domain)
         except ValueError as e:  # FieldError names the field; others come from value checks
             kept = (kind, key) in self._mine
@@ -109,8 +122,6 @@ class KubernetesStateSink:
         if converted is None:  # a finished pod: its IP may already belong to a new one
             self._remove(kind, key)
             return
-        # (`type` names the event type here, as in the EventSink protocol.)
-        assert KIND_OF[converted.__class__] == kind, (resource, converted)
         for warning in getattr(converted, "warnings", ()):
             log.warning("%s %s: %s", resource, ref, warning)
         self._write(kind, key, converted)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -205,6 +206,8 @@ class FlowRecord:
                 f"reason {self.reason[:80]!r}: want a verdict name (letters, digits, _)")
         if self.bytes_sent < 0 or self.bytes_received < 0 or self.duration < 0:
             raise FlowRecordError("bytes and duration must not be negative")
+        if not math.isfinite(self.duration):  # JSON has no NaN or Infinity
+            raise FlowRecordError(f"duration must be a finite number, not {self.duration}")
         if self.kind in REFUSAL_KINDS and self.verdict is not Verdict.DENIED:
             raise FlowRecordError(f"a {self.kind} event must have verdict denied")
         if self.kind not in REFUSAL_KINDS and self.verdict is Verdict.DENIED:
@@ -264,7 +267,7 @@ class FlowRecord:
             time=parse_rfc3339(data["time"]), protocol=data["protocol"],
             verdict=data["verdict"], reason=data["reason"], reason_code=data["reason_code"],
             response_flags=data["response_flags"], bytes_sent=data["bytes_sent"],
-            bytes_received=data["bytes_received"], duration=float(data["duration"]),
+            bytes_received=data["bytes_received"], duration=_seconds(data["duration"]),
             tunneled=data["tunneled"],
             connection_security_policy=data["connection_security_policy"],
             policy=data["policy"], rule=data["rule"])
@@ -284,6 +287,13 @@ _TYPES: Final[dict[str, tuple[type, ...]]] = {
     "bytes_sent": (int,), "bytes_received": (int,), "duration": (int, float),
     "tunneled": (bool,), "connection_security_policy": (str,), "policy": (str,), "rule": (str,),
 }
+
+
+def _seconds(value: int | float) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond any float
+        raise FlowRecordError(f"duration {value} is out of range") from None
 
 
 def _check_types(data: dict[str, Any]) -> None:
@@ -308,7 +318,10 @@ def parse_rfc3339(s: str) -> datetime:
         raise FlowRecordError(f"{s!r} is not an RFC 3339 timestamp") from None
     if t.tzinfo is None:
         raise FlowRecordError(f"{s!r} has no time zone: want an offset or Z")
-    return t.astimezone(UTC)
+    try:
+        return t.astimezone(UTC)
+    except OverflowError:  # e.g. 9999-12-31T23:59:59-14:00 is past datetime.max in UTC
+        raise FlowRecordError(f"{s!r} is out of range in UTC (years 1..9999)") from None
 
 
 _ENDPOINT_SCHEMA: Final[dict[str, Any]] = {

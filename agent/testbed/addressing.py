@@ -8,6 +8,7 @@ node-side gateway and pods start at .10. Interface names stay under the 15-byte 
 from __future__ import annotations
 
 import ipaddress
+import re
 import secrets
 import string
 from dataclasses import dataclass
@@ -82,6 +83,24 @@ class Plan:
     def cgroup_name(self) -> str:
         """The per-run cgroup subtree, directly under the cgroup v2 mount."""
         return self.prefix
+
+    def pin_name(self, node: int, label: str) -> str:
+        """A node agent's pin directory (under the pin root), e.g. demo-<run>-n0: the run id
+        in the name lets cleanup find pins a dead run left even without its state file."""
+        _check(node, MAX_NODES, "node")
+        if not PIN_LABEL.fullmatch(label):
+            raise ValueError(f"pin label {label!r}: want [a-z][a-z0-9]*")
+        return f"{label}-{self.run_id}-n{node}"
+
+
+PIN_LABEL = re.compile(r"[a-z][a-z0-9]*")
+PIN_NAME = re.compile(rf"[a-z][a-z0-9]*-([a-z0-9]{{{RUN_ID_LEN}}})-n\d{{1,3}}")
+
+
+def run_of_pin_name(name: str) -> str | None:
+    """The run id in a pin directory name made by Plan.pin_name, else None."""
+    m = PIN_NAME.fullmatch(name)
+    return m.group(1) if m else None
 
 
 def _check(value: int, limit: int, what: str) -> None:

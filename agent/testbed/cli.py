@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
+from agent.host import signals
 from agent.testbed import registry
 from agent.testbed.cluster import Cluster
 
@@ -12,7 +14,10 @@ from agent.testbed.cluster import Cluster
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("testbed", help="network-namespace test-bed clusters")
     tsub = p.add_subparsers(dest="testbed_command", metavar="ACTION", required=True)
-    up = tsub.add_parser("up", help="build a cluster that stays until `testbed down`")
+    up = tsub.add_parser(
+        "up", help="build a cluster that stays until `testbed down`",
+        description="Build a cluster that stays until `testbed down`. SIGTERM or SIGINT while "
+        "it is being built removes what was built so far (exit status 128+signal).")
     up.add_argument("--nodes", type=int, default=2)
     up.add_argument("--pods-per-node", type=int, default=2)
     up.set_defaults(func=_up)
@@ -33,7 +38,13 @@ def _up(args: argparse.Namespace) -> int:
         detached=True,
         description="nodemesh testbed up",
     )
-    c.up()
+    with signals.interrupt_on_stop():
+        try:
+            c.up()  # a signal mid-build: up() removes the partial cluster, then re-raises
+        except signals.Stopped as stop:
+            print(f"nodemesh testbed up: stopped by {signal.Signals(stop.signum).name}; "
+                  f"run {c.run_id} removed", file=sys.stderr)
+            raise
     print("\n".join(c.describe()))
     print(f"remove with: nodemesh testbed down {c.run_id}")
     return 0

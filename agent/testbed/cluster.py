@@ -30,7 +30,7 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 
-from agent.host import cgroup, netns
+from agent.host import cgroup, netns, signals
 from agent.testbed import registry
 from agent.testbed.addressing import Plan, new_run_id
 
@@ -189,6 +189,7 @@ class Cluster:
         self.description = description
         self.nodes: list[Node] = []
         self._tracked: list[PodProcess] = []
+        self._record: registry.RunRecord | None = None
         self._up = False
         self.cgroup_root = cgroup.mount_point() / self.plan.cgroup_name
 
@@ -217,6 +218,7 @@ class Cluster:
             cgroup=str(self.cgroup_root),
             description=self.description,
         )
+        self._record = rec
         registry.save(rec)  # before anything exists, so a crash mid-build is still found
         try:
             self._build()
@@ -228,7 +230,7 @@ class Cluster:
         self._up = True
 
     def down(self) -> None:
-        """Idempotent teardown: processes, namespaces, cgroups, state file."""
+        """Idempotent teardown: processes, pins, namespaces, cgroups, state file."""
         for p in self._tracked:
             try:
                 p.stop()
@@ -237,6 +239,19 @@ class Cluster:
         self._tracked.clear()
         registry.teardown_run(self.run_id)
         self._up = False
+
+    def pin_dir(self, node: int, label: str) -> Path:
+        """A pin directory for an agent on node `node`, recorded in the run's state file so
+        teardown (and `testbed cleanup` after a crash) uninstalls it. Call before the agent
+        starts pinning."""
+        if self._record is None:
+            raise TestbedError("pin_dir needs a cluster that is up")
+        path = registry.PIN_ROOT / self.plan.pin_name(node, label)
+        if str(path) not in self._record.pins:
+            self._record.pins.append(str(path))
+            registry.save(self._record)
+        registry.mark_pin(path, self.run_id)
+        return path
 
     def track(self, p: PodProcess) -> PodProcess:
         self._tracked.append(p)
@@ -287,10 +302,12 @@ class Cluster:
                 for other in self.nodes:
                     if other is not node:
                         ipr.route("add", dst=str(plan.pod_cidr(other.index)), gateway=str(other.ip))
+        signals.checkpoint()  # a SIGTERM during the build: up() removes it all
 
     def _build_node(self, i: int, bridge: int) -> Node:
         plan = self.plan
         ns = plan.node_ns(i)
+        signals.checkpoint()  # between steps, never inside one (see agent.host.signals)
         pr_netns.create(ns)
         with IPRoute(netns=plan.underlay_ns) as ipr:
             port = plan.underlay_port(i)
@@ -313,6 +330,7 @@ class Cluster:
             cgroup_root=node_root,
         )
         for j in range(self.pods_per_node):
+            signals.checkpoint()
             node.pods.append(self._build_pod(node, j))
         return node
 
