@@ -101,6 +101,7 @@ class Datapath:
         self._module: Module | None = None
         self._subscribers: list[Callable[[FlowEvent], None]] = []
         self._events_open = False
+        self.event_errors = 0  # flow events that failed to decode or deliver
 
     @property
     def pin_dir(self) -> Path:
@@ -416,9 +417,19 @@ class Datapath:
         self._subscribers.remove(callback)
 
     def _dispatch(self, raw: bytes) -> None:
-        event = FlowEvent.unpack(raw)
-        for sub in list(self._subscribers):
-            sub(event)
+        # Called from BCC's C callback: an exception here would only print a traceback per
+        # record, so a record that does not decode (or a subscriber that fails) is counted
+        # and logged in one bounded line, the first time and every 1000th after.
+        try:
+            event = FlowEvent.unpack(raw)
+            for sub in list(self._subscribers):
+                sub(event)
+        except Exception as exc:
+            self.event_errors += 1
+            if self.event_errors % 1000 == 1:
+                log.error("flow event not delivered (%d so far): %s: %.200s",
+                          self.event_errors, type(exc).__name__, exc)
+                log.debug("flow event failure", exc_info=True)
 
     def poll_events(self, timeout_ms: int = 100) -> None:
         self.module.poll_ring_buffers(timeout_ms)
