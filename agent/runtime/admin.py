@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Callable
 from typing import Any
@@ -24,13 +23,13 @@ def admin_app(dump: Callable[[], dict[str, Any]], hub: FlowHub) -> web.Applicati
     return app
 
 
-def readiness_app(ready: asyncio.Event) -> web.Application:
+def readiness_app(check: Callable[[], tuple[bool, str]]) -> web.Application:
+    """/healthz/ready: 200 or 503, with the reason in the body."""
     app = web.Application()
 
     async def healthz(_req: web.Request) -> web.Response:
-        if ready.is_set():
-            return web.Response(text="ready\n")
-        return web.Response(status=503, text="not ready: first sync or enrollment pending\n")
+        ok, why = check()
+        return web.Response(status=200 if ok else 503, text=f"{why}\n")
 
     app.router.add_get("/healthz/ready", healthz)
     return app

@@ -15,10 +15,12 @@ from agent import config as cfgmod
 from agent.enroll import KubernetesLocator, PodLocator, TestbedLocator
 from agent.runtime import admin
 from agent.runtime.node import NodeAgent
+from agent.runtime.readiness import Readiness
 from agent.sources.file import FileSource
 from agent.sources.k8sstate import KubernetesStateSink
 from agent.sources.kube import config as kubeconfig
 from agent.sources.kubernetes import KubernetesSource
+from agent.state.snapshot import MeshState
 from agent.state.store import StateStore
 from agent.telemetry.server import MetricsServer
 
@@ -72,17 +74,21 @@ def _run(args: argparse.Namespace) -> int:
 
 
 async def run_agent(cfg: cfgmod.Config) -> int:
-    store = StateStore()
-    agent = NodeAgent(cfg, store, _locator(cfg))
+    store = StateStore(MeshState.build(root_namespace=cfg.root_namespace))
+    readiness = Readiness(source_grace=cfg.source_grace_seconds)
+    agent = NodeAgent(cfg, store, _locator(cfg), readiness=readiness)
     if cfg.source == "file":
         assert cfg.config_path is not None  # checked by config.build
         file_source = FileSource(cfg.config_path, store, root_namespace=cfg.root_namespace)
         file_source.load_once()
         agent.synced.set()  # a file source is fully synced once loaded
+        readiness.synced = True
         source_task = file_source.run()
     else:
         sink = KubernetesStateSink(store, trust_domain=cfg.trust_domain)
-        kube = KubernetesSource(kubeconfig.load(cfg.kubeconfig), cfg.node_name, sink)
+        kube = KubernetesSource(kubeconfig.load(cfg.kubeconfig), cfg.node_name, sink,
+                                registry=agent.registry)
+        readiness.source_outage = kube.unreachable_for
         source_task = _kube_run(kube, sink, agent)
     actions = agent.start_datapath()
     log.info("datapath: %s", ", ".join(actions))
@@ -91,7 +97,8 @@ async def run_agent(cfg: cfgmod.Config) -> int:
             admin.admin_app(lambda: _dump(agent), agent.telemetry.hub),
             *cfgmod.parse_addr(cfg.admin_addr),
         ),
-        await admin.serve(admin.readiness_app(agent.ready), *cfgmod.parse_addr(cfg.readiness_addr)),
+        await admin.serve(admin.readiness_app(agent.readiness.check),
+                          *cfgmod.parse_addr(cfg.readiness_addr)),
     ]
     metrics = MetricsServer(agent.registry, *cfgmod.parse_addr(cfg.metrics_addr))
     await metrics.start()
@@ -124,6 +131,7 @@ async def _kube_run(kube: KubernetesSource, sink: KubernetesStateSink, agent: No
     async def mark_synced() -> None:
         await sink.wait_synced()
         agent.synced.set()
+        agent.readiness.synced = True
         agent.request_reconcile()
 
     synced = asyncio.create_task(mark_synced())
@@ -154,5 +162,7 @@ def _dump(agent: NodeAgent) -> dict[str, Any]:
             "pin_dir": str(agent.datapath.pin_dir),
             "counters": {c.name.lower(): v for c, v in agent.datapath.counters().items()},
         },
-        "ready": agent.ready.is_set(),
+        "ready": agent.readiness.check()[0],
+        "readiness": agent.readiness.check()[1],
+        "enrollment_failing": agent.readiness.failing(),
     }

@@ -5,7 +5,6 @@ source's resources (RBAC), the uninstall command, the image, and the kustomizati
 from __future__ import annotations
 
 import argparse
-import asyncio
 import functools
 import json
 import os
@@ -270,7 +269,7 @@ def test_ports_and_probes_match_the_agents_defaults() -> None:
 
 def test_the_readiness_path_is_the_one_the_agent_serves() -> None:
     admin = pytest.importorskip("agent.runtime.admin")
-    app = admin.readiness_app(asyncio.Event())
+    app = admin.readiness_app(lambda: (True, "ready"))
     paths = {r.canonical for r in app.router.resources()}
     probe = container(agent_ds(), "agent")["readinessProbe"]["httpGet"]["path"]
     assert probe in paths

@@ -92,15 +92,11 @@ def replay(events: list[tuple[str, str, str, str]]) -> dict[str, tuple[str, str]
     return state
 
 
-def pods_here(server: ApiServer) -> dict[str, dict[str, Any]]:
-    return {k: o for k, o in server.items("pods").items() if o["spec"].get("nodeName") == NODE}
-
-
 def in_sync(server: ApiServer, source: KubernetesSource) -> Callable[[], bool]:
     def check() -> bool:
         return all(
             identities(dict(source.cache(r)))
-            == identities(pods_here(server) if r == "pods" else server.items(r))
+            == identities(server.items(r))
             for r in RESOURCES
         )
 
@@ -148,18 +144,18 @@ async def watching_again(server: ApiServer, before: int) -> dict[str, str | None
         await asyncio.sleep(0.01)
 
 
-def test_follows_this_nodes_pods_and_policies() -> None:
+def test_follows_every_pod_projected_and_the_policies() -> None:
     async def body() -> None:
         async with ApiServer() as server, Kubectl(server) as k:
             await seed(k)
             async with running(server) as (source, sink):
                 await source.wait_synced()
                 assert sink.synced_calls == 1
-                assert set(source.cache("pods")) == {"ns1/a1"}  # not node-b's pod
+                # Every node's pods: the tunnel must know remote pods to dial them over HBONE.
+                assert set(source.cache("pods")) == {"ns1/a1", "ns1/b1"}
                 assert set(source.cache(APS)) == {"ns1/p1"}
                 assert set(source.cache("namespaces")) == {"ns1", "istio-system"}
-                assert [q.field_selector for q in server.list_log if q.resource == "pods"] == [
-                    f"spec.nodeName={NODE}"]
+                assert [q.field_selector for q in server.list_log if q.resource == "pods"] == [""]
 
                 await k.pod("ns1", "a2", NODE, ip="10.1.0.2")
                 await k.pod("ns1", "b2", "node-b")
@@ -182,16 +178,24 @@ def test_follows_this_nodes_pods_and_policies() -> None:
                 pod_events = [(t, key) for t, key, _, _ in sink.of("pods")]
                 assert pod_events == [
                     ("ADDED", "ns1/a1"),
+                    ("ADDED", "ns1/b1"),
                     ("ADDED", "ns1/a2"),
                     ("MODIFIED", "ns1/a2"),  # the kubelet's status: Running, podIP
+                    ("ADDED", "ns1/b2"),
                     ("DELETED", "ns1/a1"),
                     ("ADDED", "ns1/late"),
+                    ("MODIFIED", "ns1/late"),  # bound to a node
                 ]
-                assert source.cache("pods")["ns1/a2"]["status"]["podIP"] == "10.1.0.2"
-                assert source.cache("pods")["ns1/a2"]["kind"] == "Pod"
+                a2 = source.cache("pods")["ns1/a2"]
+                assert a2["status"]["podIP"] == "10.1.0.2"
+                assert a2["kind"] == "Pod"
+                assert a2["spec"]["nodeName"] == NODE
+                # Projected: what the mesh reads, not the containers or managed fields.
+                assert set(a2) == {"kind", "apiVersion", "metadata", "spec", "status"}
+                assert "containers" not in a2["spec"] and "generation" not in a2["metadata"]
                 assert sink.synced_calls == 1
                 assert {w.field_selector for w in server.watch_log if w.resource == "pods"} == {
-                    f"spec.nodeName={NODE}"}
+                    ""}
 
     run(body())
 
@@ -267,7 +271,7 @@ def test_410_gone_relists_and_synthesizes_exactly_the_missed_changes() -> None:
                 await sink.until(lambda: "ns1/marker" in source.cache(APS))
 
                 for resource in RESOURCES:
-                    expected = pods_here(server) if resource == "pods" else server.items(resource)
+                    expected = server.items(resource)
                     assert replay(sink.of(resource)) == identities(expected), resource
                     assert source.metrics.relists.labels(resource)._value.get() == 1, resource
                 gap = [(t, key) for t, key, _, _ in sink.of(APS)][4:]
@@ -294,8 +298,9 @@ def test_bookmarks_advance_the_version_the_next_watch_starts_from() -> None:
             async with running(server) as (source, sink):
                 await source.wait_synced()
                 start = source.resource_version("pods")
-                for i in range(5):  # other nodes' pods: the RV moves, our pod watch is silent
-                    await k.pod("ns1", f"other{i}", "node-b")
+                for i in range(5):  # other resources change: the RV moves, the pod watch is silent
+                    await k.create("services", {"metadata": {"namespace": "ns1",
+                                                             "name": f"other{i}"}})
                 assert source.resource_version("pods") == start
                 server.send_bookmarks()
                 now = str(server.rv)
@@ -441,7 +446,7 @@ contexts:
             config = from_kubeconfig(kubeconfig)
             async with running(server, config) as (source, _):
                 await source.wait_synced()
-                assert set(source.cache("pods")) == {"ns1/a1"}
+                assert set(source.cache("pods")) == {"ns1/a1", "ns1/b1"}
 
     run(body())
 
@@ -472,7 +477,7 @@ def test_command_line_prints_what_the_source_delivers(tmp_path: Path) -> None:
                 while not lines or lines[-1] != {"synced": True}:
                     lines.append(json.loads(await proc.stdout.readline()))
                 assert {(x["resource"], x["name"]) for x in lines[:-1]} == {
-                    ("pods", "a1"), (APS, "p1")}
+                    ("pods", "a1"), ("pods", "b1"), (APS, "p1")}
                 await k.authorization_policy("ns1", "p2", {"action": "DENY"})
                 line = json.loads(await proc.stdout.readline())
                 assert (line["resource"], line["type"], line["name"]) == (APS, "ADDED", "p2")
