@@ -81,6 +81,13 @@ class KubeBed:
     def status(self, node: int) -> tuple[int, str]:
         return ready_status(self.cluster.nodes[node])
 
+    def wait_status(self, node: int, code: int, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.status(node)[0] != code:
+            assert time.monotonic() < deadline, (
+                f"agent {node} never answered {code}: {self.status(node)}\n{self.log(node)}")
+            time.sleep(0.1)
+
     def start_agents(self, *extra: str) -> None:
         c = self.cluster
         kubeconfig = self.work / "kubeconfig"
@@ -157,7 +164,7 @@ def test_pod_to_pod_across_nodes_is_carried_over_hbone(tmp_path: Path) -> None:
         bed.pod(1, 0, "server", "server")
         bed.start_agents()
         for i in (0, 1):
-            wait_for(lambda i=i: bed.status(i)[0] == 200, f"agent {i} ready: {bed.log(i)}")
+            bed.wait_status(i, 200)
         dump = json.loads(http_get(c.nodes[0].netns, 15000, "/config_dump") or "{}")
         assert set(dump["workloads"]) == {f"{NS}/client", f"{NS}/server"}
         assert [e["workload"] for e in dump["enrolled"].values()] == [f"{NS}/client"]
@@ -180,7 +187,7 @@ def test_pod_to_pod_across_nodes_is_carried_over_hbone(tmp_path: Path) -> None:
             return [r for r in bed.flows(node) if r["kind"] == "close"
                     and r["reporter"] == reporter and r["destination"]["port"] == 8080]
 
-        wait_for(lambda: closed(1, "destination") and closed(0, "source"), "flow records")
+        wait_for(lambda: bool(closed(1, "destination") and closed(0, "source")), "flow records")
         for rec in closed(1, "destination") + closed(0, "source"):
             assert rec["tunneled"] is True and rec["connection_security_policy"] == "mutual_tls"
             assert rec["source"]["principal"].endswith(f"/ns/{NS}/sa/client"), rec
@@ -196,7 +203,7 @@ def test_ready_only_after_the_first_lists_and_every_local_pod_is_enrolled(
         bed.pod(0, 0, "late", "late", ip=False)  # scheduled; the sandbox is not up yet
         bed.server.hold_lists()
         bed.start_agents()
-        wait_for(lambda: bed.status(0)[0] == 503, "agent 0 serving /healthz/ready")
+        bed.wait_status(0, 503)
         assert "first list" in bed.status(0)[1]
         time.sleep(2)  # the agent keeps reconciling meanwhile; it must not call that ready
         assert bed.status(0)[0] == 503, bed.status(0)
@@ -209,7 +216,7 @@ def test_ready_only_after_the_first_lists_and_every_local_pod_is_enrolled(
         ip = str(c.pod(0, 0).ip)
         bed.k(bed.kubectl.patch("pods", NS, "late", {
             "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}}, "status"))
-        wait_for(lambda: bed.status(0)[0] == 200, f"agent 0 ready: {bed.log(0)}")
+        bed.wait_status(0, 200)
         dump = json.loads(http_get(c.nodes[0].netns, 15000, "/config_dump") or "{}")
         assert [e["workload"] for e in dump["enrolled"].values()] == [f"{NS}/late"]
 
@@ -230,7 +237,7 @@ def test_unready_during_an_api_server_outage_while_enforcement_goes_on(tmp_path:
         }))
         bed.start_agents("--source-grace", "3")
         for i in (0, 1):
-            wait_for(lambda i=i: bed.status(i)[0] == 200, f"agent {i} ready: {bed.log(i)}")
+            bed.wait_status(i, 200)
         server = c.pod(1, 0).python(SERVER, "server", "8080", stdout=subprocess.PIPE)
         assert server.popen is not None and server.popen.stdout is not None
         server.popen.stdout.readline()
@@ -246,13 +253,13 @@ def test_unready_during_an_api_server_outage_while_enforcement_goes_on(tmp_path:
         bed.loop.run(bed.server.stop_serving())
         down_at = time.monotonic()
         for i in (0, 1):
-            wait_for(lambda i=i: bed.status(i)[0] == 503, f"agent {i} unready in the outage")
+            bed.wait_status(i, 503)
             assert "failing for" in bed.status(i)[1]
         assert time.monotonic() - down_at >= 3  # not before the grace period
         assert enforced() == before
         bed.loop.run(bed.server.start_serving())
         for i in (0, 1):
-            wait_for(lambda i=i: bed.status(i)[0] == 200, f"agent {i} ready again: {bed.log(i)}")
+            bed.wait_status(i, 200)
         assert enforced() == before
         # The outage was logged at WARNING, not as a forbidden grant.
         assert "forbidden" not in bed.log(0).lower()
