@@ -180,6 +180,9 @@ def test_pod_to_pod_across_nodes_is_carried_over_hbone(tmp_path: Path) -> None:
             for sn in sniffers:
                 sn.stop()
         assert out == f"OK server got {len(payload)} bytes from {c.pod(0, 0).ip}", out
+        metrics = http_get(c.nodes[0].netns, 15020, "/metrics") or ""
+        # The source's counters are on the agent's /metrics: one ADDED per pod of the cluster.
+        assert 'nodemesh_kube_events_total{resource="pods",type="ADDED"} 2.0' in metrics
         assert sum(s.frames for s in sniffers) > 0
         assert sum(s.seen for s in sniffers) == 0, "the payload crossed the underlay in clear"
 
@@ -231,11 +234,14 @@ def test_unready_during_an_api_server_outage_while_enforcement_goes_on(tmp_path:
         bed.pod(0, 0, "client", "client")
         bed.pod(0, 1, "other", "other")
         bed.pod(1, 0, "server", "server")
-        bed.k(bed.kubectl.authorization_policy(NS, "server-allow-client", {
+        # Mesh-wide, from a custom root namespace: applies to the server in namespace mesh only
+        # if the agent honours --root-namespace.
+        bed.k(bed.kubectl.namespace("mesh-root"))
+        bed.k(bed.kubectl.authorization_policy("mesh-root", "server-allow-client", {
             "selector": {"matchLabels": {"app": "server"}}, "action": "ALLOW",
             "rules": [{"from": [{"source": {"principals": [f"cluster.local/ns/{NS}/sa/client"]}}]}],
         }))
-        bed.start_agents("--source-grace", "3")
+        bed.start_agents("--source-grace", "3", "--root-namespace", "mesh-root")
         for i in (0, 1):
             bed.wait_status(i, 200)
         server = c.pod(1, 0).python(SERVER, "server", "8080", stdout=subprocess.PIPE)

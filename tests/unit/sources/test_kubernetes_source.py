@@ -487,3 +487,71 @@ def test_command_line_prints_what_the_source_delivers(tmp_path: Path) -> None:
                 await proc.wait()
 
     run(body())
+
+
+def test_429_waits_at_least_retry_after() -> None:
+    """API priority and fairness sheds the first list: the source comes back no sooner than
+    the server asked, although its own backoff would have retried at once."""
+
+    async def body() -> None:
+        async with ApiServer() as server, Kubectl(server) as k:
+            await seed(k)
+            server.throttle(1, retry_after=1)
+            async with running(server, resources=("pods",)) as (source, _sink):
+                await source.wait_synced()
+                first, second = server.request_times[-2:]  # the 429, then the list that worked
+                assert second - first >= 1.0
+                assert source.metrics.watch_restarts.labels("pods", "error")._value.get() == 1
+
+    run(body())
+
+
+def test_403_is_a_warning_naming_the_grant_until_it_persists(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A restarted API server denies until its RBAC cache has loaded: WARNING, with the grant the
+    ClusterRole gives; the same 403 after the grace is an ERROR saying what is missing."""
+
+    async def body() -> None:
+        async with ApiServer() as server, Kubectl(server) as k:
+            await seed(k)
+            server.forbid("pods")
+            caplog.set_level(logging.WARNING, "agent.sources.kubernetes")
+            async with running(server, resources=("pods",), forbidden_grace=0.3) as (source, s):
+                def levels() -> list[int]:
+                    return [r.levelno for r in caplog.records if "403 Forbidden" in r.getMessage()]
+
+                await s.until(lambda: logging.ERROR in levels())
+                first = next(r.getMessage() for r in caplog.records)
+                assert levels()[0] == logging.WARNING
+                assert "grants list and watch on pods (apiGroup \"\")" in first
+                error = next(r.getMessage() for r in caplog.records
+                             if r.levelno == logging.ERROR)
+                assert "needs list and watch on pods" in error
+                assert not source.synced
+                server.allow("pods")
+                await source.wait_synced()
+                assert source.last_error("pods") is None
+
+    run(body())
+
+
+def test_an_outage_is_measured_and_recovery_resumes_from_the_last_version() -> None:
+    """The server stops (connections reset, new ones refused): unreachable_for grows; once it
+    is back on the same address the source resumes from its resourceVersion, no relist."""
+
+    async def body() -> None:
+        async with ApiServer() as server, Kubectl(server) as k:
+            await seed(k)
+            async with running(server, backoff_initial=0.05, backoff_cap=0.2) as (source, s):
+                await source.wait_synced()
+                assert source.unreachable_for() == 0.0
+                await server.stop_serving()
+                await s.until(lambda: source.unreachable_for() > 1.0)
+                await server.start_serving()
+                await k.pod("ns1", "after", NODE, ip="10.1.0.9")
+                await s.until(lambda: "ns1/after" in source.cache("pods"))
+                await s.until(lambda: source.unreachable_for() == 0.0)  # every resource back
+                assert source.metrics.relists.labels("pods")._value.get() == 0
+
+    run(body())
