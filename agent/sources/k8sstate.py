@@ -14,13 +14,16 @@ sources").
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from agent.identity.spiffe import DEFAULT_TRUST_DOMAIN
 from agent.state.k8s import object_from_k8s, pod_uid
+from agent.state.model import Labels, Workload
 from agent.state.snapshot import KIND_OF, MeshObject, MeshState
 from agent.state.store import StateStore
 
@@ -61,9 +64,13 @@ class KubernetesStateSink:
         self.store = store
         self.trust_domain = trust_domain
         self.on_reject = on_reject
-        self._mine: dict[tuple[str, str], MeshObject] = {}  # (kind, key) -> what we wrote
+        # kind -> key -> what we wrote (per kind, not by (kind, key): one pair fewer per pod)
+        self._mine: dict[str, dict[str, MeshObject]] = {k: {} for k in KIND_OF_RESOURCE.values()}
         self._rejected: dict[tuple[str, str], Rejection] = {}
         self._synced = asyncio.Event()
+        # The pods of a ReplicaSet carry equal labels: they share one Labels, kept while in use.
+        self._labels: weakref.WeakValueDictionary[frozenset[tuple[str, str]], Labels] = (
+            weakref.WeakValueDictionary())
 
     # -- what the agent reads ------------------------------------------------------------------
 
@@ -84,7 +91,7 @@ class KubernetesStateSink:
 
     def on_synced(self) -> None:
         log.info("kubernetes: initial lists applied (%d objects, %d rejected)",
-                 len(self._mine), len(self._rejected))
+                 sum(map(len, self._mine.values())), len(self._rejected))
         self._synced.set()
 
     def on_event(self, resource: str, type: str, obj: dict[str, Any]) -> None:
@@ -102,7 +109,7 @@ class KubernetesStateSink:
         try:
             converted = object_from_k8s(obj, trust_domain=self.trust_domain)
         except ValueError as e:  # FieldError names the field; others come from value checks
-            kept = (kind, key) in self._mine
+            kept = key in self._mine[kind]
             self._reject(kind, key, Rejection(resource, ref, meta["resourceVersion"], str(e), kept))
             return
         self._rejected.pop((kind, key), None)
@@ -113,12 +120,23 @@ class KubernetesStateSink:
         assert KIND_OF[converted.__class__] == kind, (resource, converted)
         for warning in getattr(converted, "warnings", ()):
             log.warning("%s %s: %s", resource, ref, warning)
+        if isinstance(converted, Workload):
+            converted = self._shared_labels(converted)
+            key = converted.uid  # equal to key; the store and this sink keep this one copy
         self._write(kind, key, converted)
+
+    def _shared_labels(self, w: Workload) -> Workload:
+        items = frozenset(w.labels.items())
+        shared = self._labels.get(items)
+        if shared is None:
+            self._labels[items] = w.labels
+            return w
+        return w if shared is w.labels else dataclasses.replace(w, labels=shared)
 
     # -- store edits ---------------------------------------------------------------------------
 
     def _write(self, kind: str, key: str, obj: MeshObject) -> None:
-        mine = self._mine.get((kind, key))
+        mine = self._mine[kind].get(key)
 
         def change(state: MeshState) -> MeshState:
             current = state.objects[kind].get(key)
@@ -126,13 +144,13 @@ class KubernetesStateSink:
                 return state  # e.g. a pod status update that changes nothing the mesh uses
             if current is not None and current is not mine:
                 log.warning("kubernetes: %s %s replaces the one another source wrote", kind, key)
-            self._mine[(kind, key)] = obj  # under the store's lock, with the write itself
+            self._mine[kind][key] = obj  # under the store's lock, with the write itself
             return state.with_object(obj)
 
         self.store.update(change)
 
     def _remove(self, kind: str, key: str) -> None:
-        mine = self._mine.pop((kind, key), None)
+        mine = self._mine[kind].pop(key, None)
         if mine is None:
             return
 

@@ -48,7 +48,9 @@ class Resource:
     group_version: str
     kind: str
     namespaced: bool
-    project: Projection | None = None  # what of each object is kept (None: all of it)
+    # What of each object the consumer gets (None: all of it); a projected resource's cache
+    # keeps only uid and resourceVersion (kube/cache.py, "slim"): the consumer holds the rest.
+    project: Projection | None = None
 
     @property
     def path(self) -> str:
@@ -119,7 +121,7 @@ _RETRYABLE = (aiohttp.ClientError, TimeoutError, ApiStatusError, WatchProtocolEr
 class _Reflector:
     def __init__(self, resource: Resource, initial: float, cap: float) -> None:
         self.resource = resource
-        self.cache = ObjectCache(resource.namespaced)
+        self.cache = ObjectCache(resource.namespaced, slim=resource.project is not None)
         self.rv: str | None = None  # where the next watch starts; None: list first
         self.listed = False
         self.fresh_list = False  # no watch event since the last list
