@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,9 +75,10 @@ def pod(i):
                                                "limits": {"memory": "256Mi"}},
                                  "readinessProbe": {"httpGet": {"path": "/ready", "port": 8080},
                                                     "periodSeconds": 10},
-                                 "volumeMounts": [{"name": "kube-api-access-abcde",
-                                                   "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount",
-                                                   "readOnly": True}]}],
+                                 "volumeMounts": [{
+                                     "name": "kube-api-access-abcde", "readOnly": True,
+                                     "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount",
+                                 }]}],
                  "volumes": [{"name": "kube-api-access-abcde", "projected": {"sources": [
                      {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
                      {"configMap": {"name": "kube-root-ca.crt",
@@ -120,6 +123,9 @@ class _Synced:
     def on_event(self, resource: str, type: str, obj: dict[str, Any]) -> None:
         self.sink.on_event(resource, type, obj)
 
+    def on_events(self, resource: str, changes: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        self.sink.on_events(resource, changes)
+
     def on_synced(self) -> None:
         self.at = time.perf_counter()
         self.sink.on_synced()
@@ -135,10 +141,8 @@ async def _sync(url: str) -> tuple[float, float, StateStore, KubernetesSource]:
     store.current.workload_by_ip(next(iter(store.current.workloads)).ips[0])  # builds the index
     indexed = time.perf_counter()
     task.cancel()
-    try:
+    with contextlib.suppress(asyncio.CancelledError):
         await task
-    except asyncio.CancelledError:
-        pass
     return sink.at - start, indexed - start, store, source
 
 

@@ -23,9 +23,9 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import aiohttp
 from prometheus_client import CollectorRegistry
@@ -79,6 +79,13 @@ class EventSink(Protocol):
     def on_event(self, resource: str, type: str, obj: Obj) -> None: ...
 
     def on_synced(self) -> None: ...
+
+
+@runtime_checkable
+class BatchSink(EventSink, Protocol):
+    """A sink that takes a list's changes at once (one store update for a whole list)."""
+
+    def on_events(self, resource: str, changes: Sequence[tuple[str, Obj]]) -> None: ...
 
 
 class ApiStatusError(Exception):
@@ -357,8 +364,12 @@ class KubernetesSource:
 
     def _emit(self, r: _Reflector, changes: list[Change]) -> None:
         name = r.resource.name
-        for type_, obj in changes:
+        for type_, _obj in changes:
             self.metrics.events.labels(name, type_).inc()
+        if len(changes) > 1 and isinstance(self.sink, BatchSink):
+            self.sink.on_events(name, changes)
+            return
+        for type_, obj in changes:
             self.sink.on_event(name, type_, obj)
 
     # -- HTTP details ----------------------------------------------------------------------

@@ -611,7 +611,8 @@ class ApiServer:
                     raise ApiError(415, "UnsupportedMediaType",
                                    f"the body of the request was in an unknown format: {ctype}")
                 patch = await _json_body(request)
-                merged = merge_patch(self._existing(kind, key), patch)
+                # A copy: the stored object is never changed in place (lists hold references).
+                merged = merge_patch(copy.deepcopy(self._existing(kind, key)), patch)
                 merged.get("metadata", {}).pop("resourceVersion", None)
                 if isinstance(patch, dict):
                     rv = patch.get("metadata", {}).get("resourceVersion")
@@ -643,7 +644,8 @@ class ApiServer:
                                "without the continue parameter.")
             del self._snapshots[token]
         else:
-            items = [copy.deepcopy(o) for (plural, _, _), o in sorted(self.objects.items())
+            # References suffice: a change replaces the stored object, never edits it in place.
+            items = [o for (plural, _, _), o in sorted(self.objects.items())
                      if plural == kind.plural and self._selected(kind, namespace, match, o)]
             snap = _Snapshot(self.rv, items)
         limit = int(q.get("limit", "0") or 0)
@@ -654,9 +656,8 @@ class ApiServer:
             self._snapshots[nxt] = _Snapshot(snap.rv, rest)
             meta["continue"] = nxt
             meta["remainingItemCount"] = len(rest)
-        for item in page:
-            item.pop("kind", None)
-            item.pop("apiVersion", None)
+        page = [{k: v for k, v in item.items() if k not in ("kind", "apiVersion")}
+                for item in page]
         return web.json_response({"kind": f"{kind.kind}List", "apiVersion": kind.api_version,
                                   "metadata": meta, "items": page})
 
