@@ -179,9 +179,7 @@ def measure(pods: int) -> dict[str, Any]:
             "watches_per_resource": 1,
         }
     finally:
-        if server.stdin is not None:
-            server.stdin.close()
-        server.wait(timeout=30)
+        server.communicate(timeout=30)  # closes stdin: the server stops
 
 
 def main(argv: list[str] | None = None) -> int:
