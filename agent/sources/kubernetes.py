@@ -294,7 +294,7 @@ class KubernetesSource:
             if cont:
                 params["continue"] = cont
             timeout = aiohttp.ClientTimeout(total=self.request_timeout)
-            async with session.get(self._url(r), params=params, headers=self._auth(),
+            async with session.get(self._url(r), params=params, headers=await self._auth(),
                                    timeout=timeout, **self._tls_name()) as resp:
                 if resp.status != 200:
                     await self._raise_status(resp, r)
@@ -331,7 +331,7 @@ class KubernetesSource:
         # past that means a dead peer the kernel has not noticed.
         timeout = aiohttp.ClientTimeout(total=None, connect=self.request_timeout,
                                         sock_read=seconds + self.request_timeout)
-        async with session.get(self._url(r), params=params, headers=self._auth(),
+        async with session.get(self._url(r), params=params, headers=await self._auth(),
                                timeout=timeout, **self._tls_name()) as resp:
             if resp.status != 200:
                 await self._raise_status(resp, r)
@@ -380,8 +380,10 @@ class KubernetesSource:
     def _params(self, r: _Reflector) -> dict[str, str]:
         return {}
 
-    def _auth(self) -> dict[str, str]:
+    async def _auth(self) -> dict[str, str]:
         creds = self.config.credentials
+        if creds is not None:
+            await creds.renew()  # an exec plugin runs here when its token is due
         token = creds.token() if creds is not None else None
         return {"Authorization": f"Bearer {token}"} if token else {}
 

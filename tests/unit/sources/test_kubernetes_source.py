@@ -560,3 +560,66 @@ def test_an_outage_is_measured_and_recovery_resumes_from_the_last_version() -> N
                 assert source.metrics.relists.labels("pods")._value.get() == 0
 
     run(body())
+
+
+EXEC_PLUGIN = """#!{python}
+# A kubeconfig exec credential plugin, as aws/gke/kubelogin are: reads KUBERNETES_EXEC_INFO,
+# prints an ExecCredential. Each run is logged; the token is whatever the file holds now.
+import json, os, pathlib, sys
+here = pathlib.Path(sys.argv[0]).parent
+info = json.loads(os.environ["KUBERNETES_EXEC_INFO"])
+assert info["kind"] == "ExecCredential", info
+with open(here / "runs", "a") as f:
+    f.write(os.environ.get("PLUGIN_REGION", "") + "\\n")
+print(json.dumps({{"apiVersion": info["apiVersion"], "kind": "ExecCredential",
+                  "status": {{"token": (here / "current").read_text().strip(),
+                             "expirationTimestamp": "2999-01-01T00:00:00Z"}}}}))
+"""
+
+
+def test_kubeconfig_exec_plugin_authenticates_and_runs_again_after_a_401(
+    tmp_path: Path,
+) -> None:
+    """An EKS/GKE/AKS-style kubeconfig: the user is an exec plugin (a script printing an
+    ExecCredential). Its token authenticates; it is cached while valid, and a 401 (the server
+    no longer accepts it) runs the plugin again."""
+    plugin = tmp_path / "bin" / "get-token"
+    plugin.parent.mkdir()
+    plugin.write_text(EXEC_PLUGIN.format(python=sys.executable))
+    plugin.chmod(0o755)
+    (plugin.parent / "current").write_text("exec-token-1\n")
+    runs = plugin.parent / "runs"
+
+    async def body() -> None:
+        async with ApiServer(token="exec-token-1") as server, Kubectl(server) as k:
+            await seed(k)
+            kubeconfig = tmp_path / "config"
+            kubeconfig.write_text(json.dumps({
+                "current-context": "eks",
+                "clusters": [{"name": "c", "cluster": {"server": server.url}}],
+                "users": [{"name": "u", "user": {"exec": {
+                    "apiVersion": "client.authentication.k8s.io/v1",
+                    "command": "bin/get-token",  # relative: to the kubeconfig's directory
+                    "args": ["--cluster", "test"],
+                    "env": [{"name": "PLUGIN_REGION", "value": "eu-west-1"}],
+                    "interactiveMode": "Never"}}}],
+                "contexts": [{"name": "eks", "context": {"cluster": "c", "user": "u"}}],
+            }))
+            config = from_kubeconfig(kubeconfig)
+            assert config.credentials is not None
+            assert "exec plugin 'bin/get-token'" in config.credentials.describe()
+            async with running(server, config) as (source, sink):
+                await source.wait_synced()
+                assert set(source.cache("pods")) == {"ns1/a1", "ns1/b1"}
+                assert runs.read_text() == "eu-west-1\n"  # once: the token is still valid
+                assert server.unauthorized == 0
+                # The credential is rotated: the old token is refused, the plugin runs again.
+                server.token = "exec-token-2"
+                (plugin.parent / "current").write_text("exec-token-2\n")
+                server.drop_watches()
+                await k.authorization_policy("ns1", "after", {"action": "ALLOW"})
+                await sink.until(lambda: "ns1/after" in source.cache(APS))
+                assert server.unauthorized >= 1
+                assert runs.read_text().count("\n") >= 2
+
+    run(body())
