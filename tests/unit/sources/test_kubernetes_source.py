@@ -541,7 +541,9 @@ def test_403_is_a_warning_naming_the_grant_until_it_persists(
     run(body())
 
 
-def test_an_outage_is_measured_and_recovery_resumes_from_the_last_version() -> None:
+def test_an_outage_is_measured_and_recovery_resumes_from_the_last_version(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """The server stops (connections reset, new ones refused): unreachable_for grows; once it
     is back on the same address the source resumes from its resourceVersion, no relist."""
 
@@ -553,6 +555,10 @@ def test_an_outage_is_measured_and_recovery_resumes_from_the_last_version() -> N
                 assert source.unreachable_for() == 0.0
                 await server.stop_serving()
                 await s.until(lambda: source.unreachable_for() > 1.0)
+                # However long the outage, retries stay at most backoff_cap apart.
+                delays = [float(m.group(1)) for r in caplog.records
+                          if (m := re.search(r"retrying in ([0-9.]+) s", r.getMessage()))]
+                assert len(delays) >= 10 and max(delays) <= 0.2 and max(delays) >= 0.1
                 await server.start_serving()
                 await k.pod("ns1", "after", NODE, ip="10.1.0.9")
                 await s.until(lambda: "ns1/after" in source.cache("pods"))
