@@ -29,6 +29,7 @@ DEFAULT_CA_ROOT_CERT = Path("/var/lib/nodemesh/ca/root-cert.pem")
 DEFAULT_CERT_TTL_SECONDS = 24 * 3600
 DEFAULT_DRAIN_SECONDS = 5.0
 DEFAULT_POLICY_SOURCE = "file"
+DEFAULT_SOURCE_GRACE_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,14 @@ SETTINGS: tuple[Setting, ...] = (
         "graceful drain on SIGTERM, seconds",
         float,
     ),
+    Setting(
+        "source_grace_seconds",
+        "NODEMESH_SOURCE_GRACE",
+        "--source-grace",
+        "unready once the API server has been unreachable this long, seconds (enforcement "
+        "continues from pinned state)",
+        float,
+    ),
 )
 
 
@@ -144,6 +153,7 @@ class Config:
     exclude_cidrs: tuple[ipaddress.IPv4Network, ...] = ()
     testbed_run: str = ""
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
+    source_grace_seconds: float = DEFAULT_SOURCE_GRACE_SECONDS
     origins: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def dump(self) -> dict[str, Any]:

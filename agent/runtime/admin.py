@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Callable
 from typing import Any
@@ -24,20 +23,21 @@ def admin_app(dump: Callable[[], dict[str, Any]], hub: FlowHub) -> web.Applicati
     return app
 
 
-def readiness_app(ready: asyncio.Event,
+def readiness_app(check: Callable[[], tuple[bool, str]],
                   health: Callable[[], dict[str, Any]] | None = None) -> web.Application:
-    """/healthz/ready for probes; /healthz always answers 200 with details (`health()`), such
-    as a rejected configuration that left the last good one in force."""
+    """/healthz/ready for probes: 200 or 503, with the reason in the body; /healthz always
+    answers 200 with details (`health()`), such as a rejected configuration that left the last
+    good one in force."""
     app = web.Application()
 
     async def details(_req: web.Request) -> web.Response:
-        body = {"ready": ready.is_set(), **(health() if health is not None else {})}
+        ok, why = check()
+        body = {"ready": ok, "why": why, **(health() if health is not None else {})}
         return web.json_response(body, dumps=lambda o: json.dumps(o, default=str, indent=2))
 
     async def healthz(_req: web.Request) -> web.Response:
-        if ready.is_set():
-            return web.Response(text="ready\n")
-        return web.Response(status=503, text="not ready: first sync or enrollment pending\n")
+        ok, why = check()
+        return web.Response(status=200 if ok else 503, text=f"{why}\n")
 
     app.router.add_get("/healthz/ready", healthz)
     app.router.add_get("/healthz", details)

@@ -16,11 +16,13 @@ from agent.enroll import KubernetesLocator, PodLocator, TestbedLocator
 from agent.host import signals
 from agent.runtime import admin
 from agent.runtime.node import NodeAgent
+from agent.runtime.readiness import Readiness
 from agent.sources.file import ConfigError as MeshConfigError
 from agent.sources.file import FileSource
 from agent.sources.k8sstate import KubernetesStateSink
 from agent.sources.kube import config as kubeconfig
 from agent.sources.kubernetes import KubernetesSource
+from agent.state.snapshot import MeshState
 from agent.state.store import StateStore
 from agent.telemetry.metrics import ScrapeCollector
 from agent.telemetry.server import MetricsServer
@@ -76,8 +78,9 @@ def _run(args: argparse.Namespace) -> int:
 
 async def run_agent(cfg: cfgmod.Config) -> int:
     stop = signals.stop_event()  # first: a SIGTERM during start-up still drains, then exits
-    store = StateStore()
-    agent = NodeAgent(cfg, store, _locator(cfg))
+    store = StateStore(MeshState.build(root_namespace=cfg.root_namespace))
+    readiness = Readiness(source_grace=cfg.source_grace_seconds)
+    agent = NodeAgent(cfg, store, _locator(cfg), readiness=readiness)
     health: dict[str, Callable[[], dict[str, Any]]] = {}
     if cfg.source == "file":
         assert cfg.config_path is not None  # checked by config.build
@@ -92,10 +95,13 @@ async def run_agent(cfg: cfgmod.Config) -> int:
                         read=lambda: file_source.errors)
         health["config"] = file_source.status
         agent.synced.set()  # a file source is fully synced once loaded
+        readiness.synced = True
         source_task = file_source.run()
     else:
         sink = KubernetesStateSink(store, trust_domain=cfg.trust_domain)
-        kube = KubernetesSource(kubeconfig.load(cfg.kubeconfig), cfg.node_name, sink)
+        kube = KubernetesSource(kubeconfig.load(cfg.kubeconfig), cfg.node_name, sink,
+                                registry=agent.registry)
+        readiness.source_outage = kube.unreachable_for
         source_task = _kube_run(kube, sink, agent)
     actions = agent.start_datapath()
     log.info("datapath: %s", ", ".join(actions))
@@ -105,7 +111,8 @@ async def run_agent(cfg: cfgmod.Config) -> int:
             *cfgmod.parse_addr(cfg.admin_addr),
         ),
         await admin.serve(
-            admin.readiness_app(agent.ready, lambda: {k: f() for k, f in health.items()}),
+            admin.readiness_app(agent.readiness.check,
+                                lambda: {k: f() for k, f in health.items()}),
             *cfgmod.parse_addr(cfg.readiness_addr),
         ),
     ]
@@ -136,6 +143,7 @@ async def _kube_run(kube: KubernetesSource, sink: KubernetesStateSink, agent: No
     async def mark_synced() -> None:
         await sink.wait_synced()
         agent.synced.set()
+        agent.readiness.synced = True
         agent.request_reconcile()
 
     synced = asyncio.create_task(mark_synced())
@@ -166,5 +174,7 @@ def _dump(agent: NodeAgent) -> dict[str, Any]:
             "pin_dir": str(agent.datapath.pin_dir),
             "counters": {c.name.lower(): v for c, v in agent.datapath.counters().items()},
         },
-        "ready": agent.ready.is_set(),
+        "ready": agent.readiness.check()[0],
+        "readiness": agent.readiness.check()[1],
+        "enrollment_failing": agent.readiness.failing(),
     }

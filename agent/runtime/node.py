@@ -3,7 +3,8 @@
 On every state change it recompiles policy (one atomic generation swap) and reconciles
 enrollment: each local in-mesh workload gets a certificate, tunnel listeners in its netns and a
 datapath enrollment; workloads that leave are removed. Kernel flow events and tunnel connection
-events feed telemetry. Readiness turns true after the first full sync and reconcile.
+events feed telemetry. Readiness (agent/runtime/readiness.py) turns true once a reconcile that
+began after the first full sync has compiled policy and enrolled every local in-mesh pod.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from agent.runtime.certs import (
     embedded_ca,
     load_or_create_authority,
 )
+from agent.runtime.readiness import Readiness
 from agent.state.model import Workload
 from agent.state.snapshot import MeshState
 from agent.state.store import StateStore
@@ -65,7 +67,7 @@ class NodeAgent:
     store: StateStore
     locator: PodLocator
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    readiness: Readiness = field(default_factory=Readiness)
     synced: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
@@ -192,19 +194,30 @@ class NodeAgent:
         while True:
             await self._dirty.wait()
             self._dirty.clear()
+            # Read before the pass reads the state: a pass that began before the first lists
+            # completed saw a partial state and proves nothing about readiness.
+            began_synced = self.synced.is_set()
             try:
                 await self.reconcile()
             except Exception:
                 # A failed pass must not stop the agent: what is installed keeps enforcing.
                 log.exception("reconcile failed; retrying in 1s")
+                self.readiness.pass_done(began_synced, False, self._pending_refs())
                 await asyncio.sleep(1)
                 self._dirty.set()
                 continue
-            if self.synced.is_set() and not self.pending:
-                self.ready.set()
+            self.readiness.pass_done(began_synced, True, self._pending_refs())
             if self.pending:
                 await asyncio.sleep(0.5)  # netns not found yet: retry soon
                 self._dirty.set()
+
+    def _pending_refs(self) -> dict[str, tuple[str, str]]:
+        state, reasons = self.state, self.enroller.pending
+        out = {}
+        for uid in self.pending:
+            w = state.workload_by_uid(uid)
+            out[uid] = (w.ref if w is not None else uid, reasons.get(uid, "pending"))
+        return out
 
     async def reconcile(self) -> None:
         state = self.state

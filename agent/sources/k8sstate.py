@@ -14,17 +14,22 @@ sources").
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-from collections.abc import Callable, Mapping
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from agent.identity.spiffe import DEFAULT_TRUST_DOMAIN
 from agent.state.k8s import object_from_k8s, pod_uid
+from agent.state.model import Labels, Workload
 from agent.state.snapshot import MeshObject, MeshState
 from agent.state.store import StateStore
 
 log = logging.getLogger(__name__)
+
+_Op = tuple[str, str, "MeshObject | None"]  # (kind, key, object to write or None to remove)
 
 # The source's resource names and the mesh kind each becomes.
 KIND_OF_RESOURCE: Mapping[str, str] = {
@@ -69,9 +74,14 @@ class KubernetesStateSink:
         self.store = store
         self.trust_domain = trust_domain
         self.on_reject = on_reject
-        self._mine: dict[tuple[str, str], MeshObject] = {}  # (kind, key) -> what we wrote
+        # kind -> key -> what we wrote (per kind, not by (kind, key): one pair fewer per pod)
+        self._mine: dict[str, dict[str, MeshObject]] = {k: {} for k in KIND_OF_RESOURCE.values()}
         self._rejected: dict[tuple[str, str], Rejection] = {}
         self._synced = asyncio.Event()
+        self._batch: list[_Op] | None = None  # inside on_events: edits collected, not applied
+        # The pods of a ReplicaSet carry equal labels: they share one Labels, kept while in use.
+        self._labels: weakref.WeakValueDictionary[frozenset[tuple[str, str]], Labels] = (
+            weakref.WeakValueDictionary())
 
     # -- what the agent reads ------------------------------------------------------------------
 
@@ -92,7 +102,7 @@ class KubernetesStateSink:
 
     def on_synced(self) -> None:
         log.info("kubernetes: initial lists applied (%d objects, %d rejected)",
-                 len(self._mine), len(self._rejected))
+                 sum(map(len, self._mine.values())), len(self._rejected))
         self._synced.set()
 
     def on_event(self, resource: str, type: str, obj: dict[str, Any]) -> None:
@@ -115,7 +125,7 @@ class KubernetesStateSink:
                                  f"{API_KIND_OF_RESOURCE[resource]}")
             converted = object_from_k8s(obj, trust_domain=self.trust_domain)
         except ValueError as e:  # FieldError names the field; others come from value checks
-            kept = (kind, key) in self._mine
+            kept = key in self._mine[kind]
             self._reject(kind, key, Rejection(resource, ref, meta["resourceVersion"], str(e), kept))
             return
         self._rejected.pop((kind, key), None)
@@ -124,33 +134,66 @@ class KubernetesStateSink:
             return
         for warning in getattr(converted, "warnings", ()):
             log.warning("%s %s: %s", resource, ref, warning)
+        if isinstance(converted, Workload):
+            converted = self._shared_labels(converted)
+            key = converted.uid  # equal to key; the store and this sink keep this one copy
         self._write(kind, key, converted)
+
+    def _shared_labels(self, w: Workload) -> Workload:
+        items = frozenset(w.labels.items())
+        shared = self._labels.get(items)
+        if shared is None:
+            self._labels[items] = w.labels
+            return w
+        return w if shared is w.labels else dataclasses.replace(w, labels=shared)
 
     # -- store edits ---------------------------------------------------------------------------
 
+    def on_events(self, resource: str, changes: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        """A list's (or relist's) changes: each handled as `on_event` does, all applied to the
+        store in one update. One update per object would copy the kind's mapping each time:
+        quadratic in the number of pods, seconds for a 10,000-pod cluster."""
+        self._batch = []
+        try:
+            for type_, obj in changes:
+                self.on_event(resource, type_, obj)
+        finally:
+            ops, self._batch = self._batch, None
+        if ops:
+            self._commit(ops)
+
     def _write(self, kind: str, key: str, obj: MeshObject) -> None:
-        mine = self._mine.get((kind, key))
-
-        def change(state: MeshState) -> MeshState:
-            current = state.objects[kind].get(key)
-            if current is not None and current is mine and current == obj:
-                return state  # e.g. a pod status update that changes nothing the mesh uses
-            if current is not None and current is not mine:
-                log.warning("kubernetes: %s %s replaces the one another source wrote", kind, key)
-            self._mine[(kind, key)] = obj  # under the store's lock, with the write itself
-            return state.with_object(obj)
-
-        self.store.update(change)
+        self._edit((kind, key, obj))
 
     def _remove(self, kind: str, key: str) -> None:
-        mine = self._mine.pop((kind, key), None)
-        if mine is None:
-            return
+        self._edit((kind, key, None))  # a no-op unless this sink wrote the key
 
+    def _edit(self, op: _Op) -> None:
+        if self._batch is not None:
+            self._batch.append(op)
+        else:
+            self._commit([op])
+
+    def _commit(self, ops: list[_Op]) -> None:
         def change(state: MeshState) -> MeshState:
-            if state.objects[kind].get(key) is not mine:
-                return state  # another source wrote this key since: it is theirs now
-            return state.without(kind, key)
+            edits: dict[str, dict[str, MeshObject | None]] = {}
+            for kind, key, obj in ops:
+                pending = edits.get(kind, {})
+                current = pending[key] if key in pending else state.objects[kind].get(key)
+                mine = self._mine[kind].get(key)
+                if obj is None:
+                    self._mine[kind].pop(key, None)
+                    if mine is None or current is not mine:
+                        continue  # another source wrote this key since: it is theirs now
+                elif current is not None and current is mine and current == obj:
+                    continue  # e.g. a pod status update that changes nothing the mesh uses
+                else:
+                    if current is not None and current is not mine:
+                        log.warning("kubernetes: %s %s replaces the one another source wrote",
+                                    kind, key)
+                    self._mine[kind][key] = obj  # under the store's lock, with the write itself
+                edits.setdefault(kind, {})[key] = obj
+            return state.with_edits(edits) if edits else state
 
         self.store.update(change)
 

@@ -5,7 +5,12 @@ list's resourceVersion with bookmarks; a watch the server closes or a proxy drop
 from the last resourceVersion seen (event or bookmark), so nothing is replayed; a 410 Gone (the
 server no longer has history that old) forces a fresh list, whose difference from the local cache
 becomes synthesized ADDED/MODIFIED/DELETED events, so nothing is lost either. Errors back off
-exponentially with jitter. Pods are read only for this node (fieldSelector spec.nodeName).
+exponentially with jitter, capped at a few seconds, and never shorter than a 429's
+Retry-After.
+
+Pods are read for the whole cluster, projected to the fields the mesh reads
+(`kube/project.py`): the tunnel must know every remote pod's IP and identity to dial it over
+HBONE, while only this node's pods are enrolled (docs/kubernetes.md, "Scale").
 
 The consumer sees `on_event(resource, type, obj)` per change and `on_synced()` once, after every
 resource's first list has been delivered (the agent is not ready before that).
@@ -17,9 +22,10 @@ import asyncio
 import json
 import logging
 import random
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import aiohttp
 from prometheus_client import CollectorRegistry
@@ -28,6 +34,7 @@ from agent.sources.kube.backoff import Backoff
 from agent.sources.kube.cache import Change, InvalidObjectError, ObjectCache, meta_of
 from agent.sources.kube.config import ClusterConfig, ConfigError
 from agent.sources.kube.metrics import KubeMetrics
+from agent.sources.kube.project import Projection, project_pod
 from agent.sources.kube.stream import WatchDecoder, WatchEvent, WatchProtocolError
 
 log = logging.getLogger(__name__)
@@ -41,7 +48,9 @@ class Resource:
     group_version: str
     kind: str
     namespaced: bool
-    node_scoped: bool = False  # filtered to this node with fieldSelector spec.nodeName
+    # What of each object the consumer gets (None: all of it); a projected resource's cache
+    # keeps only uid and resourceVersion (kube/cache.py, "slim"): the consumer holds the rest.
+    project: Projection | None = None
 
     @property
     def path(self) -> str:
@@ -54,7 +63,7 @@ class Resource:
 RESOURCES: dict[str, Resource] = {
     r.name: r
     for r in (
-        Resource("pods", "v1", "Pod", namespaced=True, node_scoped=True),
+        Resource("pods", "v1", "Pod", namespaced=True, project=project_pod),
         Resource("namespaces", "v1", "Namespace", namespaced=False),
         Resource("services", "v1", "Service", namespaced=True),
         Resource("authorizationpolicies", "security.istio.io/v1", "AuthorizationPolicy", True),
@@ -72,6 +81,13 @@ class EventSink(Protocol):
     def on_synced(self) -> None: ...
 
 
+@runtime_checkable
+class BatchSink(EventSink, Protocol):
+    """A sink that takes a list's changes at once (one store update for a whole list)."""
+
+    def on_events(self, resource: str, changes: Sequence[tuple[str, Obj]]) -> None: ...
+
+
 class ApiStatusError(Exception):
     """The API server answered with an error Status."""
 
@@ -83,6 +99,20 @@ class ApiStatusError(Exception):
 
 class AuthError(ApiStatusError):
     """401/403: the credentials are wrong, expired, or lack the RBAC grant."""
+
+
+class TooManyRequestsError(ApiStatusError):
+    """429: API priority and fairness shed the request; Retry-After says when to come back."""
+
+    def __init__(self, code: int, reason: str, message: str, retry_after: float) -> None:
+        super().__init__(code, reason, message)
+        self.retry_after = retry_after
+
+
+# An API server that just restarted answers 403 until its RBAC informers have synced, for a few
+# seconds; a 403 that lasts longer than this is a missing grant.
+FORBIDDEN_GRACE = 10.0
+MAX_RETRY_AFTER = 60.0  # a larger Retry-After is a server bug; do not go quiet for longer
 
 
 class ResourceExpiredError(ApiStatusError):
@@ -98,12 +128,14 @@ _RETRYABLE = (aiohttp.ClientError, TimeoutError, ApiStatusError, WatchProtocolEr
 class _Reflector:
     def __init__(self, resource: Resource, initial: float, cap: float) -> None:
         self.resource = resource
-        self.cache = ObjectCache(resource.namespaced)
+        self.cache = ObjectCache(resource.namespaced, slim=resource.project is not None)
         self.rv: str | None = None  # where the next watch starts; None: list first
         self.listed = False
         self.fresh_list = False  # no watch event since the last list
         self.backoff = Backoff(initial, cap)
         self.last_error: Exception | None = None
+        self.failing_since: float | None = None  # first failure since the last success
+        self.forbidden_since: float | None = None  # first of a run of 403s
 
 
 class KubernetesSource:
@@ -118,13 +150,15 @@ class KubernetesSource:
         watch_timeout: float = 300.0,
         request_timeout: float = 30.0,
         backoff_initial: float = 0.1,
-        backoff_cap: float = 30.0,
+        backoff_cap: float = 3.2,
+        forbidden_grace: float = FORBIDDEN_GRACE,
         registry: CollectorRegistry | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`watch_timeout`: each watch asks the server to end it after a random time in
         [t, 2t) seconds, so the agents of a cluster do not all reconnect at once."""
         if not node_name:
-            raise ValueError("node_name is required: pods are read only for this node")
+            raise ValueError("node_name is required: it names this agent to the API server")
         unknown = set(resources) - RESOURCES.keys()
         if unknown:
             raise ValueError(f"unknown resources {sorted(unknown)}; known: {sorted(RESOURCES)}")
@@ -134,7 +168,9 @@ class KubernetesSource:
         self.page_size = page_size
         self.watch_timeout = watch_timeout
         self.request_timeout = request_timeout
+        self.forbidden_grace = forbidden_grace
         self.metrics = KubeMetrics(registry)
+        self._clock = clock
         self._reflectors = {
             name: _Reflector(RESOURCES[name], backoff_initial, backoff_cap) for name in resources
         }
@@ -160,6 +196,13 @@ class KubernetesSource:
     def last_error(self, resource: str) -> Exception | None:
         return self._reflectors[resource].last_error
 
+    def unreachable_for(self) -> float:
+        """Seconds since some resource last could be read: 0 while every reflector's latest
+        request (list, watch open, event) succeeded. Readiness compares this with a grace."""
+        now = self._clock()
+        return max((now - r.failing_since for r in self._reflectors.values()
+                    if r.failing_since is not None), default=0.0)
+
     # -- the loops -------------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -168,7 +211,7 @@ class KubernetesSource:
         connector = aiohttp.TCPConnector(ssl=self.config.ssl_context or True)
         async with aiohttp.ClientSession(
             connector=connector, headers={"Accept": "application/json",
-                                          "User-Agent": "nodemesh-agent"}
+                                          "User-Agent": f"nodemesh-agent/{self.node_name}"}
         ) as session:
             tasks = [asyncio.create_task(self._reflect(session, r), name=f"kube-{name}")
                      for name, r in self._reflectors.items()]
@@ -205,15 +248,38 @@ class KubernetesSource:
                 self.metrics.watch_restarts.labels(name, "error").inc()
                 if self.config.credentials is not None:
                     self.config.credentials.invalidate()  # a rotated token is picked up next
-                await self._pause(r, e, level=logging.ERROR)
+                await self._pause(r, e, level=self._auth_level(r, e))
+            except TooManyRequestsError as e:
+                self.metrics.watch_restarts.labels(name, "error").inc()
+                await self._pause(r, e, at_least=e.retry_after)
             except _RETRYABLE as e:
                 reason = "dropped" if isinstance(e, _DROPPED) else "error"
                 self.metrics.watch_restarts.labels(name, reason).inc()
                 await self._pause(r, e)
 
-    async def _pause(self, r: _Reflector, error: Exception, level: int = logging.WARNING) -> None:
+    def _auth_level(self, r: _Reflector, e: AuthError) -> int:
+        """A 403 is WARNING while it may be a restarted server still loading RBAC, ERROR once it
+        has lasted `forbidden_grace` (the grant is missing); a 401 is always ERROR."""
+        if e.code != 403:
+            return logging.ERROR
+        now = self._clock()
+        if r.forbidden_since is None:
+            r.forbidden_since = now
+        return logging.ERROR if now - r.forbidden_since >= self.forbidden_grace else logging.WARNING
+
+    def _ok(self, r: _Reflector) -> None:
+        """A request for this resource succeeded: it is reachable and allowed."""
+        r.failing_since = r.forbidden_since = None
+        r.last_error = None
+
+    async def _pause(self, r: _Reflector, error: Exception, level: int = logging.WARNING,
+                     at_least: float = 0.0) -> None:
         r.last_error = error
-        delay = r.backoff.next_delay()
+        if r.failing_since is None:
+            r.failing_since = self._clock()
+        if not isinstance(error, AuthError) or error.code != 403:
+            r.forbidden_since = None
+        delay = max(r.backoff.next_delay(), min(at_least, MAX_RETRY_AFTER))
         what = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
         log.log(level, "%s: %s; retrying in %.2f s (from %s)", r.resource.name, what, delay,
                 "a fresh list" if r.rv is None else f"resourceVersion {r.rv}")
@@ -228,13 +294,15 @@ class KubernetesSource:
             if cont:
                 params["continue"] = cont
             timeout = aiohttp.ClientTimeout(total=self.request_timeout)
-            async with session.get(self._url(r), params=params, headers=self._auth(),
+            async with session.get(self._url(r), params=params, headers=await self._auth(),
                                    timeout=timeout, **self._tls_name()) as resp:
                 if resp.status != 200:
                     await self._raise_status(resp, r)
                 doc = await resp.json(content_type=None)
+            self._ok(r)
             page, meta = _list_parts(doc, r.resource.name)
             items.extend(self._typed(r, o) for o in page)
+            del doc, page  # a projected resource keeps only the projections
             cont = meta.get("continue") or None
             if not cont:
                 break
@@ -263,10 +331,11 @@ class KubernetesSource:
         # past that means a dead peer the kernel has not noticed.
         timeout = aiohttp.ClientTimeout(total=None, connect=self.request_timeout,
                                         sock_read=seconds + self.request_timeout)
-        async with session.get(self._url(r), params=params, headers=self._auth(),
+        async with session.get(self._url(r), params=params, headers=await self._auth(),
                                timeout=timeout, **self._tls_name()) as resp:
             if resp.status != 200:
                 await self._raise_status(resp, r)
+            self._ok(r)
             decoder = WatchDecoder()
             async for chunk in resp.content.iter_any():
                 for event in decoder.feed(chunk):
@@ -295,8 +364,12 @@ class KubernetesSource:
 
     def _emit(self, r: _Reflector, changes: list[Change]) -> None:
         name = r.resource.name
-        for type_, obj in changes:
+        for type_, _obj in changes:
             self.metrics.events.labels(name, type_).inc()
+        if len(changes) > 1 and isinstance(self.sink, BatchSink):
+            self.sink.on_events(name, changes)
+            return
+        for type_, obj in changes:
             self.sink.on_event(name, type_, obj)
 
     # -- HTTP details ----------------------------------------------------------------------
@@ -305,12 +378,12 @@ class KubernetesSource:
         return self.config.server + r.resource.path
 
     def _params(self, r: _Reflector) -> dict[str, str]:
-        if r.resource.node_scoped:
-            return {"fieldSelector": f"spec.nodeName={self.node_name}"}
         return {}
 
-    def _auth(self) -> dict[str, str]:
+    async def _auth(self) -> dict[str, str]:
         creds = self.config.credentials
+        if creds is not None:
+            await creds.renew()  # an exec plugin runs here when its token is due
         token = creds.token() if creds is not None else None
         return {"Authorization": f"Bearer {token}"} if token else {}
 
@@ -323,7 +396,7 @@ class KubernetesSource:
         # List items come without kind/apiVersion; give consumers one shape either way.
         obj.setdefault("kind", r.resource.kind)
         obj.setdefault("apiVersion", r.resource.group_version)
-        return obj
+        return r.resource.project(obj) if r.resource.project is not None else obj
 
     async def _raise_status(self, resp: aiohttp.ClientResponse, r: _Reflector) -> None:
         text = await resp.text(errors="replace")
@@ -341,11 +414,29 @@ class KubernetesSource:
                             f"the server rejected {sent} (expired, revoked, or from another "
                             "cluster?)")
         if code == 403:
+            group = r.resource.group_version.rpartition("/")[0] or '""'
+            grant = f"list and watch on {name} (apiGroup {group})"
+            if r.forbidden_since is None or (self._clock() - r.forbidden_since
+                                             < self.forbidden_grace):
+                raise AuthError(code, reason, f"403 Forbidden from {where}: {message}. The "
+                                f"agent's ClusterRole grants {grant}; a restarted API server "
+                                "denies until its RBAC cache has loaded, retrying")
             raise AuthError(code, reason, f"403 Forbidden from {where}: {message}. The agent "
-                            f"needs list and watch on {name} (docs/kubernetes.md has the rules)")
+                            f"needs {grant} (docs/kubernetes.md has the rules)")
+        if code == 429:
+            raise TooManyRequestsError(code, reason, f"429 Too Many Requests from {where} for "
+                                       f"{name}: {message}", _retry_after(resp))
         if code == 410:
             raise ResourceExpiredError(code, reason, f"410 Gone: {message}")
         raise ApiStatusError(code, reason, f"{code} {reason} from {where} for {name}: {message}")
+
+
+def _retry_after(resp: aiohttp.ClientResponse) -> float:
+    """Retry-After in seconds (the API server sends delta-seconds); 1 s if absent or a date."""
+    try:
+        return max(0.0, float(resp.headers.get("Retry-After", "1")))
+    except ValueError:
+        return 1.0
 
 
 def _status_parts(obj: Any) -> tuple[int, str, str]:

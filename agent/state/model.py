@@ -15,7 +15,7 @@ DATAPLANE_MODE_LABEL = "istio.io/dataplane-mode"
 class Labels(Mapping[str, str]):
     """An immutable, hashable string map (Kubernetes labels, selectors)."""
 
-    __slots__ = ("_items",)
+    __slots__ = ("__weakref__", "_items")  # weakref: pods with equal labels share one
 
     def __init__(self, values: Mapping[str, str] | None = None) -> None:
         self._items: dict[str, str] = dict(values or {})
@@ -43,7 +43,7 @@ class Labels(Mapping[str, str]):
         return all(self._items.get(k) == v for k, v in selector.items())
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: an agent holds one per pod of the cluster
 class Workload:
     name: str
     namespace: str

@@ -64,6 +64,20 @@ class MeshState:
         return MeshState(MappingProxyType({**self.objects, kind: MappingProxyType(changed)}),
                          self.root_namespace)
 
+    def with_edits(self, edits: Mapping[str, Mapping[str, MeshObject | None]]) -> MeshState:
+        """Many objects set (or removed, for None) by kind and key in one new snapshot: each
+        kind's mapping is copied once, not once per object."""
+        objects = dict(self.objects)
+        for kind, changed in edits.items():
+            merged = dict(self.objects[kind])
+            for key, obj in changed.items():
+                if obj is None:
+                    merged.pop(key, None)
+                else:
+                    merged[key] = obj
+            objects[kind] = MappingProxyType(merged)
+        return MeshState(MappingProxyType(objects), self.root_namespace)
+
     def all_objects(self) -> list[MeshObject]:
         return [o for kind in KINDS for o in self.objects[kind].values()]
 

@@ -18,8 +18,14 @@ protocol a list/watch client depends on, for the resources nodemesh reads:
 
 Test controls (called from the test's own event loop): `drop_watches()` aborts every watch
 connection, `hold_watches()` makes new watches wait (a window in which changes pile up),
-`compact()` forgets history (forcing 410), `send_bookmarks()` sends a BOOKMARK on every watch that
-asked for them. `watch_log` and `list_log` record what clients asked for.
+`hold_lists()` does the same for lists (a slow first list), `compact()` forgets history (forcing
+410), `send_bookmarks()` sends a BOOKMARK on every watch that asked for them, `stop_serving()` /
+`start_serving()` take the server down and back up on the same address with its state kept (a
+restart: connections reset, new ones refused), `throttle(n, retry_after)` answers the next n
+requests 429 with Retry-After as API priority and fairness does, and `forbid(resource)` answers
+403 for a resource as RBAC does for a missing grant (or one not loaded yet after a restart).
+`watch_log` and `list_log` record what clients asked for; `request_times` when each request
+arrived.
 
 Simplifications, on purpose: strategic-merge patch is applied as a JSON merge patch; deleting a
 namespace does not delete its contents; label selectors are rejected (400) rather than ignored.
@@ -34,8 +40,10 @@ import datetime
 import ipaddress
 import json
 import re
+import socket
 import ssl
 import tempfile
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable
@@ -49,6 +57,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from agent.host import netns as netns_mod
 
 Obj = dict[str, Any]
 
@@ -202,7 +212,16 @@ class ApiServer:
         history: int = 1000,
         tls: ssl.SSLContext | None = None,
         bookmark_interval: float | None = None,
+        *,
+        host: str = "127.0.0.1",
+        netns: str | None = None,
     ) -> None:
+        """`netns`: listen in that network namespace (an address the test bed's nodes reach)."""
+        self.host = host
+        self.netns = netns
+        self.port = 0
+        self.local_url = ""  # where the test's own Kubectl reaches it (in the test's netns)
+        self._local_site: web.BaseSite | None = None
         self.token = token
         self.tls = tls
         self.bookmark_interval = bookmark_interval
@@ -213,6 +232,13 @@ class ApiServer:
         self._watches: list[Watch] = []
         self._held: asyncio.Event = asyncio.Event()
         self._held.set()
+        self._lists_held = asyncio.Event()
+        self._lists_held.set()
+        self.down = False
+        self._site: web.BaseSite | None = None
+        self._throttle: tuple[int, int] = (0, 0)  # (requests left to refuse, Retry-After)
+        self.forbidden: set[str] = set()
+        self.request_times: list[float] = []
         self._snapshots: dict[str, _Snapshot] = {}
         self.log: list[Event] = []  # every change ever, unlike the bounded history
         self.watch_log: list[WatchRequest] = []
@@ -243,17 +269,45 @@ class ApiServer:
                 app.router.add_route("*", base + "/status", self._item(kind, True))
         self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.1)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.tls)
-        await site.start()
-        port = self._runner.addresses[0][1]
-        self.url = f"{'https' if self.tls else 'http'}://127.0.0.1:{port}"
+        await self.start_serving()
+        self.url = f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
+        self.local_url = self.local_url or self.url
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         self.drop_watches()
         self._held.set()
+        self._lists_held.set()
         if self._runner is not None:
             await self._runner.cleanup()
+
+    async def start_serving(self) -> None:
+        """Listen (again, on the same port after `stop_serving`)."""
+        assert self._runner is not None
+        if self.netns is not None:
+            with netns_mod.entered(self.netns):
+                sock = socket.create_server((self.host, self.port), reuse_port=False)
+        else:
+            sock = socket.create_server((self.host, self.port))
+        self.port = sock.getsockname()[1]
+        self._site = web.SockSite(self._runner, sock, ssl_context=self.tls)
+        await self._site.start()
+        if self.netns is not None and self._local_site is None:
+            local = socket.create_server(("127.0.0.1", 0))
+            port = local.getsockname()[1]
+            self._local_site = web.SockSite(self._runner, local, ssl_context=self.tls)
+            await self._local_site.start()
+            self.local_url = f"{'https' if self.tls else 'http'}://127.0.0.1:{port}"
+        self.down = False
+
+    async def stop_serving(self) -> None:
+        """Down: the listener closes (new connections are refused) and every connection in use
+        is reset when it next sends a request; the objects and history stay for the restart."""
+        self.down = True
+        self.drop_watches()
+        if self._site is not None:
+            await self._site.stop()
+            self._site = None
 
     # -- test controls ---------------------------------------------------------------------
 
@@ -272,6 +326,24 @@ class ApiServer:
 
     def release_watches(self) -> None:
         self._held.set()
+
+    def hold_lists(self) -> None:
+        """New list requests wait (unanswered) until `release_lists()`."""
+        self._lists_held.clear()
+
+    def release_lists(self) -> None:
+        self._lists_held.set()
+
+    def throttle(self, requests: int, retry_after: int) -> None:
+        """Answer the next `requests` requests 429 Too Many Requests, Retry-After seconds."""
+        self._throttle = (requests, retry_after)
+
+    def forbid(self, *resources: str) -> None:
+        """403 on list/watch of these resources until `allow` (RBAC without the grant)."""
+        self.forbidden.update(resources)
+
+    def allow(self, *resources: str) -> None:
+        self.forbidden.difference_update(resources)
 
     def compact(self) -> None:
         """Forget all history: a watch from any RV before now gets 410 Gone."""
@@ -293,6 +365,17 @@ class ApiServer:
                 key = f"{meta['namespace']}/{meta['name']}" if ev.kind.namespaced else meta["name"]
                 out.append((ev.type, key, meta["uid"], meta["resourceVersion"]))
         return out
+
+    def put(self, resource: str, obj: Obj, status: Obj | None = None) -> Obj:
+        """Create an object directly (bulk seeding, e.g. 10,000 pods for a benchmark): the same
+        validation and versioning as a POST, then `status` as the kubelet would write it."""
+        kind = KINDS[resource]
+        ns = obj.get("metadata", {}).get("namespace", "") if kind.namespaced else ""
+        created = self._create(kind, ns, obj)
+        if status is None:
+            return created
+        name = created["metadata"]["name"]
+        return self._update(kind, ns, name, {"status": status}, status_only=True)
 
     @property
     def open_watches(self) -> int:
@@ -429,11 +512,23 @@ class ApiServer:
     async def _middleware(
         self, request: web.Request, handler: Callable[[web.Request], Any]
     ) -> web.StreamResponse:
+        if self.down:  # stopped: a kept-alive connection is reset, as a dead server's would be
+            if request.transport is not None:
+                request.transport.abort()
+            raise ConnectionResetError("API server stopped")
+        self.request_times.append(time.monotonic())
         if self.token is not None and request.headers.get("Authorization") != (
             f"Bearer {self.token}"
         ):
             self.unauthorized += 1
             return web.json_response(status(401, "Unauthorized", "Unauthorized"), status=401)
+        left, retry_after = self._throttle
+        if left > 0:
+            self._throttle = (left - 1, retry_after)
+            return web.json_response(
+                status(429, "TooManyRequests", "Too many requests, please try again later.",
+                       retryAfterSeconds=retry_after),
+                status=429, headers={"Retry-After": str(retry_after)})
         try:
             response: web.StreamResponse = await handler(request)
             return response
@@ -477,8 +572,17 @@ class ApiServer:
                     raise ApiError(400, "BadRequest", "labelSelector: not supported by the test "
                                    "API server")
                 match = parse_field_selector(kind, q.get("fieldSelector", ""))
-                if q.get("watch") in ("1", "true"):
+                watch = q.get("watch") in ("1", "true")
+                if kind.plural in self.forbidden:
+                    verb = "watch" if watch else "list"
+                    raise ApiError(403, "Forbidden", f'{kind.plural} is forbidden: User '
+                                   '"system:serviceaccount:nodemesh-system:nodemesh-agent" '
+                                   f'cannot {verb} resource "{kind.plural}" in API group '
+                                   f'"{kind.group}" at the cluster scope',
+                                   group=kind.group, kind=kind.plural)
+                if watch:
                     return await self._watch(request, kind, namespace, match)
+                await self._lists_held.wait()
                 return self._list(request, kind, namespace, match)
             if request.method == "POST":
                 if namespace is None and kind.namespaced:
@@ -507,7 +611,8 @@ class ApiServer:
                     raise ApiError(415, "UnsupportedMediaType",
                                    f"the body of the request was in an unknown format: {ctype}")
                 patch = await _json_body(request)
-                merged = merge_patch(self._existing(kind, key), patch)
+                # A copy: the stored object is never changed in place (lists hold references).
+                merged = merge_patch(copy.deepcopy(self._existing(kind, key)), patch)
                 merged.get("metadata", {}).pop("resourceVersion", None)
                 if isinstance(patch, dict):
                     rv = patch.get("metadata", {}).get("resourceVersion")
@@ -539,7 +644,8 @@ class ApiServer:
                                "without the continue parameter.")
             del self._snapshots[token]
         else:
-            items = [copy.deepcopy(o) for (plural, _, _), o in sorted(self.objects.items())
+            # References suffice: a change replaces the stored object, never edits it in place.
+            items = [o for (plural, _, _), o in sorted(self.objects.items())
                      if plural == kind.plural and self._selected(kind, namespace, match, o)]
             snap = _Snapshot(self.rv, items)
         limit = int(q.get("limit", "0") or 0)
@@ -550,9 +656,8 @@ class ApiServer:
             self._snapshots[nxt] = _Snapshot(snap.rv, rest)
             meta["continue"] = nxt
             meta["remainingItemCount"] = len(rest)
-        for item in page:
-            item.pop("kind", None)
-            item.pop("apiVersion", None)
+        page = [{k: v for k, v in item.items() if k not in ("kind", "apiVersion")}
+                for item in page]
         return web.json_response({"kind": f"{kind.kind}List", "apiVersion": kind.api_version,
                                   "metadata": meta, "items": page})
 
@@ -701,7 +806,7 @@ class Kubectl:
         if self.server.token is not None:
             headers["Authorization"] = f"Bearer {self.server.token}"
         data = json.dumps(body).encode() if body is not None else None
-        async with self._session.request(method, self.server.url + path, data=data,
+        async with self._session.request(method, self.server.local_url + path, data=data,
                                          headers=headers) as r:
             out: Obj = await r.json()
             if r.status >= 400:

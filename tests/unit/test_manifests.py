@@ -5,7 +5,6 @@ source's resources (RBAC), the uninstall command, the image, and the kustomizati
 from __future__ import annotations
 
 import argparse
-import asyncio
 import functools
 import json
 import os
@@ -270,7 +269,7 @@ def test_ports_and_probes_match_the_agents_defaults() -> None:
 
 def test_the_readiness_path_is_the_one_the_agent_serves() -> None:
     admin = pytest.importorskip("agent.runtime.admin")
-    app = admin.readiness_app(asyncio.Event())
+    app = admin.readiness_app(lambda: (True, "ready"))
     paths = {r.canonical for r in app.router.resources()}
     probe = container(agent_ds(), "agent")["readinessProbe"]["httpGet"]["path"]
     assert probe in paths
@@ -528,3 +527,50 @@ def test_the_sample_policy_is_one_the_agent_enforces() -> None:
                                                             "security-crds.yaml")}
     istio = {r.name for r in RESOURCES.values() if r.group_version.startswith("security.")}
     assert crds == istio  # the stand-ins cover what the agent waits for
+
+
+# -- Pod Security -------------------------------------------------------------------------------
+# What the Pod Security `baseline` level allows (kubernetes.io/docs/concepts/security/
+# pod-security-standards): capabilities beyond these, host namespaces, hostPath volumes,
+# privileged containers and unconfined seccomp/AppArmor need `privileged`.
+BASELINE_CAPABILITIES = {"AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL",
+                         "MKNOD", "NET_BIND_SERVICE", "SETFCAP", "SETGID", "SETPCAP", "SETUID",
+                         "SYS_CHROOT"}
+
+
+def beyond_baseline(pod: Obj) -> list[str]:
+    found = [f"spec.{k}" for k in ("hostPID", "hostIPC", "hostNetwork") if pod.get(k)]
+    found += [f"hostPath volume {v['name']}" for v in pod.get("volumes", []) if "hostPath" in v]
+    for c in pod.get("initContainers", []) + pod.get("containers", []):
+        sc = c.get("securityContext", {})
+        if sc.get("privileged"):
+            found.append(f"{c['name']}: privileged")
+        found += [f"{c['name']}: capability {cap}"
+                  for cap in set(sc.get("capabilities", {}).get("add", [])) - BASELINE_CAPABILITIES]
+        for profile in ("seccompProfile", "appArmorProfile"):
+            if sc.get(profile, {}).get("type") == "Unconfined":
+                found.append(f"{c['name']}: {profile} Unconfined")
+    return found
+
+
+def test_the_namespace_admits_the_agent_under_pod_security_and_only_what_it_needs() -> None:
+    labels = the("Namespace", "nodemesh-system")["metadata"]["labels"]
+    ds = agent_ds()
+    pod = ds["spec"]["template"]["spec"]
+    # The agent needs more than baseline, so a cluster enforcing baseline would reject it
+    # unless its namespace says privileged.
+    assert beyond_baseline(pod)
+    for mode in ("enforce", "audit", "warn"):
+        assert labels[f"pod-security.kubernetes.io/{mode}"] == "privileged"
+    # Only the init container that mounts bpffs on the host is privileged, and the agent
+    # container adds exactly the capabilities it documents, one by one.
+    assert [c["name"] for c in pod["initContainers"] + pod["containers"]
+            if c.get("securityContext", {}).get("privileged")] == ["mount-bpffs"]
+    agent = container(ds, "agent")
+    assert set(agent["securityContext"]["capabilities"]["add"]) == CAPABILITIES
+    text = (DEPLOY / "agent" / "daemonset.yaml").read_text()
+    for cap in CAPABILITIES:
+        assert f"                - {cap}\n" in text
+    ns_text = (DEPLOY / "agent" / "namespace.yaml").read_text()
+    for why in ("hostPID", "hostPath", "Unconfined", "privileged: only the mount-bpffs"):
+        assert why in ns_text, f"namespace.yaml does not say why it needs {why}"

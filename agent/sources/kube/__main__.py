@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="use the pod's service account (KUBERNETES_SERVICE_HOST/PORT)")
     p.add_argument("--context", help="kubeconfig context (default: current-context)")
     p.add_argument("--node", default=os.environ.get("NODE_NAME") or socket.gethostname(),
-                   help="read pods of this node (default: $NODE_NAME or the host name)")
+                   help="this agent's node, sent in its User-Agent (default: $NODE_NAME or the "
+                   "host name); pods are read for every node")
     p.add_argument("--resources", default=",".join(RESOURCES),
                    help=f"comma-separated subset of {','.join(RESOURCES)}")
     p.add_argument("--full", action="store_true", help="print whole objects")

@@ -2,13 +2,19 @@
 kubeconfig file, or explicit values.
 
 Projected service-account tokens rotate (the kubelet rewrites the file well before expiry), so a
-`TokenFile` re-reads the file periodically and at once after a 401.
+`TokenFile` re-reads the file periodically and at once after a 401. A kubeconfig user with an
+`exec` plugin (the cloud providers' logins: aws eks get-token, gke-gcloud-auth-plugin,
+kubelogin) gets `ExecCredentials`: the plugin is run by kubernetes_asyncio's ExecProvider (the
+client-go exec protocol, KUBERNETES_EXEC_INFO included), its token kept until the
+expirationTimestamp it gives (or, without one, until a 401) and the plugin run again then.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import datetime
 import ipaddress
 import os
 import ssl
@@ -20,9 +26,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import yaml
+from kubernetes_asyncio.config.config_exception import ConfigException
+from kubernetes_asyncio.config.exec_provider import ExecProvider
+from kubernetes_asyncio.config.kube_config import ConfigNode
 
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 TOKEN_REFRESH = 60.0  # client-go re-reads the token file at this period too
+EXEC_EARLY = 10.0  # run the exec plugin again this long before its token expires
 
 
 class ConfigError(Exception):
@@ -30,6 +40,9 @@ class ConfigError(Exception):
 
 
 class Credentials(Protocol):
+    async def renew(self) -> None:
+        """Before each request: get a token if there is none or it is about to expire."""
+
     def token(self) -> str | None: ...
 
     def invalidate(self) -> None:
@@ -41,6 +54,9 @@ class Credentials(Protocol):
 class StaticToken:
     def __init__(self, value: str) -> None:
         self._value = value
+
+    async def renew(self) -> None:
+        pass
 
     def token(self) -> str | None:
         return self._value
@@ -67,6 +83,9 @@ class TokenFile:
         self._value: str | None = None
         self._read_at = 0.0
 
+    async def renew(self) -> None:
+        pass  # token() re-reads when due: a file read does not need the event loop
+
     def token(self) -> str | None:
         now = self._clock()
         if self._value is None or now - self._read_at >= self.refresh:
@@ -86,6 +105,74 @@ class TokenFile:
 
     def describe(self) -> str:
         return f"the bearer token in {self.path}"
+
+
+class ExecCredentials:
+    """A bearer token from a kubeconfig `exec` plugin, run by kubernetes_asyncio's ExecProvider.
+
+    Plugins that return a client certificate instead of a token are refused with a clear error
+    (the TLS context is fixed when the source starts)."""
+
+    def __init__(self, spec: Any, base: Path, where: str,
+                 clock: Callable[[], float] = time.time) -> None:
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{where}: exec plugin: want a mapping, got {spec!r}")
+        spec = dict(spec)
+        command = str(spec.get("command", ""))
+        if os.sep in command and not os.path.isabs(command):
+            spec["command"] = str(base / command)  # as client-go: relative to the kubeconfig
+        self.command = command
+        self.where = where
+        self._clock = clock
+        try:
+            self._provider = ExecProvider(ConfigNode("exec", spec))
+        except (ConfigException, KeyError, TypeError) as e:
+            raise ConfigError(f"{where}: exec plugin {command!r}: {e}") from e
+        self._token: str | None = None
+        self._expiry: float | None = None
+        self._running = asyncio.Lock()  # the reflectors ask together: run the plugin once
+
+    def _valid(self) -> bool:
+        return self._token is not None and (self._expiry is None
+                                            or self._clock() < self._expiry - EXEC_EARLY)
+
+    async def renew(self) -> None:
+        if self._valid():
+            return
+        async with self._running:
+            if not self._valid():
+                await self._run()
+
+    async def _run(self) -> None:
+        try:
+            status = await self._provider.run()
+        except (ConfigException, OSError) as e:
+            raise ConfigError(f"{self.where}: exec plugin {self.command!r} failed: {e}") from e
+        token = status.get("token") if isinstance(status, dict) else None
+        if not isinstance(token, str) or not token:
+            raise ConfigError(f"{self.where}: exec plugin {self.command!r} printed no "
+                              "status.token (plugins that return a client certificate are not "
+                              "supported)")
+        self._expiry = _rfc3339(status.get("expirationTimestamp"), self.where)
+        self._token = token
+
+    def token(self) -> str | None:
+        return self._token
+
+    def invalidate(self) -> None:
+        self._token = None  # rejected: run the plugin again, whatever its expiry said
+
+    def describe(self) -> str:
+        return f"the token from exec plugin {self.command!r}"
+
+
+def _rfc3339(value: Any, where: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        return datetime.datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+    except ValueError as e:
+        raise ConfigError(f"{where}: exec plugin expirationTimestamp {value!r}: {e}") from e
 
 
 @dataclass(frozen=True)
@@ -154,8 +241,8 @@ def from_kubeconfig(path: Path | None = None, context: str | None = None) -> Clu
     """The cluster and user of `context` (default: current-context) in a kubeconfig file.
 
     Supported: server, certificate-authority(-data), insecure-skip-tls-verify, tls-server-name;
-    token, tokenFile, client-certificate(-data) + client-key(-data). exec and auth-provider
-    plugins are not run: a ConfigError says so.
+    token, tokenFile, client-certificate(-data) + client-key(-data), exec plugins. The removed
+    auth-provider plugins (gcp, azure, oidc) are refused: a ConfigError says so.
     """
     path = path or default_kubeconfig()
     try:
@@ -178,10 +265,10 @@ def from_kubeconfig(path: Path | None = None, context: str | None = None) -> Clu
     server = cluster.get("server")
     if not isinstance(server, str) or not server.startswith(("https://", "http://")):
         raise ConfigError(f"{where}: cluster server {server!r} is not an http(s) URL")
-    for plugin in ("exec", "auth-provider"):
-        if plugin in user:
-            raise ConfigError(f"{where}: user authenticates with an {plugin} plugin, which "
-                              "nodemesh does not run; use a token or a client certificate")
+    if "auth-provider" in user:
+        raise ConfigError(f"{where}: user authenticates with an auth-provider plugin, which "
+                          "Kubernetes removed in 1.26; use its exec plugin replacement, a "
+                          "token or a client certificate")
     ca_file = _path(cluster.get("certificate-authority"), base)
     ca_data = _b64(cluster.get("certificate-authority-data"), where, "certificate-authority-data")
     ctx_ssl = _tls(server, ca_file, ca_data, insecure=bool(cluster.get("insecure-skip-tls-verify")))
@@ -189,7 +276,9 @@ def from_kubeconfig(path: Path | None = None, context: str | None = None) -> Clu
         _client_cert(ctx_ssl, user, base, where)
 
     creds: Credentials | None = None
-    if isinstance(user.get("token"), str):
+    if "exec" in user:
+        creds = ExecCredentials(user["exec"], base, where)
+    elif isinstance(user.get("token"), str):
         creds = StaticToken(user["token"])
     elif user.get("tokenFile"):
         creds = TokenFile(_path(user["tokenFile"], base) or Path())

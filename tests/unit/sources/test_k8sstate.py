@@ -107,7 +107,10 @@ def test_follows_pods_namespaces_services_and_peer_authentication() -> None:
                 await sink.wait_synced()
                 # Readiness means every first list is already in the store.
                 state = store.current
-                assert set(workloads(store)) == {"shop/web"}  # not node-b's pod
+                # Every pod of the cluster (the tunnel dials remote pods by their identity),
+                # each with its node; only this node's are enrolled (workloads_on_node).
+                assert set(workloads(store)) == {"shop/web", "shop/elsewhere"}
+                assert workloads(store)["shop/elsewhere"].node == "node-b"
                 web = workloads(store)["shop/web"]
                 assert web.uid == "Kubernetes//Pod/shop/web"
                 assert web.k8s_uid == first["metadata"]["uid"]

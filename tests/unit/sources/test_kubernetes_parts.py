@@ -43,8 +43,9 @@ def kinds(changes: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, str, str
 # -- cache ---------------------------------------------------------------------------------
 
 
-def test_cache_turns_watch_events_into_changes() -> None:
-    c = ObjectCache(namespaced=True)
+@pytest.mark.parametrize("slim", [False, True])
+def test_cache_turns_watch_events_into_changes(slim: bool) -> None:
+    c = ObjectCache(namespaced=True, slim=slim)
     assert kinds(c.apply("ADDED", obj("a", "u1", "1"))) == [("ADDED", "a", "u1")]
     assert c.apply("ADDED", obj("a", "u1", "1")) == []  # same version again: a duplicate
     assert c.apply("MODIFIED", obj("a", "u1", "1")) == []
@@ -58,18 +59,21 @@ def test_cache_turns_watch_events_into_changes() -> None:
     assert dict(c.objects) == {}
 
 
-def test_cache_keys_by_namespace_and_name() -> None:
-    c = ObjectCache(namespaced=True)
+@pytest.mark.parametrize("slim", [False, True])
+def test_cache_keys_by_namespace_and_name(slim: bool) -> None:
+    c = ObjectCache(namespaced=True, slim=slim)
     c.apply("ADDED", obj("a", "u1", "1", ns="x"))
     c.apply("ADDED", obj("a", "u2", "2", ns="y"))
     assert set(c.objects) == {"x/a", "y/a"}
-    cluster = ObjectCache(namespaced=False)
+    cluster = ObjectCache(namespaced=False, slim=slim)
     cluster.apply("ADDED", obj("x", "u3", "3", ns=None))
     assert set(cluster.objects) == {"x"}
+    assert cluster.objects["x"]["metadata"] == {"name": "x", "uid": "u3", "resourceVersion": "3"}
 
 
-def test_relist_diff_deletes_first_then_adds_and_modifies() -> None:
-    c = ObjectCache(namespaced=True)
+@pytest.mark.parametrize("slim", [False, True])
+def test_relist_diff_deletes_first_then_adds_and_modifies(slim: bool) -> None:
+    c = ObjectCache(namespaced=True, slim=slim)
     for o in (obj("keep", "k", "1"), obj("mod", "m", "2"), obj("gone", "g", "3"),
               obj("swap", "s1", "4")):
         c.apply("ADDED", o)

@@ -92,15 +92,11 @@ def replay(events: list[tuple[str, str, str, str]]) -> dict[str, tuple[str, str]
     return state
 
 
-def pods_here(server: ApiServer) -> dict[str, dict[str, Any]]:
-    return {k: o for k, o in server.items("pods").items() if o["spec"].get("nodeName") == NODE}
-
-
 def in_sync(server: ApiServer, source: KubernetesSource) -> Callable[[], bool]:
     def check() -> bool:
         return all(
             identities(dict(source.cache(r)))
-            == identities(pods_here(server) if r == "pods" else server.items(r))
+            == identities(server.items(r))
             for r in RESOURCES
         )
 
@@ -148,18 +144,18 @@ async def watching_again(server: ApiServer, before: int) -> dict[str, str | None
         await asyncio.sleep(0.01)
 
 
-def test_follows_this_nodes_pods_and_policies() -> None:
+def test_follows_every_pod_projected_and_the_policies() -> None:
     async def body() -> None:
         async with ApiServer() as server, Kubectl(server) as k:
             await seed(k)
             async with running(server) as (source, sink):
                 await source.wait_synced()
                 assert sink.synced_calls == 1
-                assert set(source.cache("pods")) == {"ns1/a1"}  # not node-b's pod
+                # Every node's pods: the tunnel must know remote pods to dial them over HBONE.
+                assert set(source.cache("pods")) == {"ns1/a1", "ns1/b1"}
                 assert set(source.cache(APS)) == {"ns1/p1"}
                 assert set(source.cache("namespaces")) == {"ns1", "istio-system"}
-                assert [q.field_selector for q in server.list_log if q.resource == "pods"] == [
-                    f"spec.nodeName={NODE}"]
+                assert [q.field_selector for q in server.list_log if q.resource == "pods"] == [""]
 
                 await k.pod("ns1", "a2", NODE, ip="10.1.0.2")
                 await k.pod("ns1", "b2", "node-b")
@@ -182,16 +178,29 @@ def test_follows_this_nodes_pods_and_policies() -> None:
                 pod_events = [(t, key) for t, key, _, _ in sink.of("pods")]
                 assert pod_events == [
                     ("ADDED", "ns1/a1"),
+                    ("ADDED", "ns1/b1"),
                     ("ADDED", "ns1/a2"),
                     ("MODIFIED", "ns1/a2"),  # the kubelet's status: Running, podIP
+                    ("ADDED", "ns1/b2"),
                     ("DELETED", "ns1/a1"),
                     ("ADDED", "ns1/late"),
+                    ("MODIFIED", "ns1/late"),  # bound to a node
                 ]
-                assert source.cache("pods")["ns1/a2"]["status"]["podIP"] == "10.1.0.2"
-                assert source.cache("pods")["ns1/a2"]["kind"] == "Pod"
+                a2 = [o for r, _, o in sink.events if r == "pods"
+                      and o["metadata"]["name"] == "a2"][-1]
+                assert a2["status"]["podIP"] == "10.1.0.2"
+                assert a2["kind"] == "Pod"
+                assert a2["spec"]["nodeName"] == NODE
+                # Projected: what the mesh reads, not the containers or managed fields.
+                assert set(a2) == {"kind", "apiVersion", "metadata", "spec", "status"}
+                assert "containers" not in a2["spec"] and "generation" not in a2["metadata"]
+                # The cache keeps only the version (the sink holds what it converted).
+                assert source.cache("pods")["ns1/a2"] == {"metadata": {
+                    k: a2["metadata"][k] for k in ("name", "namespace", "uid",
+                                                   "resourceVersion")}}
                 assert sink.synced_calls == 1
                 assert {w.field_selector for w in server.watch_log if w.resource == "pods"} == {
-                    f"spec.nodeName={NODE}"}
+                    ""}
 
     run(body())
 
@@ -267,7 +276,7 @@ def test_410_gone_relists_and_synthesizes_exactly_the_missed_changes() -> None:
                 await sink.until(lambda: "ns1/marker" in source.cache(APS))
 
                 for resource in RESOURCES:
-                    expected = pods_here(server) if resource == "pods" else server.items(resource)
+                    expected = server.items(resource)
                     assert replay(sink.of(resource)) == identities(expected), resource
                     assert source.metrics.relists.labels(resource)._value.get() == 1, resource
                 gap = [(t, key) for t, key, _, _ in sink.of(APS)][4:]
@@ -294,8 +303,9 @@ def test_bookmarks_advance_the_version_the_next_watch_starts_from() -> None:
             async with running(server) as (source, sink):
                 await source.wait_synced()
                 start = source.resource_version("pods")
-                for i in range(5):  # other nodes' pods: the RV moves, our pod watch is silent
-                    await k.pod("ns1", f"other{i}", "node-b")
+                for i in range(5):  # other resources change: the RV moves, the pod watch is silent
+                    await k.create("services", {"metadata": {"namespace": "ns1",
+                                                             "name": f"other{i}"}})
                 assert source.resource_version("pods") == start
                 server.send_bookmarks()
                 now = str(server.rv)
@@ -441,7 +451,7 @@ contexts:
             config = from_kubeconfig(kubeconfig)
             async with running(server, config) as (source, _):
                 await source.wait_synced()
-                assert set(source.cache("pods")) == {"ns1/a1"}
+                assert set(source.cache("pods")) == {"ns1/a1", "ns1/b1"}
 
     run(body())
 
@@ -472,7 +482,7 @@ def test_command_line_prints_what_the_source_delivers(tmp_path: Path) -> None:
                 while not lines or lines[-1] != {"synced": True}:
                     lines.append(json.loads(await proc.stdout.readline()))
                 assert {(x["resource"], x["name"]) for x in lines[:-1]} == {
-                    ("pods", "a1"), (APS, "p1")}
+                    ("pods", "a1"), ("pods", "b1"), (APS, "p1")}
                 await k.authorization_policy("ns1", "p2", {"action": "DENY"})
                 line = json.loads(await proc.stdout.readline())
                 assert (line["resource"], line["type"], line["name"]) == (APS, "ADDED", "p2")
@@ -480,5 +490,142 @@ def test_command_line_prints_what_the_source_delivers(tmp_path: Path) -> None:
                 if proc.returncode is None:
                     proc.terminate()
                 await proc.wait()
+
+    run(body())
+
+
+def test_429_waits_at_least_retry_after() -> None:
+    """API priority and fairness sheds the first list: the source comes back no sooner than
+    the server asked, although its own backoff would have retried at once."""
+
+    async def body() -> None:
+        async with ApiServer() as server, Kubectl(server) as k:
+            await seed(k)
+            server.throttle(1, retry_after=1)
+            async with running(server, resources=("pods",)) as (source, _sink):
+                await source.wait_synced()
+                first, second = server.request_times[-2:]  # the 429, then the list that worked
+                assert second - first >= 1.0
+                assert source.metrics.watch_restarts.labels("pods", "error")._value.get() == 1
+
+    run(body())
+
+
+def test_403_is_a_warning_naming_the_grant_until_it_persists(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A restarted API server denies until its RBAC cache has loaded: WARNING, with the grant the
+    ClusterRole gives; the same 403 after the grace is an ERROR saying what is missing."""
+
+    async def body() -> None:
+        async with ApiServer() as server, Kubectl(server) as k:
+            await seed(k)
+            server.forbid("pods")
+            caplog.set_level(logging.WARNING, "agent.sources.kubernetes")
+            async with running(server, resources=("pods",), forbidden_grace=0.3) as (source, s):
+                def levels() -> list[int]:
+                    return [r.levelno for r in caplog.records if "403 Forbidden" in r.getMessage()]
+
+                await s.until(lambda: logging.ERROR in levels())
+                first = next(r.getMessage() for r in caplog.records)
+                assert levels()[0] == logging.WARNING
+                assert "grants list and watch on pods (apiGroup \"\")" in first
+                error = next(r.getMessage() for r in caplog.records
+                             if r.levelno == logging.ERROR)
+                assert "needs list and watch on pods" in error
+                assert not source.synced
+                server.allow("pods")
+                await source.wait_synced()
+                assert source.last_error("pods") is None
+
+    run(body())
+
+
+def test_an_outage_is_measured_and_recovery_resumes_from_the_last_version(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The server stops (connections reset, new ones refused): unreachable_for grows; once it
+    is back on the same address the source resumes from its resourceVersion, no relist."""
+
+    async def body() -> None:
+        async with ApiServer() as server, Kubectl(server) as k:
+            await seed(k)
+            async with running(server, backoff_initial=0.05, backoff_cap=0.2) as (source, s):
+                await source.wait_synced()
+                assert source.unreachable_for() == 0.0
+                await server.stop_serving()
+                await s.until(lambda: source.unreachable_for() > 1.0)
+                # However long the outage, retries stay at most backoff_cap apart.
+                delays = [float(m.group(1)) for r in caplog.records
+                          if (m := re.search(r"retrying in ([0-9.]+) s", r.getMessage()))]
+                assert len(delays) >= 10 and max(delays) <= 0.2 and max(delays) >= 0.1
+                await server.start_serving()
+                await k.pod("ns1", "after", NODE, ip="10.1.0.9")
+                await s.until(lambda: "ns1/after" in source.cache("pods"))
+                await s.until(lambda: source.unreachable_for() == 0.0)  # every resource back
+                assert source.metrics.relists.labels("pods")._value.get() == 0
+
+    run(body())
+
+
+EXEC_PLUGIN = """#!{python}
+# A kubeconfig exec credential plugin, as aws/gke/kubelogin are: reads KUBERNETES_EXEC_INFO,
+# prints an ExecCredential. Each run is logged; the token is whatever the file holds now.
+import json, os, pathlib, sys
+here = pathlib.Path(sys.argv[0]).parent
+info = json.loads(os.environ["KUBERNETES_EXEC_INFO"])
+assert info["kind"] == "ExecCredential", info
+with open(here / "runs", "a") as f:
+    f.write(os.environ.get("PLUGIN_REGION", "") + "\\n")
+print(json.dumps({{"apiVersion": info["apiVersion"], "kind": "ExecCredential",
+                  "status": {{"token": (here / "current").read_text().strip(),
+                             "expirationTimestamp": "2999-01-01T00:00:00Z"}}}}))
+"""
+
+
+def test_kubeconfig_exec_plugin_authenticates_and_runs_again_after_a_401(
+    tmp_path: Path,
+) -> None:
+    """An EKS/GKE/AKS-style kubeconfig: the user is an exec plugin (a script printing an
+    ExecCredential). Its token authenticates; it is cached while valid, and a 401 (the server
+    no longer accepts it) runs the plugin again."""
+    plugin = tmp_path / "bin" / "get-token"
+    plugin.parent.mkdir()
+    plugin.write_text(EXEC_PLUGIN.format(python=sys.executable))
+    plugin.chmod(0o755)
+    (plugin.parent / "current").write_text("exec-token-1\n")
+    runs = plugin.parent / "runs"
+
+    async def body() -> None:
+        async with ApiServer(token="exec-token-1") as server, Kubectl(server) as k:
+            await seed(k)
+            kubeconfig = tmp_path / "config"
+            kubeconfig.write_text(json.dumps({
+                "current-context": "eks",
+                "clusters": [{"name": "c", "cluster": {"server": server.url}}],
+                "users": [{"name": "u", "user": {"exec": {
+                    "apiVersion": "client.authentication.k8s.io/v1",
+                    "command": "bin/get-token",  # relative: to the kubeconfig's directory
+                    "args": ["--cluster", "test"],
+                    "env": [{"name": "PLUGIN_REGION", "value": "eu-west-1"}],
+                    "interactiveMode": "Never"}}}],
+                "contexts": [{"name": "eks", "context": {"cluster": "c", "user": "u"}}],
+            }))
+            config = from_kubeconfig(kubeconfig)
+            assert config.credentials is not None
+            assert "exec plugin 'bin/get-token'" in config.credentials.describe()
+            async with running(server, config) as (source, sink):
+                await source.wait_synced()
+                assert set(source.cache("pods")) == {"ns1/a1", "ns1/b1"}
+                assert runs.read_text() == "eu-west-1\n"  # once: the token is still valid
+                assert server.unauthorized == 0
+                # The credential is rotated: the old token is refused, the plugin runs again.
+                server.token = "exec-token-2"
+                (plugin.parent / "current").write_text("exec-token-2\n")
+                server.drop_watches()
+                await k.authorization_policy("ns1", "after", {"action": "ALLOW"})
+                await sink.until(lambda: "ns1/after" in source.cache(APS))
+                assert server.unauthorized >= 1
+                assert runs.read_text().count("\n") >= 2
 
     run(body())
