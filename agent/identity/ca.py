@@ -333,7 +333,11 @@ class CaServer:
                  server_names: Iterable[str] = (),
                  token_auth: TokenAuthenticator | None = None,
                  metrics: CaMetrics | None = None,
-                 audit: CaAudit | None = None) -> None:
+                 audit: CaAudit | None = None,
+                 cluster_id: str | None = None) -> None:
+        """cluster_id: the cluster whose nodes this CA authorizes; a caller that names another
+        in its `clusterid` metadata (as ztunnel sends) is refused, as istiod refuses a cluster
+        it has no node authorizer for."""
         self.ca = ca
         self.auth = auth
         self.require_node_cert = require_node_cert
@@ -341,6 +345,7 @@ class CaServer:
         self.token_auth = token_auth
         self.metrics = metrics or CaMetrics()
         self.audit = audit
+        self.cluster_id = cluster_id
         self._server: grpc.aio.Server | None = None
         self.port: int | None = None
 
@@ -416,6 +421,13 @@ class CaServer:
 
     async def _authenticate(self, metadata: list[tuple[str, str | bytes]],
                             peer_pem: bytes | None) -> Caller:
+        cluster = next((v for k, v in metadata if k.lower() == "clusterid"), None)
+        if self.cluster_id and cluster is not None:
+            cluster = cluster if isinstance(cluster, str) else cluster.decode(errors="replace")
+            if cluster != self.cluster_id:
+                raise Rejection(grpc.StatusCode.UNAUTHENTICATED,
+                                f"caller is in cluster {cluster[:64]!r}; this CA authorizes the "
+                                f"nodes of cluster {self.cluster_id!r}", "other_cluster")
         token = bearer_token(metadata)
         if self.token_auth is None or token is None or self.auth.knows(token):
             node = self.auth.authenticate(metadata, peer_pem)

@@ -97,6 +97,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     kube.add_argument("--token-issuer", help="issuer (iss) of ServiceAccount tokens, for jwks")
     kube.add_argument("--jwks-url", help="the issuer's key set, for jwks (default "
                                          "<API server>/openid/v1/jwks)")
+    serve.add_argument("--cluster-id", help="refuse callers whose clusterid names another "
+                                            "cluster (as istiod's CLUSTER_ID)")
     serve.add_argument("--metrics-listen", help="host:port for /metrics (default: none)")
     serve.add_argument("--audit-log", type=Path, help="JSON-lines audit log of refused CSRs")
     serve.set_defaults(func=_serve)
@@ -116,6 +118,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     issue.add_argument("--identity", type=_identity, required=True,
                        help="spiffe://<td>/ns/<ns>/sa/<sa>")
     issue.add_argument("--token-file", type=Path, help="file holding the node's bearer token")
+    issue.add_argument("--cluster-id", help="sent as clusterid metadata (as ztunnel does)")
     issue.add_argument("--node-cert", type=Path, help="node client certificate (PEM)")
     issue.add_argument("--node-key", type=Path, help="node client key (PEM)")
     issue.add_argument("--ttl", type=duration, default=timedelta(hours=1))
@@ -169,7 +172,8 @@ def _serve(args: argparse.Namespace) -> int:
     audit = CaAudit(args.audit_log) if args.audit_log else None
     server = CaServer(ca, NodeAuthenticator(tokens, args.trust_domain),
                       require_node_cert=args.require_node_cert, server_names=args.server_name,
-                      token_auth=kube[2] if kube else None, metrics=metrics, audit=audit)
+                      token_auth=kube[2] if kube else None, metrics=metrics, audit=audit,
+                      cluster_id=args.cluster_id)
 
     async def run() -> None:
         source_task = asyncio.create_task(kube[1].run()) if kube else None
@@ -240,11 +244,11 @@ def _node_cert(args: argparse.Namespace) -> int:
 
 
 def _issue(args: argparse.Namespace) -> int:
-    token = args.token_file.read_text().strip() if args.token_file else None
     if (args.node_cert is None) != (args.node_key is None):
         raise SystemExit("give both --node-cert and --node-key, or neither")
     client = CaClient(
-        args.ca, args.ca_root.read_text(), token=token,
+        args.ca, args.ca_root.read_text(), token_file=args.token_file,
+        cluster_id=args.cluster_id,
         node_cert_pem=args.node_cert.read_text() if args.node_cert else None,
         node_key_pem=args.node_key.read_bytes() if args.node_key else None)
 

@@ -89,8 +89,8 @@ class World:
 
 
 @contextlib.asynccontextmanager
-async def world(tmp_path: Path, *, jwks: bool = False,
-                delegator: bool = True) -> AsyncIterator[World]:
+async def world(tmp_path: Path, *, jwks: bool = False, delegator: bool = True,
+                cluster_id: str | None = None) -> AsyncIterator[World]:
     async with ApiServer() as server, Kubectl(server) as k:
         for ns in (SYS, "app"):
             await k.namespace(ns)
@@ -116,7 +116,7 @@ async def world(tmp_path: Path, *, jwks: bool = False,
         audit_path = tmp_path / "ca-audit.log"
         audit = CaAudit(audit_path)
         ca_server = CaServer(ca, NodeAuthenticator({}, TD), token_auth=auth, metrics=metrics,
-                             audit=audit)
+                             audit=audit, cluster_id=cluster_id)
         source = ClusterPodSource(config, pods)
         task = asyncio.create_task(source.run())
         port = await ca_server.start("127.0.0.1:0")
@@ -309,5 +309,42 @@ def test_jwks_mode_checks_tokens_against_the_issuer_keys(tmp_path: Path) -> None
                     await asyncio.sleep(0.02)
             e = await refused(w, t1, DB)
             assert "caller pod nodemesh-system/agent-1 is not running on any node" in str(e)
+
+    run(body)
+
+
+@pytest.mark.unit
+def test_agent_client_rereads_its_projected_token_and_sends_the_cluster_id(
+        tmp_path: Path) -> None:
+    async def body() -> None:
+        async with world(tmp_path, cluster_id="Kubernetes") as w:
+            token_file = tmp_path / "istio-token"
+            token_file.write_text(w.agent_token("agent-0") + "\n")
+            client = CaClient(w.address, w.root_pem, token_file=token_file,
+                              cluster_id="Kubernetes")
+            try:
+                assert (await client.issue(WEB)).identity == WEB
+                # The kubelet rotates the token: an expired one in the file is refused, the
+                # fresh one after it is used at once (no restart, no cached token).
+                token_file.write_text(w.agent_token("agent-0", now=time.time() - 3600 - 120))
+                with pytest.raises(CaError, match="token has expired"):
+                    await client.issue(WEB)
+                token_file.write_text(w.agent_token("agent-0"))
+                assert (await client.issue(WEB)).identity == WEB
+                token_file.write_text("")
+                with pytest.raises(CaError, match="is empty") as err:
+                    await client.issue(WEB)
+                assert err.value.reason == "token_unreadable"
+            finally:
+                await client.close()
+            other = CaClient(w.address, w.root_pem, token=w.agent_token("agent-0"),
+                             cluster_id="east")
+            try:
+                with pytest.raises(CaError, match="caller is in cluster 'east'; this CA "
+                                   "authorizes the nodes of cluster 'Kubernetes'"):
+                    await other.issue(WEB)
+            finally:
+                await other.close()
+            assert w.refusals("UNAUTHENTICATED", "other_cluster") == 1
 
     run(body)
