@@ -103,6 +103,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve.add_argument("--audit-log", type=Path, help="JSON-lines audit log of refused CSRs")
     serve.set_defaults(func=_serve)
 
+    init = ca_sub.add_parser("init", help="generate a new root CA (certificate and key files)",
+                             description="Write a new self-signed root for the trust domain; "
+                             "refuses to overwrite existing files.")
+    _root_args(init)
+    init.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN)
+    init.set_defaults(func=_init)
+
     node = ca_sub.add_parser("node-cert", help="issue a node agent's client certificate offline")
     _root_args(node)
     node.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN)
@@ -185,6 +192,8 @@ def _serve(args: argparse.Namespace) -> int:
         port = await server.start(args.listen)
         host = args.listen.rpartition(":")[0]
         print(f"listening on {host}:{port}", flush=True)
+        if metrics_server is not None:
+            print(f"metrics on {metrics_server.host}:{metrics_server.port}", flush=True)
         try:
             await server.wait()
         finally:
@@ -230,6 +239,16 @@ def _kube_parts(args: argparse.Namespace, registry: CollectorRegistry, metrics: 
     source = ClusterPodSource(config, pods, registry=registry)
     auth = KubeTokenAuthenticator(checker, pods, accounts, args.trust_domain, metrics)
     return pods, source, auth
+
+
+def _init(args: argparse.Namespace) -> int:
+    existing = [p for p in (args.root_cert, args.root_key) if p.exists()]
+    if existing:
+        raise SystemExit(f"{existing[0]} exists; not overwriting a root")
+    authority = load_or_create_root(args.root_cert, args.root_key, args.trust_domain)
+    print(f"root for {args.trust_domain}: {args.root_cert} (share it), {args.root_key} "
+          f"(mode 0600; only the CA may read it), expires {authority.root.not_valid_after_utc}")
+    return 0
 
 
 def _node_cert(args: argparse.Namespace) -> int:
