@@ -75,7 +75,13 @@ SETTINGS: tuple[Setting, ...] = (
         "Istio-compatible CA (host:port); empty runs the embedded CA",
     ),
     Setting("ca_root_cert", "CA_ROOT_CERT", "--ca-root-cert", "trust anchor of the CA"),
-    Setting("ca_token_path", "CA_TOKEN_PATH", "--ca-token", "bearer token file for the CA"),
+    Setting(
+        "ca_token_path",
+        "CA_TOKEN_PATH",
+        "--ca-token",
+        "bearer token file for the CA (re-read per request: a projected ServiceAccount token)",
+    ),
+    Setting("cluster_id", "CLUSTER_ID", "--cluster-id", "cluster name sent to the CA (clusterid)"),
     Setting(
         "cert_ttl_seconds", "SECRET_TTL", "--cert-ttl", "workload certificate TTL, seconds", int
     ),
@@ -143,6 +149,7 @@ class Config:
     ca_address: str = DEFAULT_CA_ADDR
     ca_root_cert: Path | None = None
     ca_token_path: Path | None = None
+    cluster_id: str = "Kubernetes"  # istiod's and ztunnel's default CLUSTER_ID
     cert_ttl_seconds: int = DEFAULT_CERT_TTL_SECONDS
     admin_addr: str = DEFAULT_ADMIN_ADDR
     metrics_addr: str = DEFAULT_METRICS_ADDR

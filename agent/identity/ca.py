@@ -10,7 +10,13 @@ Two layers:
   * a node client certificate issued by this CA whose only URI SAN is
     spiffe://<td>/nodemesh/node/<node> (see spiffe.node_uri). grpc's Python API cannot make a
     client certificate optional, so this mode (`require_node_cert=True`) requires one on every
-    connection; a bearer token sent alongside must then name the same node.
+    connection; a bearer token sent alongside must then name the same node; or
+  * a Kubernetes ServiceAccount token (`token_auth`, agent/caauth): the caller is the node agent
+    whose bound pod runs on a node, and it gets what istiod's node authorizer grants: its own
+    identity, or with metadata.ImpersonatedIdentity an identity a pod on its node runs as.
+
+Every refusal is a `Rejection` with a gRPC status, a message naming the cause and a short reason
+label; CaServer counts it (CaMetrics) and writes one audit line (CaAudit).
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from google.protobuf import struct_pb2
 
 from agent.identity import pki
+from agent.identity.caaudit import CaAudit
+from agent.identity.metrics import CaMetrics
 from agent.identity.proto import (
     IMPERSONATED_IDENTITY,
     METHOD_NAME,
@@ -90,17 +98,38 @@ class StaticWorkloadLocator:
 
 @dataclass
 class Rejection(Exception):  # noqa: N818  # a rejected request, not an error of the CA itself
-    """A request the CA refuses; code and message go back to the caller as the gRPC status."""
+    """A request the CA refuses; code and message go back to the caller as the gRPC status.
+    `reason` is a short label for metrics and the audit log (default: the code's name)."""
 
     code: grpc.StatusCode
     message: str
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        self.reason = self.reason or self.code.name.lower()
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.message}"
 
 
-def _invalid(message: str) -> Rejection:
-    return Rejection(grpc.StatusCode.INVALID_ARGUMENT, message)
+def _invalid(message: str, reason: str = "invalid_csr") -> Rejection:
+    return Rejection(grpc.StatusCode.INVALID_ARGUMENT, message, reason)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """An authenticated caller: the node it runs on and, for a ServiceAccount-token caller, its
+    own workload identity (which istiod would issue it without impersonation)."""
+
+    node: str
+    principal: str  # who, for logs and the audit line
+    identity: Identity | None = None
+
+
+class TokenAuthenticator(Protocol):
+    """Turns a bearer token into a Caller or raises Rejection (agent/caauth implements it)."""
+
+    async def authenticate(self, token: str) -> Caller: ...
 
 
 def _impersonated(metadata: struct_pb2.Struct | None) -> str | None:
@@ -108,7 +137,8 @@ def _impersonated(metadata: struct_pb2.Struct | None) -> str | None:
         return None
     value = metadata.fields[IMPERSONATED_IDENTITY]
     if value.WhichOneof("kind") != "string_value":
-        raise _invalid(f"metadata.{IMPERSONATED_IDENTITY} must be a string SPIFFE id")
+        raise _invalid(f"metadata.{IMPERSONATED_IDENTITY} must be a string SPIFFE id",
+                       "invalid_impersonation")
     return value.string_value
 
 
@@ -123,24 +153,43 @@ class CertificateAuthority:
     default_ttl: timedelta = DEFAULT_TTL
 
     def sign(self, node: str, csr_pem: str, ttl_seconds: int = 0,
-             metadata: struct_pb2.Struct | None = None) -> list[str]:
-        """PEM chain (leaf first, root last) for the CSR, or Rejection saying why not."""
+             metadata: struct_pb2.Struct | None = None, *,
+             own_identity: Identity | None = None) -> list[str]:
+        """PEM chain (leaf first, root last) for the CSR, or Rejection saying why not.
+
+        own_identity (ServiceAccount-token callers): as istiod, a request without
+        metadata.ImpersonatedIdentity gets only the caller's own identity; with it, the
+        identity must run on the caller's node. Without own_identity (token-file and node
+        certificate callers) every identity is checked against the node.
+        """
         identity, public_key = self._check_csr(csr_pem)
         requested = _impersonated(metadata)
         if requested is not None and requested != identity.uri:
             raise _invalid(f"metadata.{IMPERSONATED_IDENTITY} {requested} does not match the "
-                           f"CSR's SAN {identity.uri}")
+                           f"CSR's SAN {identity.uri}", "invalid_impersonation")
         ttl = self._ttl(ttl_seconds)
+        if own_identity is not None and requested is None:
+            if identity != own_identity:
+                raise Rejection(grpc.StatusCode.PERMISSION_DENIED,
+                                f"without metadata.{IMPERSONATED_IDENTITY} a caller gets only "
+                                f"its own identity {own_identity}; the CSR asks for {identity}",
+                                "not_own_identity")
+            return self._issue(identity, public_key, ttl, node)
         try:
             scheduled = self.locator.identities_on_node(node)
         except Exception as e:  # the state store is a separate component; say so to the caller
             log.exception("workload locator failed for node %s", node)
             raise Rejection(grpc.StatusCode.UNAVAILABLE,
                             f"CA cannot tell which workloads run on node {node} right now: "
-                            f"{type(e).__name__}: {e}") from e
+                            f"{type(e).__name__}: {e}", "locator_unavailable") from e
         if identity not in scheduled:
             raise Rejection(grpc.StatusCode.PERMISSION_DENIED,
-                            f"identity {identity} is not scheduled on node {node}")
+                            f"identity {identity} is not scheduled on node {node}",
+                            "not_on_node")
+        return self._issue(identity, public_key, ttl, node)
+
+    def _issue(self, identity: Identity, public_key: pki.PublicKey, ttl: timedelta,
+               node: str) -> list[str]:
         leaf = self.authority.issue(public_key, ttl, uris=[identity.uri])
         log.info("issued %s for node %s, serial %x, expires %s", identity, node,
                  leaf.serial_number, leaf.not_valid_after_utc)
@@ -187,18 +236,18 @@ class CertificateAuthority:
             raise _invalid(f"CSR URI SAN: {e}") from e
         if identity.trust_domain != self.trust_domain:
             raise _invalid(f"identity {identity} is in trust domain {identity.trust_domain}; "
-                           f"this CA signs only {self.trust_domain}")
+                           f"this CA signs only {self.trust_domain}", "other_trust_domain")
         assert isinstance(key, pki.PublicKey)  # acceptable_key admitted only EC or RSA
         return identity, key
 
     def _ttl(self, seconds: int) -> timedelta:
         if seconds < 0:
-            raise _invalid(f"validity_duration {seconds}s is negative")
+            raise _invalid(f"validity_duration {seconds}s is negative", "invalid_ttl")
         if seconds == 0:
             return min(self.default_ttl, self.max_ttl)
         if seconds > self.max_ttl.total_seconds():
             raise _invalid(f"requested TTL {seconds}s exceeds the CA's maximum of "
-                           f"{int(self.max_ttl.total_seconds())}s")
+                           f"{int(self.max_ttl.total_seconds())}s", "invalid_ttl")
         return timedelta(seconds=seconds)
 
     def issue_node_certificate(self, node: str, public_key: pki.PublicKey,
@@ -207,6 +256,20 @@ class CertificateAuthority:
         leaf = self.authority.issue(public_key, ttl, uris=[node_uri(self.trust_domain, node)],
                                     server=False)
         return self.authority.chain_pems(leaf)
+
+
+def bearer_token(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
+    """The token of 'authorization: Bearer <token>' metadata, None without one."""
+    values = [v for k, v in metadata if k.lower() == "authorization"]
+    if not values:
+        return None
+    value = values[0] if isinstance(values[0], str) else values[0].decode(errors="replace")
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Rejection(grpc.StatusCode.UNAUTHENTICATED,
+                        "authorization metadata is not of the form 'Bearer <token>'",
+                        "malformed_authorization")
+    return token.strip()
 
 
 def _token_digest(token: str) -> bytes:
@@ -248,16 +311,15 @@ class NodeAuthenticator:
                             "metadata or a node client certificate")
         return node
 
+    def knows(self, token: str) -> bool:
+        """Is this one of the token file's tokens?"""
+        return _token_digest(token) in self._by_digest
+
     def _node_from_token(self, metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
-        values = [v for k, v in metadata if k.lower() == "authorization"]
-        if not values:
+        token = bearer_token(metadata)
+        if token is None:
             return None
-        value = values[0] if isinstance(values[0], str) else values[0].decode(errors="replace")
-        scheme, _, token = value.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise Rejection(grpc.StatusCode.UNAUTHENTICATED,
-                            "authorization metadata is not of the form 'Bearer <token>'")
-        node = self._by_digest.get(_token_digest(token.strip()))
+        node = self._by_digest.get(_token_digest(token))
         if node is None:
             raise Rejection(grpc.StatusCode.UNAUTHENTICATED,
                             "bearer token is not recognised (not in the CA's token file)")
@@ -277,15 +339,30 @@ class NodeAuthenticator:
 
 
 class CaServer:
-    """CertificateAuthority + NodeAuthenticator served over gRPC/TLS."""
+    """CertificateAuthority + caller authentication served over gRPC/TLS.
+
+    A bearer token that is not in the token file goes to `token_auth` when one is configured
+    (a Kubernetes ServiceAccount token); node certificates and token-file tokens name a node.
+    """
 
     def __init__(self, ca: CertificateAuthority, auth: NodeAuthenticator, *,
                  require_node_cert: bool = False,
-                 server_names: Iterable[str] = ()) -> None:
+                 server_names: Iterable[str] = (),
+                 token_auth: TokenAuthenticator | None = None,
+                 metrics: CaMetrics | None = None,
+                 audit: CaAudit | None = None,
+                 cluster_id: str | None = None) -> None:
+        """cluster_id: the cluster whose nodes this CA authorizes; a caller that names another
+        in its `clusterid` metadata (as ztunnel sends) is refused, as istiod refuses a cluster
+        it has no node authorizer for."""
         self.ca = ca
         self.auth = auth
         self.require_node_cert = require_node_cert
         self.server_names = tuple(server_names)
+        self.token_auth = token_auth
+        self.metrics = metrics or CaMetrics()
+        self.audit = audit
+        self.cluster_id = cluster_id
         self._server: grpc.aio.Server | None = None
         self.port: int | None = None
 
@@ -335,18 +412,58 @@ class CaServer:
             self, request: IstioCertificateRequest,
             context: grpc.aio.ServicerContext[IstioCertificateRequest, IstioCertificateResponse],
     ) -> IstioCertificateResponse:
+        caller: Caller | None = None
+        md = request.metadata if request.HasField("metadata") else None
         try:
             peer = context.auth_context().get("x509_pem_cert")
             peer_pem = next(iter(peer), None) if peer else None
             metadata = [(m[0], m[1]) for m in (context.invocation_metadata() or ())]
-            node = self.auth.authenticate(metadata, peer_pem)
-            chain = self.ca.sign(node, request.csr, request.validity_duration,
-                                 request.metadata if request.HasField("metadata") else None)
+            caller = await self._authenticate(metadata, peer_pem)
+            chain = self.ca.sign(caller.node, request.csr, request.validity_duration, md,
+                                 own_identity=caller.identity)
         except Rejection as r:
-            log.warning("CSR rejected (%s): %s", context.peer(), r)
+            self.metrics.refusals.labels(r.code.name, r.reason).inc()
+            requested = _requested_identity(md)
+            log.warning("CSR refused (%s, %s): %s", context.peer(),
+                        caller.principal if caller else "unauthenticated", r)
+            if self.audit is not None:
+                self.audit.refusal(code=r.code.name, reason=r.reason, message=r.message,
+                                   peer=context.peer(),
+                                   caller=caller.principal if caller else None,
+                                   node=caller.node if caller else None, requested=requested)
             await context.abort(r.code, r.message)
             raise AssertionError("unreachable: abort raises") from None
+        self.metrics.issued.inc()
         return IstioCertificateResponse(cert_chain=chain)
+
+    async def _authenticate(self, metadata: list[tuple[str, str | bytes]],
+                            peer_pem: bytes | None) -> Caller:
+        cluster = next((v for k, v in metadata if k.lower() == "clusterid"), None)
+        if self.cluster_id and cluster is not None:
+            cluster = cluster if isinstance(cluster, str) else cluster.decode(errors="replace")
+            if cluster != self.cluster_id:
+                raise Rejection(grpc.StatusCode.UNAUTHENTICATED,
+                                f"caller is in cluster {cluster[:64]!r}; this CA authorizes the "
+                                f"nodes of cluster {self.cluster_id!r}", "other_cluster")
+        token = bearer_token(metadata)
+        if self.token_auth is None or token is None or self.auth.knows(token):
+            node = self.auth.authenticate(metadata, peer_pem)
+            return Caller(node, f"node {node}")
+        caller = await self.token_auth.authenticate(token)
+        if peer_pem is not None:  # require_node_cert: both credentials must agree
+            cert_node = self.auth.authenticate((), peer_pem)
+            if cert_node != caller.node:
+                raise Rejection(grpc.StatusCode.UNAUTHENTICATED,
+                                f"ServiceAccount token is for node {caller.node} but the client "
+                                f"certificate is for node {cert_node}", "credentials_disagree")
+        return caller
+
+
+def _requested_identity(md: struct_pb2.Struct | None) -> str | None:
+    try:
+        return _impersonated(md)
+    except Rejection:
+        return None
 
 
 def _names_for(host: str, extra: Iterable[str]) -> tuple[list[str], list[str]]:

@@ -4,6 +4,10 @@ Each request generates a fresh ECDSA P-256 key locally (the key never leaves the
 a CSR with only the identity's URI SAN plus metadata.ImpersonatedIdentity (as ztunnel does in
 shared mode), and accepts the answer only if the leaf carries exactly that identity, matches the
 key, and chains to the trust bundle.
+
+Call metadata is what ztunnel sends to istiod: `authorization: Bearer <token>` and
+`clusterid: <cluster id>`. A token file (the projected ServiceAccount token) is read afresh for
+every request: the kubelet rewrites it well before it expires.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from datetime import timedelta
+from pathlib import Path
 
 import grpc
 import grpc.aio
@@ -39,16 +44,24 @@ class CaError(Exception):
 
 class CaClient:
     def __init__(self, address: str, ca_root_pem: str, *, token: str | None = None,
+                 token_file: Path | None = None, cluster_id: str | None = None,
                  node_cert_pem: str | None = None, node_key_pem: bytes | None = None,
                  trust_bundle: Sequence[str] | None = None, ttl: timedelta = DEFAULT_TTL,
                  timeout: float = 10.0, server_name: str | None = None) -> None:
         """address: host:port of the CA. ca_root_pem: trust anchor for the CA's TLS certificate.
 
+        token / token_file: bearer credential (a file is re-read for every request).
+        cluster_id: sent as `clusterid` metadata, as ztunnel does (istiod picks the cluster's
+        node authorizer by it).
         trust_bundle: roots issued workload chains must chain to (default: ca_root_pem).
         server_name: name to verify in the CA's certificate if it differs from address's host.
         """
         if (node_cert_pem is None) != (node_key_pem is None):
             raise ValueError("give both node_cert_pem and node_key_pem, or neither")
+        if token is not None and token_file is not None:
+            raise ValueError("give a token or a token file, not both")
+        self._token_file = token_file
+        self._cluster_id = cluster_id
         self.address = address
         self.ttl = ttl
         self.timeout = timeout
@@ -92,9 +105,6 @@ class CaClient:
             cert, key = self._node_cert
             creds = grpc.ssl_channel_credentials(
                 self._ca_root.encode(), key, cert.encode() if cert is not None else None)
-            if self._token is not None:
-                creds = grpc.composite_channel_credentials(
-                    creds, grpc.access_token_call_credentials(self._token))
             options: list[tuple[str, str | int]] = [
                 # Reconnect promptly after an outage; the certificate manager paces retries.
                 ("grpc.initial_reconnect_backoff_ms", 200),
@@ -115,8 +125,9 @@ class CaClient:
             csr=pki.build_csr(identity, key),
             validity_duration=int((ttl or self.ttl).total_seconds()))
         request.metadata.fields[IMPERSONATED_IDENTITY].string_value = identity.uri
+        metadata = self._call_metadata()
         try:
-            response = await self._stub()(request, timeout=self.timeout)
+            response = await self._stub()(request, timeout=self.timeout, metadata=metadata)
         except grpc.aio.AioRpcError as e:
             code = e.code()
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -124,6 +135,24 @@ class CaClient:
             raise CaError(code.name.lower(), f"CA {self.address} refused a certificate for "
                           f"{identity}: {code.name}: {e.details()}") from e
         return self._accept(identity, key, list(response.cert_chain))
+
+    def _call_metadata(self) -> tuple[tuple[str, str], ...]:
+        token = self._token
+        if self._token_file is not None:
+            try:
+                token = self._token_file.read_text(encoding="ascii").strip()
+            except (OSError, UnicodeDecodeError) as e:
+                raise CaError("token_unreadable", f"cannot read the CA token file "
+                              f"{self._token_file}: {e}") from e
+            if not token:
+                raise CaError("token_unreadable", f"the CA token file {self._token_file} is "
+                              "empty")
+        out: list[tuple[str, str]] = []
+        if token:
+            out.append(("authorization", f"Bearer {token}"))
+        if self._cluster_id:
+            out.append(("clusterid", self._cluster_id))
+        return tuple(out)
 
     def _accept(self, identity: Identity, key: pki.PrivateKey,
                 chain_pems: list[str]) -> WorkloadCertificate:

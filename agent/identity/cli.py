@@ -11,6 +11,16 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry
+
+from agent.caauth.podindex import ClusterPodSource, PodIndex
+from agent.caauth.tokenreview import (
+    DEFAULT_AUDIENCE,
+    ApiTokenReviewer,
+    JwksTokenVerifier,
+    KubeTokenAuthenticator,
+    TokenChecker,
+)
 from agent.host import signals
 from agent.identity import pki
 from agent.identity.ca import (
@@ -20,8 +30,12 @@ from agent.identity.ca import (
     NodeAuthenticator,
     StaticWorkloadLocator,
 )
+from agent.identity.caaudit import CaAudit
 from agent.identity.caclient import CaClient, CaError
+from agent.identity.metrics import CaMetrics
 from agent.identity.spiffe import DEFAULT_TRUST_DOMAIN, Identity, IdentityError
+from agent.sources.kube import config as kubeconfig
+from agent.telemetry.server import MetricsServer
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +73,45 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN)
     serve.add_argument("--tokens", type=Path,
                        help="YAML mapping bearer token -> node name (node agents' credentials)")
-    serve.add_argument("--workloads", type=Path, required=True,
-                       help="YAML mapping node name -> list of SPIFFE ids scheduled there")
+    serve.add_argument("--workloads", type=Path,
+                       help="YAML mapping node name -> list of SPIFFE ids scheduled there "
+                            "(without --kube)")
     serve.add_argument("--max-ttl", type=duration, default=MAX_TTL,
                        help="longest certificate lifetime granted (default 24h)")
     serve.add_argument("--require-node-cert", action="store_true",
                        help="require a node client certificate issued by this CA (ca node-cert)")
     serve.add_argument("--server-name", action="append", default=[],
                        help="extra DNS name/IP for the CA's TLS certificate (repeatable)")
+    kube = serve.add_argument_group(
+        "Kubernetes", "authenticate node agents by ServiceAccount token and authorize them "
+        "against a cached watch of pods (the central CA of a cluster)")
+    kube.add_argument("--kube", action="store_true",
+                      help="enable: in-cluster config, or --kubeconfig")
+    kube.add_argument("--kubeconfig", type=Path, help="kubeconfig file (default: in-cluster)")
+    kube.add_argument("--token-audience", action="append", default=[],
+                      help="audience agents' tokens must carry (repeatable; default istio-ca)")
+    kube.add_argument("--agent-service-account", action="append", default=[],
+                      metavar="NAMESPACE/NAME",
+                      help="node agent ServiceAccount allowed to ask for workload "
+                           "certificates (repeatable; default nodemesh-system/nodemesh)")
+    kube.add_argument("--token-check", choices=("tokenreview", "jwks"), default="tokenreview",
+                      help="check tokens with the TokenReview API (needs system:auth-delegator) "
+                           "or against the issuer's JWKS (default %(default)s)")
+    kube.add_argument("--token-issuer", help="issuer (iss) of ServiceAccount tokens, for jwks")
+    kube.add_argument("--jwks-url", help="the issuer's key set, for jwks (default "
+                                         "<API server>/openid/v1/jwks)")
+    serve.add_argument("--cluster-id", help="refuse callers whose clusterid names another "
+                                            "cluster (as istiod's CLUSTER_ID)")
+    serve.add_argument("--metrics-listen", help="host:port for /metrics (default: none)")
+    serve.add_argument("--audit-log", type=Path, help="JSON-lines audit log of refused CSRs")
     serve.set_defaults(func=_serve)
+
+    init = ca_sub.add_parser("init", help="generate a new root CA (certificate and key files)",
+                             description="Write a new self-signed root for the trust domain; "
+                             "refuses to overwrite existing files.")
+    _root_args(init)
+    init.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN)
+    init.set_defaults(func=_init)
 
     node = ca_sub.add_parser("node-cert", help="issue a node agent's client certificate offline")
     _root_args(node)
@@ -84,6 +128,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     issue.add_argument("--identity", type=_identity, required=True,
                        help="spiffe://<td>/ns/<ns>/sa/<sa>")
     issue.add_argument("--token-file", type=Path, help="file holding the node's bearer token")
+    issue.add_argument("--cluster-id", help="sent as clusterid metadata (as ztunnel does)")
     issue.add_argument("--node-cert", type=Path, help="node client certificate (PEM)")
     issue.add_argument("--node-key", type=Path, help="node client key (PEM)")
     issue.add_argument("--ttl", type=duration, default=timedelta(hours=1))
@@ -123,19 +168,36 @@ def load_or_create_root(cert: Path, key: Path, trust_domain: str,
 def _serve(args: argparse.Namespace) -> int:
     authority = load_or_create_root(args.root_cert, args.root_key, args.trust_domain)
     tokens = NodeAuthenticator.load_tokens(args.tokens) if args.tokens else {}
-    if not tokens and not args.require_node_cert:
-        raise SystemExit("no way for node agents to authenticate: give --tokens FILE "
+    if not tokens and not args.require_node_cert and not args.kube:
+        raise SystemExit("no way for node agents to authenticate: give --kube, --tokens FILE "
                          "and/or --require-node-cert")
-    ca = CertificateAuthority(authority, StaticWorkloadLocator.from_yaml(args.workloads),
-                              args.trust_domain, max_ttl=args.max_ttl)
+    if args.kube == (args.workloads is not None):
+        raise SystemExit("give exactly one of --kube (pods from the API server) and "
+                         "--workloads FILE (a fixed placement)")
+    registry = CollectorRegistry()
+    metrics = CaMetrics(registry)
+    kube = _kube_parts(args, registry, metrics) if args.kube else None
+    locator = kube[0] if kube else StaticWorkloadLocator.from_yaml(args.workloads)
+    ca = CertificateAuthority(authority, locator, args.trust_domain, max_ttl=args.max_ttl)
+    audit = CaAudit(args.audit_log) if args.audit_log else None
     server = CaServer(ca, NodeAuthenticator(tokens, args.trust_domain),
-                      require_node_cert=args.require_node_cert, server_names=args.server_name)
+                      require_node_cert=args.require_node_cert, server_names=args.server_name,
+                      token_auth=kube[2] if kube else None, metrics=metrics, audit=audit,
+                      cluster_id=args.cluster_id)
 
     async def run() -> None:
         stop = signals.stop_event()
+        source_task = asyncio.create_task(kube[1].run()) if kube else None
+        metrics_server = None
+        if args.metrics_listen:
+            mhost, _, mport = args.metrics_listen.rpartition(":")
+            metrics_server = MetricsServer(registry, mhost.strip("[]"), int(mport))
+            await metrics_server.start()
         port = await server.start(args.listen)
         host = args.listen.rpartition(":")[0]
         print(f"listening on {host}:{port}", flush=True)
+        if metrics_server is not None:
+            print(f"metrics on {metrics_server.host}:{metrics_server.port}", flush=True)
         stopping = asyncio.create_task(stop.wait())
         serving = asyncio.create_task(server.wait())
         try:
@@ -149,8 +211,56 @@ def _serve(args: argparse.Namespace) -> int:
             # would cancel the shutdown it shares.
             await server.stop(STOP_GRACE)
             await serving
+            if source_task is not None:
+                source_task.cancel()
+                await asyncio.gather(source_task, return_exceptions=True)
+            if kube is not None:
+                await kube[2].checker.close()
+            if metrics_server is not None:
+                await metrics_server.stop()
+            if audit is not None:
+                audit.close()
 
     asyncio.run(run())
+    return 0
+
+
+def _kube_parts(args: argparse.Namespace, registry: CollectorRegistry, metrics: CaMetrics,
+                ) -> tuple[PodIndex, ClusterPodSource, KubeTokenAuthenticator]:
+    try:
+        config = kubeconfig.load(args.kubeconfig)
+    except kubeconfig.ConfigError as e:
+        raise SystemExit(f"--kube: {e}") from None
+    accounts = []
+    for text in args.agent_service_account or ["nodemesh-system/nodemesh"]:
+        ns, _, name = text.partition("/")
+        if not ns or not name or "/" in name:
+            raise SystemExit(f"--agent-service-account {text!r}: want NAMESPACE/NAME")
+        accounts.append((ns, name))
+    audiences = args.token_audience or [DEFAULT_AUDIENCE]
+    checker: TokenChecker
+    if args.token_check == "jwks":
+        if not args.token_issuer:
+            raise SystemExit("--token-check jwks needs --token-issuer (the cluster's "
+                             "service-account-issuer)")
+        checker = JwksTokenVerifier(config, args.token_issuer,
+                                    args.jwks_url or config.server + "/openid/v1/jwks",
+                                    audiences)
+    else:
+        checker = ApiTokenReviewer(config, audiences)
+    pods = PodIndex(args.trust_domain, registry)
+    source = ClusterPodSource(config, pods, registry=registry)
+    auth = KubeTokenAuthenticator(checker, pods, accounts, args.trust_domain, metrics)
+    return pods, source, auth
+
+
+def _init(args: argparse.Namespace) -> int:
+    existing = [p for p in (args.root_cert, args.root_key) if p.exists()]
+    if existing:
+        raise SystemExit(f"{existing[0]} exists; not overwriting a root")
+    authority = load_or_create_root(args.root_cert, args.root_key, args.trust_domain)
+    print(f"root for {args.trust_domain}: {args.root_cert} (share it), {args.root_key} "
+          f"(mode 0600; only the CA may read it), expires {authority.root.not_valid_after_utc}")
     return 0
 
 
@@ -166,11 +276,11 @@ def _node_cert(args: argparse.Namespace) -> int:
 
 
 def _issue(args: argparse.Namespace) -> int:
-    token = args.token_file.read_text().strip() if args.token_file else None
     if (args.node_cert is None) != (args.node_key is None):
         raise SystemExit("give both --node-cert and --node-key, or neither")
     client = CaClient(
-        args.ca, args.ca_root.read_text(), token=token,
+        args.ca, args.ca_root.read_text(), token_file=args.token_file,
+        cluster_id=args.cluster_id,
         node_cert_pem=args.node_cert.read_text() if args.node_cert else None,
         node_key_pem=args.node_key.read_bytes() if args.node_key else None)
 

@@ -29,3 +29,19 @@ class CertificateMetrics:
         """Drop the per-identity gauge of an identity that left the node (counters stay)."""
         with contextlib.suppress(KeyError):  # it never had a certificate
             self.expiry.remove(identity)
+
+
+class CaMetrics:
+    """The CA service's counters. Without a registry they still count (tests read them)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.issued = Counter("nodemesh_ca_certificates_issued",
+                              "Workload certificates the CA signed", registry=registry)
+        self.refusals = Counter(
+            "nodemesh_ca_csr_refusals",
+            "CSRs the CA refused, by gRPC status code and reason", ["code", "reason"],
+            registry=registry)
+        self.token_reviews = Counter(
+            "nodemesh_ca_token_reviews",
+            "ServiceAccount token checks (TokenReview or JWKS), by result", ["result"],
+            registry=registry)

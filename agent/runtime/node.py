@@ -111,10 +111,9 @@ class NodeAgent:
             if cfg.ca_root_cert is None:
                 raise ConfigError("ca_address needs ca_root_cert: the CA's trust anchor")
             root = cfg.ca_root_cert.read_text(encoding="ascii")
-            token = (
-                cfg.ca_token_path.read_text(encoding="ascii").strip() if cfg.ca_token_path else None
-            )
-            client = CaClient(cfg.ca_address, root, token=token, ttl=ttl)
+            # The token file is re-read per request (the kubelet rotates projected tokens).
+            client = CaClient(cfg.ca_address, root, token_file=cfg.ca_token_path,
+                              cluster_id=cfg.cluster_id, ttl=ttl)
             return CertificateManager(client, registry=self.registry, trust_bundle=[root])
         ca_cert = cfg.ca_root_cert or DEFAULT_CA_ROOT_CERT
         authority = load_or_create_authority(

@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry
 
 from agent.sources.kube.backoff import Backoff
 from agent.sources.kube.cache import Change, InvalidObjectError, ObjectCache, meta_of
-from agent.sources.kube.config import ClusterConfig, ConfigError
+from agent.sources.kube.config import ClusterConfig, ConfigError, auth_headers
 from agent.sources.kube.metrics import KubeMetrics
 from agent.sources.kube.project import Projection, project_pod
 from agent.sources.kube.stream import WatchDecoder, WatchEvent, WatchProtocolError
@@ -381,11 +381,7 @@ class KubernetesSource:
         return {}
 
     async def _auth(self) -> dict[str, str]:
-        creds = self.config.credentials
-        if creds is not None:
-            await creds.renew()  # an exec plugin runs here when its token is due
-        token = creds.token() if creds is not None else None
-        return {"Authorization": f"Bearer {token}"} if token else {}
+        return await auth_headers(self.config.credentials)
 
     def _tls_name(self) -> dict[str, Any]:
         name = self.config.server_hostname

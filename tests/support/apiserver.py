@@ -14,6 +14,11 @@ protocol a list/watch client depends on, for the resources nodemesh reads:
 - POST/PUT/PATCH (merge patch)/DELETE with 404/409/422 Status errors, so tests change the world
   the way kubectl does (the `Kubectl` class below is that client);
 - bearer-token auth (401 Status without a valid token); optional TLS;
+- bound ServiceAccount tokens (`mint_token`, signed JWTs: tests/support/satokens.py) that
+  authenticate to this server when minted for its audience, and TokenReview
+  (authentication.k8s.io/v1) that reviews them as kube-apiserver does; creating a TokenReview
+  needs the system:auth-delegator ClusterRole (`bind_cluster_role`), all else any authenticated
+  caller may do (no other RBAC);
 - discovery (/api, /apis, /version) so kubectl and other clients can talk to it.
 
 Test controls (called from the test's own event loop): `drop_watches()` aborts every watch
@@ -59,8 +64,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from agent.host import netns as netns_mod
+from support.satokens import TokenAuthority
 
 Obj = dict[str, Any]
+_USER = web.RequestKey("user", str)  # who the middleware authenticated
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,8 @@ KINDS = {
              ("metadata.name", "metadata.namespace", "spec.nodeName", "status.phase")),
         Kind("namespaces", "Namespace", "", "v1", False, ("metadata.name", "status.phase")),
         Kind("services", "Service", "", "v1", True),
+        Kind("serviceaccounts", "ServiceAccount", "", "v1", True),
+        Kind("nodes", "Node", "", "v1", False),
         Kind("authorizationpolicies", "AuthorizationPolicy", "security.istio.io", "v1", True),
         Kind("peerauthentications", "PeerAuthentication", "security.istio.io", "v1", True),
     )
@@ -244,6 +253,9 @@ class ApiServer:
         self.watch_log: list[WatchRequest] = []
         self.list_log: list[ListRequest] = []
         self.unauthorized = 0
+        self.tokens = TokenAuthority()
+        self.cluster_role_bindings: dict[str, set[str]] = {}  # ClusterRole -> usernames
+        self.token_reviews: list[tuple[str, Obj]] = []  # (caller, status) per TokenReview
         self._runner: web.AppRunner | None = None
         self.url = ""
 
@@ -254,6 +266,8 @@ class ApiServer:
         app.router.add_get("/version", self._version)
         app.router.add_get("/api", self._api_versions)
         app.router.add_get("/apis", self._api_groups)
+        app.router.add_post("/apis/authentication.k8s.io/v1/tokenreviews", self._token_review)
+        app.router.add_get("/openid/v1/jwks", self._jwks)
         for kind in KINDS.values():
             p = kind.prefix
             app.router.add_get(p, self._resource_list)
@@ -517,11 +531,11 @@ class ApiServer:
                 request.transport.abort()
             raise ConnectionResetError("API server stopped")
         self.request_times.append(time.monotonic())
-        if self.token is not None and request.headers.get("Authorization") != (
-            f"Bearer {self.token}"
-        ):
+        user = self._authenticate(request)
+        if user is None:
             self.unauthorized += 1
             return web.json_response(status(401, "Unauthorized", "Unauthorized"), status=401)
+        request[_USER] = user
         left, retry_after = self._throttle
         if left > 0:
             self._throttle = (left - 1, retry_after)
@@ -537,6 +551,64 @@ class ApiServer:
         except web.HTTPException as e:
             reason = "MethodNotAllowed" if e.status == 405 else "NotFound"
             return web.json_response(status(e.status, reason, e.reason), status=e.status)
+
+    def _authenticate(self, request: web.Request) -> str | None:
+        """The caller's username: the static token is the cluster admin; a bound service
+        account token for this server's own audience is that service account."""
+        header = request.headers.get("Authorization", "")
+        if self.token is None or header == f"Bearer {self.token}":
+            return "kubernetes-admin"
+        if not header.startswith("Bearer "):
+            return None
+        review = self.tokens.review(self.get_any, header.removeprefix("Bearer "))
+        if not review.get("authenticated"):
+            return None
+        name: str = review["user"]["username"]
+        return name
+
+    # -- service accounts, tokens, TokenReview -------------------------------------------
+
+    def get_any(self, resource: str, namespace: str, name: str) -> Obj | None:
+        return self.objects.get((resource, namespace, name))
+
+    def mint_token(self, namespace: str, service_account: str,
+                   audiences: tuple[str, ...] | None = None, *, pod: str | None = None,
+                   expiration_seconds: int = 3600, now: float | None = None) -> str:
+        """A TokenRequest: a token for the service account, bound to `pod` if given (the pod
+        must exist and run as that service account), for `audiences` (default: this server)."""
+        return self.tokens.mint(self.get_any, namespace, service_account, audiences, pod=pod,
+                                expiration_seconds=expiration_seconds, now=now)
+
+    def bind_cluster_role(self, role: str, user: str) -> None:
+        """A ClusterRoleBinding of `role` to `user` (e.g. system:serviceaccount:ns:sa)."""
+        self.cluster_role_bindings.setdefault(role, set()).add(user)
+
+    async def _token_review(self, request: web.Request) -> web.Response:
+        user = request[_USER]
+        if user != "kubernetes-admin" and user not in self.cluster_role_bindings.get(
+                "system:auth-delegator", set()):
+            raise ApiError(403, "Forbidden", f'tokenreviews.authentication.k8s.io is forbidden: '
+                           f'User "{user}" cannot create resource "tokenreviews" in API group '
+                           '"authentication.k8s.io" at the cluster scope',
+                           group="authentication.k8s.io", kind="tokenreviews")
+        body = await _json_body(request)
+        spec = body.get("spec") if isinstance(body, dict) else None
+        if body.get("kind", "TokenReview") != "TokenReview" or not isinstance(spec, dict):
+            raise ApiError(400, "BadRequest", "body must be a TokenReview with a spec")
+        token, audiences = spec.get("token"), spec.get("audiences") or []
+        if not isinstance(token, str) or not token:
+            raise ApiError(422, "Invalid", "TokenReview.authentication.k8s.io is invalid: "
+                           "spec.token: Required value: token must be specified")
+        if not isinstance(audiences, list) or not all(isinstance(a, str) for a in audiences):
+            raise ApiError(400, "BadRequest", "spec.audiences must be a list of strings")
+        review = self.tokens.review(self.get_any, token, audiences)
+        self.token_reviews.append((user, review))
+        return web.json_response({"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1",
+                                  "metadata": {"creationTimestamp": None},
+                                  "spec": spec, "status": review}, status=201)
+
+    async def _jwks(self, _: web.Request) -> web.Response:
+        return web.json_response(self.tokens.jwks())
 
     async def _version(self, _: web.Request) -> web.Response:
         return web.json_response({"major": "1", "minor": "31", "gitVersion": "v1.31.0-nodemesh",
@@ -846,6 +918,13 @@ class Kubectl:
             pod = await self.patch("pods", namespace, name, {
                 "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}}, "status")
         return pod
+
+    async def service_account(self, namespace: str, name: str) -> Obj:
+        return await self.create("serviceaccounts", {"metadata": {"namespace": namespace,
+                                                                  "name": name}})
+
+    async def node(self, name: str) -> Obj:
+        return await self.create("nodes", {"metadata": {"name": name}})
 
     async def authorization_policy(self, namespace: str, name: str, spec: Obj) -> Obj:
         return await self.create("authorizationpolicies", {

@@ -298,7 +298,7 @@ def test_the_daemonset_runs_as_designed() -> None:
     assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
     volumes = {v["name"]: v for v in spec["volumes"]}
     host_paths = {m["mountPath"]: volumes[m["name"]]["hostPath"]["path"]
-                  for m in c["volumeMounts"]}
+                  for m in c["volumeMounts"] if "hostPath" in volumes[m["name"]]}
     assert host_paths["/sys/fs/bpf"] == "/sys/fs/bpf"
     assert host_paths["/host/lib/modules"] == "/lib/modules"
     assert host_paths["/host/usr/src"] == "/usr/src"
@@ -408,21 +408,127 @@ def test_the_top_level_kustomization_renders_the_whole_install() -> None:
         "Namespace/nodemesh-system", "ServiceAccount/nodemesh", "ClusterRole/nodemesh",
         "ClusterRoleBinding/nodemesh", f"ConfigMap/{cm['metadata']['name']}",
         "ConfigMap/nodemesh-dashboard", "DaemonSet/nodemesh", "Service/nodemesh-metrics",
-        "PodMonitor/nodemesh", "PrometheusRule/nodemesh"])
+        "PodMonitor/nodemesh", "PrometheusRule/nodemesh",
+        "ServiceAccount/nodemesh-ca", "ClusterRole/nodemesh-ca", "ClusterRoleBinding/nodemesh-ca",
+        "ClusterRoleBinding/nodemesh-ca-auth-delegator", "Deployment/nodemesh-ca",
+        "Service/nodemesh-ca"])
     # The generated ConfigMap is the one the DaemonSet reads (kustomize renames the reference).
     (ds,) = [d for d in rendered if d["kind"] == "DaemonSet"]
     assert container(ds, "agent")["envFrom"] == [{"configMapRef": {"name": cm["metadata"]["name"]}}]
     assert cm["data"] == env_file(DEPLOY / "agent" / "mesh.env")
 
 
-def test_the_shared_ca_overlay_mounts_the_root_where_the_agent_reads_it() -> None:
-    (ds,) = [d for d in kustomize(DEPLOY / "shared-ca") if d["kind"] == "DaemonSet"]
+# -- the central CA ------------------------------------------------------------------------------
+CA_KEY_SECRET = "nodemesh-ca-root"
+
+
+def ca_deployment() -> Obj:
+    return the("Deployment", "nodemesh-ca")
+
+
+def secrets_of(spec: Obj) -> set[str]:
+    """Every Secret a pod spec can read: secret volumes and projected secret sources."""
+    out = {v["secret"]["secretName"] for v in spec.get("volumes", []) if "secret" in v}
+    out |= {src["secret"]["name"] for v in spec.get("volumes", []) if "projected" in v
+            for src in v["projected"]["sources"] if "secret" in src}
+    for c in spec.get("initContainers", []) + spec["containers"]:
+        for e in c.get("env", []):
+            ref = e.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                out.add(ref["name"])
+        out |= {f["secretRef"]["name"] for f in c.get("envFrom", []) if "secretRef" in f}
+    return out
+
+
+def test_no_agent_can_read_a_signing_key() -> None:
+    """The CA key Secret is mounted by the CA Deployment and by nothing else; the agents mount
+    no Secret at all and no host directory where an embedded CA kept its root and key."""
+    for name, doc, spec in pod_specs():
+        readable = secrets_of(spec)
+        if doc["kind"] == "Deployment" and name == "nodemesh-ca":
+            assert readable == {CA_KEY_SECRET}
+        else:
+            assert CA_KEY_SECRET not in readable, f"{name} can read the CA key"
+    ds_spec = agent_ds()["spec"]["template"]["spec"]
+    assert secrets_of(ds_spec) == set()
+    host = {v["hostPath"]["path"] for v in ds_spec["volumes"] if "hostPath" in v}
+    assert not any(p == "/var/lib/nodemesh" or p.startswith("/var/lib/nodemesh/") for p in host)
+    # Nothing else in the install may grant reading Secrets either.
+    for _path, doc in objects():
+        if doc["kind"] in ("ClusterRole", "Role"):
+            for rule in doc["rules"]:
+                assert "secrets" not in rule["resources"], doc["metadata"]["name"]
+
+
+def test_the_agent_trusts_the_root_certificate_and_authenticates_with_a_projected_token() -> None:
+    ds = agent_ds()
     c = container(ds, "agent")
-    root_cert = Path(flag_values(c["args"])["--ca-root-cert"])
+    flags = flag_values(c["args"])
     volumes = {v["name"]: v for v in ds["spec"]["template"]["spec"]["volumes"]}
-    (mount,) = [m for m in c["volumeMounts"] if "secret" in volumes[m["name"]]]
-    assert Path(mount["mountPath"]) == root_cert.parent and mount["readOnly"] is True
-    assert volumes[mount["name"]]["secret"]["secretName"] == "nodemesh-ca"
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    root_cert, token = Path(flags["--ca-root-cert"]), Path(flags["--ca-token"])
+    (root_vol,) = [n for n, v in volumes.items() if "configMap" in v
+                   and v["configMap"]["name"] == "nodemesh-ca-root-cert"]
+    assert Path(mounts[root_vol]["mountPath"]) == root_cert.parent
+    assert mounts[root_vol]["readOnly"] is True
+    (tok_vol,) = [n for n, v in volumes.items() if "projected" in v]
+    (src,) = volumes[tok_vol]["projected"]["sources"]
+    sa_token = src["serviceAccountToken"]
+    assert Path(mounts[tok_vol]["mountPath"]) / sa_token["path"] == token
+    assert sa_token["audience"] == "istio-ca"  # what istiod and the nodemesh CA expect
+    assert 600 <= sa_token["expirationSeconds"] <= 86400
+    # CA_ADDRESS names the CA Service, on its port, with a name in the CA's certificate.
+    env = agent_environment()
+    host, _, port = env["CA_ADDRESS"].rpartition(":")
+    svc = the("Service", "nodemesh-ca")
+    assert host == f"{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc"
+    (svc_port,) = svc["spec"]["ports"]
+    assert int(port) == svc_port["port"] == 15012
+    ca = container(ca_deployment(), "ca")
+    assert host in [a.partition("=")[2] for a in ca["args"] if a.startswith("--server-name=")]
+    assert svc["spec"]["selector"].items() <= ca_deployment()["spec"]["template"]["metadata"][
+        "labels"].items()
+
+
+def test_the_ca_deployment_runs_nodemesh_ca_serve_as_designed() -> None:
+    from agent.cli import build_parser  # noqa: PLC0415 -- imports every subcommand module
+
+    dep = ca_deployment()
+    spec = dep["spec"]["template"]["spec"]
+    ca = container(dep, "ca")
+    assert ca["command"] == ["nodemesh", "ca", "serve"]
+    args = build_parser().parse_args(ca["command"][1:] + ca["args"])
+    assert args.kube and args.kubeconfig is None and args.workloads is None
+    assert args.token_audience == ["istio-ca"] and args.token_check == "tokenreview"
+    agent_spec = agent_ds()["spec"]["template"]["spec"]
+    agent_sa = the("ServiceAccount", agent_spec["serviceAccountName"])
+    assert args.agent_service_account == [
+        f"{agent_sa['metadata']['namespace']}/{agent_sa['metadata']['name']}"]
+    assert args.trust_domain == agent_environment()["TRUST_DOMAIN"]
+    assert args.cluster_id == agent_environment()["CLUSTER_ID"]
+    assert args.listen.endswith(":15012")
+    # The key is read from the Secret's read-only mount.
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    (mount,) = [m for m in ca["volumeMounts"] if "secret" in volumes[m["name"]]]
+    assert Path(mount["mountPath"]) == args.root_key.parent == args.root_cert.parent
+    assert mount["readOnly"] is True
+    sc = ca["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+    assert sc["capabilities"] == {"drop": ["ALL"]} and spec["securityContext"]["runAsNonRoot"]
+    assert spec["serviceAccountName"] == "nodemesh-ca"
+
+
+def test_only_the_ca_reviews_tokens_and_it_reads_only_pods() -> None:
+    delegators = [d for _p, d in objects() if d["kind"] == "ClusterRoleBinding"
+                  and d["roleRef"]["name"] == "system:auth-delegator"]
+    assert [b["subjects"] for b in delegators] == [[
+        {"kind": "ServiceAccount", "name": "nodemesh-ca", "namespace": "nodemesh-system"}]]
+    role = the("ClusterRole", "nodemesh-ca")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"],
+                              "verbs": ["list", "watch"]}]
+    binding = the("ClusterRoleBinding", "nodemesh-ca")
+    assert binding["roleRef"]["name"] == "nodemesh-ca"
+    assert binding["subjects"] == delegators[0]["subjects"]
 
 
 # -- uninstall ----------------------------------------------------------------------------------

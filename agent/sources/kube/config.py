@@ -166,6 +166,16 @@ class ExecCredentials:
         return f"the token from exec plugin {self.command!r}"
 
 
+async def auth_headers(creds: Credentials | None) -> dict[str, str]:
+    """The Authorization header for one request: renews first (an exec plugin runs here when
+    its token is due)."""
+    if creds is None:
+        return {}
+    await creds.renew()
+    token = creds.token()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def _rfc3339(value: Any, where: str) -> float | None:
     if value is None:
         return None
