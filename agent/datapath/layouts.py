@@ -30,10 +30,15 @@ UPSTREAM_KEY = struct.Struct("=4s4sHH")
 UPSTREAM_ENTRY = struct.Struct("=Q")
 TRUSTED_ENTRY = struct.Struct("=IIQ")
 CGROUP_ID = struct.Struct("=Q")
-FLOW_EVENT = struct.Struct("=QQQQQQ4s4sHHIIHBBBB2x")
-FLOW_EVENT_SIZE = 80  # sizeof(struct flow_event), 8-byte aligned
+FLOW_EVENT = struct.Struct("=QQQQQQ4s4sHHIIHBBBB2x4sH2x")
+FLOW_EVENT_SIZE = 88  # sizeof(struct flow_event), 8-byte aligned
+LB4_KEY = struct.Struct("=4sHBB")
+LB4_SERVICE = struct.Struct("=IHH")
+LB4_BACKEND_KEY = struct.Struct("=II")
+LB4_BACKEND = struct.Struct("=4sHH")
 
 assert POLICY_KEY.size == 16 and POLICY_VALUE.size == 8 and CONN_ENTRY.size == 32
+assert FLOW_EVENT.size == FLOW_EVENT_SIZE - 4 and LB4_KEY.size == LB4_SERVICE.size == 8
 
 
 @dataclass(frozen=True, order=True)
@@ -141,6 +146,8 @@ class FlowEvent:
     verdict: Verdict
     reason: Reason
     direction: Direction
+    svc_ip: Ip | None = None  # the Service VIP the app connected to (load-balanced connects)
+    svc_port: int = 0
 
     @classmethod
     def unpack(cls, raw: bytes) -> FlowEvent:
@@ -164,6 +171,8 @@ class FlowEvent:
             verdict,
             reason,
             direction,
+            svc_ip,
+            svc_port,
         ) = FLOW_EVENT.unpack(raw[: FLOW_EVENT.size])
         return cls(
             ts,
@@ -183,4 +192,38 @@ class FlowEvent:
             Verdict(verdict),
             Reason(reason),
             Direction(direction),
+            Ip(svc_ip) if svc_port else None,
+            svc_port,
         )
+
+
+@dataclass(frozen=True, order=True)
+class Frontend:
+    """struct lb4_key: a Service VIP and service port."""
+
+    vip: Ip
+    port: int
+
+    def pack(self) -> bytes:
+        return LB4_KEY.pack(self.vip.packed, self.port, IPPROTO_TCP, 0)
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> Frontend:
+        vip, port, _proto, _pad = LB4_KEY.unpack(raw[: LB4_KEY.size])
+        return cls(Ip(vip), port)
+
+
+@dataclass(frozen=True, order=True)
+class Backend:
+    """struct lb4_backend: an endpoint address and its resolved target port."""
+
+    ip: Ip
+    port: int
+
+    def pack(self) -> bytes:
+        return LB4_BACKEND.pack(self.ip.packed, self.port, 0)
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> Backend:
+        ip, port, _flags = LB4_BACKEND.unpack(raw[: LB4_BACKEND.size])
+        return cls(Ip(ip), port)

@@ -25,6 +25,7 @@ from agent.datapath.identities import IdentityTable
 from agent.datapath.layouts import FlowEvent
 from agent.datapath.options import BuildOptions
 from agent.datapath.policymap import CompiledPolicy, PolicyCompiler
+from agent.datapath.servicemap import compile_services
 from agent.datapath.verdicts import Counter, EventKind
 from agent.enroll import Enroller, PodLocator, PodPlacement
 from agent.host import cgroup
@@ -210,6 +211,8 @@ class NodeAgent:
     def _compile_and_apply(self, state: MeshState) -> CompiledPolicy:
         compiled = self.compiler.compile(state.policy_set, state.workloads)
         self.datapath.apply_policy(compiled.entries, compiled.cidrs)
+        # After policy: a newly added endpoint is policed before connects can reach it.
+        self.datapath.apply_services(compile_services(state))
         return compiled
 
     async def _enroll(self, w: Workload, placement: PodPlacement) -> None:

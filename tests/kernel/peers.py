@@ -221,3 +221,33 @@ s.shutdown(socket.SHUT_WR)
 print(json.dumps({"reply": s.recv(4096).decode()}), flush=True)
 s.close()
 """
+
+# The app in a pod making many connects (load balancing): for each of N connects to (ip, port),
+# the errno, or what the app sees (getpeername, getsockname) and the reply.
+MANY_CONNECTS = """
+import errno, json, socket, sys
+ip, port, n, payload = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4].encode()
+out = []
+for _ in range(n):
+    s = socket.socket()
+    s.settimeout(5)
+    try:
+        s.connect((ip, port))
+    except OSError as e:
+        out.append({"errno": errno.errorcode.get(e.errno, str(e.errno))})
+        s.close()
+        continue
+    peer, me = s.getpeername(), s.getsockname()
+    s.sendall(payload)
+    s.shutdown(socket.SHUT_WR)
+    data = b""
+    while True:
+        d = s.recv(65536)
+        if not d:
+            break
+        data += d
+    s.close()
+    out.append({"peer": f"{peer[0]}:{peer[1]}", "local": f"{me[0]}:{me[1]}",
+                "reply": data.decode()})
+print(json.dumps(out))
+"""
