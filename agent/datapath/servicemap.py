@@ -12,35 +12,12 @@ out, so their VIPs pass through untouched.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
 
 from agent.datapath.layouts import Backend, Frontend
-from agent.state.model import Service, ServicePort, Workload
+from agent.state.services import endpoints
 from agent.state.snapshot import MeshState
 
 ServiceTable = dict[Frontend, tuple[Backend, ...]]
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """One endpoint a Service port resolves to (for `nodemesh policy check` and tests)."""
-
-    workload: Workload
-    ip: ipaddress.IPv4Address
-    port: int
-
-
-def endpoints(state: MeshState, service: Service, port: ServicePort) -> list[Endpoint]:
-    """The ready endpoints of one service port, ordered by address."""
-    out = []
-    for w in state.service_endpoints(service):
-        if not w.ready:
-            continue
-        target = w.resolve_target_port(port.target_port)
-        ip = next((a for a in w.ips if isinstance(a, ipaddress.IPv4Address)), None)
-        if target is not None and ip is not None:
-            out.append(Endpoint(w, ip, target))
-    return sorted(out, key=lambda e: (e.ip, e.port))
 
 
 def compile_services(state: MeshState) -> ServiceTable:

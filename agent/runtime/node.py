@@ -136,6 +136,10 @@ class NodeAgent:
             return None
         return TunnelWorkload(ip=ip, identity=w.identity, name=w.ref)
 
+    def _service_host(self, vip: str) -> str:
+        svc = self.state.service_by_vip(ipaddress.ip_address(vip))
+        return f"{svc.name}.{svc.namespace}.svc.cluster.local" if svc else ""
+
     def _policy_name(self, pid: int) -> str:
         return self.compiled.policy_names.get(pid, str(pid))
 
@@ -148,7 +152,8 @@ class NodeAgent:
         # the kernel's open/close events would count them twice; only connect-time denies,
         # which never reach the tunnel, go to telemetry.
         if ev.kind == EventKind.DENY:
-            self.telemetry.emit(flows.from_kernel(ev, self._workload_by_ip, self._policy_name))
+            self.telemetry.emit(flows.from_kernel(ev, self._workload_by_ip, self._policy_name,
+                                                  self._service_host))
 
     def request_reconcile(self) -> None:
         self._dirty.set()
