@@ -121,8 +121,8 @@ def _check(args: argparse.Namespace) -> int:
         if svc is not None:
             identity = src.identity if src is not None and state.in_mesh(src) \
                 and not args.plaintext else None
-            sreport = service_report(state, svc, args.port, src.ref if src else None, src_ip,
-                                     identity)
+            sreport = service_report(state, svc, args.port, src_ref=src.ref if src else None,
+                                     src_ip=src_ip, identity=identity)
             if args.json:
                 print(json.dumps(sreport, indent=2))
             else:

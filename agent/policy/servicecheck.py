@@ -15,7 +15,7 @@ from agent.state.snapshot import MeshState
 NO_HEALTHY_UPSTREAM = "no_healthy_upstream"
 
 
-def service_report(state: MeshState, service: Service, port: int, src_ref: str | None,
+def service_report(state: MeshState, service: Service, port: int, *, src_ref: str | None,
                    src_ip: IPAddress, identity: Identity | None) -> dict[str, object]:
     """The report for a connect to `service` port `port`; `port` must be a declared one."""
     sp = next(p for p in service.ports if p.port == port)
