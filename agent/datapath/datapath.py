@@ -441,6 +441,13 @@ class Datapath:
         self._retired = sorted(stale.items())
         return out
 
+    def written_services(self) -> dict[str, list[str]]:
+        """What this agent last wrote to the load balancer, "vip:port" -> ["ip:port", ...]."""
+        return {
+            f"{fe.vip}:{fe.port}": [f"{b.ip}:{b.port}" for b in bes or ()]
+            for fe, (_id, _n, bes) in sorted((self._services or {}).items())
+        }
+
     def services(self) -> dict[Frontend, tuple[Backend, ...]]:
         """The load balancer as the kernel holds it (tests, `nodemesh datapath` listings)."""
         svc_fd = self.module.map_fd("nm_lb4_svc_v1")

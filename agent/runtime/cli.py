@@ -153,6 +153,7 @@ def _dump(agent: NodeAgent) -> dict[str, Any]:
         "datapath": {
             "pin_dir": str(agent.datapath.pin_dir),
             "counters": {c.name.lower(): v for c, v in agent.datapath.counters().items()},
+            "services": agent.datapath.written_services(),
         },
         "ready": agent.ready.is_set(),
     }
