@@ -191,3 +191,20 @@ def test_updates_never_expose_a_half_written_service(kcluster: Cluster, lb: Data
     lb.apply_services({Frontend(VIP, 80): versions[2]})
     fd = lb.module.map_fd("nm_lb4_backend_v1")
     assert len(bpfsys.map_keys(fd, layouts.LB4_BACKEND_KEY.size)) == 3
+
+
+def test_a_new_agent_adopts_the_table_a_previous_one_left(kcluster: Cluster, lb: Datapath) -> None:
+    """A restarted agent knows nothing of the pinned table: it rewrites every frontend and
+    deletes backends no frontend uses (here: a retired version the old agent had not deleted)."""
+    p1, p2, p3 = (kcluster.pod(0, i).ip for i in (1, 2, 3))
+    other = ipaddress.IPv4Address("10.96.0.21")
+    lb.apply_services({Frontend(VIP, 80): (Backend(p1, 1), Backend(p2, 2)),
+                       Frontend(other, 80): (Backend(p3, 3),)})
+    lb.apply_services({Frontend(VIP, 80): (Backend(p1, 1), Backend(p2, 2))})
+    lb._services, lb._retired, lb._next_svc_id = None, [], 1  # what a new process starts with
+    lb.apply_services({Frontend(VIP, 80): (Backend(p2, 2),)})
+    assert lb.services() == {Frontend(VIP, 80): (Backend(p2, 2),)}
+    assert orig(connects(kcluster.pod(0, 0), VIP, 80, 1)[0]) == f"{p2}:2"
+    lb.apply_services({Frontend(VIP, 80): (Backend(p2, 2),)})
+    fd = lb.module.map_fd("nm_lb4_backend_v1")
+    assert len(bpfsys.map_keys(fd, layouts.LB4_BACKEND_KEY.size)) == 1
