@@ -112,12 +112,18 @@ def table(results: dict[str, Any]) -> str:
         lines.append("")
         lines.append("| mode | p50 us | p90 us | p99 us | p50 / no programs |")
         lines.append("| --- | --- | --- | --- | --- |")
-        for mode in ("no programs", "programs, 0 entries", "programs, 100k entries"):
+        modes = ("no programs", "programs, 0 entries", "programs, 100k entries",
+                 "app -> pod IP (svc map)", "app -> VIP (svc map)")
+        for mode in (m for m in modes if m in cc):
             c = cc[mode]
             lines.append(
                 f"| {mode} | {c['p50_ns'] / 1e3:.2f} | {c['p90_ns'] / 1e3:.2f} | "
                 f"{c['p99_ns'] / 1e3:.2f} | {c['p50_ratio_vs_no_programs']:.2f} |"
             )
+        if "vip_vs_pod_ip_p50_ratio" in cc:
+            lines += ["", f"connect() to a Service VIP vs. to a pod IP, {cc['services']:,} "
+                      f"Services x {cc['endpoints_per_service']} endpoints loaded (p50): "
+                      f"{cc['vip_vs_pod_ip_p50_ratio']:.2f}x (goal <= 1.1x)."]
         lines.append("")
     if "policy_update" in sec and "error" not in sec["policy_update"]:
         p = sec["policy_update"]

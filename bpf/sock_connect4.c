@@ -10,9 +10,11 @@
  *      deleted by sockops at close) so sk_lookup lets it reach the app instead of steering it
  *      back to the tunnel;
  *   3. other sockets are the app's, including a pod's own socket carrying a forged tunnel mark
- *      (counted): loopback and excluded destinations pass; the egress policy
- *      is checked with the pod's own identity (deny -> EPERM at once); otherwise the original
- *      destination is recorded by socket cookie and the connect goes to 127.0.0.1:15001.
+ *      (counted): loopback and excluded destinations pass; a Service VIP:port is translated to
+ *      a random ready endpoint:targetPort (lib/lb.h; none ready: ECONNREFUSED + DENY event);
+ *      the egress policy is checked for that endpoint with the pod's own identity (deny ->
+ *      EPERM at once); otherwise the endpoint is recorded as the original destination by
+ *      socket cookie (and the VIP, for getpeername4) and the connect goes to 127.0.0.1:15001.
  * UDP is not captured.
  */
 #include "lib/common.h"
@@ -22,9 +24,20 @@
 #include "lib/conn.h"
 #include "lib/events.h"
 #include "lib/trust.h"
+#include "lib/lb.h"
+
+#define NM_ECONNREFUSED 111
+
+struct nm_dest {
+	__u32 ip;       /* network order */
+	__u16 port;     /* host order */
+	__u16 svc_port; /* host order, 0: not a Service connect */
+	__u32 svc_ip;   /* network order */
+};
 
 static __always_inline void nm_emit_deny(struct bpf_sock_addr *ctx, __u64 netns, __u32 src_ip,
-					 __u32 src_id, struct policy_entry *pe, __u8 dir)
+					 __u32 src_id, struct policy_entry *pe, __u8 dir,
+					 struct nm_dest *d)
 {
 	struct flow_event *ev = nm_event_reserve();
 	if (!ev)
@@ -33,8 +46,10 @@ static __always_inline void nm_emit_deny(struct bpf_sock_addr *ctx, __u64 netns,
 	ev->cookie = bpf_get_socket_cookie(ctx);
 	ev->netns = netns;
 	ev->src_ip = src_ip;
-	ev->dst_ip = ctx->user_ip4;
-	ev->dst_port = bpf_ntohs(ctx->user_port);
+	ev->dst_ip = d->ip;
+	ev->dst_port = d->port;
+	ev->svc_ip = d->svc_ip;
+	ev->svc_port = d->svc_port;
 	ev->src_id = src_id;
 	ev->policy = pe->policy;
 	ev->rule = pe->rule;
@@ -48,6 +63,8 @@ int nm_connect4(struct bpf_sock_addr *ctx)
 {
 	struct policy_entry pe;
 	struct enroll_entry *pod;
+	struct lb4_service *svc;
+	struct lb4_backend *be;
 	struct bpf_sock *sk;
 	__u64 netns, cookie;
 	__u32 dst, mark, src_id;
@@ -64,6 +81,7 @@ int nm_connect4(struct bpf_sock_addr *ctx)
 		return 1;
 	dst = ctx->user_ip4;
 	dport = bpf_ntohs(ctx->user_port);
+	struct nm_dest d = { .ip = dst, .port = dport };
 
 	if (nm_tunnel_socket(sk)) {
 		mark = sk->mark;
@@ -73,7 +91,7 @@ int nm_connect4(struct bpf_sock_addr *ctx)
 		nm_policy_verdict(dst, src_id, sk->src_ip4, dport, &pe);
 		if (pe.verdict == NM_VERDICT_DENY) {
 			nm_count(NM_CTR_DENY_INGRESS);
-			nm_emit_deny(ctx, netns, sk->src_ip4, src_id, &pe, NM_DIR_INGRESS);
+			nm_emit_deny(ctx, netns, sk->src_ip4, src_id, &pe, NM_DIR_INGRESS, &d);
 			return 0;
 		}
 		/* Unbound: no spoofed tuple to let through (to the pod's own address it goes over
@@ -90,17 +108,53 @@ int nm_connect4(struct bpf_sock_addr *ctx)
 	}
 
 	if (nm_is_loopback4(dst) || nm_excluded(dst, dport))
-		return 1;
+		return 1; /* an excluded VIP stays untouched too: exclusion wins */
+	svc = nm_lb4_service(dst, dport);
+	if (svc) {
+		d.svc_ip = dst;
+		d.svc_port = dport;
+		be = nm_lb4_pick(svc);
+		if (!be) {
+			/* No ready endpoint: refuse now, as a REJECTing kube-proxy would (ICMP port
+			 * unreachable -> ECONNREFUSED), rather than EPERM, which means policy. */
+			pe.verdict = NM_VERDICT_DENY;
+			pe.reason = NM_REASON_NO_HEALTHY_UPSTREAM;
+			pe.rule = 0;
+			pe.policy = 0;
+			nm_count(NM_CTR_NO_HEALTHY_UPSTREAM);
+			nm_emit_deny(ctx, netns, pod->pod_ip, pod->identity, &pe, NM_DIR_EGRESS, &d);
+			bpf_set_retval(-NM_ECONNREFUSED);
+			return 0;
+		}
+		dst = be->ip;
+		dport = be->port;
+		d.ip = dst;
+		d.port = dport;
+		nm_count(NM_CTR_SVC_TRANSLATED);
+		if (nm_excluded(dst, dport)) {
+			/* an excluded endpoint: connect to it directly, uncaptured */
+			ctx->user_ip4 = dst;
+			ctx->user_port = bpf_htons(dport);
+			return 1;
+		}
+	}
 	nm_policy_verdict(dst, pod->identity, pod->pod_ip, dport, &pe);
 	if (pe.verdict == NM_VERDICT_DENY) {
 		nm_count(NM_CTR_DENY_EGRESS);
-		nm_emit_deny(ctx, netns, pod->pod_ip, pod->identity, &pe, NM_DIR_EGRESS);
+		nm_emit_deny(ctx, netns, pod->pod_ip, pod->identity, &pe, NM_DIR_EGRESS, &d);
 		return 0;
 	}
 
 	cookie = bpf_get_socket_cookie(ctx);
+	if (d.svc_port) {
+		struct svc_conn sc = { .vip = d.svc_ip, .port = bpf_htons(d.svc_port),
+				       .svc_id = svc ? svc->svc_id : 0 };
+		nm_svc_conn_v1.update(&cookie, &sc);
+	} else {
+		nm_svc_conn_v1.delete(&cookie); /* a reconnect of a socket that once went to a VIP */
+	}
 	struct conn_entry c = {
-		.orig_ip = dst, .orig_port = ctx->user_port, .src_ip = pod->pod_ip,
+		.orig_ip = dst, .orig_port = bpf_htons(dport), .src_ip = pod->pod_ip,
 		.src_id = pod->identity, .start_ns = bpf_ktime_get_ns(), .netns = netns,
 	};
 	nm_conn_cookie_v1.update(&cookie, &c);

@@ -3,7 +3,7 @@
  *
  * At TCP connect the source port is known, so the connection is re-keyed as the tunnel will see
  * it and an OPEN event is sent; at close a CLOSE event carries bytes each way and duration, and
- * both map entries go.
+ * the connection's map entries go (nm_svc_conn_v1 too).
  *
  * The agent's upstream sockets that connect4 recorded in nm_upstream_v2 get the state callback
  * too, and their entry goes when they close, so sk_lookup lets a tuple through only while the
@@ -13,6 +13,7 @@
 #include "lib/common.h"
 #include "lib/conn.h"
 #include "lib/events.h"
+#include "lib/lb.h"
 
 /* TCP states (include/net/tcp_states.h) seen as the old state of the move to TCP_CLOSE. */
 #define NM_TCP_FIN_WAIT2 5
@@ -59,6 +60,11 @@ static __always_inline void nm_flow_event(struct bpf_sock_ops *skops, struct con
 	ev->src_id = c->src_id;
 	ev->verdict = NM_VERDICT_ALLOW;
 	ev->direction = NM_DIR_EGRESS;
+	struct svc_conn *sc = nm_svc_conn_v1.lookup(&cookie);
+	if (sc) {
+		ev->svc_ip = sc->vip;
+		ev->svc_port = bpf_ntohs(sc->port);
+	}
 	if (kind == NM_EVENT_CLOSE) {
 		ev->bytes_sent = nm_payload_sent(skops, skops->args[0]);
 		ev->bytes_received = nm_payload_received(skops, skops->args[0]);
@@ -126,6 +132,7 @@ int nm_sockops(struct bpf_sock_ops *skops)
 		};
 		nm_conn_tuple_v1.delete(&k);
 		nm_conn_cookie_v1.delete(&cookie);
+		nm_svc_conn_v1.delete(&cookie);
 		break;
 	}
 	}

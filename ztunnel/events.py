@@ -53,8 +53,9 @@ class ResponseFlag(enum.StrEnum):
     """Istio's response flags, as exposed in the `response_flags` label and the flow record.
 
     ztunnel's own flags first (DENY ... CERT_REVOKED), then the Envoy flags ztunnel has no name
-    for: Envoy's DPE (downstream protocol error) for a malformed CONNECT and NR (no route) for a
-    destination the tunnel has no way to reach. `-` is a clean connection; any other flag counts
+    for: Envoy's DPE (downstream protocol error) for a malformed CONNECT, NR (no route) for a
+    destination the tunnel has no way to reach and UH (no healthy upstream) for a Service with
+    no ready endpoint. `-` is a clean connection; any other flag counts
     the connection in istio_tcp_connections_failed_total.
     """
 
@@ -68,6 +69,7 @@ class ResponseFlag(enum.StrEnum):
     CERT_REVOKED = "CERT_REVOKED"
     DOWNSTREAM_PROTOCOL_ERROR = "DPE"  # malformed CONNECT request (400)
     NO_ROUTE = "NR"  # no route: outside the mesh with passthrough off, or a tunnel port
+    NO_HEALTHY_UPSTREAM = "UH"  # a Service VIP with no ready endpoint (refused in the kernel)
 
 
 class Cause(enum.StrEnum):

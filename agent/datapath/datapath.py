@@ -17,14 +17,22 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent.datapath import bpfsys, layouts, trust
 from agent.datapath.bccloader import Module, ProgType, compile_module
 from agent.datapath.bpfsys import AttachType, MapType
-from agent.datapath.layouts import FlowEvent, PolicyEntry, PolicyKey, TrustedEntry, UpstreamKey
+from agent.datapath.layouts import (
+    Backend,
+    FlowEvent,
+    Frontend,
+    PolicyEntry,
+    PolicyKey,
+    TrustedEntry,
+    UpstreamKey,
+)
 from agent.datapath.options import ID_TUNNEL, BuildOptions
 from agent.datapath.verdicts import COUNTER_SLOTS, Counter
 from agent.host import netns
@@ -45,6 +53,9 @@ CGROUP_PROGRAMS = (
     CgroupProgram(
         "nm_getpeername4", ProgType.CGROUP_SOCK_ADDR, AttachType.CGROUP_INET4_GETPEERNAME
     ),
+    CgroupProgram(
+        "nm_getsockname4", ProgType.CGROUP_SOCK_ADDR, AttachType.CGROUP_INET4_GETSOCKNAME
+    ),
     CgroupProgram("nm_getsockopt", ProgType.CGROUP_SOCKOPT, AttachType.CGROUP_GETSOCKOPT),
     CgroupProgram("nm_sockops", ProgType.SOCK_OPS, AttachType.CGROUP_SOCK_OPS),
 )
@@ -56,6 +67,7 @@ DROP_COUNTERS = (
     Counter.IPV6_DENIED,
     Counter.INBOUND_NO_TUNNEL,
     Counter.UNTRUSTED_MARK,
+    Counter.NO_HEALTHY_UPSTREAM,
 )
 ENOLINK = 67
 
@@ -102,6 +114,11 @@ class Datapath:
         self._subscribers: list[Callable[[FlowEvent], None]] = []
         self._events_open = False
         self.event_errors = 0  # flow events that failed to decode or deliver
+        # (VIP, port) -> (service id, slots, backends) as this process wrote them; None until
+        # read from the kernel (backends None: written by a previous agent)
+        self._services: dict[Frontend, tuple[int, int, tuple[Backend, ...] | None]] | None = None
+        self._retired: list[tuple[int, int]] = []  # (service id, slots): delete next update
+        self._next_svc_id = 1
 
     @property
     def pin_dir(self) -> Path:
@@ -215,6 +232,7 @@ class Datapath:
             self._module.close()
             self._module = None
             self._events_open = False
+            self._services = None
         return removed
 
     # -- enrollment ------------------------------------------------------------------------
@@ -348,9 +366,111 @@ class Datapath:
             os.close(ipc)
         bpfsys.map_update(gen_fd, layouts.U32.pack(0), slot)
 
+    # -- services --------------------------------------------------------------------------
+    def apply_services(self, table: Mapping[Frontend, Sequence[Backend]]) -> None:
+        """Make the socket load balancer hold exactly `table`: (VIP, port) -> ready backends
+        (an empty list refuses connects with ECONNREFUSED). Atomic per Service port: its
+        backends are written under a fresh id before its frontend entry points at them; the
+        replaced version's backends are deleted at the next update (a connect that read the
+        old entry still finds them)."""
+        opts = self.options
+        if len(table) > opts.max_services:
+            raise ValueError(f"{len(table)} service ports exceed the map size {opts.max_services}")
+        total = sum(len(b) for b in table.values())
+        if total * 2 > opts.max_backends:
+            raise ValueError(
+                f"{total} service backends exceed half the map size {opts.max_backends}"
+            )
+        if any(len(b) > 0xFFFF for b in table.values()):
+            raise ValueError("a service port has more than 65535 backends")
+        svc_fd = self.module.map_fd("nm_lb4_svc_v1")
+        be_fd = self.module.map_fd("nm_lb4_backend_v1")
+        current = self._services if self._services is not None else self._read_services()
+        for svc_id, count in self._retired:
+            for slot in range(count):
+                bpfsys.map_delete(be_fd, layouts.LB4_BACKEND_KEY.pack(svc_id, slot))
+        retired: list[tuple[int, int]] = []
+        for fe, backends in sorted(table.items()):
+            want = tuple(backends)
+            old = current.get(fe)
+            if old is not None and old[2] == want:
+                continue
+            svc_id = self._alloc_svc_id()
+            bpfsys.map_update_batch(
+                be_fd,
+                b"".join(layouts.LB4_BACKEND_KEY.pack(svc_id, i) for i in range(len(want))),
+                b"".join(b.pack() for b in want),
+                len(want),
+            )
+            bpfsys.map_update(svc_fd, fe.pack(), layouts.LB4_SERVICE.pack(svc_id, len(want), 0))
+            if old is not None:
+                retired.append((old[0], old[1]))
+            current[fe] = (svc_id, len(want), want)
+        for fe in sorted(current.keys() - table.keys()):
+            bpfsys.map_delete(svc_fd, fe.pack())
+            old_id, old_count, _ = current.pop(fe)
+            retired.append((old_id, old_count))
+        self._retired = retired
+        self._services = current
+
+    def _alloc_svc_id(self) -> int:
+        svc_id = self._next_svc_id
+        self._next_svc_id = svc_id + 1 if svc_id < 0xFFFFFFFF else 1
+        return svc_id
+
+    def _read_services(self) -> dict[Frontend, tuple[int, int, tuple[Backend, ...] | None]]:
+        """Adopt what a previous agent left: each frontend is rewritten at the first update
+        (its backends are unknown here), and backends no frontend points at are deleted."""
+        svc_fd = self.module.map_fd("nm_lb4_svc_v1")
+        be_fd = self.module.map_fd("nm_lb4_backend_v1")
+        out: dict[Frontend, tuple[int, int, tuple[Backend, ...] | None]] = {}
+        for key in bpfsys.map_keys(svc_fd, layouts.LB4_KEY.size):
+            raw = bpfsys.map_lookup(svc_fd, key, layouts.LB4_SERVICE.size)
+            if raw is not None:
+                svc_id, count, _flags = layouts.LB4_SERVICE.unpack(raw)
+                out[Frontend.unpack(key)] = (svc_id, count, None)
+        live = {i for i, _, _ in out.values()}
+        stale: dict[int, int] = {}
+        for key in bpfsys.map_keys(be_fd, layouts.LB4_BACKEND_KEY.size):
+            svc_id, slot = layouts.LB4_BACKEND_KEY.unpack(key)
+            if svc_id not in live:
+                stale[svc_id] = max(stale.get(svc_id, 0), slot + 1)
+            self._next_svc_id = max(self._next_svc_id, svc_id + 1)
+        for svc_id in live:
+            self._next_svc_id = max(self._next_svc_id, svc_id + 1)
+        self._retired = sorted(stale.items())
+        return out
+
+    def written_services(self) -> dict[str, list[str]]:
+        """What this agent last wrote to the load balancer, "vip:port" -> ["ip:port", ...]."""
+        return {
+            f"{fe.vip}:{fe.port}": [f"{b.ip}:{b.port}" for b in bes or ()]
+            for fe, (_id, _n, bes) in sorted((self._services or {}).items())
+        }
+
+    def services(self) -> dict[Frontend, tuple[Backend, ...]]:
+        """The load balancer as the kernel holds it (tests, `nodemesh datapath` listings)."""
+        svc_fd = self.module.map_fd("nm_lb4_svc_v1")
+        be_fd = self.module.map_fd("nm_lb4_backend_v1")
+        out: dict[Frontend, tuple[Backend, ...]] = {}
+        for key in bpfsys.map_keys(svc_fd, layouts.LB4_KEY.size):
+            raw = bpfsys.map_lookup(svc_fd, key, layouts.LB4_SERVICE.size)
+            if raw is None:
+                continue
+            svc_id, count, _flags = layouts.LB4_SERVICE.unpack(raw)
+            bes = []
+            for slot in range(count):
+                b = bpfsys.map_lookup(
+                    be_fd, layouts.LB4_BACKEND_KEY.pack(svc_id, slot), layouts.LB4_BACKEND.size
+                )
+                if b is not None:
+                    bes.append(Backend.unpack(b))
+            out[Frontend.unpack(key)] = tuple(bes)
+        return out
+
     # -- observation -----------------------------------------------------------------------
     def counters(self) -> dict[Counter, int]:
-        fd = self.module.map_fd("nm_counters_v1")
+        fd = self.module.map_fd("nm_counters_v2")
         cpus = _possible_cpus()
         out: dict[Counter, int] = {}
         for c in Counter:
@@ -400,6 +520,8 @@ class Datapath:
             "nm_conn_cookie_v1": (8, o.max_conns),
             "nm_conn_tuple_v1": (layouts.CONN_TUPLE.size, o.max_conns),
             "nm_upstream_v2": (layouts.UPSTREAM_KEY.size, o.max_conns),
+            "nm_svc_conn_v1": (8, o.max_conns),
+            "nm_lb4_svc_v1": (layouts.LB4_KEY.size, o.max_services),
         }
         return {
             name: (len(bpfsys.map_keys(self.module.map_fd(name), ks)), cap)

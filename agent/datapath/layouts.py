@@ -32,12 +32,17 @@ UPSTREAM_KEY = struct.Struct("=4s4sHH")
 UPSTREAM_ENTRY = struct.Struct("=Q")
 TRUSTED_ENTRY = struct.Struct("=IIQ")
 CGROUP_ID = struct.Struct("=Q")
-FLOW_EVENT = struct.Struct("=QQQQQQ4s4sHHIIHBBBB2x")
-FLOW_EVENT_SIZE = 80  # sizeof(struct flow_event), 8-byte aligned
+FLOW_EVENT = struct.Struct("=QQQQQQ4s4sHHIIHBBBB2x4sH2x")
+FLOW_EVENT_SIZE = 88  # sizeof(struct flow_event), 8-byte aligned
+LB4_KEY = struct.Struct("=4sHBB")
+LB4_SERVICE = struct.Struct("=IHH")
+LB4_BACKEND_KEY = struct.Struct("=II")
+LB4_BACKEND = struct.Struct("=4sHH")
 
 _E = TypeVar("_E", bound=IntEnum)
 
 assert POLICY_KEY.size == 16 and POLICY_VALUE.size == 8 and CONN_ENTRY.size == 32
+assert FLOW_EVENT.size == FLOW_EVENT_SIZE - 4 and LB4_KEY.size == LB4_SERVICE.size == 8
 
 
 @dataclass(frozen=True, order=True)
@@ -145,6 +150,8 @@ class FlowEvent:
     verdict: Verdict
     reason: Reason
     direction: Direction
+    svc_ip: Ip | None = None  # the Service VIP the app connected to (load-balanced connects)
+    svc_port: int = 0
 
     @classmethod
     def unpack(cls, raw: bytes) -> FlowEvent:
@@ -168,6 +175,8 @@ class FlowEvent:
             verdict,
             reason,
             direction,
+            svc_ip,
+            svc_port,
         ) = FLOW_EVENT.unpack(raw[: FLOW_EVENT.size])
         return cls(
             ts,
@@ -187,7 +196,41 @@ class FlowEvent:
             _member(Verdict, verdict),
             _member(Reason, reason),
             _member(Direction, direction),
+            Ip(svc_ip) if svc_port else None,
+            svc_port,
         )
+
+
+@dataclass(frozen=True, order=True)
+class Frontend:
+    """struct lb4_key: a Service VIP and service port."""
+
+    vip: Ip
+    port: int
+
+    def pack(self) -> bytes:
+        return LB4_KEY.pack(self.vip.packed, self.port, IPPROTO_TCP, 0)
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> Frontend:
+        vip, port, _proto, _pad = LB4_KEY.unpack(raw[: LB4_KEY.size])
+        return cls(Ip(vip), port)
+
+
+@dataclass(frozen=True, order=True)
+class Backend:
+    """struct lb4_backend: an endpoint address and its resolved target port."""
+
+    ip: Ip
+    port: int
+
+    def pack(self) -> bytes:
+        return LB4_BACKEND.pack(self.ip.packed, self.port, 0)
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> Backend:
+        ip, port, _flags = LB4_BACKEND.unpack(raw[: LB4_BACKEND.size])
+        return cls(Ip(ip), port)
 
 
 def _member(enum: type[_E], value: int) -> _E:

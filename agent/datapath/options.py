@@ -24,6 +24,7 @@ ATTACH_POINTS = (
     "sock_connect4.c",
     "sock_connect6.c",
     "sock_getpeername4.c",
+    "sock_getsockname4.c",
     "sockopt_origdst.c",
     "sockops_flow.c",
     "sk_lookup_inbound.c",
@@ -43,6 +44,8 @@ class BuildOptions:
     max_policy: int = 262144
     max_ipcache: int = 65536
     max_conns: int = 65536
+    max_services: int = 65536  # (VIP, port) frontends
+    max_backends: int = 1 << 20  # (service version, slot) entries: two versions of each
     ringbuf_bytes: int = 1 << 22
     sources: tuple[str, ...] = ATTACH_POINTS
     extra_cflags: tuple[str, ...] = field(default_factory=tuple)
@@ -67,6 +70,8 @@ class BuildOptions:
             f"-DNM_MAX_POLICY={self.max_policy}",
             f"-DNM_MAX_IPCACHE={self.max_ipcache}",
             f"-DNM_MAX_CONNS={self.max_conns}",
+            f"-DNM_MAX_SERVICES={self.max_services}",
+            f"-DNM_MAX_BACKENDS={self.max_backends}",
             f"-DNM_RINGBUF_BYTES={self.ringbuf_bytes}",
             *self.extra_cflags,
         ]

@@ -17,6 +17,7 @@ class Reason(enum.IntEnum):
     MTLS_REQUIRED = 3
     IPV6_UNSUPPORTED = 4
     NO_TUNNEL = 5
+    NO_HEALTHY_UPSTREAM = 6
 
     @property
     def label(self) -> str:
@@ -44,6 +45,8 @@ class Counter(enum.IntEnum):
     IPV6_DENIED = 5
     INBOUND_NO_TUNNEL = 6
     UNTRUSTED_MARK = 7
+    NO_HEALTHY_UPSTREAM = 8
+    SVC_TRANSLATED = 9
 
 
-COUNTER_SLOTS = 8  # NM_CTR_MAX
+COUNTER_SLOTS = 10  # NM_CTR_MAX

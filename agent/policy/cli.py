@@ -14,9 +14,10 @@ from collections.abc import Callable
 from agent.policy.authz import DEFAULT_ROOT_NAMESPACE
 from agent.policy.connection import Connection
 from agent.policy.evaluator import Decision, applicable, evaluate
+from agent.policy.servicecheck import print_service_report, service_report
 from agent.sources.file import ConfigError, load_path
 from agent.state.fields import IPAddress
-from agent.state.model import Workload
+from agent.state.model import Service, Workload
 from agent.state.snapshot import MeshState
 
 EXIT_ALLOW, EXIT_DENY, EXIT_ERROR = 0, 1, 2
@@ -53,9 +54,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _config_args(check)
     check.add_argument("--from", dest="src", required=True, metavar="NS/WORKLOAD|IP",
                        help="source workload, or an IP (a non-workload IP connects in plaintext)")
-    check.add_argument("--to", dest="dst", required=True, metavar="NS/WORKLOAD|IP",
-                       help="destination workload (by name or one of its IPs)")
-    check.add_argument("--port", type=int, required=True, help="destination (target) port")
+    check.add_argument("--to", dest="dst", required=True, metavar="NS/WORKLOAD|NS/SERVICE|IP",
+                       help="destination workload (by name or one of its IPs), or a Service "
+                            "(by name, or its VIP): every ready endpoint is checked")
+    check.add_argument("--port", type=int, required=True,
+                       help="destination (target) port; for a Service, the service port")
+    check.add_argument("--service", action="store_true",
+                       help="--to NS/NAME names the Service when a workload has that name too")
     check.add_argument("--plaintext", action="store_true",
                        help="the source connects without mTLS even if it is in the mesh")
     check.add_argument("--json", action="store_true", help="machine-readable output")
@@ -96,6 +101,33 @@ def _find(state: MeshState, text: str, role: str) -> tuple[Workload | None, IPAd
     return state.workload_by_ip(ip), ip
 
 
+def _service(state: MeshState, text: str, port: int, forced: bool) -> Service | None:
+    """The Service `text` names when it is one and `port` is one of its ports: by VIP, or by
+    NS/NAME when no workload has that name (or --service)."""
+    svc: Service | None = None
+    if "/" in text:
+        ns, _, name = text.partition("/")
+        if forced or state.workload_named(ns, name) is None:
+            svc = next((s for s in state.services if s.ref == text), None)
+        if forced and svc is None:
+            raise _InputError(f"--to {text!r}: no such Service")
+    else:
+        try:
+            svc = state.service_by_vip(ipaddress.ip_address(text))
+        except ValueError:
+            return None
+    if svc is None:
+        return None
+    if svc.target_port(port) is None:
+        declared = ", ".join(str(p.port) for p in svc.ports) or "none"
+        if "/" in text:
+            raise _InputError(f"--to {text}: service {svc.ref} does not declare port {port} "
+                              f"(declared: {declared}); a connect to its VIP on it passes "
+                              "through untranslated")
+        return None  # a VIP with an undeclared port: not a Service connect (reported below)
+    return svc
+
+
 def _load(args: argparse.Namespace) -> MeshState | None:
     try:
         return load_path(args.config, args.root_namespace)
@@ -112,6 +144,17 @@ def _check(args: argparse.Namespace) -> int:
         if not 1 <= args.port <= 65535:
             raise _InputError(f"--port {args.port}: want 1-65535")
         src, src_ip = _find(state, args.src, "--from")
+        svc = _service(state, args.dst, args.port, args.service)
+        if svc is not None:
+            identity = src.identity if src is not None and state.in_mesh(src) \
+                and not args.plaintext else None
+            sreport = service_report(state, svc, args.port, src_ref=src.ref if src else None,
+                                     src_ip=src_ip, identity=identity)
+            if args.json:
+                print(json.dumps(sreport, indent=2))
+            else:
+                print_service_report(sreport)
+            return EXIT_ALLOW if sreport["allowed"] else EXIT_DENY
         dst, dst_ip = _find(state, args.dst, "--to")
         if dst is None:
             svc = state.service_by_vip(dst_ip)

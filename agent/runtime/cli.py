@@ -173,6 +173,7 @@ def _dump(agent: NodeAgent) -> dict[str, Any]:
         "datapath": {
             "pin_dir": str(agent.datapath.pin_dir),
             "counters": {c.name.lower(): v for c, v in agent.datapath.counters().items()},
+            "services": agent.datapath.written_services(),
         },
         "ready": agent.readiness.check()[0],
         "readiness": agent.readiness.check()[1],

@@ -59,6 +59,7 @@ class Step:
     port: int
     expect: str
     why: str
+    vip: str = ""  # connect to this Service VIP instead of the destination pod's IP
 
 
 STEPS = (
@@ -67,6 +68,10 @@ STEPS = (
     Step("tools/debug", "shop/db", 5432, "denied", "tools namespace is denied to db"),
     Step("shop/frontend", "shop/db", 5432, "denied", "no ALLOW rule for frontend->db"),
     Step("shop/db", "shop/backend", 9999, "denied", "backend accepts only frontend on 8080"),
+    Step("shop/frontend", "shop/backend", 80, "allowed",
+         "backend Service VIP:80 -> a ready endpoint, backend:8080, over HBONE", "10.96.0.20"),
+    Step("tools/debug", "shop/db", 5432, "denied",
+         "db Service VIP -> endpoint db:5432, whose policy denies tools", "10.96.0.30"),
 )
 PODS = {"shop/frontend": (0, 0), "shop/backend": (0, 1), "shop/db": (1, 0), "tools/debug": (1, 1)}
 
@@ -211,11 +216,11 @@ def _run_steps(c: Cluster) -> tuple[list[tuple[str, str, str, str]], int, int, i
     for step in STEPS:
         signals.checkpoint()
         src, dst = c.pod(*PODS[step.src]), c.pod(*PODS[step.dst])
-        out = _run_client(src, str(dst.ip), step.port, MARKER.decode() * 4)
+        out = _run_client(src, step.vip or str(dst.ip), step.port, MARKER.decode() * 4)
         got = "allowed" if out.startswith("OK") else "denied"
         failures += got != step.expect
         detail = out[3:] if got == "allowed" else out[4:]
-        rows.append((f"{step.src} -> {step.dst}:{step.port}", got, detail, step.why))
+        rows.append((f"{step.src} -> {step.vip or step.dst}:{step.port}", got, detail, step.why))
     for sn in sniffers:
         sn.stop()
     return rows, failures, sum(s.frames for s in sniffers), sum(s.seen for s in sniffers)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from agent.datapath.layouts import FlowEvent
@@ -49,16 +50,24 @@ def _kernel_security(ev: FlowEvent) -> SecurityPolicy:
 
 
 def from_kernel(
-    ev: FlowEvent, by_ip: WorkloadByIp, policy_name: Callable[[int], str]
+    ev: FlowEvent,
+    by_ip: WorkloadByIp,
+    policy_name: Callable[[int], str],
+    service_host: Callable[[str], str] = lambda _vip: "",
 ) -> FlowRecord:
-    """Kernel events: captured connections (open/close) and connect-time denies."""
+    """Kernel events: captured connections (open/close) and connect-time denies. A connect to a
+    Service VIP names the Service (`service_host` of the VIP) on the destination; the address
+    is the endpoint chosen (none when no endpoint was ready: then the VIP)."""
     kind = {EventKind.OPEN: Kind.OPEN, EventKind.CLOSE: Kind.CLOSE, EventKind.DENY: Kind.DENY}[
         ev.kind
     ]
     plaintext_peer = ev.direction == Direction.INGRESS and ev.src_id == ID_PLAINTEXT
     src = _endpoint(str(ev.src_ip), ev.src_port, by_ip, "" if plaintext_peer else None)
     dst = _endpoint(str(ev.dst_ip), ev.dst_port, by_ip)
+    if ev.svc_ip is not None:
+        dst = dataclasses.replace(dst, service=service_host(str(ev.svc_ip)))
     denied = ev.kind == EventKind.DENY
+    no_upstream = denied and ev.reason == Reason.NO_HEALTHY_UPSTREAM
     reporter = Reporter.DESTINATION if ev.direction == Direction.INGRESS else Reporter.SOURCE
     return FlowRecord(
         kind,
@@ -68,7 +77,10 @@ def from_kernel(
         verdict=Verdict.DENIED if denied else Verdict.ALLOWED,
         reason=Reason(ev.reason).label if denied else "",
         reason_code=int(ev.reason) if denied else None,
-        response_flags=ResponseFlag.DENY.value if denied else ResponseFlag.NONE.value,
+        response_flags=(
+            (ResponseFlag.NO_HEALTHY_UPSTREAM if no_upstream else ResponseFlag.DENY)
+            if denied else ResponseFlag.NONE
+        ).value,
         bytes_sent=ev.bytes_sent,
         bytes_received=ev.bytes_received,
         duration=ev.duration_ns / 1e9,

@@ -26,6 +26,7 @@ from agent.datapath.identities import IdentityTable
 from agent.datapath.layouts import FlowEvent
 from agent.datapath.options import BuildOptions
 from agent.datapath.policymap import CompiledPolicy, PolicyCompiler
+from agent.datapath.servicemap import compile_services
 from agent.datapath.verdicts import Counter, EventKind
 from agent.enroll import Enroller, PodLocator, PodPlacement
 from agent.host import cgroup
@@ -143,6 +144,10 @@ class NodeAgent:
             return None
         return TunnelWorkload(ip=ip, identity=w.identity, name=w.ref)
 
+    def _service_host(self, vip: str) -> str:
+        svc = self.state.service_by_vip(ipaddress.ip_address(vip))
+        return f"{svc.name}.{svc.namespace}.svc.cluster.local" if svc else ""
+
     def _policy_name(self, pid: int) -> str:
         return self.compiled.policy_names.get(pid, str(pid))
 
@@ -157,7 +162,8 @@ class NodeAgent:
         # the kernel's open/close events would count them twice; only connect-time denies,
         # which never reach the tunnel, go to telemetry.
         if ev.kind == EventKind.DENY:
-            self.telemetry.emit(flows.from_kernel(ev, self._workload_by_ip, self._policy_name))
+            self.telemetry.emit(flows.from_kernel(ev, self._workload_by_ip, self._policy_name,
+                                                  self._service_host))
 
     def request_reconcile(self) -> None:
         self._dirty.set()
@@ -233,6 +239,8 @@ class NodeAgent:
     def _compile_and_apply(self, state: MeshState) -> CompiledPolicy:
         compiled = self.compiler.compile(state.policy_set, state.workloads)
         self.datapath.apply_policy(compiled.entries, compiled.cidrs)
+        # After policy: a newly added endpoint is policed before connects can reach it.
+        self.datapath.apply_services(compile_services(state))
         return compiled
 
     async def _enroll(self, w: Workload, placement: PodPlacement) -> None:

@@ -12,6 +12,8 @@ Shapes (see docs/policy.md):
     trustDomain: cluster.local
     inMesh: true                       kind: Namespace
     uid: <optional>                    metadata: {name, labels}
+    ready: true
+    ports: {http: 8080}
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ def parse_workload(doc_obj: object, path: FieldPath = ()) -> Workload:
     namespace = f.name(meta, "namespace", mp, "label", default="default")
     sp = (*path, "spec")
     spec = f.mapping(doc.get("spec"), sp)
-    f.check_keys(spec, sp, ("serviceAccount", "ips", "node", "trustDomain", "inMesh", "uid"))
+    f.check_keys(spec, sp, ("serviceAccount", "ips", "node", "trustDomain", "inMesh", "uid",
+                            "ready", "ports"))
     account = f.name(spec, "serviceAccount", sp, "subdomain", default="default")
     trust_domain = f.string(spec, "trustDomain", sp, default=DEFAULT_TRUST_DOMAIN)
     try:
@@ -67,7 +70,27 @@ def parse_workload(doc_obj: object, path: FieldPath = ()) -> Workload:
                     node=f.string(spec, "node", sp, default=""),
                     labels=Labels(f.string_map(meta, "labels", mp)), trust_domain=trust_domain,
                     in_mesh=f.boolean(spec, "inMesh", sp, True),
-                    uid=f.string(spec, "uid", sp, default=""))
+                    uid=f.string(spec, "uid", sp, default=""),
+                    ready=f.boolean(spec, "ready", sp, True),
+                    ports=_named_ports(spec, sp))
+
+
+def _named_ports(spec: Mapping[str, object], sp: FieldPath) -> tuple[tuple[str, int], ...]:
+    """A workload's named container ports, {name: number}, for Services' named targetPorts."""
+    pp = (*sp, "ports")
+    return tuple(sorted((name, f.port(number, (*pp, name)))
+                        for name, number in f.optional_mapping(spec, "ports", sp).items()))
+
+
+def _target_port(entry: Mapping[str, object], number: int, pp: FieldPath) -> int | str:
+    """A Service targetPort: a number, or a container port name resolved per endpoint."""
+    raw = entry.get("targetPort", number)
+    if isinstance(raw, str) and not raw.isdigit():
+        if not raw or len(raw) > 15 or not raw.replace("-", "").isalnum() or not raw.islower():
+            f.fail((*pp, "targetPort"), f"{raw!r}: want a port number or a port name "
+                   "(lowercase letters, digits and '-', at most 15)")
+        return raw
+    return f.port(raw, (*pp, "targetPort"))
 
 
 def parse_namespace(doc_obj: object, path: FieldPath = ()) -> Namespace:
@@ -96,7 +119,7 @@ def parse_service(doc_obj: object, path: FieldPath = ()) -> Service:
         if number in seen:
             f.fail((*pp, "port"), f"port {number} is listed twice")
         seen.add(number)
-        target = f.port(entry.get("targetPort", number), (*pp, "targetPort"))
+        target = _target_port(entry, number, pp)
         protocol = f.string(entry, "protocol", pp, default="TCP")
         if protocol != "TCP":
             f.fail((*pp, "protocol"), f"{protocol!r}: the mesh carries TCP only")

@@ -56,6 +56,10 @@ class Workload:
     in_mesh: bool | None = True
     uid: str = ""
     k8s_uid: str = ""  # the pod's metadata.uid: names its cgroup on the node; new on recreate
+    # Whether Services send it new connections (a pod's Ready condition).
+    ready: bool = True
+    # Named container ports, (name, number): resolve a Service's named targetPort per endpoint.
+    ports: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.uid:
@@ -63,6 +67,14 @@ class Workload:
         if not isinstance(self.labels, Labels):
             object.__setattr__(self, "labels", Labels(self.labels))
         object.__setattr__(self, "ips", tuple(self.ips))
+        object.__setattr__(self, "ports", tuple(self.ports))
+
+    def named_port(self, name: str) -> int | None:
+        return next((number for n, number in self.ports if n == name), None)
+
+    def resolve_target_port(self, target: int | str) -> int | None:
+        """A Service targetPort on this endpoint: a number as is, a name through its ports."""
+        return target if isinstance(target, int) else self.named_port(target)
 
     @property
     def identity(self) -> Identity:

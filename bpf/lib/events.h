@@ -23,6 +23,9 @@ struct flow_event {
 	__u8 reason;          /* NM_REASON_* */
 	__u8 direction;       /* NM_DIR_* */
 	__u8 pad[2];
+	__u32 svc_ip;         /* the Service VIP the app connected to, or 0; network order */
+	__u16 svc_port;       /* its service port, host order */
+	__u16 pad2;
 };
 
 /* nm_events_v1: ring buffer of struct flow_event; NM_RINGBUF_BYTES. A full ring drops the
@@ -43,14 +46,14 @@ __attribute__((section("maps/ringbuf:" NM_PIN(nm_events_v1))))
 struct nm_events_v1_table_t nm_events_v1 = { .max_entries = NM_RINGBUF_BYTES };
 BPF_ANNOTATE_KV_PAIR_QUEUESTACK(nm_events_v1, struct nm_events_v1_table_t);
 
-/* nm_counters_v1: per-CPU counters indexed by NM_CTR_*; NM_CTR_MAX entries.
+/* nm_counters_v2 (v1 had 8 slots): per-CPU counters indexed by NM_CTR_*; NM_CTR_MAX entries.
  * Writers: every program. Reader: agent metrics collector (summed over CPUs at scrape time).
  */
-BPF_TABLE_PINNED("percpu_array", __u32, __u64, nm_counters_v1, NM_CTR_MAX, NM_PIN(nm_counters_v1));
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, nm_counters_v2, NM_CTR_MAX, NM_PIN(nm_counters_v2));
 
 static __always_inline void nm_count(__u32 idx)
 {
-	__u64 *v = nm_counters_v1.lookup(&idx);
+	__u64 *v = nm_counters_v2.lookup(&idx);
 	if (v)
 		*v += 1;
 }

@@ -18,6 +18,7 @@
 #define NM_REASON_MTLS_REQUIRED 3         /* plaintext source while the destination is STRICT */
 #define NM_REASON_IPV6_UNSUPPORTED 4      /* IPv6 TCP from/to an enrolled pod: fail closed */
 #define NM_REASON_NO_TUNNEL 5             /* inbound plaintext while the pod's tunnel is absent */
+#define NM_REASON_NO_HEALTHY_UPSTREAM 6   /* connect to a Service VIP with no ready endpoint */
 
 /* Flow event kinds (flow_event.kind). */
 #define NM_EVENT_OPEN 1
@@ -28,7 +29,7 @@
 #define NM_DIR_EGRESS 1   /* at the source pod's connect() */
 #define NM_DIR_INGRESS 2  /* at the tunnel's upstream connect() in the destination pod */
 
-/* Indices of nm_counters_v1. */
+/* Indices of nm_counters_v2. */
 #define NM_CTR_RINGBUF_DROPS 0
 #define NM_CTR_CAPTURED 1
 #define NM_CTR_DENY_EGRESS 2
@@ -37,6 +38,8 @@
 #define NM_CTR_IPV6_DENIED 5
 #define NM_CTR_INBOUND_NO_TUNNEL 6  /* sk_lookup dropped: no inbound listener (agent absent) */
 #define NM_CTR_UNTRUSTED_MARK 7     /* tunnel mark on a socket not connected by the agent */
-#define NM_CTR_MAX 8
+#define NM_CTR_NO_HEALTHY_UPSTREAM 8 /* connect4 refused a VIP with no ready endpoint */
+#define NM_CTR_SVC_TRANSLATED 9      /* connect4 load-balanced a VIP connect to an endpoint */
+#define NM_CTR_MAX 10
 
 #endif

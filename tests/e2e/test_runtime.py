@@ -48,7 +48,13 @@ def test_demo_passes_and_leaves_nothing_behind(capsys: pytest.CaptureFixture[str
     assert "demo passed" in out
     assert "ENCRYPTED" in out
     results = re.findall(r"^\S+ -> \S+\s+(allowed|denied)\s", out, re.MULTILINE)
-    assert results == ["allowed", "allowed", "denied", "denied", "denied"]
+    assert results == ["allowed", "allowed", "denied", "denied", "denied", "allowed", "denied"]
+    # Services: the VIP reaches the backend endpoint (which sees the frontend's pod address);
+    # the db Service is refused by the db endpoint's policy, at connect (EPERM)
+    assert re.search(r"^shop/frontend -> 10\.96\.0\.20:80\s+allowed\s+backend got \d+ bytes "
+                     r"from 10\.251\.0\.10$", out, re.MULTILINE), out
+    assert re.search(r"^tools/debug -> 10\.96\.0\.30:5432\s+denied\s+EPERM$", out,
+                     re.MULTILINE), out
     after = leftovers()
     # Nothing new may remain (other runs on the machine may come and go meanwhile).
     assert all(after[k] <= before[k] for k in after), (before, after)

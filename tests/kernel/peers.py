@@ -221,3 +221,61 @@ s.shutdown(socket.SHUT_WR)
 print(json.dumps({"reply": s.recv(4096).decode()}), flush=True)
 s.close()
 """
+
+# The app in a pod making many connects (load balancing): for each of N connects to (ip, port),
+# the errno, or what the app sees (getpeername, getsockname) and the reply.
+MANY_CONNECTS = """
+import errno, json, socket, sys
+ip, port, n, payload = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4].encode()
+out = []
+for _ in range(n):
+    s = socket.socket()
+    s.settimeout(5)
+    try:
+        s.connect((ip, port))
+    except OSError as e:
+        out.append({"errno": errno.errorcode.get(e.errno, str(e.errno))})
+        s.close()
+        continue
+    peer, me = s.getpeername(), s.getsockname()
+    s.sendall(payload)
+    s.shutdown(socket.SHUT_WR)
+    data = b""
+    while True:
+        d = s.recv(65536)
+        if not d:
+            break
+        data += d
+    s.close()
+    out.append({"peer": f"{peer[0]}:{peer[1]}", "local": f"{me[0]}:{me[1]}",
+                "reply": data.decode()})
+print(json.dumps(out))
+"""
+
+# The app side for the Service differential test, inside an enrolled pod: it plays the tunnel's
+# listener on 127.0.0.1:15001 itself, so each captured connect is accepted and its original
+# destination (the endpoint the kernel chose) read back. Cases in: [[ip, port], ...]; out per
+# case: ["OK", "endpoint:port"], ["EPERM", socket cookie] or [errno name, cookie].
+APP_CONNECT_BATCH = """
+import errno, json, socket, struct, sys
+lst = socket.create_server(("127.0.0.1", 15001))
+print("ready", flush=True)
+for line in sys.stdin:
+    out = []
+    for ip, port in json.loads(line):
+        s = socket.socket()
+        cookie = struct.unpack("=Q", s.getsockopt(socket.SOL_SOCKET, 57, 8))[0]  # SO_COOKIE
+        s.settimeout(5)
+        try:
+            s.connect((ip, port))
+        except OSError as e:
+            out.append([errno.errorcode.get(e.errno, str(e.errno)), cookie])
+            s.close()
+            continue
+        c, _ = lst.accept()
+        dport, dip = struct.unpack("!2xH4s8x", c.getsockopt(socket.SOL_IP, 80, 16))
+        out.append(["OK", f"{socket.inet_ntoa(dip)}:{dport}"])
+        c.close()
+        s.close()
+    print(json.dumps(out), flush=True)
+"""

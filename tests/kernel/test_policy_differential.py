@@ -1,5 +1,7 @@
 """Differential test: the kernel's verdict equals the reference evaluator's.
 
+Also for Service destinations (second test): app connects to VIP:port, translated in the kernel.
+
 2000 cases: random Istio AuthorizationPolicy/PeerAuthentication sets (principals, namespaces,
 ipBlocks and their not-forms, ports/notPorts, when conditions, L7 fields, dry-run, root /
 namespace / selector scope, STRICT/PERMISSIVE with port exceptions) and random connections
@@ -11,6 +13,7 @@ destination and the port.
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 import json
 import random
@@ -19,17 +22,20 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from peers import CONNECT_BATCH
+from peers import APP_CONNECT_BATCH, CONNECT_BATCH
 
 from agent.datapath.datapath import Datapath
 from agent.datapath.identities import IdentityTable
+from agent.datapath.layouts import Backend, FlowEvent, Frontend
 from agent.datapath.policymap import PolicyCompiler
+from agent.datapath.servicemap import compile_services
 from agent.identity.spiffe import Identity
 from agent.policy.authz import parse_authorization_policy
 from agent.policy.connection import Connection
 from agent.policy.evaluator import PolicySet, evaluate
 from agent.policy.peerauth import parse_peer_authentication
-from agent.state.model import Workload
+from agent.state.model import Labels, Service, ServicePort, Workload
+from agent.state.snapshot import MeshState
 from agent.testbed import Cluster, PodProcess
 
 SEED = 20261123
@@ -196,3 +202,108 @@ def test_kernel_verdict_equals_reference_on_2000_random_cases(
     assert checked == SETS * CASES_PER_SET >= 2000
     assert verdicts_seen == {"OK", "EPERM"}  # both outcomes exercised
     assert not mismatches, "\n".join(mismatches[:20])
+
+
+# -- Service destinations ---------------------------------------------------------------------
+# The same random policies, now reached through Service VIPs from an enrolled pod's app: the
+# kernel translates VIP:port to an endpoint:targetPort and decides policy for that endpoint with
+# the pod's identity. Each case checks the endpoint the kernel chose (the tunnel's original
+# destination, or the DENY event of the refused socket) and the reference verdict for it.
+SVC_WORKLOADS = [
+    Workload("w0", "a", "s1", (ipaddress.IPv4Address("10.251.0.201"),),
+             labels={"app": "w0", "tier": "t"}, ports=(("http", 80), ("https", 9000))),
+    Workload("w1", "a", "s2", (ipaddress.IPv4Address("10.251.0.202"),),
+             labels={"app": "w1", "tier": "t"}, ports=(("http", 8080),)),
+    Workload("w2", "b", "s3", (ipaddress.IPv4Address("10.251.0.203"),), labels={"app": "w2"},
+             ports=(("https", 443),)),
+]
+SERVICES = [
+    Service("svc-w0", "a", (ipaddress.IPv4Address("10.96.0.10"),),
+            (ServicePort(80, 8080), ServicePort(443, "https")), Labels({"app": "w0"})),
+    Service("svc-t", "a", (ipaddress.IPv4Address("10.96.0.11"),),
+            (ServicePort(80, "http"), ServicePort(9000, 9000)), Labels({"tier": "t"})),
+    Service("svc-b", "b", (ipaddress.IPv4Address("10.96.0.12"),),
+            (ServicePort(443, "https"), ServicePort(8443, "https")), Labels({"app": "w2"})),
+]
+SVC_SETS, SVC_CASES_PER_SET = 25, 40
+
+
+@pytest.fixture
+def app_batcher(kcluster: Cluster, clean_policy: Datapath) -> Iterator[PodProcess]:
+    proc = kcluster.pod(0, 0).python(
+        APP_CONNECT_BATCH, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.popen is not None and proc.popen.stdout is not None
+    assert proc.popen.stdout.readline().strip() == "ready"
+    yield proc
+    proc.stop()
+    clean_policy.apply_services({})
+
+
+def test_kernel_verdict_equals_reference_for_service_destinations(
+    kcluster: Cluster, clean_policy: Datapath, app_batcher: PodProcess
+) -> None:
+    rng = random.Random(SEED + 1)
+    pod = kcluster.pod(0, 0)
+    table = IdentityTable()
+    for ident in IDENTITIES:
+        table.allocate(ident)
+    compiler = PolicyCompiler(table)
+    state = MeshState.build([*SVC_WORKLOADS, *SERVICES])
+    lb = compile_services(state)
+    clean_policy.apply_services(lb)
+    events: dict[int, FlowEvent] = {}
+    clean_policy.open_events(lambda e: events.__setitem__(e.cookie, e))
+    assert app_batcher.popen is not None and app_batcher.popen.stdin and app_batcher.popen.stdout
+    checked, mismatches, outcomes = 0, [], collections.Counter[str]()
+    for set_index in range(SVC_SETS):
+        policies = random_policies(rng)
+        compiled = compiler.compile(policies, SVC_WORKLOADS)
+        clean_policy.apply_policy(compiled.entries, compiled.cidrs)
+        ident = rng.choice(IDENTITIES)
+        clean_policy.enroll(pod.netns, table.allocate(ident), pod.ip)
+        cases = []
+        for _ in range(SVC_CASES_PER_SET):
+            svc = rng.choice(SERVICES)
+            port = rng.choice([*(p.port for p in svc.ports), 22])  # 22: not declared
+            cases.append((svc.vips[0], port))
+        app_batcher.popen.stdin.write(json.dumps([[str(v), p] for v, p in cases]) + "\n")
+        app_batcher.popen.stdin.flush()
+        kernel = json.loads(app_batcher.popen.stdout.readline())
+        clean_policy.drain_events()
+        for (vip, port), (got, detail) in zip(cases, kernel, strict=True):
+            checked += 1
+            outcomes[got] += 1
+            wrong = _judge(lb, events, policies, src_ip=pod.ip, ident=ident,
+                           fe=Frontend(vip, port), got=got, detail=detail)
+            if wrong:
+                mismatches.append(f"set {set_index}: {ident} -> {vip}:{port}: {wrong}")
+    assert checked == SVC_SETS * SVC_CASES_PER_SET >= 1000
+    assert outcomes["OK"] > 0 and outcomes["EPERM"] > 0, outcomes  # both outcomes exercised
+    assert not mismatches, "\n".join(mismatches[:20])
+
+
+def _judge(lb: dict[Frontend, tuple[Backend, ...]], events: dict[int, FlowEvent],
+           policies: PolicySet, *, src_ip: ipaddress.IPv4Address, ident: Identity,
+           fe: Frontend, got: str, detail: Any) -> str | None:
+    """What is wrong with the kernel's outcome of one Service connect, or None."""
+    if got == "OK":
+        chosen = str(detail)
+    elif got == "EPERM" and detail in events:
+        ev = events[detail]
+        chosen = f"{ev.dst_ip}:{ev.dst_port}"
+        if (ev.svc_ip, ev.svc_port) != (fe.vip, fe.port):
+            return f"DENY event names {ev.svc_ip}:{ev.svc_port}"
+    else:
+        return f"kernel {got} {detail}"
+    if fe not in lb:  # a port the Service does not declare: untranslated, to the VIP
+        return None if (got, chosen) == ("OK", f"{fe.vip}:{fe.port}") else f"{got} {chosen}"
+    ip, _, target = chosen.rpartition(":")
+    backend = Backend(ipaddress.IPv4Address(ip), int(target))
+    if backend not in lb[fe]:
+        return f"{chosen} is not one of {lb[fe]}"
+    dst = next(w for w in SVC_WORKLOADS if w.ips[0] == backend.ip)
+    ref = evaluate(policies, Connection(src_ip, ident, dst, backend.ip, backend.port))
+    want = "OK" if ref.allowed else "EPERM"
+    return None if got == want else (
+        f"{dst.ref}:{backend.port}: kernel {got}, reference {want} ({ref.reason})")

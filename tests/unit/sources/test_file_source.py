@@ -88,8 +88,8 @@ def test_error_names_file_line_and_field(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("text", "line", "expected"), [
     (GOOD.replace("  node: node0", "  node: node0\n  nodes: x"), 11,
-     "spec.nodes: unknown field (known fields: inMesh, ips, node, serviceAccount, trustDomain, "
-     "uid)"),
+     "spec.nodes: unknown field (known fields: inMesh, ips, node, ports, ready, serviceAccount, "
+     "trustDomain, uid)"),
     (GOOD.replace("  rules:", "  rulez:"), 18, "spec.rulez: unknown field"),
     (GOOD.replace("[10.251.0.10]", "[10.251.0.300]"), 9, "spec.ips[0]: '10.251.0.300' is not"),
     (GOOD.replace("metadata: {name: shop}", "metadata: {name: Shop}"), 2,

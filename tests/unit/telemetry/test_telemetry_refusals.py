@@ -5,6 +5,7 @@ metric with the right labels and one bounded audit line: the tunnel's event voca
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -203,6 +204,19 @@ def test_kernel_denies_carry_the_security_policy_istio_would(  # noqa: PLR0917 -
     assert json.loads((tmp_path / "audit.log").read_text())["event"] == "policy_deny"
     (labels, _), = _samples(tel)["istio_tcp_connections_failed_total"]
     assert labels["connection_security_policy"] == security
+
+
+def test_a_service_with_no_ready_endpoint_is_recorded_as_no_healthy_upstream(
+        tel: Telemetry, tmp_path: Path) -> None:
+    ev = dataclasses.replace(kernel_deny(KDirection.EGRESS, 7, Reason.NO_HEALTHY_UPSTREAM),
+                             policy=0, svc_ip=ipaddress.IPv4Address("10.96.0.20"), svc_port=80)
+    rec = flows.from_kernel(ev, by_ip, lambda _: "", lambda vip: f"backend.shop ({vip})")
+    assert (rec.kind, rec.response_flags, rec.reason) == (
+        EventKind.DENY, "UH", "no_healthy_upstream")
+    assert rec.destination.service == "backend.shop (10.96.0.20)"
+    tel.emit(rec)  # validates: UH is one of the flow schema's flags
+    (labels, _), = _samples(tel)["istio_tcp_connections_failed_total"]
+    assert labels["response_flags"] == "UH"
 
 
 def test_a_failing_event_hook_logs_one_bounded_line_without_a_traceback(

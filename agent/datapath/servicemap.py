@@ -1,0 +1,35 @@
+"""Compiles Services into the kernel's socket load balancer (bpf/lib/lb.h).
+
+Each (IPv4 VIP, service port) gets the ready endpoints of the Service with their target port
+resolved per endpoint (a named targetPort through the endpoint's named ports; an endpoint
+without that name is not an endpoint of that port, as in Kubernetes). A Service with no ready
+endpoint keeps its frontend with no backends, so connects to it are refused at once. Headless
+Services (no VIP) need nothing: their clients connect to pod IPs. Services without a selector
+get endpoints from elsewhere (EndpointSlices); from the file source they have none and are left
+out, so their VIPs pass through untouched.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from agent.datapath.layouts import Backend, Frontend
+from agent.state.services import endpoints
+from agent.state.snapshot import MeshState
+
+ServiceTable = dict[Frontend, tuple[Backend, ...]]
+
+
+def compile_services(state: MeshState) -> ServiceTable:
+    table: ServiceTable = {}
+    for svc in state.services:
+        vips = [v for v in svc.vips if isinstance(v, ipaddress.IPv4Address)]
+        if not vips or svc.selector is None:
+            continue
+        for sp in svc.ports:
+            if sp.protocol != "TCP":
+                continue
+            backends = tuple(Backend(e.ip, e.port) for e in endpoints(state, svc, sp))
+            for vip in vips:
+                table[Frontend(vip, sp.port)] = backends
+    return table
