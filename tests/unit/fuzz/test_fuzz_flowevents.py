@@ -26,7 +26,7 @@ from agent.telemetry.flow import EventKind as Kind
 from agent.telemetry.stream import FilterError, FlowFilter
 
 FIELDS = ("ts", "cookie", "netns", "sent", "recv", "dur", "sip", "dip", "sport", "dport", "sid",
-          "policy", "rule", "kind", "verdict", "reason", "direction")
+          "policy", "rule", "kind", "verdict", "reason", "direction", "svc_ip", "svc_port")
 U64, U32, U16, U8 = 2**64 - 1, 2**32 - 1, 2**16 - 1, 2**8 - 1
 
 WEB = Workload(name="web", namespace="shop", service_account="web",
@@ -66,8 +66,9 @@ def _fields(draw: st.DrawFn) -> tuple[int, ...]:
         draw(st.integers(0, U32)), draw(st.integers(0, U16)),
         draw(small([*map(int, EventKind), 0, 4, U8])),
         draw(small([*map(int, Verdict), 0, 3, U8])),
-        draw(small([*map(int, Reason), 5, U8])),
+        draw(small([*map(int, Reason), 99, U8])),
         draw(small([*map(int, Direction), 0, 3, U8])),
+        draw(st.binary(min_size=4, max_size=4)), draw(st.integers(0, U16)),  # Service VIP:port
     )
 
 
@@ -78,7 +79,8 @@ def packed_events(draw: st.DrawFn) -> bytes:
 
 @given(packed_events())
 @example(FLOW_EVENT.pack(1, 2, 3, U64, U64, U64, b"\n\0\0\1", b"\n\0\0\2", 1, 2, 3, 0, 0,
-                         EventKind.DENY, Verdict.DENY, Reason.POLICY_DENY, Direction.EGRESS))
+                         EventKind.DENY, Verdict.DENY, Reason.POLICY_DENY, Direction.EGRESS,
+                         b"\n\x60\0\x14", 80))
 def test_well_formed_events_decode_to_valid_flow_records(raw: bytes) -> None:
     _decode(raw)
 
