@@ -1,4 +1,4 @@
-"""Admin (localhost: /config_dump, /flows, /posture) and readiness (/healthz/ready, /healthz)
+"""Admin (localhost: /config_dump, /flows, /posture, /ui/) and readiness (/healthz/ready, /healthz)
 endpoints."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from aiohttp import web
 
 from agent.telemetry.stream import FlowHub
 from agent.telemetry.stream import add_routes as add_flow_routes
+from agent.telemetry.webui import add_routes as add_flow_map_routes
 
 
 def admin_app(dump: Callable[[], dict[str, Any]], hub: FlowHub,
@@ -23,6 +24,7 @@ def admin_app(dump: Callable[[], dict[str, Any]], hub: FlowHub,
 
     app.router.add_get("/config_dump", config_dump)
     add_flow_routes(app, hub)
+    add_flow_map_routes(app, hub)  # /ui/: the live flow map, fed by /flows/events
     if posture is not None:  # GET /posture: `nodemesh posture` against this agent
 
         async def posture_report(_req: web.Request) -> web.Response:
