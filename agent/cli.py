@@ -21,6 +21,7 @@ COMMANDS = (
     "agent.policy.cli",
     "agent.identity.cli",
     "agent.datapath.cli",
+    "agent.posture.cli",
 )
 
 Handler = Callable[[argparse.Namespace], int]

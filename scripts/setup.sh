@@ -7,9 +7,10 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 venv=${NODEMESH_VENV:-$here/.venv}
 python=${NODEMESH_PYTHON:-python3}
-# python3-bpfcc: BCC 0.26; bpftool: listings in tests; iperf3: benchmarks.
+# python3-bpfcc: BCC 0.26; bpftool: listings in tests; iperf3: benchmarks; chromium and
+# chromium-driver: the headless browser test of the admin flow map (Selenium drives it).
 # kubernetes-client is deliberately absent: it conflicts with the preinstalled kubectl.
-apt_packages=(python3-bpfcc bpftool linux-headers-amd64 iproute2 iperf3)
+apt_packages=(python3-bpfcc bpftool linux-headers-amd64 iproute2 iperf3 chromium chromium-driver)
 
 die() { echo "setup: $*" >&2; exit 1; }
 step() { echo "setup: $*"; }

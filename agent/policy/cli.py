@@ -70,6 +70,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Exit status: 0 valid, 2 invalid or any other failure.")
     _config_args(validate)
     validate.set_defaults(func=_exit_2_on_failure(_validate))
+    from agent.policy import simulate_cli  # noqa: PLC0415  # its own module: `policy simulate`
+
+    simulate_cli.register(psub)
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:

@@ -1,4 +1,5 @@
-"""Admin (localhost: /config_dump, /flows) and readiness (/healthz/ready, /healthz) endpoints."""
+"""Admin (localhost: /config_dump, /flows, /posture, /ui/) and readiness (/healthz/ready, /healthz)
+endpoints."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from aiohttp import web
 
 from agent.telemetry.stream import FlowHub
 from agent.telemetry.stream import add_routes as add_flow_routes
+from agent.telemetry.webui import add_routes as add_flow_map_routes
 
 
-def admin_app(dump: Callable[[], dict[str, Any]], hub: FlowHub) -> web.Application:
+def admin_app(dump: Callable[[], dict[str, Any]], hub: FlowHub,
+              posture: Callable[[], dict[str, Any]] | None = None) -> web.Application:
     app = web.Application()
 
     async def config_dump(_req: web.Request) -> web.Response:
@@ -20,6 +23,13 @@ def admin_app(dump: Callable[[], dict[str, Any]], hub: FlowHub) -> web.Applicati
 
     app.router.add_get("/config_dump", config_dump)
     add_flow_routes(app, hub)
+    add_flow_map_routes(app, hub)  # /ui/: the live flow map, fed by /flows/events
+    if posture is not None:  # GET /posture: `nodemesh posture` against this agent
+
+        async def posture_report(_req: web.Request) -> web.Response:
+            return web.json_response(posture(), dumps=lambda o: json.dumps(o, indent=2))
+
+        app.router.add_get("/posture", posture_report)
     return app
 
 

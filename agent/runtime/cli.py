@@ -14,6 +14,7 @@ from typing import Any
 from agent import config as cfgmod
 from agent.enroll import KubernetesLocator, PodLocator, TestbedLocator
 from agent.host import signals
+from agent.posture.live import live_report
 from agent.runtime import admin
 from agent.runtime.node import NodeAgent
 from agent.runtime.readiness import Readiness
@@ -107,7 +108,8 @@ async def run_agent(cfg: cfgmod.Config) -> int:
     log.info("datapath: %s", ", ".join(actions))
     runners = [
         await admin.serve(
-            admin.admin_app(lambda: _dump(agent), agent.telemetry.hub),
+            admin.admin_app(lambda: _dump(agent), agent.telemetry.hub, lambda: live_report(
+                agent.state, agent.certs, agent.telemetry.hub, cfg.node_name)),
             *cfgmod.parse_addr(cfg.admin_addr),
         ),
         await admin.serve(

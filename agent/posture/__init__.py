@@ -1,0 +1,1 @@
+"""Security posture report: `nodemesh posture` and the admin endpoint's /posture."""

@@ -1,0 +1,92 @@
+"""`nodemesh policy simulate` on a flow log the real agents recorded during the demo's traffic."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+from prereq import require_root
+
+from agent.cli import main
+from agent.config import DEFAULT_PIN_ROOT
+from agent.datapath.datapath import Datapath
+from agent.datapath.options import BuildOptions
+from agent.runtime.demo import EXAMPLE, _run_client, _run_steps, _start_agents, _wait_ready
+from agent.testbed import Cluster
+
+# backend-allow-frontend's only rule; without it the policy allows nothing.
+FRONTEND_RULE = """  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/shop/sa/frontend"]
+    to:
+    - operation:
+        ports: ["8080"]
+"""
+EXTRA_CALLS = 3
+
+
+def record_demo_flows(work: Path) -> list[Path]:
+    """The demo's five steps plus EXTRA_CALLS more frontend -> backend:8080, on real agents;
+    returns both nodes' flow logs once the agents have stopped (logs complete)."""
+    with Cluster(nodes=2, pods_per_node=2, description="policy simulate e2e") as c:
+        pins = [DEFAULT_PIN_ROOT / f"demo-{c.run_id}-n{n.index}" for n in c.nodes]
+        agents = _start_agents(c, argparse.Namespace(config=EXAMPLE), work, pins)
+        try:
+            for node in c.nodes:
+                assert _wait_ready(node, 15021), (work / f"agent-n{node.index}.log").read_text()
+            rows, *_ = _run_steps(c)
+            assert [r[1] for r in rows] == ["allowed", "allowed", "denied", "denied", "denied"]
+            for i in range(EXTRA_CALLS):
+                out = _run_client(c.pod(0, 0), str(c.pod(0, 1).ip), 8080, f"again {i}")
+                assert out.startswith("OK"), out
+        finally:
+            for a in agents:
+                a.stop(grace=10)
+            for pin in pins:
+                Datapath(c.nodes[0].cgroup_root, BuildOptions(pin_dir=pin)).uninstall()
+    return [work / f"flows-n{n}.log" for n in (0, 1)]
+
+
+def simulate(capsys: pytest.CaptureFixture[str], logs: list[Path], config: Path,
+             *extra: str) -> tuple[int, str]:
+    args = ["policy", "simulate", "--config", str(config), *extra]
+    for log in logs:
+        args += ["--flows", str(log)]
+    rc = main(args)
+    out, err = capsys.readouterr()
+    assert not err, err
+    return rc, out
+
+
+def test_simulate_replays_the_recorded_demo(capsys: pytest.CaptureFixture[str],
+                                            tmp_path: Path) -> None:
+    require_root()
+    logs = record_demo_flows(tmp_path)
+    rc, out = simulate(capsys, logs, EXAMPLE, "--json")
+    report = json.loads(out)
+    assert rc == 0, out
+    assert report["changed"] is False and report["unresolved"] == []
+    # Every connection replayed once: 5 steps + the extra calls.
+    assert report["replayed"] == 5 + EXTRA_CALLS
+    assert report["unchanged"] == 5 + EXTRA_CALLS
+
+    text = EXAMPLE.read_text()
+    assert text.count(FRONTEND_RULE) == 1
+    proposed = tmp_path / "proposed.yaml"
+    proposed.write_text(text.replace(FRONTEND_RULE, "  action: ALLOW\n  rules: []\n"))
+    rc, out = simulate(capsys, logs, proposed, "--json")
+    assert rc == 1, out
+    report = json.loads(out)
+    assert report["newly_allowed"] == [] and report["unresolved"] == []
+    assert [(c["source"], c["destination"], c["port"], c["count"], c["proposed"]["verdict"])
+            for c in report["newly_denied"]] == [
+        ("shop/frontend", "shop/backend", 8080, 1 + EXTRA_CALLS, "deny")]
+    assert "shop/backend-allow-frontend" in report["newly_denied"][0]["proposed"]["reason"]
+    rc, out = simulate(capsys, logs, proposed)
+    assert rc == 1
+    print(out)
+    assert f"shop/frontend -> shop/backend:8080  {1 + EXTRA_CALLS:>5}x" in out
