@@ -13,7 +13,14 @@ from agent.cli import main
 from agent.config import DEFAULT_PIN_ROOT
 from agent.datapath.datapath import Datapath
 from agent.datapath.options import BuildOptions
-from agent.runtime.demo import EXAMPLE, _run_client, _run_steps, _start_agents, _wait_ready
+from agent.runtime.demo import (
+    EXAMPLE,
+    STEPS,
+    _run_client,
+    _run_steps,
+    _start_agents,
+    _wait_ready,
+)
 from agent.testbed import Cluster
 
 # backend-allow-frontend's only rule; without it the policy allows nothing.
@@ -27,10 +34,13 @@ FRONTEND_RULE = """  action: ALLOW
         ports: ["8080"]
 """
 EXTRA_CALLS = 3
+# Connections the demo makes to backend:8080: the pod IP step and the Service VIP step (the
+# kernel picks the endpoint, so the record names backend:8080).
+DEMO_TO_BACKEND = sum(1 for s in STEPS if s.src == "shop/frontend" and s.dst == "shop/backend")
 
 
 def record_demo_flows(work: Path) -> list[Path]:
-    """The demo's five steps plus EXTRA_CALLS more frontend -> backend:8080, on real agents;
+    """The demo's steps plus EXTRA_CALLS more frontend -> backend:8080, on real agents;
     returns both nodes' flow logs once the agents have stopped (logs complete)."""
     with Cluster(nodes=2, pods_per_node=2, description="policy simulate e2e") as c:
         pins = [DEFAULT_PIN_ROOT / f"demo-{c.run_id}-n{n.index}" for n in c.nodes]
@@ -39,7 +49,7 @@ def record_demo_flows(work: Path) -> list[Path]:
             for node in c.nodes:
                 assert _wait_ready(node, 15021), (work / f"agent-n{node.index}.log").read_text()
             rows, *_ = _run_steps(c)
-            assert [r[1] for r in rows] == ["allowed", "allowed", "denied", "denied", "denied"]
+            assert [r[1] for r in rows] == [s.expect for s in STEPS]
             for i in range(EXTRA_CALLS):
                 out = _run_client(c.pod(0, 0), str(c.pod(0, 1).ip), 8080, f"again {i}")
                 assert out.startswith("OK"), out
@@ -70,9 +80,9 @@ def test_simulate_replays_the_recorded_demo(capsys: pytest.CaptureFixture[str],
     report = json.loads(out)
     assert rc == 0, out
     assert report["changed"] is False and report["unresolved"] == []
-    # Every connection replayed once: 5 steps + the extra calls.
-    assert report["replayed"] == 5 + EXTRA_CALLS
-    assert report["unchanged"] == 5 + EXTRA_CALLS
+    # Every connection replayed once: the demo's steps + the extra calls.
+    assert report["replayed"] == len(STEPS) + EXTRA_CALLS
+    assert report["unchanged"] == len(STEPS) + EXTRA_CALLS
 
     text = EXAMPLE.read_text()
     assert text.count(FRONTEND_RULE) == 1
@@ -84,9 +94,9 @@ def test_simulate_replays_the_recorded_demo(capsys: pytest.CaptureFixture[str],
     assert report["newly_allowed"] == [] and report["unresolved"] == []
     assert [(c["source"], c["destination"], c["port"], c["count"], c["proposed"]["verdict"])
             for c in report["newly_denied"]] == [
-        ("shop/frontend", "shop/backend", 8080, 1 + EXTRA_CALLS, "deny")]
+        ("shop/frontend", "shop/backend", 8080, DEMO_TO_BACKEND + EXTRA_CALLS, "deny")]
     assert "shop/backend-allow-frontend" in report["newly_denied"][0]["proposed"]["reason"]
     rc, out = simulate(capsys, logs, proposed)
     assert rc == 1
     print(out)
-    assert f"shop/frontend -> shop/backend:8080  {1 + EXTRA_CALLS:>5}x" in out
+    assert f"shop/frontend -> shop/backend:8080  {DEMO_TO_BACKEND + EXTRA_CALLS:>5}x" in out
