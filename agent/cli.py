@@ -1,34 +1,36 @@
-"""The `nodemesh` command line. Each area registers its own subcommands (see COMMANDS)."""
+"""The `nodemesh` command line. Each module of agent/commands registers its subcommands."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from agent.host.signals import Stopped
-
-# Modules that provide `register(subparsers)`; each adds its subcommands with a handler set as
-# `func` (a callable taking the parsed namespace and returning an exit code).
-COMMANDS = (
-    "agent.testbed.cli",
-    "agent.runtime.cli",
-    "agent.runtime.demo",
-    "agent.telemetry.cli",
-    "agent.policy.cli",
-    "agent.identity.cli",
-    "agent.datapath.cli",
-    "agent.posture.cli",
+from agent.commands import (
+    datapath,
+    demo,
+    identity,
+    policy,
+    posture,
+    run,
+    telemetry,
+    testbed,
 )
+from agent.host.signals import Stopped
 
 Handler = Callable[[argparse.Namespace], int]
 
 
 class _Registrar(Protocol):
     def register(self, sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None: ...
+
+
+# Each provides `register(subparsers)`, adding its subcommands with a handler set as `func` (a
+# callable taking the parsed namespace and returning an exit code). The order is the help's.
+COMMANDS: tuple[_Registrar, ...] = (testbed, run, demo, telemetry, policy, identity, datapath,
+                                   posture)
 
 
 EPILOG = """examples:
@@ -44,9 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
-        mod: _Registrar = importlib.import_module(name)
-        mod.register(sub)
+    for command in COMMANDS:
+        command.register(sub)
     return parser
 
 

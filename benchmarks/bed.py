@@ -25,11 +25,11 @@ from typing import Any
 
 import psutil
 
+from agent.commands.demo import _start_agents, _wait_ready, http_get
 from agent.config import DEFAULT_PIN_ROOT
 from agent.datapath.datapath import Datapath
 from agent.datapath.options import BuildOptions
 from agent.host import netns
-from agent.runtime.demo import _start_agents, _wait_ready, http_get
 from agent.testbed import Cluster
 from agent.testbed.cluster import Node, Place, Pod, PodProcess
 from benchmarks import envoy, meshfile, programs

@@ -72,10 +72,6 @@ class Pool:
             t.cancel()
         self._idle.clear()
 
-    @property
-    def active_streams(self) -> int:
-        return sum(s.core.open_streams for s in self.connections())
-
     # -- internals ---------------------------------------------------------------------------
     def _reserve(self, key: PoolKey) -> HboneSession | None:
         for s in self._conns.get(key, []):

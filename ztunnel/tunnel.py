@@ -18,7 +18,6 @@ import asyncio
 import enum
 import ipaddress
 import logging
-import signal
 import socket
 import ssl
 from collections.abc import Callable, Coroutine
@@ -238,11 +237,6 @@ class Tunnel:
             t.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-
-    def install_signal_handlers(self, deadline: float = 30.0) -> None:
-        """SIGTERM drains (the main thread's loop only)."""
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, lambda: self._spawn(self.drain(deadline)))
 
     # -- accept ------------------------------------------------------------------------------
     def _close_listeners(self, pod: _Pod) -> None:

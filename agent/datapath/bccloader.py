@@ -121,6 +121,11 @@ class Module:
         self._bpf.ring_buffer_consume()
 
     def close(self) -> None:
+        """Release the programs and maps; the cache forgets this module so that compiling the
+        same options again builds a new one instead of handing out a closed one."""
+        with _cache_lock:
+            if _cache.get(self.options) is self:
+                del _cache[self.options]
         with self._lock:
             self._progs.clear()
             self._bpf.cleanup()
@@ -154,7 +159,3 @@ def compile_module(options: BuildOptions, *, cached: bool = True) -> Module:
             _cache[options] = module
         return module
 
-
-def effective_source(options: BuildOptions) -> str:
-    """The C text BCC compiles, for `nodemesh datapath source` (debugging)."""
-    return assemble(options.sources)

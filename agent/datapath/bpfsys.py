@@ -9,11 +9,27 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import enum
+import errno
 import os
+import platform
 import struct
 from pathlib import Path
 
-_SYS_BPF = 321  # x86_64
+# __NR_bpf differs per architecture (arch/*/include/uapi/asm/unistd*.h; arm64 and riscv64 use
+# the generic table). Keyed by platform.machine().
+SYSCALL_NUMBERS: dict[str, int] = {
+    "x86_64": 321, "aarch64": 280, "arm64": 280, "riscv64": 280,
+    "ppc64le": 361, "s390x": 351, "armv7l": 386, "i686": 357,
+}
+
+
+def syscall_number(machine: str) -> int | None:
+    """The bpf(2) number on `machine`, None where nodemesh does not know it."""
+    return SYSCALL_NUMBERS.get(machine)
+
+
+_MACHINE = platform.machine()
+_SYS_BPF = syscall_number(_MACHINE)
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
@@ -55,7 +71,6 @@ class MapType(enum.IntEnum):
 
 
 BPF_ANY = 0
-BPF_NOEXIST = 1
 BPF_F_NO_PREALLOC = 1
 
 
@@ -63,9 +78,16 @@ class BpfError(OSError):
     """A bpf(2) command failed."""
 
 
+def _sys_bpf() -> int:
+    if _SYS_BPF is None:
+        raise BpfError(errno.ENOSYS, f"bpf(2): no syscall number known for machine {_MACHINE!r} "
+                                     f"(known: {', '.join(sorted(SYSCALL_NUMBERS))})")
+    return _SYS_BPF
+
+
 def _call(cmd: Cmd, attr: bytes) -> int:
     buf = ctypes.create_string_buffer(attr, max(len(attr), 128))
-    ret = _libc.syscall(_SYS_BPF, int(cmd), buf, len(buf))
+    ret = _libc.syscall(_sys_bpf(), int(cmd), buf, len(buf))
     if ret < 0:
         err = ctypes.get_errno()
         raise BpfError(err, f"bpf({cmd.name}): {os.strerror(err)}")
@@ -112,7 +134,7 @@ def prog_query(target_fd: int, attach_type: AttachType, max_progs: int = 64) -> 
         struct.pack("=IIIIQI", target_fd, int(attach_type), 0, 0, ctypes.addressof(ids), max_progs),
         128,
     )
-    ret = _libc.syscall(_SYS_BPF, int(Cmd.PROG_QUERY), attr, 128)
+    ret = _libc.syscall(_sys_bpf(), int(Cmd.PROG_QUERY), attr, 128)
     if ret < 0:
         err = ctypes.get_errno()
         raise BpfError(err, f"bpf(PROG_QUERY): {os.strerror(err)}")
@@ -191,7 +213,7 @@ def map_update_batch(fd: int, keys: bytes, values: bytes, count: int) -> None:
     # in_batch, out_batch, keys, values, count, map_fd, elem_flags, flags
     attr = struct.pack("=QQQQIIQQ", 0, 0, _ptr(k), _ptr(v), count, fd, 0, 0)
     buf = ctypes.create_string_buffer(attr, 128)
-    ret = _libc.syscall(_SYS_BPF, int(Cmd.MAP_UPDATE_BATCH), buf, 128)
+    ret = _libc.syscall(_sys_bpf(), int(Cmd.MAP_UPDATE_BATCH), buf, 128)
     if ret < 0:
         err = ctypes.get_errno()
         done = struct.unpack_from("=I", buf.raw, 32)[0]
@@ -203,10 +225,3 @@ def prog_id(prog_fd: int) -> int:
     info = ctypes.create_string_buffer(256)
     _call(Cmd.OBJ_GET_INFO_BY_FD, struct.pack("=IIQ", prog_fd, 256, _ptr(info)))
     return int(struct.unpack_from("=I", info.raw, 4)[0])
-
-
-def link_prog_id(link_fd: int) -> int:
-    """The program a link points at (bpf_link_info: type u32, id u32, prog_id u32)."""
-    info = ctypes.create_string_buffer(128)
-    _call(Cmd.OBJ_GET_INFO_BY_FD, struct.pack("=IIQ", link_fd, 128, _ptr(info)))
-    return int(struct.unpack_from("=I", info.raw, 8)[0])

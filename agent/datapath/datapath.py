@@ -488,20 +488,6 @@ class Datapath:
         c = self.counters()
         return {k.name.lower(): c[k] for k in DROP_COUNTERS}
 
-    def original_destination(
-        self, ns_cookie: int, peer_ip: ipaddress.IPv4Address, peer_port: int
-    ) -> tuple[ipaddress.IPv4Address, int] | None:
-        """The map lookup behind SO_ORIGINAL_DST, for callers outside the tunnel's cgroup."""
-        raw = bpfsys.map_lookup(
-            self.module.map_fd("nm_conn_tuple_v1"),
-            layouts.conn_tuple(ns_cookie, peer_ip, peer_port),
-            layouts.CONN_ENTRY.size,
-        )
-        if raw is None:
-            return None
-        entry = layouts.ConnEntry.unpack(raw)
-        return entry.orig_ip, entry.orig_port
-
     def upstreams(self) -> dict[UpstreamKey, int]:
         """The agent's live upstream connects sk_lookup lets through, with their socket cookie."""
         fd = self.module.map_fd("nm_upstream_v2")
@@ -534,9 +520,6 @@ class Datapath:
             self.module.open_ring_buffer("nm_events_v1", self._dispatch)
             self._events_open = True
         self._subscribers.append(callback)
-
-    def close_events(self, callback: Callable[[FlowEvent], None]) -> None:
-        self._subscribers.remove(callback)
 
     def _dispatch(self, raw: bytes) -> None:
         # Called from BCC's C callback: an exception here would only print a traceback per

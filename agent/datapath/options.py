@@ -15,7 +15,6 @@ HBONE_PORT = 15008
 MARK_MAGIC = 0x539
 MARK_MASK = 0xFFF
 MARK_ID_SHIFT = 12
-ID_NONE = 0
 ID_PLAINTEXT = 1
 ID_TUNNEL = 0xFFFFF  # the tunnel's own sockets (ztunnel/podnet.py TUNNEL_ID)
 

@@ -25,6 +25,7 @@ from agent.datapath.layouts import ANY, ANY_PORT, PolicyEntry, PolicyKey
 from agent.datapath.options import ID_PLAINTEXT
 from agent.datapath.verdicts import Reason, Verdict
 from agent.identity.spiffe import Identity
+from agent.model.mesh import Workload
 from agent.policy.connection import Connection
 from agent.policy.evaluator import (
     Decision,
@@ -37,7 +38,6 @@ from agent.policy.evaluator import (
 )
 from agent.policy.evaluator import Verdict as RefVerdict
 from agent.policy.peerauth import MtlsMode
-from agent.state.model import Workload
 
 V4 = ipaddress.IPv4Network
 WORLD = 0

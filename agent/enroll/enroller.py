@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 from agent.enroll.placement import LocateError, PodLocator, PodPlacement
 from agent.identity.spiffe import Identity
-from agent.state.fields import IPAddress
-from agent.state.model import Workload
+from agent.model.fields import IPAddress
+from agent.model.mesh import Workload
 from agent.state.snapshot import MeshState
 from agent.state.store import StateStore
 

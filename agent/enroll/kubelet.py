@@ -21,7 +21,7 @@ import psutil
 from agent.enroll.placement import LocateError, PodPlacement
 from agent.enroll.podcgroup import PodMatch, is_runtime_helper, kubelet_match, unified_path
 from agent.host import cgroup
-from agent.state.model import Workload
+from agent.model.mesh import Workload
 
 log = logging.getLogger(__name__)
 

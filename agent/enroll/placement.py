@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from agent.state.model import Workload
+from agent.model.mesh import Workload
 
 
 class LocateError(LookupError):

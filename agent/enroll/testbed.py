@@ -19,7 +19,7 @@ from pathlib import Path
 
 from agent.enroll.placement import PodPlacement
 from agent.host import cgroup, netns
-from agent.state.model import Workload
+from agent.model.mesh import Workload
 from agent.testbed.addressing import Plan
 
 log = logging.getLogger(__name__)

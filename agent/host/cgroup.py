@@ -30,11 +30,6 @@ def create(path: Path) -> Path:
     return path
 
 
-def add_process(path: Path, pid: int = 0) -> None:
-    """Move pid (0 = the caller) into the group."""
-    (path / "cgroup.procs").write_text(f"{pid}\n", encoding="ascii")
-
-
 def procs(path: Path) -> list[int]:
     """PIDs in the group and all groups below it."""
     found: list[int] = []

@@ -80,12 +80,6 @@ class CaClient:
             raise ValueError("trust bundle holds no certificates")
         return roots
 
-    def set_trust_anchor(self, ca_root_pem: str, trust_bundle: Sequence[str] | None = None) -> None:
-        """Adopt a new CA root (e.g. the root file changed); the channel is rebuilt on next use."""
-        self._bundle = self._parse_bundle(trust_bundle or [ca_root_pem])
-        self._ca_root = ca_root_pem
-        self._drop_channel()
-
     def set_trust_bundle(self, trust_bundle: Sequence[str]) -> None:
         self._bundle = self._parse_bundle(trust_bundle)
 

@@ -19,15 +19,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from agent.config import DEFAULT_ROOT_NAMESPACE
+from agent.model import fields as f
+from agent.model.fields import FieldPath, IPNetwork, format_path
+from agent.model.mesh import Labels, Workload
 from agent.policy.connection import Connection
 from agent.policy.strmatch import StringMatch
-from agent.state import fields as f
-from agent.state.fields import FieldPath, IPNetwork, format_path
-from agent.state.model import Labels, Workload
 
 API_VERSIONS = ("security.istio.io/v1", "security.istio.io/v1beta1")
 DRY_RUN_ANNOTATION = "istio.io/dry-run"
-DEFAULT_ROOT_NAMESPACE = "istio-system"
 
 _SOURCE_L4 = ("principals", "notPrincipals", "namespaces", "notNamespaces", "ipBlocks",
               "notIpBlocks", "serviceAccounts", "notServiceAccounts")

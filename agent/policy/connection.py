@@ -6,8 +6,8 @@ import ipaddress
 from dataclasses import dataclass
 
 from agent.identity.spiffe import Identity
-from agent.state.fields import IPAddress
-from agent.state.model import Workload
+from agent.model.fields import IPAddress
+from agent.model.mesh import Workload
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 
-from agent.policy.authz import DEFAULT_ROOT_NAMESPACE, Action, AuthorizationPolicy
+from agent.config import DEFAULT_ROOT_NAMESPACE
+from agent.model.fields import IPNetwork
+from agent.model.mesh import Workload
+from agent.policy.authz import Action, AuthorizationPolicy
 from agent.policy.connection import Connection
 from agent.policy.peerauth import MtlsMode, MtlsResolver, PeerAuthentication
-from agent.state.fields import IPNetwork
-from agent.state.model import Workload
 
 
 @dataclass(frozen=True)

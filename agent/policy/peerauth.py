@@ -13,10 +13,11 @@ import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from agent.policy.authz import API_VERSIONS, DEFAULT_ROOT_NAMESPACE
-from agent.state import fields as f
-from agent.state.fields import FieldPath
-from agent.state.model import Labels, Workload
+from agent.config import DEFAULT_ROOT_NAMESPACE
+from agent.model import fields as f
+from agent.model.fields import FieldPath
+from agent.model.mesh import Labels, Workload
+from agent.policy.authz import API_VERSIONS
 
 
 class MtlsMode(enum.Enum):

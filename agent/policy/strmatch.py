@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from agent.state.fields import FieldPath, fail
+from agent.model.fields import FieldPath, fail
 
 
 class MatchKind(enum.Enum):

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
+from agent.model.mesh import DATAPLANE_MODE_LABEL, Workload
 from agent.policy.authz import Action, AuthorizationPolicy
 from agent.policy.evaluator import enforced
 from agent.policy.peerauth import MtlsMode
-from agent.state.model import DATAPLANE_MODE_LABEL, Workload
 from agent.state.snapshot import MeshState
 from agent.telemetry.flow import EventKind, FlowRecord, SecurityPolicy, rfc3339
 

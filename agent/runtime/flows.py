@@ -8,7 +8,7 @@ from collections.abc import Callable
 from agent.datapath.layouts import FlowEvent
 from agent.datapath.options import ID_PLAINTEXT
 from agent.datapath.verdicts import Direction, EventKind, Reason
-from agent.state.model import Workload
+from agent.model.mesh import Workload
 from agent.telemetry.flow import (
     REFUSAL_KINDS,
     Endpoint,

@@ -33,6 +33,7 @@ from agent.host import cgroup
 from agent.identity import pki
 from agent.identity.caclient import CaClient
 from agent.identity.manager import CertificateManager
+from agent.model.mesh import Workload
 from agent.policy.peerauth import MtlsMode
 from agent.runtime import flows
 from agent.runtime.certs import (
@@ -42,7 +43,6 @@ from agent.runtime.certs import (
     load_or_create_authority,
 )
 from agent.runtime.readiness import Readiness
-from agent.state.model import Workload
 from agent.state.snapshot import MeshState
 from agent.state.store import StateStore
 from agent.telemetry.metrics import ScrapeCollector

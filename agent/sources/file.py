@@ -20,7 +20,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.policy.authz import DEFAULT_ROOT_NAMESPACE
+from agent.config import DEFAULT_ROOT_NAMESPACE
+from agent.model import fields as f
+from agent.model.fields import FieldError
+from agent.model.mesh import Workload
+from agent.sources.documents import API_VERSION, parse_document
 from agent.sources.meshyaml import (
     DEFAULT_LIMITS,
     Budget,
@@ -30,10 +34,6 @@ from agent.sources.meshyaml import (
     YamlDocument,
     documents,
 )
-from agent.state import fields as f
-from agent.state.documents import API_VERSION, parse_document
-from agent.state.fields import FieldError
-from agent.state.model import Workload
 from agent.state.snapshot import KIND_OF, KINDS, MeshObject, MeshState, key_of
 from agent.state.store import StateStore
 

@@ -1,7 +1,7 @@
 """KubernetesStateSink: the Kubernetes source's events, applied to the state store one by one.
 
-Each ADDED/MODIFIED object is converted (`agent.state.k8s`, the policy parsers) and upserted;
-each DELETED one is removed by its key. An object that does not convert (a malformed
+Each ADDED/MODIFIED object is converted (`agent.sources.k8sconvert`, the policy parsers) and
+upserted; each DELETED one is removed by its key. An object that does not convert (a malformed
 AuthorizationPolicy, say) is rejected on its own: the error names the object and the field, is
 logged and kept in `rejected`, and the store keeps that object's previous good version, if any,
 while every other object goes on updating. Raising instead would stop the whole source.
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.identity.spiffe import DEFAULT_TRUST_DOMAIN
-from agent.state.k8s import object_from_k8s, pod_uid
-from agent.state.model import Labels, Workload
+from agent.model.mesh import Labels, Workload
+from agent.sources.k8sconvert import object_from_k8s, pod_uid
 from agent.state.snapshot import MeshObject, MeshState
 from agent.state.store import StateStore
 

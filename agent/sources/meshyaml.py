@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from agent.state.fields import FieldError, FieldPath
+from agent.model.fields import FieldError, FieldPath
 
 
 class ConfigError(ValueError):

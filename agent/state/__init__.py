@@ -1,5 +1,2 @@
-"""Mesh state: workloads, namespaces, services and policies, as immutable snapshots in a store.
-
-Import the submodules directly (`agent.state.store`, `agent.state.model`, ...): this package and
-`agent.policy` refer to each other's submodules, so neither re-exports here.
-"""
+"""Mesh state: compiled snapshots of workloads, services and policies, and the store that
+publishes them. Sits above `agent.model` and `agent.policy`; nothing there imports it."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from agent.state.model import Service, ServicePort, Workload
+from agent.model.mesh import Service, ServicePort, Workload
 from agent.state.snapshot import MeshState
 
 

@@ -7,12 +7,13 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from types import MappingProxyType
 
+from agent.config import DEFAULT_ROOT_NAMESPACE
 from agent.identity.spiffe import Identity
-from agent.policy.authz import DEFAULT_ROOT_NAMESPACE, AuthorizationPolicy
+from agent.model.fields import IPAddress
+from agent.model.mesh import DATAPLANE_MODE_LABEL, Namespace, Service, Workload
+from agent.policy.authz import AuthorizationPolicy
 from agent.policy.evaluator import PolicySet
 from agent.policy.peerauth import MtlsMode, PeerAuthentication
-from agent.state.fields import IPAddress
-from agent.state.model import DATAPLANE_MODE_LABEL, Namespace, Service, Workload
 
 MeshObject = Workload | Namespace | Service | AuthorizationPolicy | PeerAuthentication
 KIND_OF: Mapping[type, str] = MappingProxyType({

@@ -9,31 +9,25 @@ backend (node0 pod1, namespace shop: STRICT) in the mesh; node0 pod2 is not in t
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prereq import require_root, require_tool
+from prereq import require_tool
+from support.agents import live_mesh as live_agents
 
-from agent.config import DEFAULT_PIN_ROOT
-from agent.datapath import bpfsys
-from agent.datapath.datapath import CGROUP_PROGRAMS, Datapath
-from agent.datapath.options import BuildOptions
-from agent.runtime.demo import (
-    EXAMPLE,
-    SERVER,
+from agent.commands.demo import (
     _run_client,
-    _start_agents,
     _wait_ready,
+    agent_argv,
     http_get,
 )
+from agent.datapath import bpfsys
+from agent.datapath.datapath import CGROUP_PROGRAMS
 from agent.testbed import Cluster, PodProcess
 from agent.testbed.cluster import Node, Place
 
@@ -59,16 +53,10 @@ def plain(place: Place, ip: object, port: int) -> str:
 def spawn_agent(
     node: Node, c: Cluster, *, mesh: Path, work: Path, pin: Path, tag: str
 ) -> PodProcess:
-    """The same `nodemesh run` command _start_agents uses, for one node."""
+    """The same `nodemesh run` command the other agents run, for one node."""
     with (work / f"agent-n{node.index}-{tag}.log").open("w") as log:
-        return node.spawn(
-            [sys.executable, "-m", "agent.cli", "run", "--config", str(mesh),
-             "--node-name", f"node{node.index}", "--testbed-run", c.run_id,
-             "--cgroup-root", str(node.cgroup_root), "--pin-dir", str(pin),
-             "--ca-root-cert", str(work / "ca" / "root-cert.pem"),
-             "--flow-log", str(work / f"flows-n{node.index}.log")],
-            stdout=log, stderr=subprocess.STDOUT,
-        )
+        return node.spawn(agent_argv(c, node, mesh, pin, work), stdout=log,
+                          stderr=subprocess.STDOUT)
 
 
 def attachments(node: Node) -> dict[str, int]:
@@ -88,25 +76,9 @@ def sk_lookup_links(netns_inode: int) -> int:
 
 @pytest.fixture
 def mesh_bed(tmp_path: Path) -> Iterator[tuple[Cluster, list[PodProcess], list[Path], Path]]:
-    require_root()
     require_tool("bpftool")
-    mesh = tmp_path / "mesh.yaml"
-    shutil.copy(EXAMPLE, mesh)
-    with Cluster(nodes=2, pods_per_node=3, description="agent outage test") as c:
-        pins = [DEFAULT_PIN_ROOT / f"demo-{c.run_id}-n{n.index}" for n in c.nodes]
-        agents = _start_agents(c, argparse.Namespace(config=mesh), tmp_path, pins)
-        try:
-            for node in c.nodes:
-                assert _wait_ready(node, 15021), (tmp_path / f"agent-n{node.index}.log").read_text()
-            server = c.pod(0, 1).python(SERVER, "backend", "8080", stdout=subprocess.PIPE)
-            assert server.popen is not None and server.popen.stdout is not None
-            server.popen.stdout.readline()
-            yield c, agents, pins, tmp_path
-        finally:
-            for a in agents:
-                a.stop(grace=10)
-            for pin in pins:
-                Datapath(c.nodes[0].cgroup_root, BuildOptions(pin_dir=pin)).uninstall()
+    with live_agents(tmp_path, "agent outage test", pods_per_node=3) as live:
+        yield live.cluster, live.agents, live.pins, tmp_path
 
 
 def test_strict_pod_stays_closed_while_its_agent_is_killed_and_recovers_after_restart(

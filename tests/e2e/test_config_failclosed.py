@@ -9,9 +9,7 @@ traceback). The next valid edit then applies.
 
 from __future__ import annotations
 
-import argparse
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -21,11 +19,9 @@ from pathlib import Path
 import pytest
 from prereq import require_root
 from prometheus_client.parser import text_string_to_metric_families
+from support.agents import live_mesh as live_agents
 
-from agent.config import DEFAULT_PIN_ROOT
-from agent.datapath.datapath import Datapath
-from agent.datapath.options import BuildOptions
-from agent.runtime.demo import EXAMPLE, SERVER, _run_client, _start_agents, _wait_ready, http_get
+from agent.commands.demo import EXAMPLE, _run_client, http_get
 from agent.testbed import Cluster
 
 WAIT = 60.0  # bounds a wait so a broken agent fails the test instead of hanging it
@@ -67,24 +63,8 @@ BAD = [
 
 @pytest.fixture
 def agents(tmp_path: Path) -> Iterator[tuple[Cluster, Path, Path]]:
-    require_root()
-    mesh = tmp_path / "mesh.yaml"
-    shutil.copy(EXAMPLE, mesh)
-    with Cluster(nodes=2, pods_per_node=2, description="config fail-closed test") as c:
-        pins = [DEFAULT_PIN_ROOT / f"demo-{c.run_id}-n{n.index}" for n in c.nodes]
-        procs = _start_agents(c, argparse.Namespace(config=mesh), tmp_path, pins)
-        try:
-            for node in c.nodes:
-                assert _wait_ready(node, 15021), (tmp_path / f"agent-n{node.index}.log").read_text()
-            server = c.pod(0, 1).python(SERVER, "backend", "8080", stdout=subprocess.PIPE)
-            assert server.popen is not None and server.popen.stdout is not None
-            server.popen.stdout.readline()
-            yield c, mesh, tmp_path
-        finally:
-            for p in procs:
-                p.stop(grace=10)
-            for pin in pins:
-                Datapath(c.nodes[0].cgroup_root, BuildOptions(pin_dir=pin)).uninstall()
+    with live_agents(tmp_path, "config fail-closed test") as live:
+        yield live.cluster, live.mesh, tmp_path
 
 
 def verdicts(c: Cluster) -> dict[str, str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 from agent.enroll import Enroller, KubernetesLocator, PodPlacement, TestbedLocator
 from agent.enroll.podcgroup import subtree_match
 from agent.host import cgroup, netns
-from agent.state.model import Workload
+from agent.model.mesh import Workload
 from agent.state.snapshot import MeshState
 from agent.testbed import Cluster
 from agent.testbed.cluster import Pod

@@ -21,12 +21,12 @@ from pyroute2 import IPRoute
 from support.apiserver import ApiServer, Kubectl
 from support.mesh import LoopThread
 
+from agent.commands.demo import MARKER, SERVER, Sniffer, _run_client, http_get
 from agent.config import DEFAULT_PIN_ROOT
 from agent.datapath.datapath import Datapath
 from agent.datapath.options import BuildOptions
 from agent.host import netns
 from agent.runtime.certs import load_or_create_authority
-from agent.runtime.demo import MARKER, SERVER, Sniffer, _run_client, http_get
 from agent.testbed import Cluster, PodProcess
 
 API_IP = "10.250.0.250"  # on the underlay bridge; the test bed gives nodes .10 and up

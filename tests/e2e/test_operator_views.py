@@ -3,23 +3,20 @@ admin endpoint, and the live flow map in a headless browser."""
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from prereq import require_root, require_tool, requires
+from prereq import require_tool, requires
+from support.agents import BACKEND
+from support.agents import live_mesh as live_agents
 
 from agent.cli import main
-from agent.config import DEFAULT_PIN_ROOT
-from agent.datapath.datapath import Datapath
-from agent.datapath.options import BuildOptions
+from agent.commands.demo import _run_client
 from agent.host import netns
-from agent.runtime.demo import EXAMPLE, SERVER, _run_client, _start_agents, _wait_ready
 from agent.testbed import Cluster
 
 
@@ -32,24 +29,10 @@ class Mesh:
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     """The demo mesh on two nodes with backend:8080 and db:5432 serving."""
-    require_root()
     work = tmp_path_factory.mktemp("operator-views")
-    with Cluster(nodes=2, pods_per_node=2, description="operator views e2e") as c:
-        pins = [DEFAULT_PIN_ROOT / f"demo-{c.run_id}-n{n.index}" for n in c.nodes]
-        agents = _start_agents(c, argparse.Namespace(config=EXAMPLE), work, pins)
-        try:
-            for node in c.nodes:
-                assert _wait_ready(node, 15021), (work / f"agent-n{node.index}.log").read_text()
-            for pod, name, port in ((c.pod(0, 1), "backend", "8080"), (c.pod(1, 0), "db", "5432")):
-                server = pod.python(SERVER, name, port, stdout=subprocess.PIPE)
-                assert server.popen is not None and server.popen.stdout is not None
-                server.popen.stdout.readline()
-            yield Mesh(c, work)
-        finally:
-            for a in agents:
-                a.stop(grace=10)
-            for pin in pins:
-                Datapath(c.nodes[0].cgroup_root, BuildOptions(pin_dir=pin)).uninstall()
+    with live_agents(work, "operator views e2e",
+                     servers=(BACKEND, (1, 0, "db", "5432"))) as live:
+        yield Mesh(live.cluster, work)
 
 
 def test_posture_of_a_running_agent(mesh: Mesh, capsys: pytest.CaptureFixture[str]) -> None:

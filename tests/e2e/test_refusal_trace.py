@@ -11,8 +11,6 @@ import errno
 import json
 import logging
 import re
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,17 +20,14 @@ import pytest
 from prereq import require_root
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from support.agents import live_mesh as live_agents
 from support.mesh import Mesh, mesh
 from support.testca import identity
 
-from agent.config import DEFAULT_PIN_ROOT
-from agent.datapath.datapath import Datapath
-from agent.datapath.options import BuildOptions
+from agent.commands.demo import _run_client, http_get
 from agent.identity.spiffe import Identity
+from agent.model.mesh import Workload as StateWorkload
 from agent.runtime import flows
-from agent.runtime.certs import load_or_create_authority
-from agent.runtime.demo import SERVER, _run_client, _wait_ready, http_get
-from agent.state.model import Workload as StateWorkload
 from agent.telemetry.pipeline import Telemetry, TelemetryConfig
 from agent.testbed import Cluster
 from agent.testbed.cluster import Pod
@@ -306,84 +301,59 @@ def test_kernel_connect_time_denies_are_traced_with_istios_security_labels(
     """Real agents and the real kernel: a deny at the pod's own connect() (egress, source side)
     and a plaintext peer refused at the tunnel's upstream connect for a STRICT port
     (mtls_required, destination side, connection_security_policy=none)."""
-    require_root()
-    mesh_file = tmp_path / "mesh.yaml"
-    mesh_file.write_text(KERNEL_MESH)
-    ca_cert = tmp_path / "ca" / "root-cert.pem"
-    load_or_create_authority(ca_cert, ca_cert.with_name("root-key.pem"), "cluster.local")
-    with Cluster(nodes=2, pods_per_node=2, description="pytest kernel deny trace") as c:
-        pins = [DEFAULT_PIN_ROOT / f"trace-{c.run_id}-n{n.index}" for n in c.nodes]
-        agents = []
-        try:
-            for node, pin in zip(c.nodes, pins, strict=True):
-                i = node.index
-                with (tmp_path / f"agent-n{i}.log").open("w") as log:
-                    agents.append(node.spawn(
-                        [sys.executable, "-m", "agent.cli", "run", "--config", str(mesh_file),
-                         "--node-name", f"node{i}", "--testbed-run", c.run_id,
-                         "--cgroup-root", str(node.cgroup_root), "--pin-dir", str(pin),
-                         "--ca-root-cert", str(ca_cert),
-                         "--flow-log", str(tmp_path / f"flows-n{i}.log"),
-                         "--audit-log", str(tmp_path / f"audit-n{i}.log")],
-                        stdout=log, stderr=subprocess.STDOUT))
-            for node in c.nodes:
-                assert _wait_ready(node, 15021), (tmp_path / f"agent-n{node.index}.log").read_text()
-            server = c.pod(1, 0).python(SERVER, "db", "5432", stdout=subprocess.PIPE)
-            assert server.popen is not None and server.popen.stdout is not None
-            server.popen.stdout.readline()
+    def audit(node: int) -> tuple[str, str]:
+        return "--audit-log", str(tmp_path / f"audit-n{node}.log")
 
-            # Egress: frontend may not reach db; the kernel refuses its connect() at once.
-            assert _run_client(c.pod(0, 0), "10.251.1.10", 5432, "x") == "ERR EPERM"
-            # Ingress: plaintext from outside the mesh to db's STRICT port.
-            out = _run_client(c.pod(1, 1), "10.251.1.10", 5432, "x")
-            assert out.startswith("ERR"), out
-            assert _run_client(c.pod(0, 1), "10.251.1.10", 5432, "x").startswith("OK")
+    with live_agents(tmp_path, "pytest kernel deny trace", mesh_text=KERNEL_MESH,
+                     per_node=audit, servers=((1, 0, "db", "5432"),)) as live:
+        c = live.cluster
+        # Egress: frontend may not reach db; the kernel refuses its connect() at once.
+        assert _run_client(c.pod(0, 0), "10.251.1.10", 5432, "x") == "ERR EPERM"
+        # Ingress: plaintext from outside the mesh to db's STRICT port.
+        out = _run_client(c.pod(1, 1), "10.251.1.10", 5432, "x")
+        assert out.startswith("ERR"), out
+        assert _run_client(c.pod(0, 1), "10.251.1.10", 5432, "x").startswith("OK")
 
-            def deny(node: int, reason: str) -> dict[str, Any] | None:
-                path = tmp_path / f"flows-n{node}.log"
-                lines = path.read_text().splitlines() if path.exists() else []
-                return next((r for r in map(json.loads, lines)
-                             if r["kind"] == "deny" and r["reason"] == reason), None)
+        def deny(node: int, reason: str) -> dict[str, Any] | None:
+            path = tmp_path / f"flows-n{node}.log"
+            lines = path.read_text().splitlines() if path.exists() else []
+            return next((r for r in map(json.loads, lines)
+                         if r["kind"] == "deny" and r["reason"] == reason), None)
 
-            deadline = time.monotonic() + 30
-            while (deny(0, "policy_not_allowed") is None or deny(1, "mtls_required") is None) \
-                    and time.monotonic() < deadline:
-                time.sleep(0.1)
-            egress, plaintext = deny(0, "policy_not_allowed"), deny(1, "mtls_required")
-            assert egress is not None and plaintext is not None, (
-                out, (tmp_path / "flows-n1.log").read_text())
-            assert (egress["reporter"], egress["response_flags"],
-                    egress["connection_security_policy"], egress["source"]["workload"]) == (
-                "source", "DENY", "unknown", "frontend")
-            assert (plaintext["reporter"], plaintext["response_flags"],
-                    plaintext["connection_security_policy"], plaintext["policy"],
-                    plaintext["source"]["ip"], plaintext["destination"]["workload"]) == (
-                "destination", "DENY", "none", "shop/db", "10.251.1.11", "db")
-            assert plaintext["source"]["principal"] == ""  # plaintext: nothing proves who
-            # One record per refusal: the tunnel's view of that EPERM is not recorded again.
-            flows1 = [json.loads(x) for x in
-                      (tmp_path / "flows-n1.log").read_text().splitlines()]
-            assert [r["reason"] for r in flows1 if r["verdict"] == "denied"] == ["mtls_required"]
+        deadline = time.monotonic() + 30
+        while (deny(0, "policy_not_allowed") is None or deny(1, "mtls_required") is None) \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        egress, plaintext = deny(0, "policy_not_allowed"), deny(1, "mtls_required")
+        assert egress is not None and plaintext is not None, (
+            out, (tmp_path / "flows-n1.log").read_text())
+        assert (egress["reporter"], egress["response_flags"],
+                egress["connection_security_policy"], egress["source"]["workload"]) == (
+            "source", "DENY", "unknown", "frontend")
+        assert (plaintext["reporter"], plaintext["response_flags"],
+                plaintext["connection_security_policy"], plaintext["policy"],
+                plaintext["source"]["ip"], plaintext["destination"]["workload"]) == (
+            "destination", "DENY", "none", "shop/db", "10.251.1.11", "db")
+        assert plaintext["source"]["principal"] == ""  # plaintext: nothing proves who
+        # One record per refusal: the tunnel's view of that EPERM is not recorded again.
+        flows1 = [json.loads(x) for x in
+                  (tmp_path / "flows-n1.log").read_text().splitlines()]
+        assert [r["reason"] for r in flows1 if r["verdict"] == "denied"] == ["mtls_required"]
 
-            for node, reason, security in ((0, "policy_not_allowed", "unknown"),
-                                           (1, "mtls_required", "none")):
-                audits = [json.loads(x) for x in
-                          (tmp_path / f"audit-n{node}.log").read_text().splitlines()]
-                assert [(a["event"], a["reason"]) for a in audits] == [("policy_deny", reason)]
-                metrics = http_get(c.nodes[node].netns, 15020, "/metrics")
-                assert metrics is not None
-                failed = [(labels["response_flags"], labels["connection_security_policy"], v)
-                          for name, labels, v in _kernel_samples(metrics)
-                          if name == "istio_tcp_connections_failed_total"]
-                assert failed == [("DENY", security, 1.0)], failed
-                denies = [(labels["reason"], v) for name, labels, v in _kernel_samples(metrics)
-                          if name == "nodemesh_policy_denies_total"]
-                assert denies == [(reason, 1.0)]
-        finally:
-            for a in agents:
-                a.stop(grace=10)
-            for pin in pins:
-                Datapath(c.nodes[0].cgroup_root, BuildOptions(pin_dir=pin)).uninstall()
+        for node, reason, security in ((0, "policy_not_allowed", "unknown"),
+                                       (1, "mtls_required", "none")):
+            audits = [json.loads(x) for x in
+                      (tmp_path / f"audit-n{node}.log").read_text().splitlines()]
+            assert [(a["event"], a["reason"]) for a in audits] == [("policy_deny", reason)]
+            metrics = http_get(c.nodes[node].netns, 15020, "/metrics")
+            assert metrics is not None
+            failed = [(labels["response_flags"], labels["connection_security_policy"], v)
+                      for name, labels, v in _kernel_samples(metrics)
+                      if name == "istio_tcp_connections_failed_total"]
+            assert failed == [("DENY", security, 1.0)], failed
+            denies = [(labels["reason"], v) for name, labels, v in _kernel_samples(metrics)
+                      if name == "nodemesh_policy_denies_total"]
+            assert denies == [(reason, 1.0)]
     for node in (0, 1):
         log = (tmp_path / f"agent-n{node}.log").read_text()
         assert "Traceback" not in log and "FlowRecordError" not in log, log[-3000:]

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -17,20 +15,15 @@ from pathlib import Path
 import pytest
 from prereq import require_root
 from prometheus_client.parser import text_string_to_metric_families
+from support.agents import live_mesh as live_agents
 
 from agent.cli import main
-from agent.config import DEFAULT_PIN_ROOT
-from agent.datapath.datapath import Datapath
-from agent.datapath.options import BuildOptions
-from agent.host import cgroup, netns
-from agent.runtime.demo import (
-    EXAMPLE,
-    SERVER,
+from agent.commands.demo import (
     _run_client,
-    _start_agents,
-    _wait_ready,
     http_get,
 )
+from agent.config import DEFAULT_PIN_ROOT
+from agent.host import cgroup, netns
 from agent.testbed import Cluster
 
 
@@ -65,25 +58,9 @@ def live_mesh(
     tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[tuple[Cluster, Path, Path]]:
     """Two agents on a two-node test bed, reading a mesh file the test may rewrite."""
-    require_root()
     extra = tuple(getattr(request, "param", ()))
-    mesh = tmp_path / "mesh.yaml"
-    shutil.copy(EXAMPLE, mesh)
-    with Cluster(nodes=2, pods_per_node=2, description="runtime test") as c:
-        pins = [DEFAULT_PIN_ROOT / f"demo-{c.run_id}-n{n.index}" for n in c.nodes]
-        agents = _start_agents(c, argparse.Namespace(config=mesh), tmp_path, pins, extra)
-        try:
-            for node in c.nodes:
-                assert _wait_ready(node, 15021), (tmp_path / f"agent-n{node.index}.log").read_text()
-            server = c.pod(0, 1).python(SERVER, "backend", "8080", stdout=subprocess.PIPE)
-            assert server.popen is not None and server.popen.stdout is not None
-            server.popen.stdout.readline()
-            yield c, mesh, tmp_path
-        finally:
-            for a in agents:
-                a.stop(grace=10)
-            for pin in pins:
-                Datapath(c.nodes[0].cgroup_root, BuildOptions(pin_dir=pin)).uninstall()
+    with live_agents(tmp_path, "runtime test", extra=extra) as live:
+        yield live.cluster, live.mesh, tmp_path
 
 
 def until(c: Cluster, want: str, limit: float = 20.0) -> float:

@@ -20,10 +20,10 @@ import pytest
 from prereq import require_root
 from prometheus_client.parser import text_string_to_metric_families
 
+from agent.commands.demo import MARKER, Sniffer, _start_agents, _wait_ready, http_get
 from agent.config import DEFAULT_PIN_ROOT
 from agent.datapath.datapath import Datapath
 from agent.datapath.options import BuildOptions
-from agent.runtime.demo import MARKER, Sniffer, _start_agents, _wait_ready, http_get
 from agent.testbed import Cluster, PodProcess
 
 VIP, PORT = "10.96.0.50", 80

@@ -27,8 +27,8 @@ import psutil
 import pytest
 from prereq import require_root, require_tool, requires
 
+from agent.commands.demo import EXAMPLE, _start_agents, _wait_ready
 from agent.host import cgroup, netns
-from agent.runtime.demo import EXAMPLE, _start_agents, _wait_ready
 from agent.testbed import Cluster, registry
 from agent.testbed.addressing import PREFIX
 

@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import pytest
 from prereq import require_root
+from support.agents import live_mesh as live_agents
 
 from agent.cli import main
-from agent.config import DEFAULT_PIN_ROOT
-from agent.datapath.datapath import Datapath
-from agent.datapath.options import BuildOptions
-from agent.runtime.demo import (
+from agent.commands.demo import (
     EXAMPLE,
     STEPS,
     _run_client,
     _run_steps,
-    _start_agents,
-    _wait_ready,
 )
-from agent.testbed import Cluster
 
 # backend-allow-frontend's only rule; without it the policy allows nothing.
 FRONTEND_RULE = """  action: ALLOW
@@ -42,22 +36,13 @@ DEMO_TO_BACKEND = sum(1 for s in STEPS if s.src == "shop/frontend" and s.dst == 
 def record_demo_flows(work: Path) -> list[Path]:
     """The demo's steps plus EXTRA_CALLS more frontend -> backend:8080, on real agents;
     returns both nodes' flow logs once the agents have stopped (logs complete)."""
-    with Cluster(nodes=2, pods_per_node=2, description="policy simulate e2e") as c:
-        pins = [DEFAULT_PIN_ROOT / f"demo-{c.run_id}-n{n.index}" for n in c.nodes]
-        agents = _start_agents(c, argparse.Namespace(config=EXAMPLE), work, pins)
-        try:
-            for node in c.nodes:
-                assert _wait_ready(node, 15021), (work / f"agent-n{node.index}.log").read_text()
-            rows, *_ = _run_steps(c)
-            assert [r[1] for r in rows] == [s.expect for s in STEPS]
-            for i in range(EXTRA_CALLS):
-                out = _run_client(c.pod(0, 0), str(c.pod(0, 1).ip), 8080, f"again {i}")
-                assert out.startswith("OK"), out
-        finally:
-            for a in agents:
-                a.stop(grace=10)
-            for pin in pins:
-                Datapath(c.nodes[0].cgroup_root, BuildOptions(pin_dir=pin)).uninstall()
+    with live_agents(work, "policy simulate e2e", servers=()) as live:
+        c = live.cluster
+        rows, *_ = _run_steps(c)
+        assert [r[1] for r in rows] == [s.expect for s in STEPS]
+        for i in range(EXTRA_CALLS):
+            out = _run_client(c.pod(0, 0), str(c.pod(0, 1).ip), 8080, f"again {i}")
+            assert out.startswith("OK"), out
     return [work / f"flows-n{n}.log" for n in (0, 1)]
 
 

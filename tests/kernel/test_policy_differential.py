@@ -30,11 +30,11 @@ from agent.datapath.layouts import Backend, FlowEvent, Frontend
 from agent.datapath.policymap import PolicyCompiler
 from agent.datapath.servicemap import compile_services
 from agent.identity.spiffe import Identity
+from agent.model.mesh import Labels, Service, ServicePort, Workload
 from agent.policy.authz import parse_authorization_policy
 from agent.policy.connection import Connection
 from agent.policy.evaluator import PolicySet, evaluate
 from agent.policy.peerauth import parse_peer_authentication
-from agent.state.model import Labels, Service, ServicePort, Workload
 from agent.state.snapshot import MeshState
 from agent.testbed import Cluster, PodProcess
 

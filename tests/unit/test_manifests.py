@@ -21,11 +21,11 @@ import yaml
 from prereq import require_tool
 
 from agent import config
-from agent.datapath import cli as uninstall_cli
+from agent.commands import datapath as uninstall_cli
 from agent.datapath.options import DEFAULT_PIN_ROOT
+from agent.model.mesh import DATAPLANE_MODE_LABEL
 from agent.policy.authz import Action, parse_authorization_policy
 from agent.sources.kubernetes import RESOURCES
-from agent.state.model import DATAPLANE_MODE_LABEL
 from agent.telemetry.server import DEFAULT_PORT as METRICS_SERVER_PORT
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -16,7 +16,8 @@ from typing import Any
 Obj = dict[str, Any]
 Projection = Callable[[Obj], Obj]
 
-# What agent/state/k8s.py (workload_from_pod) reads, and what the cache needs (name, uid, rv).
+# What agent/sources/k8sconvert.py (workload_from_pod) reads, and what the cache needs (name,
+# uid, rv).
 _POD_META = ("name", "namespace", "uid", "resourceVersion")
 _POD_SPEC = ("nodeName", "serviceAccountName", "hostNetwork")
 _SHARED = frozenset({"namespace", "nodeName", "serviceAccountName", "phase"})

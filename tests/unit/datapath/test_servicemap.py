@@ -9,8 +9,8 @@ import pytest
 
 from agent.datapath.layouts import Backend, Frontend
 from agent.datapath.servicemap import compile_services
+from agent.model.mesh import Service, ServicePort, Workload
 from agent.sources.file import ConfigError, parse_files
-from agent.state.model import Service, ServicePort, Workload
 from agent.state.snapshot import MeshState
 
 MESH = """

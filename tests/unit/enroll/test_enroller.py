@@ -14,7 +14,7 @@ import pytest
 from fakeproc import FakeProc
 
 from agent.enroll import Enroller, KubernetesLocator, Pass, PodPlacement
-from agent.state.model import Labels, Namespace, Workload
+from agent.model.mesh import Labels, Namespace, Workload
 from agent.state.snapshot import MeshObject, MeshState
 from agent.state.store import StateStore
 

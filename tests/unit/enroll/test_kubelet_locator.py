@@ -9,7 +9,7 @@ import pytest
 from fakeproc import FakeProc
 
 from agent.enroll import KubernetesLocator, LocateError, PodPlacement
-from agent.state.model import Workload
+from agent.model.mesh import Workload
 
 UID = "7f9c6e2a-5b1d-4c3e-8a9f-0b1c2d3e4f5a"
 POD = f"kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID.replace('-', '_')}.slice"

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 from agent.datapath.layouts import FLOW_EVENT, FlowEvent
 from agent.datapath.verdicts import Direction, EventKind, Reason, Verdict
+from agent.model.mesh import Labels, Workload
 from agent.runtime import flows
-from agent.state.model import Labels, Workload
 from agent.telemetry.flow import Endpoint, FlowRecord, FlowRecordError
 from agent.telemetry.flow import EventKind as Kind
 from agent.telemetry.stream import FilterError, FlowFilter

@@ -14,11 +14,11 @@ from typing import Any
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from agent.model.mesh import Namespace, Service, Workload
 from agent.policy.authz import AuthorizationPolicy
 from agent.policy.peerauth import PeerAuthentication
+from agent.sources.k8sconvert import object_from_k8s
 from agent.sources.k8sstate import KIND_OF_RESOURCE, KubernetesStateSink
-from agent.state.k8s import object_from_k8s
-from agent.state.model import Namespace, Service, Workload
 from agent.state.store import StateStore
 
 MESH_TYPES = (Workload, Namespace, Service, AuthorizationPolicy, PeerAuthentication)

@@ -121,7 +121,8 @@ def test_deny_is_1_and_bad_config_is_2(capsys: pytest.CaptureFixture[str],
 
 @pytest.mark.parametrize("exc", [MemoryError(), RecursionError("maximum recursion depth"),
                                  RuntimeError("a bug"), KeyError("x")])
-@pytest.mark.parametrize("where", ["agent.policy.cli.load_path", "agent.policy.cli.evaluate"])
+@pytest.mark.parametrize("where", ["agent.commands.policy.load_path",
+                                   "agent.commands.policy.evaluate"])
 def test_any_internal_failure_exits_2_never_1(capsys: pytest.CaptureFixture[str],
                                               monkeypatch: pytest.MonkeyPatch, exc: Exception,
                                               where: str) -> None:

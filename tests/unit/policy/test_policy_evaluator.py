@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 
 from agent.identity.spiffe import Identity
+from agent.model.mesh import Labels, Workload
 from agent.policy.authz import AuthorizationPolicy, parse_authorization_policy
 from agent.policy.connection import Connection
 from agent.policy.evaluator import PolicySet, Verdict, evaluate
 from agent.policy.peerauth import PeerAuthentication, parse_peer_authentication
-from agent.state.model import Labels, Workload
 
 DB = Workload("db", "shop", "db", (ipaddress.ip_address("10.251.1.10"),), "node1",
               Labels({"app": "db", "tier": "data"}))

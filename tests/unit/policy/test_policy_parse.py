@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 
+from agent.model.fields import FieldError
+from agent.model.mesh import Labels, Workload
 from agent.policy.authz import Action, Scope, parse_authorization_policy
 from agent.policy.evaluator import (
     PolicySet,
@@ -17,8 +19,6 @@ from agent.policy.evaluator import (
     referenced_ports,
 )
 from agent.policy.peerauth import MtlsMode, MtlsResolver, parse_peer_authentication
-from agent.state.fields import FieldError
-from agent.state.model import Labels, Workload
 
 BASE: dict[str, Any] = {
     "apiVersion": "security.istio.io/v1",

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.identity.spiffe import Identity
+from agent.model.mesh import Labels, Workload
 from agent.policy.authz import parse_authorization_policy
 from agent.policy.connection import Connection
 from agent.policy.evaluator import (
@@ -24,7 +25,6 @@ from agent.policy.evaluator import (
 )
 from agent.policy.peerauth import parse_peer_authentication
 from agent.policy.strmatch import MatchKind, StringMatch
-from agent.state.model import Labels, Workload
 
 DB = Workload("db", "shop", "db", (ipaddress.ip_address("10.251.1.10"),), "node1",
               Labels({"app": "db"}))

@@ -15,13 +15,13 @@ from typing import Any
 import pytest
 from support.apiserver import ApiServer, Kubectl
 
+from agent.model.mesh import Workload
 from agent.policy.authz import Action, AuthorizationPolicy
 from agent.policy.peerauth import MtlsMode
 from agent.sources.file import FileSource
 from agent.sources.k8sstate import KubernetesStateSink, Rejection
 from agent.sources.kube.config import explicit
 from agent.sources.kubernetes import KubernetesSource
-from agent.state.model import Workload
 from agent.state.snapshot import MeshState
 from agent.state.store import StateStore
 

@@ -7,16 +7,16 @@ from typing import Any
 
 import pytest
 
+from agent.model.fields import FieldError
+from agent.model.mesh import Labels, Namespace, Workload
 from agent.policy.authz import AuthorizationPolicy
 from agent.policy.peerauth import PeerAuthentication
-from agent.state.fields import FieldError
-from agent.state.k8s import (
+from agent.sources.k8sconvert import (
     namespace_from_k8s,
     object_from_k8s,
     service_from_k8s,
     workload_from_pod,
 )
-from agent.state.model import Labels, Namespace, Workload
 
 
 def pod(**extra: Any) -> dict[str, Any]:

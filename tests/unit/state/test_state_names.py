@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from agent.state import k8s
-from agent.state.documents import parse_document
-from agent.state.fields import FieldError, check_name
+from agent.model.fields import FieldError, check_name
+from agent.sources import k8sconvert as k8s
+from agent.sources.documents import parse_document
 
 LABEL_OK = ["a", "0", "my-name", "123-abc", "a" * 63]
 LABEL_BAD = ["", "-a", "a-", "A", "a_b", "a.b", "a/b", "..", "a" * 64, "é"]

@@ -8,9 +8,9 @@ import threading
 import pytest
 
 from agent.identity.spiffe import Identity
+from agent.model.mesh import Labels, Namespace, Service, ServicePort, Workload
 from agent.policy.authz import parse_authorization_policy
 from agent.policy.peerauth import MtlsMode, parse_peer_authentication
-from agent.state.model import Labels, Namespace, Service, ServicePort, Workload
 from agent.state.snapshot import MeshState, key_of
 from agent.state.store import StateStore
 

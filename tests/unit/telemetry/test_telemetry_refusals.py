@@ -17,16 +17,16 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent import config
+from agent.commands import identity as identity_cli
+from agent.commands import telemetry as telemetry_cli
 from agent.datapath.layouts import FlowEvent
 from agent.datapath.options import ID_PLAINTEXT
 from agent.datapath.verdicts import Direction as KDirection
 from agent.datapath.verdicts import EventKind as KKind
 from agent.datapath.verdicts import Reason, Verdict
-from agent.identity import cli as identity_cli
 from agent.identity.spiffe import Identity
+from agent.model.mesh import Workload
 from agent.runtime import flows
-from agent.state.model import Workload
-from agent.telemetry import cli as telemetry_cli
 from agent.telemetry import stream
 from agent.telemetry.flow import (
     RESPONSE_FLAGS,

@@ -18,7 +18,7 @@ from aiohttp import web
 from telemetry_samples import OUTSIDER, REVIEWS, SLEEP, T0
 
 from agent.cli import build_parser
-from agent.telemetry import cli
+from agent.commands import telemetry as cli
 from agent.telemetry.flow import Endpoint, EventKind, FlowRecord, Reporter, Verdict
 from agent.telemetry.stream import FlowFilter, FlowHub, FlowsEndpoint, add_routes
 

@@ -6,7 +6,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 from agent.identity.spiffe import DEFAULT_TRUST_DOMAIN, Identity
-from agent.state.fields import IPAddress
+from agent.model.fields import IPAddress
 
 # The label Istio ambient uses to enroll a namespace or pod; "none" on a pod opts it out.
 DATAPLANE_MODE_LABEL = "istio.io/dataplane-mode"

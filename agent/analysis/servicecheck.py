@@ -5,10 +5,10 @@ kernel translates the VIP before it checks policy)."""
 from __future__ import annotations
 
 from agent.identity.spiffe import Identity
+from agent.model.fields import IPAddress
+from agent.model.mesh import Service
 from agent.policy.connection import Connection
 from agent.policy.evaluator import evaluate
-from agent.state.fields import IPAddress
-from agent.state.model import Service
 from agent.state.services import endpoints
 from agent.state.snapshot import MeshState
 

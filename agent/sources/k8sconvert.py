@@ -10,11 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from agent.identity.spiffe import DEFAULT_TRUST_DOMAIN
-from agent.policy.authz import parse_authorization_policy
-from agent.policy.peerauth import parse_peer_authentication
-from agent.state import fields as f
-from agent.state.fields import IPAddress
-from agent.state.model import (
+from agent.model import fields as f
+from agent.model.fields import IPAddress
+from agent.model.mesh import (
     DATAPLANE_MODE_LABEL,
     Labels,
     Namespace,
@@ -22,6 +20,8 @@ from agent.state.model import (
     ServicePort,
     Workload,
 )
+from agent.policy.authz import parse_authorization_policy
+from agent.policy.peerauth import parse_peer_authentication
 from agent.state.snapshot import MeshObject
 
 TERMINAL_PHASES = ("Succeeded", "Failed")

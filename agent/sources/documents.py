@@ -21,11 +21,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 from agent.identity.spiffe import DEFAULT_TRUST_DOMAIN, Identity, IdentityError
+from agent.model import fields as f
+from agent.model.fields import FieldPath
+from agent.model.mesh import Labels, Namespace, Service, ServicePort, Workload
 from agent.policy.authz import parse_authorization_policy
 from agent.policy.peerauth import parse_peer_authentication
-from agent.state import fields as f
-from agent.state.fields import FieldPath
-from agent.state.model import Labels, Namespace, Service, ServicePort, Workload
 from agent.state.snapshot import MeshObject
 
 API_VERSION = "nodemesh.io/v1alpha1"

@@ -17,13 +17,13 @@ from typing import Any, Final
 
 import aiohttp
 
-from agent.policy.authz import DEFAULT_ROOT_NAMESPACE
-from agent.policy.simulate import FlowLogError, read_flow_log
+from agent.analysis.simulate import FlowLogError, read_flow_log
+from agent.commands.telemetry import DEFAULT_ADMIN, parse_time
+from agent.config import DEFAULT_ROOT_NAMESPACE
 from agent.posture import render
 from agent.posture.certs import CertificateFileError, from_files
 from agent.posture.checks import DEFAULT_CERT_WARNING, Inputs, Severity, build_report
 from agent.sources.file import ConfigError, load_path
-from agent.telemetry.cli import DEFAULT_ADMIN, parse_time
 
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
 PROG: Final = "nodemesh posture"

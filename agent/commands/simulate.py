@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 from typing import Any, Final
 
-from agent.policy.authz import DEFAULT_ROOT_NAMESPACE
-from agent.policy.simulate import FlowLogError, Simulation, simulate
+from agent.analysis.simulate import FlowLogError, Simulation, simulate
+from agent.commands.telemetry import parse_time
+from agent.config import DEFAULT_ROOT_NAMESPACE
 from agent.sources.file import ConfigError, load_path
-from agent.telemetry.cli import parse_time
 
 EXIT_SAME, EXIT_CHANGED, EXIT_ERROR = 0, 1, 2
 PROG: Final = "nodemesh policy simulate"

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any, Final
 
 from agent.identity.spiffe import Identity, IdentityError
+from agent.model.mesh import Workload
 from agent.policy.connection import Connection
 from agent.policy.evaluator import Decision, evaluate
-from agent.state.model import Workload
 from agent.state.snapshot import MeshState
 from agent.telemetry.flow import (
     EventKind,

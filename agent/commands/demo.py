@@ -15,12 +15,13 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent.host import netns, signals
 from agent.runtime.certs import load_or_create_authority
-from agent.testbed import Cluster, Pod, PodProcess
+from agent.testbed import Cluster, Node, Pod, PodProcess
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "demo-mesh.yaml"
 MARKER = b"NODEMESH-DEMO-PLAINTEXT-MARKER"
@@ -160,6 +161,17 @@ def _demo(args: argparse.Namespace) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
 
+def agent_argv(c: Cluster, node: Node, config: Path, pin: Path, work: Path, *,
+               extra: Sequence[str] = ()) -> list[str]:
+    """The `nodemesh run` command line of one test-bed node's agent (CA root and flow log in
+    `work`)."""
+    return [sys.executable, "-m", "agent.cli", "run", "--config", str(config),
+            "--node-name", f"node{node.index}", "--testbed-run", c.run_id,
+            "--cgroup-root", str(node.cgroup_root), "--pin-dir", str(pin),
+            "--ca-root-cert", str(work / "ca" / "root-cert.pem"),
+            "--flow-log", str(work / f"flows-n{node.index}.log"), *extra]
+
+
 def _start_agents(
     c: Cluster, args: argparse.Namespace, work: Path, pins: list[Path], extra: tuple[str, ...] = (),
     *, env: dict[str, str] | None = None,
@@ -170,34 +182,8 @@ def _start_agents(
     agents = []
     for node, pin in zip(c.nodes, pins, strict=True):
         with (work / f"agent-n{node.index}.log").open("w") as log:
-            agents.append(
-                node.spawn(
-                    [
-                        sys.executable,
-                        "-m",
-                        "agent.cli",
-                        "run",
-                        "--config",
-                        str(args.config),
-                        "--node-name",
-                        f"node{node.index}",
-                        "--testbed-run",
-                        c.run_id,
-                        "--cgroup-root",
-                        str(node.cgroup_root),
-                        "--pin-dir",
-                        str(pin),
-                        "--ca-root-cert",
-                        str(ca_cert),
-                        "--flow-log",
-                        str(work / f"flows-n{node.index}.log"),
-                        *extra,
-                    ],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                )
-            )
+            agents.append(node.spawn(agent_argv(c, node, args.config, pin, work, extra=extra),
+                                     stdout=log, stderr=subprocess.STDOUT, env=env))
     return agents
 
 

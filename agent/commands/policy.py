@@ -11,13 +11,14 @@ import logging
 import sys
 from collections.abc import Callable
 
-from agent.policy.authz import DEFAULT_ROOT_NAMESPACE
+from agent.analysis.servicecheck import print_service_report, service_report
+from agent.commands import simulate
+from agent.config import DEFAULT_ROOT_NAMESPACE
+from agent.model.fields import IPAddress
+from agent.model.mesh import Service, Workload
 from agent.policy.connection import Connection
 from agent.policy.evaluator import Decision, applicable, evaluate
-from agent.policy.servicecheck import print_service_report, service_report
 from agent.sources.file import ConfigError, load_path
-from agent.state.fields import IPAddress
-from agent.state.model import Service, Workload
 from agent.state.snapshot import MeshState
 
 EXIT_ALLOW, EXIT_DENY, EXIT_ERROR = 0, 1, 2
@@ -70,9 +71,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Exit status: 0 valid, 2 invalid or any other failure.")
     _config_args(validate)
     validate.set_defaults(func=_exit_2_on_failure(_validate))
-    from agent.policy import simulate_cli  # noqa: PLC0415  # its own module: `policy simulate`
-
-    simulate_cli.register(psub)
+    simulate.register(psub)
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
