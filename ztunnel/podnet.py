@@ -111,41 +111,46 @@ def prepare_pod_netns(target: str | Path) -> None:
                     raise PodNetError(errno.EIO, f"{what} in {target}: {exc}") from exc
 
 
-def listener(target: str | Path, ip: str, port: int, backlog: int = 1024) -> socket.socket:
-    """A non-blocking marked TCP listener created inside the target netns."""
+def _socket_in(target: str | Path, what: str,
+               configure: Callable[[socket.socket], None]) -> socket.socket:
+    """A non-blocking TCP socket created inside the target netns and set up by `configure`;
+    closed, and reported as PodNetError naming `what`, if any step fails."""
     with netns.entered(target):
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
+        configure(s)
+        s.setblocking(False)
+    except OSError as exc:
+        s.close()
+        raise PodNetError(exc.errno, f"{what} in {target}: {exc.strerror}") from exc
+    return s
+
+
+def listener(target: str | Path, ip: str, port: int, backlog: int = 1024) -> socket.socket:
+    """A non-blocking marked TCP listener created inside the target netns."""
+
+    def configure(s: socket.socket) -> None:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         set_mark(s, TUNNEL_MARK)
         s.bind((ip, port))
         s.listen(backlog)
-        s.setblocking(False)
-    except OSError as exc:
-        s.close()
-        msg = f"cannot listen on {ip}:{port} in {target}: {exc.strerror}"
-        raise PodNetError(exc.errno, msg) from exc
-    return s
+
+    return _socket_in(target, f"cannot listen on {ip}:{port}", configure)
 
 
 def upstream(target: str | Path, mark: int, source_ip: str | None = None) -> socket.socket:
     """A non-blocking marked TCP socket in the target netns, bound to `source_ip` transparently
     (IP_TRANSPARENT + IP_FREEBIND) when given, so the destination sees the real client address."""
-    with netns.entered(target):
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
+
+    def configure(s: socket.socket) -> None:
         set_mark(s, mark)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if source_ip is not None:
             s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
             s.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
             s.bind((source_ip, 0))
-        s.setblocking(False)
-    except OSError as exc:
-        s.close()
-        msg = f"cannot set up an upstream socket in {target}: {exc.strerror}"
-        raise PodNetError(exc.errno, msg) from exc
-    return s
+
+    return _socket_in(target, "cannot set up an upstream socket", configure)
 
 
 def original_dst(sock: socket.socket) -> tuple[ipaddress.IPv4Address, int]:

@@ -345,13 +345,21 @@ class Tunnel:
             emit(self.config.on_event, ev.refused(response, cause, flag | Flag.HBONE,
                                                   f"{status}: {why}"))
             return
+        await self._carry(ev, session, sid, app, source_side=True)
+
+    async def _carry(self, ev: ConnectionEvent, session: HboneSession, sid: int,
+                     plain: PlainSide, *, source_side: bool) -> None:
+        """An accepted HBONE stream: report it open, relay until both halves end, report it
+        closed. `plain` is the source app's socket (source_side) or the destination app's."""
         ev.flags = Flag.CONNECT | Flag.HBONE
         emit(self.config.on_event, ev)
-        if session.attach(sid, app):
-            await _wait(app)
+        if session.attach(sid, plain):
+            await _wait(plain)
+        sent, received = ((plain.bytes_read, plain.bytes_written) if source_side
+                          else (plain.bytes_written, plain.bytes_read))
         emit(self.config.on_event, ev.closed(
-            bytes_sent=app.bytes_read, bytes_received=app.bytes_written,
-            flags=ev.flags | (Flag.RESET if app.reset_seen else Flag.NONE)))
+            bytes_sent=sent, bytes_received=received,
+            flags=ev.flags | (Flag.RESET if plain.reset_seen else Flag.NONE)))
 
     async def _passthrough(self, spec: PodSpec, app: PlainSide, ev: ConnectionEvent) -> None:
         if self.config.outside_mesh == "refuse":
@@ -507,13 +515,7 @@ class Tunnel:
             emit(self.config.on_event, _upstream_refusal(ev, up))
             return
         session.respond(sid, connect.OK)
-        ev.flags = Flag.CONNECT | Flag.HBONE
-        emit(self.config.on_event, ev)
-        if session.attach(sid, up):
-            await _wait(up)
-        emit(self.config.on_event, ev.closed(
-            bytes_sent=up.bytes_written, bytes_received=up.bytes_read,
-            flags=ev.flags | (Flag.RESET if up.reset_seen else Flag.NONE)))
+        await self._carry(ev, session, sid, up, source_side=False)
 
     async def _upstream(self, spec: PodSpec, peer: Identity | None, src_ip: str,
                         target: tuple[str, int]) -> PlainSide | int:
