@@ -86,6 +86,7 @@ def _browser(tmp: Path) -> object:
 def test_flow_map_in_a_headless_browser(mesh: Mesh) -> None:
     """The page shows the workloads, then an allowed and a denied edge appear live as traffic
     flows; the table filters. Screenshot: <tmp>/flowmap.png (path printed)."""
+    from selenium.common.exceptions import StaleElementReferenceException  # noqa: PLC0415
     from selenium.webdriver.common.by import By  # noqa: PLC0415
     from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: PLC0415
 
@@ -95,7 +96,10 @@ def test_flow_map_in_a_headless_browser(mesh: Mesh) -> None:
     with netns.entered(c.nodes[0].netns):
         driver = _browser(work)
         try:
-            wait = WebDriverWait(driver, 60)  # type: ignore[arg-type]
+            # The page re-renders the map as flows arrive: an element read mid-render is stale,
+            # and the wait reads it again.
+            wait = WebDriverWait(driver, 60,  # type: ignore[arg-type]
+                                 ignored_exceptions=(StaleElementReferenceException,))
             driver.get("http://127.0.0.1:15000/ui/")  # type: ignore[attr-defined]
 
             def workloads(d: object) -> set[str]:
