@@ -67,4 +67,4 @@ static __always_inline int nm_is_tunnel_mark(__u32 mark)
 	return (mark & NM_MARK_MASK) == NM_MARK_MAGIC;
 }
 
-#endif
+#endif /* NM_COMMON_H */

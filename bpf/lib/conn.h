@@ -13,12 +13,14 @@ struct conn_entry {
 	__u64 start_ns;
 	__u64 netns;
 };
+_Static_assert(sizeof(struct conn_entry) == 32, "layouts.py CONN_ENTRY");
 
 struct conn_tuple {
 	__u64 netns;
 	__u32 ip;   /* the app socket's local address as the tunnel sees its peer, network order */
 	__u32 port; /* host order */
 };
+_Static_assert(sizeof(struct conn_tuple) == 16, "layouts.py CONN_TUPLE");
 
 /* nm_conn_cookie_v1: captured app sockets.
  * key: socket cookie (u64) -> struct conn_entry; NM_MAX_CONNS entries, LRU.
@@ -42,10 +44,12 @@ struct upstream_key {
 	__u16 src_port; /* host order */
 	__u16 dst_port; /* host order */
 };
+_Static_assert(sizeof(struct upstream_key) == 12, "layouts.py UPSTREAM_KEY");
 
 struct upstream_entry {
 	__u64 cookie; /* the agent's upstream socket this entry belongs to */
 };
+_Static_assert(sizeof(struct upstream_entry) == 8, "layouts.py UPSTREAM_ENTRY");
 
 /* nm_upstream_v2: the tunnel's allowed upstream connects to a local pod, while they last. They
  * arrive on the pod's own address from a spoofed client address and, measured, with the pod's
@@ -60,4 +64,4 @@ struct upstream_entry {
 BPF_TABLE_PINNED("lru_hash", struct upstream_key, struct upstream_entry, nm_upstream_v2,
 		 NM_MAX_CONNS, NM_PIN(nm_upstream_v2));
 
-#endif
+#endif /* NM_CONN_H */

@@ -10,6 +10,7 @@ struct enroll_entry {
 	__u32 flags;    /* reserved */
 	__u32 pad;
 };
+_Static_assert(sizeof(struct enroll_entry) == 16, "layouts.py ENROLL");
 
 /* nm_enrolled_v1: enrolled pods.
  * key: netns cookie (u64) -> struct enroll_entry; NM_MAX_PODS entries.
@@ -31,4 +32,4 @@ static __always_inline struct enroll_entry *nm_enrolled(__u64 netns)
 	return nm_enrolled_v1.lookup(&netns);
 }
 
-#endif
+#endif /* NM_ENROLL_H */

@@ -27,6 +27,7 @@ struct flow_event {
 	__u16 svc_port;       /* its service port, host order */
 	__u16 pad2;
 };
+_Static_assert(sizeof(struct flow_event) == 88, "layouts.py FLOW_EVENT_SIZE");
 
 /* nm_events_v1: ring buffer of struct flow_event; NM_RINGBUF_BYTES. A full ring drops the
  * event and counts it in NM_CTR_RINGBUF_DROPS. Writers: connect4/6, sockops. Reader: agent.
@@ -75,4 +76,4 @@ static __always_inline void nm_event_submit(struct flow_event *ev)
 	nm_events_v1.ringbuf_submit(ev, 0);
 }
 
-#endif
+#endif /* NM_EVENTS_H */

@@ -10,4 +10,4 @@
  */
 BPF_TABLE_PINNED("sockhash", __u32, __u64, nm_inbound_v1, NM_MAX_PODS, NM_PIN(nm_inbound_v1));
 
-#endif
+#endif /* NM_INBOUND_H */

@@ -8,11 +8,13 @@ struct ipcache_key {
 	__u32 prefixlen;
 	__u32 ip; /* network order */
 };
+_Static_assert(sizeof(struct ipcache_key) == 8, "layouts.py IPCACHE_KEY");
 
 struct ipcache_entry {
 	__u32 cidr_id;
 	__u32 pad;
 };
+_Static_assert(sizeof(struct ipcache_entry) == 8, "layouts.py IPCACHE_VALUE");
 
 #define NM_CIDR_WORLD 0 /* an address no policy names */
 
@@ -54,4 +56,4 @@ static __always_inline int nm_excluded(__u32 ip, __u16 port)
 	return nm_exclude_port_v1.lookup(&port) != NULL || nm_exclude_cidr_v1.lookup(&k) != NULL;
 }
 
-#endif
+#endif /* NM_IPCACHE_H */

@@ -91,4 +91,4 @@ static __always_inline struct lb4_backend *nm_lb4_pick(struct lb4_service *svc)
 	return nm_lb4_backend_v1.lookup(&k);
 }
 
-#endif
+#endif /* NM_LB_H */

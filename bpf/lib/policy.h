@@ -37,6 +37,7 @@ struct policy_key {
 	__u8 proto;     /* IPPROTO_TCP */
 	__u8 pad;
 };
+_Static_assert(sizeof(struct policy_key) == 16, "layouts.py POLICY_KEY");
 
 struct policy_entry {
 	__u8 verdict; /* NM_VERDICT_* */
@@ -44,6 +45,7 @@ struct policy_entry {
 	__u16 rule;   /* rule index in the deciding policy (for flow logs) */
 	__u32 policy; /* agent's id of the deciding policy, 0 = default */
 };
+_Static_assert(sizeof(struct policy_entry) == 8, "layouts.py POLICY_VALUE");
 
 /* nm_policy_tmpl_v1: layout template of one policy generation; never filled. */
 BPF_F_TABLE("hash", struct policy_key, struct policy_entry, nm_policy_tmpl_v1, NM_MAX_POLICY,
@@ -110,4 +112,4 @@ static __always_inline void nm_policy_verdict(__u32 dst, __u32 src_id, __u32 src
 		*out = *e;
 }
 
-#endif
+#endif /* NM_POLICY_H */

@@ -20,6 +20,7 @@ struct trusted_entry {
 	__u32 pad;
 	__u64 owner_start; /* its start time (clock ticks since boot, /proc/<pid>/stat field 22) */
 };
+_Static_assert(sizeof(struct trusted_entry) == 16, "layouts.py TRUSTED_ENTRY");
 
 /* nm_trusted_cg_v1: cgroup-v2 ids whose tasks may use the tunnel mark.
  * key: cgroup id (u64, the cgroup directory's inode number) -> struct trusted_entry;
@@ -43,4 +44,4 @@ static __always_inline int nm_tunnel_socket(struct bpf_sock *sk)
 	return 0;
 }
 
-#endif
+#endif /* NM_TRUST_H */

@@ -42,4 +42,4 @@
 #define NM_CTR_SVC_TRANSLATED 9      /* connect4 load-balanced a VIP connect to an endpoint */
 #define NM_CTR_MAX 10
 
-#endif
+#endif /* NM_VERDICTS_H */
