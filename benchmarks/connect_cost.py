@@ -25,9 +25,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from agent.abi import MARK_MAGIC
 from agent.datapath.datapath import Datapath
 from agent.datapath.layouts import Backend, Frontend, PolicyEntry, PolicyKey
-from agent.datapath.options import DEFAULT_PIN_ROOT, MARK_MAGIC, BuildOptions
+from agent.datapath.options import DEFAULT_PIN_ROOT, BuildOptions
 from agent.datapath.verdicts import Reason, Verdict
 from agent.testbed import Cluster
 

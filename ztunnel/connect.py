@@ -12,15 +12,13 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from agent import abi
 from ztunnel.events import Cause
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-OUTBOUND_PORT = 15001
-INBOUND_PLAINTEXT_PORT = 15006
-HBONE_PORT = 15008
 # Never a proxy target: forwarding to our own listeners would loop.
-ILLEGAL_PORTS = frozenset({OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT})
+ILLEGAL_PORTS = abi.TUNNEL_PORTS
 
 OK = 200
 BAD_REQUEST = 400

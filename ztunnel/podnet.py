@@ -24,16 +24,12 @@ from pathlib import Path
 
 from pyroute2 import IPRoute
 
+from agent import abi
 from agent.host import netns
 
-POD_MARK = 0x539
-MARK_MASK = 0xFFF
-IDENTITY_BITS = 20
-# The all-ones identity id is reserved: it marks the tunnel's own network-facing sockets
+# The all-ones identity id (abi.ID_TUNNEL) marks the tunnel's own network-facing sockets
 # (listeners, HBONE dials, passthrough) so the local-delivery rule below never catches them.
-TUNNEL_ID = (1 << IDENTITY_BITS) - 1
-TUNNEL_MARK = (TUNNEL_ID << 12) | POD_MARK
-MAX_IDENTITY_ID = TUNNEL_ID - 1
+TUNNEL_MARK = abi.mark(abi.ID_TUNNEL)
 LOCAL_TABLE = 100
 RULE_PRIORITY = 100
 SO_ORIGINAL_DST = 80
@@ -46,9 +42,9 @@ class PodNetError(OSError):
 
 
 def mark_for_identity(identity_id: int) -> int:
-    if not 0 <= identity_id <= MAX_IDENTITY_ID:
-        raise ValueError(f"identity id {identity_id} does not fit in {IDENTITY_BITS} bits")
-    return (identity_id << 12) | POD_MARK
+    if not 0 <= identity_id <= abi.MAX_IDENTITY_ID:
+        raise ValueError(f"identity id {identity_id} does not fit in {abi.IDENTITY_BITS} bits")
+    return abi.mark(identity_id)
 
 
 def identity_of_mark(mark: int) -> int:
@@ -96,8 +92,8 @@ def prepare_pod_netns(target: str | Path) -> None:
             (f"ip rule fwmark {TUNNEL_MARK:#x} lookup main",
              lambda: ipr.rule("add", fwmark=TUNNEL_MARK, fwmask=0xFFFFFFFF, table=254,
                               priority=RULE_PRIORITY - 1)),
-            (f"ip rule fwmark {POD_MARK:#x}/{MARK_MASK:#x} lookup {LOCAL_TABLE}",
-             lambda: ipr.rule("add", fwmark=POD_MARK, fwmask=MARK_MASK, table=LOCAL_TABLE,
+            (f"ip rule fwmark {abi.MARK_MAGIC:#x}/{abi.MARK_MASK:#x} lookup {LOCAL_TABLE}",
+             lambda: ipr.rule("add", fwmark=abi.MARK_MAGIC, fwmask=abi.MARK_MASK, table=LOCAL_TABLE,
                               priority=RULE_PRIORITY)),
             (f"local 0.0.0.0/0 dev lo table {LOCAL_TABLE}",
              lambda: ipr.route("add", dst="0.0.0.0", dst_len=0, type="local", scope=254, oif=lo,

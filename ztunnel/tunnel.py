@@ -24,6 +24,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from agent import abi
 from agent.identity.spiffe import DEFAULT_TRUST_DOMAIN, Identity
 from ztunnel import connect, hbone, podnet
 from ztunnel.events import (
@@ -105,9 +106,9 @@ class TunnelConfig:
     outside_mesh: Literal["passthrough", "refuse"] = "passthrough"
     upstream_gate: UpstreamGate | None = None
     on_event: EventHook | None = None
-    hbone_port: int = connect.HBONE_PORT
-    outbound_port: int = connect.OUTBOUND_PORT
-    inbound_port: int = connect.INBOUND_PLAINTEXT_PORT
+    hbone_port: int = abi.HBONE_PORT
+    outbound_port: int = abi.OUTBOUND_PORT
+    inbound_port: int = abi.INBOUND_PORT
     outbound_bind: str = "127.0.0.1"
     connect_timeout: float = 10.0
     handshake_timeout: float = 10.0

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.abi import ID_TUNNEL
 from agent.datapath import bpfsys, layouts, trust
 from agent.datapath.bccloader import Module, ProgType, compile_module
 from agent.datapath.bpfsys import AttachType, MapType
@@ -33,7 +34,7 @@ from agent.datapath.layouts import (
     TrustedEntry,
     UpstreamKey,
 )
-from agent.datapath.options import ID_TUNNEL, BuildOptions
+from agent.datapath.options import BuildOptions
 from agent.datapath.verdicts import COUNTER_SLOTS, Counter
 from agent.host import netns
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import threading
 
-from agent.datapath.options import ID_PLAINTEXT, ID_TUNNEL, MARK_ID_SHIFT, MARK_MAGIC
+from agent import abi
+from agent.abi import ID_PLAINTEXT, ID_TUNNEL
 from agent.identity.spiffe import Identity
 
 ID_OTHER = 2
@@ -41,7 +42,7 @@ class IdentityTable:
 
     def mark_for(self, identity: Identity | None) -> int:
         """SO_MARK of the tunnel's upstream socket on behalf of this peer."""
-        return (self.id_of(identity) << MARK_ID_SHIFT) | MARK_MAGIC
+        return abi.mark(self.id_of(identity))
 
     def items(self) -> list[tuple[Identity, int]]:
         with self._lock:

@@ -8,15 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.abi import HBONE_PORT, INBOUND_PORT, MARK_MAGIC, MARK_MASK, OUTBOUND_PORT
+
 DEFAULT_PIN_ROOT = Path("/sys/fs/bpf/nodemesh")
-OUTBOUND_PORT = 15001
-INBOUND_PORT = 15006
-HBONE_PORT = 15008
-MARK_MAGIC = 0x539
-MARK_MASK = 0xFFF
-MARK_ID_SHIFT = 12
-ID_PLAINTEXT = 1
-ID_TUNNEL = 0xFFFFF  # the tunnel's own sockets (ztunnel/podnet.py TUNNEL_ID)
 
 # The attach points, one C file each, in the order they are compiled into one module.
 ATTACH_POINTS = (

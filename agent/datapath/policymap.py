@@ -20,9 +20,9 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from agent.abi import ID_PLAINTEXT
 from agent.datapath.identities import ID_OTHER, IdentityTable
 from agent.datapath.layouts import ANY, ANY_PORT, PolicyEntry, PolicyKey
-from agent.datapath.options import ID_PLAINTEXT
 from agent.datapath.verdicts import Reason, Verdict
 from agent.identity.spiffe import Identity
 from agent.model.mesh import Workload

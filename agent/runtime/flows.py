@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+from agent.abi import ID_PLAINTEXT
 from agent.datapath.layouts import FlowEvent
-from agent.datapath.options import ID_PLAINTEXT
 from agent.datapath.verdicts import Direction, EventKind, Reason
 from agent.model.mesh import Workload
 from agent.telemetry.flow import (

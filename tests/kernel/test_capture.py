@@ -13,9 +13,9 @@ from collections.abc import Iterator
 import pytest
 from peers import CLIENT, FAKE_TUNNEL, MARKED_CONNECT, SERVER, TRANSPARENT_CONNECT
 
+from agent.abi import ID_PLAINTEXT, ID_TUNNEL, MARK_MAGIC
 from agent.datapath.datapath import Datapath
 from agent.datapath.layouts import PolicyEntry, PolicyKey
-from agent.datapath.options import ID_PLAINTEXT, ID_TUNNEL, MARK_MAGIC
 from agent.datapath.verdicts import Counter, EventKind, Reason, Verdict
 from agent.testbed import Cluster, Pod, PodProcess
 

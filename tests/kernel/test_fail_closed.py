@@ -21,10 +21,10 @@ from collections.abc import Iterator
 import pytest
 from peers import FAKE_TUNNEL, FORGED_CONNECT, HELD_UPSTREAM, PLAIN_CONNECT, SERVER
 
+from agent.abi import ID_TUNNEL, MARK_MAGIC
 from agent.datapath import bpfsys, layouts, trust
 from agent.datapath.datapath import Datapath
 from agent.datapath.layouts import FlowEvent, PolicyEntry, PolicyKey, TrustedEntry, UpstreamKey
-from agent.datapath.options import ID_TUNNEL, MARK_MAGIC
 from agent.datapath.verdicts import Counter, Direction, EventKind, Reason, Verdict
 from agent.testbed import Cluster, PodProcess
 from agent.testbed.cluster import Place

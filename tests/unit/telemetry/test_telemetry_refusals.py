@@ -17,10 +17,10 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent import config
+from agent.abi import ID_PLAINTEXT
 from agent.commands import identity as identity_cli
 from agent.commands import telemetry as telemetry_cli
 from agent.datapath.layouts import FlowEvent
-from agent.datapath.options import ID_PLAINTEXT
 from agent.datapath.verdicts import Direction as KDirection
 from agent.datapath.verdicts import EventKind as KKind
 from agent.datapath.verdicts import Reason, Verdict
