@@ -25,7 +25,7 @@ from agent.sources.kube import config as kubeconfig
 from agent.sources.kubernetes import KubernetesSource
 from agent.state.snapshot import MeshState
 from agent.state.store import StateStore
-from agent.telemetry.metrics import ScrapeCollector
+from agent.telemetry.metrics import ScrapeValue
 from agent.telemetry.server import MetricsServer
 
 log = logging.getLogger("nodemesh")
@@ -91,9 +91,9 @@ async def run_agent(cfg: cfgmod.Config) -> int:
         except MeshConfigError as exc:  # no last good state to keep: refuse to start
             log.error("%s; not starting", exc)
             return 2
-        ScrapeCollector(agent.registry, "nodemesh_config_errors", "Mesh configuration changes "
-                        "rejected (the last good configuration stayed in force)", "counter",
-                        read=lambda: file_source.errors)
+        ScrapeValue(agent.registry, "nodemesh_config_errors", "Mesh configuration changes "
+                    "rejected (the last good configuration stayed in force)", "counter",
+                    read=lambda: file_source.errors)
         health["config"] = file_source.status
         agent.synced.set()  # a file source is fully synced once loaded
         readiness.synced = True

@@ -45,7 +45,7 @@ from agent.runtime.certs import (
 from agent.runtime.readiness import Readiness
 from agent.state.snapshot import MeshState
 from agent.state.store import StateStore
-from agent.telemetry.metrics import ScrapeCollector
+from agent.telemetry.metrics import ScrapeValue
 from agent.telemetry.pipeline import Telemetry, TelemetryConfig
 from ztunnel.events import ConnectionEvent
 from ztunnel.lograte import RepeatLimiter
@@ -82,9 +82,9 @@ class NodeAgent:
             self.registry,
         )
         # The tunnel's repeat-limited log (ztunnel.lograte): how much a flood kept out of it.
-        ScrapeCollector(self.registry, "nodemesh_log_lines_suppressed",
-                        "Repeated identical warning lines counted instead of written", "counter",
-                        read=lambda: RepeatLimiter.shared().suppressed_total)
+        ScrapeValue(self.registry, "nodemesh_log_lines_suppressed",
+                    "Repeated identical warning lines counted instead of written", "counter",
+                    read=lambda: RepeatLimiter.shared().suppressed_total)
         ttl = timedelta(seconds=cfg.cert_ttl_seconds)
         self.certs = self._certificate_manager(ttl)
         self.tunnel = Tunnel(

@@ -13,7 +13,7 @@ import math
 import platform
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Final, Literal
+from typing import Final, Generic, Literal, TypeVar
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -185,13 +185,15 @@ _HELP: Final = {
 }
 
 # What a scrape-time reader returns: one value (no labels), a mapping keyed by the single label's
-# value, or a mapping keyed by a tuple of label values.
-ReadResult = float | Mapping[str, float] | Mapping[Labels, float]
-Reader = Callable[[], ReadResult]
+# value, or a mapping keyed by a tuple of label values. ScrapeValue and ScrapeLabelled fix which,
+# so a reader of the wrong shape does not type-check.
+LabelledValues = Mapping[str, float] | Mapping[Labels, float]
+ReadResult = float | LabelledValues
+R = TypeVar("R", bound=ReadResult)
 MetricKind = Literal["counter", "gauge"]
 
 
-class ScrapeCollector(Collector):
+class ScrapeCollector(Collector, Generic[R]):
     """A counter or gauge whose values are read at scrape time by a callable, e.g. from a BPF map.
 
     The reader can be set later than construction (the datapath loads after metrics exist); until
@@ -201,7 +203,7 @@ class ScrapeCollector(Collector):
 
     def __init__(self, registry: CollectorRegistry, name: str, documentation: str,
                  kind: MetricKind, labelnames: Sequence[str] = (), *,
-                 read: Reader | None = None) -> None:
+                 read: Callable[[], R] | None = None) -> None:
         if kind == "counter" and name.endswith("_total"):
             name = name[: -len("_total")]
         self.name, self.documentation, self.kind = name, documentation, kind
@@ -210,7 +212,7 @@ class ScrapeCollector(Collector):
         self.errors = 0
         registry.register(self)
 
-    def set_reader(self, read: Reader | None) -> None:
+    def set_reader(self, read: Callable[[], R] | None) -> None:
         self._read = read
 
     def _family(self) -> CounterMetricFamily | GaugeMetricFamily:
@@ -250,6 +252,25 @@ class ScrapeCollector(Collector):
                                 f"{self.labelnames}")
             out.append((labels, float(value)))
         return out
+
+
+class ScrapeValue(ScrapeCollector[float]):
+    """A scrape-time metric without labels: its reader returns one number."""
+
+    def __init__(self, registry: CollectorRegistry, name: str, documentation: str,
+                 kind: MetricKind, *, read: Callable[[], float] | None = None) -> None:
+        super().__init__(registry, name, documentation, kind, (), read=read)
+
+
+class ScrapeLabelled(ScrapeCollector[LabelledValues]):
+    """A scrape-time metric with labels: its reader returns a value per label value (or tuple)."""
+
+    def __init__(self, registry: CollectorRegistry, name: str, documentation: str,
+                 kind: MetricKind, labelnames: Sequence[str], *,
+                 read: Callable[[], LabelledValues] | None = None) -> None:
+        if not labelnames:
+            raise ValueError(f"{name}: a labelled metric needs label names (else ScrapeValue)")
+        super().__init__(registry, name, documentation, kind, labelnames, read=read)
 
 
 class HistogramCollector(Collector):
@@ -325,19 +346,19 @@ class AgentMetrics:
 
     def __init__(self, registry: CollectorRegistry, *, version: str = __version__,
                  tag: str | None = None) -> None:
-        self.ringbuf_drops = ScrapeCollector(
+        self.ringbuf_drops = ScrapeLabelled(
             registry, "nodemesh_ringbuf_drops", "Flow events lost because a BPF ring buffer "
             "was full", "counter", ("ring",))
-        self.map_fill = ScrapeCollector(
+        self.map_fill = ScrapeLabelled(
             registry, "nodemesh_bpf_map_fill_ratio", "Entries in a BPF map over its maximum",
             "gauge", ("map",))
-        self.datapath_drops = ScrapeCollector(
+        self.datapath_drops = ScrapeLabelled(
             registry, "nodemesh_bpf_drops", "Connections dropped by the kernel datapath, by "
             "verdict reason", "counter", ("reason",))
-        self.enrolled_pods = ScrapeCollector(
+        self.enrolled_pods = ScrapeValue(
             registry, "nodemesh_enrolled_pods", "Pods on this node enrolled in the mesh",
             "gauge")
-        self.stream_dropped = ScrapeCollector(
+        self.stream_dropped = ScrapeValue(
             registry, "nodemesh_flow_stream_dropped", "Flow records not delivered to a live "
             "stream subscriber that was too slow", "counter")
         self.policy_update_seconds = HistogramCollector(
