@@ -14,10 +14,10 @@ There is no SNI: the server knows which certificate to present from the netns it
 from __future__ import annotations
 
 import hashlib
-import os
 import ssl
 from typing import Protocol
 
+from agent.identity import tlsmem
 from agent.identity.spiffe import Identity, IdentityError, from_der
 
 ALPN = "h2"
@@ -39,18 +39,6 @@ class PeerIdentityError(ConnectionError):
     """The peer's certificate verified but names the wrong identity or trust domain."""
 
 
-def _load_chain(ctx: ssl.SSLContext, chain_pem: bytes, key_pem: bytes) -> None:
-    cert_fd = os.memfd_create("nodemesh-cert", os.MFD_CLOEXEC)
-    key_fd = os.memfd_create("nodemesh-key", os.MFD_CLOEXEC)
-    try:
-        os.write(cert_fd, chain_pem)
-        os.write(key_fd, key_pem)
-        ctx.load_cert_chain(f"/proc/self/fd/{cert_fd}", f"/proc/self/fd/{key_fd}")
-    finally:
-        os.close(cert_fd)
-        os.close(key_fd)
-
-
 def _base(purpose: ssl.Purpose, chain_pem: bytes, key_pem: bytes, bundle: bytes) -> ssl.SSLContext:
     client = purpose is ssl.Purpose.SERVER_AUTH
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT if client else ssl.PROTOCOL_TLS_SERVER)
@@ -62,7 +50,7 @@ def _base(purpose: ssl.Purpose, chain_pem: bytes, key_pem: bytes, bundle: bytes)
     ctx.load_verify_locations(cadata=bundle.decode("ascii"))
     ctx.set_alpn_protocols([ALPN])
     ctx.options |= ssl.OP_NO_TICKET  # no session resumption, as ztunnel
-    _load_chain(ctx, chain_pem, key_pem)
+    tlsmem.load_cert_chain(ctx, chain_pem, key_pem)
     return ctx
 
 

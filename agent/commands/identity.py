@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import re
 import sys
 from datetime import timedelta
@@ -22,6 +21,7 @@ from agent.caauth.tokenreview import (
     TokenChecker,
 )
 from agent.host import signals
+from agent.host.files import write_private
 from agent.identity import pki
 from agent.identity.ca import (
     MAX_TTL,
@@ -142,15 +142,6 @@ def _root_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root-key", type=Path, required=True, help="CA private key (PEM)")
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-
-
 def load_or_create_root(cert: Path, key: Path, trust_domain: str,
                         must_exist: bool = False) -> pki.Authority:
     if cert.exists() and key.exists():
@@ -159,7 +150,7 @@ def load_or_create_root(cert: Path, key: Path, trust_domain: str,
         raise SystemExit(f"need both {cert} and {key}; "
                          f"{cert if not cert.exists() else key} is missing")
     authority = pki.Authority.generate(trust_domain)
-    _write_private(key, pki.key_to_pem(authority.key))
+    write_private(key, pki.key_to_pem(authority.key))
     cert.write_text(pki.cert_to_pem(authority.root))
     log.info("generated a new root CA for %s: %s, %s", trust_domain, cert, key)
     return authority
@@ -269,7 +260,7 @@ def _node_cert(args: argparse.Namespace) -> int:
     ca = CertificateAuthority(authority, StaticWorkloadLocator({}), args.trust_domain)
     key = pki.generate_key()
     chain = ca.issue_node_certificate(args.node, key.public_key(), args.ttl)
-    _write_private(args.key_out, pki.key_to_pem(key))
+    write_private(args.key_out, pki.key_to_pem(key))
     args.cert_out.write_text(chain[0])
     print(f"node certificate for {args.node}: {args.cert_out}, key {args.key_out}")
     return 0
@@ -293,7 +284,7 @@ def _issue(args: argparse.Namespace) -> int:
         finally:
             await client.close()
         if args.key_out:
-            _write_private(args.key_out, cert.key_pem())
+            write_private(args.key_out, cert.key_pem())
         sys.stdout.write("".join(cert.chain))
         print(f"issued {cert}", file=sys.stderr)
         return 0

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import random
 import shutil
 import time
@@ -27,6 +26,7 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry
 
+from agent.host.files import write_private
 from agent.identity import pki
 from agent.identity.caclient import CaError
 from agent.identity.metrics import CertificateMetrics
@@ -294,22 +294,9 @@ class CertificateManager:
         where.mkdir(parents=True, exist_ok=True, mode=0o700)
         for name, data in (("key.pem", cert.key_pem()), ("cert-chain.pem", cert.chain_pem()),
                            ("root-cert.pem", cert.root_pem.encode())):
-            _write_private(where / name, data)
+            write_private(where / name, data)
 
     def _unpersist(self, identity: Identity) -> None:
         if self.key_dir is not None:
             shutil.rmtree(self._dir_of(identity), ignore_errors=True)
 
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write atomically with mode 0600 from creation (never briefly world-readable)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply if tmp already existed
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)

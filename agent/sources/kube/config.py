@@ -18,7 +18,6 @@ import datetime
 import ipaddress
 import os
 import ssl
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -29,6 +28,8 @@ import yaml
 from kubernetes_asyncio.config.config_exception import ConfigException
 from kubernetes_asyncio.config.exec_provider import ExecProvider
 from kubernetes_asyncio.config.kube_config import ConfigNode
+
+from agent.identity import tlsmem
 
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 TOKEN_REFRESH = 60.0  # client-go re-reads the token file at this period too
@@ -360,15 +361,9 @@ def _client_cert(ctx: ssl.SSLContext, user: dict[str, Any], base: Path, where: s
     if not (key_file or key_data):
         raise ConfigError(f"{where}: a client certificate without a client key")
     try:
-        # ssl loads keys only from files: inline data goes through a private temporary directory.
-        with tempfile.TemporaryDirectory(prefix="nodemesh-kube-") as tmp:
-            if cert_data:
-                cert_file = Path(tmp) / "client.crt"
-                cert_file.write_text(cert_data)
-            if key_data:
-                key_file = Path(tmp) / "client.key"
-                key_file.touch(0o600)
-                key_file.write_text(key_data)
-            ctx.load_cert_chain(str(cert_file), str(key_file))
+        # Inline data never touches a filesystem (tlsmem loads it through memory files).
+        chain = cert_data.encode() if cert_data else Path(str(cert_file)).read_bytes()
+        key = key_data.encode() if key_data else Path(str(key_file)).read_bytes()
+        tlsmem.load_cert_chain(ctx, chain, key)
     except (OSError, ssl.SSLError) as e:
         raise ConfigError(f"{where}: cannot load the client certificate/key: {e}") from e
