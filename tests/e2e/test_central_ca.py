@@ -1,0 +1,263 @@
+"""Real agents against a central `nodemesh ca serve` (no agent holds a signing key): the CA
+restarts under continuous cross-node traffic, and the root is rotated under traffic following
+docs/install.md ("Rotating the root")."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import hashes
+from support.agents import LiveMesh, live_mesh
+
+from agent.commands.demo import _run_client, http_get
+from agent.identity import pki
+from agent.testbed import Cluster, PodProcess
+
+CA_PORT = 15012
+TTL = 40  # seconds: renewals every ~20s, several during one test
+DB: tuple[int, int, str, str] = (1, 0, "db", "5432")  # backend (node0) -> db (node1) is allowed
+PLACEMENT = {"node0": ["spiffe://cluster.local/ns/shop/sa/frontend",
+                       "spiffe://cluster.local/ns/shop/sa/backend"],
+             "node1": ["spiffe://cluster.local/ns/shop/sa/db",
+                       "spiffe://cluster.local/ns/tools/sa/default"]}
+
+
+@dataclass
+class CentralCa:
+    """`nodemesh ca serve` in node0's netns, on its underlay address; restartable."""
+
+    work: Path
+    root_cert: Path
+    root_key: Path
+    cluster: Cluster | None = None
+    proc: PodProcess | None = None
+    starts: int = 0
+
+    @property
+    def address(self) -> str:
+        assert self.cluster is not None
+        return f"{self.cluster.nodes[0].ip}:{CA_PORT}"
+
+    def log(self, n: int) -> str:
+        return (self.work / f"ca-{n}.log").read_text()
+
+    def start(self) -> None:
+        assert self.cluster is not None and self.proc is None
+        self.starts += 1
+        argv = [sys.executable, "-m", "agent.cli", "ca", "serve", "--listen", self.address,
+                "--root-cert", str(self.root_cert), "--root-key", str(self.root_key),
+                "--tokens", str(self.work / "tokens.yaml"),
+                "--workloads", str(self.work / "placement.yaml")]
+        with (self.work / f"ca-{self.starts}.log").open("w") as out:
+            self.proc = self.cluster.nodes[0].spawn(argv, stdout=out, stderr=subprocess.STDOUT)
+        wait_for(lambda: "listening on" in self.log(self.starts), "the CA to listen",
+                 lambda: self.log(self.starts))
+
+    def stop(self) -> None:
+        assert self.proc is not None
+        self.proc.stop(grace=10)
+        self.proc = None
+
+
+def wait_for(cond: Callable[[], bool], what: str, detail: Callable[[], str] = lambda: "",
+             timeout: float = 120.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, f"gave up waiting for {what}: {detail()}"
+        time.sleep(0.2)
+
+
+def fingerprint(pem: str | bytes) -> str:
+    return pki.certs_from_pem(pem)[0].fingerprint(hashes.SHA256()).hex()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@dataclass
+class Traffic:
+    """backend (node0) -> db (node1), one new connection after another, until stopped."""
+
+    live: LiveMesh
+    results: list[str] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def _loop(self) -> None:
+        c = self.live.cluster
+        while not self._stop.is_set():
+            self.results.append(_run_client(c.pod(0, 1), str(c.pod(1, 0).ip), 5432, "x"))
+
+    def __enter__(self) -> Traffic:
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join(60)
+
+    def failures(self) -> list[str]:
+        return [r for r in self.results if not r.startswith("OK db got")]
+
+
+def dump(live: LiveMesh, node: int) -> dict[str, Any]:
+    text = http_get(live.cluster.nodes[node].netns, 15000, "/config_dump")
+    assert text is not None, live.log(node)
+    out: dict[str, Any] = json.loads(text)
+    return out
+
+
+def certificates(live: LiveMesh) -> dict[str, dict[str, Any]]:
+    """Every agent's current certificates by identity (each with the root it chains to)."""
+    out: dict[str, dict[str, Any]] = {}
+    for n in (0, 1):
+        certs = dump(live, n)["certificates"]
+        out.update({k: v for k, v in certs.items() if k != "trust_bundle"})
+    return out
+
+
+def bundles(live: LiveMesh) -> list[list[str]]:
+    return [dump(live, n)["certificates"]["trust_bundle"] for n in (0, 1)]
+
+
+@contextmanager
+def central_mesh(work: Path, description: str) -> Iterator[tuple[LiveMesh, CentralCa]]:
+    """Two agents whose certificates all come from a central CA; the CA's key lives in a
+    directory no agent is told about, and the agents get only its root and a bearer token."""
+    private = work / "ca-private"
+    private.mkdir(mode=0o700)
+    ca = CentralCa(work, private / "root-a.pem", private / "root-a-key.pem")
+    subprocess.run([sys.executable, "-m", "agent.cli", "ca", "init", "--root-cert",
+                    str(ca.root_cert), "--root-key", str(ca.root_key)], check=True,
+                   capture_output=True)
+    (work / "ca").mkdir()
+    write_atomic(work / "ca" / "root-cert.pem", ca.root_cert.read_text())
+    tokens = {f"node{n}": os.urandom(16).hex() for n in (0, 1)}
+    (work / "tokens.yaml").write_text(json.dumps({t: n for n, t in tokens.items()}))
+    (work / "placement.yaml").write_text(json.dumps(PLACEMENT))
+    for n, token in tokens.items():
+        (work / f"token-{n}").write_text(token)
+
+    def start_ca(c: Cluster) -> None:
+        ca.cluster = c
+        ca.start()
+
+    def per_node(i: int) -> list[str]:
+        assert ca.cluster is not None
+        return ["--ca-address", ca.address, "--ca-token", str(work / f"token-node{i}"),
+                "--cert-ttl", str(TTL)]
+
+    with live_mesh(work, description, servers=[DB], embedded_ca=False, before_agents=start_ca,
+                   per_node=per_node) as live:
+        try:
+            yield live, ca
+        finally:
+            if ca.proc is not None:
+                ca.stop()
+
+
+def assert_no_agent_can_name_a_key(live: LiveMesh, ca: CentralCa) -> None:
+    """Nothing the agents were given (argv, environment, config) is a private key, and no
+    agent has the CA's key file open."""
+    assert ca.root_key.exists() and ca.root_key.stat().st_mode & 0o077 == 0
+    for node, agent in enumerate(live.agents):
+        proc = Path(f"/proc/{agent.pid}")
+        argv = (proc / "cmdline").read_bytes().split(b"\0")
+        env = [e.partition(b"=")[2] for e in (proc / "environ").read_bytes().split(b"\0")]
+        config = dump(live, node)["config"]
+        named = [a.decode() for a in argv + env if a] + [str(v) for v in config.values()]
+        assert config["ca_address"] == ca.address
+        for value in named:
+            path = Path(value)
+            if value.startswith("/") and path.is_file():
+                assert b"PRIVATE KEY" not in path.read_bytes(), f"agent {node} is given {path}"
+            assert "ca-private" not in value, f"agent {node} is told about {value}"
+        for fd in (proc / "fd").iterdir():
+            target = os.readlink(fd)
+            assert "ca-private" not in target and not target.endswith("key.pem"), target
+
+
+def test_central_ca_restart_under_traffic(tmp_path: Path) -> None:
+    with central_mesh(tmp_path, "central CA restart") as (live, ca):
+        assert_no_agent_can_name_a_key(live, ca)
+        before = certificates(live)
+        assert set(before) == {i for ids in PLACEMENT.values() for i in ids}
+        root = fingerprint(ca.root_cert.read_text())
+        assert {c["root"] for c in before.values()} == {root}
+        with Traffic(live) as traffic:
+            wait_for(lambda: len(traffic.results) >= 3, "first connections")
+            ca.stop()
+            # Down until a renewal has failed (at the latest half a TTL later): the agents keep
+            # serving the certificates they have.
+            wait_for(lambda: any("certificate for" in live.log(n) and "failed" in live.log(n)
+                                 for n in (0, 1)), "a renewal to fail while the CA is down")
+            down = len(traffic.results)
+            time.sleep(3)
+            ca.start()
+            # Rotation resumes: the restarted CA signs renewals for both nodes.
+            wait_for(lambda: all(f"for node node{n}" in ca.log(2) for n in (0, 1)),
+                     "renewals from the restarted CA", lambda: ca.log(2))
+            # ...and every identity's certificate is renewed again (within half a TTL).
+            wait_for(lambda: all(certificates(live)[i]["serial"] != before[i]["serial"]
+                                 for i in before), "every certificate to be renewed",
+                     lambda: str(certificates(live)))
+            wait_for(lambda: len(traffic.results) >= down + 3, "connections after the restart")
+        assert traffic.failures() == [], traffic.failures()
+        assert down >= 3 and len(traffic.results) > down
+        assert_no_agent_can_name_a_key(live, ca)
+
+
+def test_root_rotation_under_traffic(tmp_path: Path) -> None:
+    """The documented procedure: bundle old+new everywhere, CA signs with new, every certificate
+    re-issued from new, then old dropped; zero failed connections throughout."""
+    with central_mesh(tmp_path, "root rotation") as (live, ca):
+        bundle_file = tmp_path / "ca" / "root-cert.pem"
+        old_pem = ca.root_cert.read_text()
+        old = fingerprint(old_pem)
+        new_cert, new_key = ca.root_cert.with_name("root-b.pem"), ca.root_key.with_name(
+            "root-b-key.pem")
+        with Traffic(live) as traffic:
+            wait_for(lambda: len(traffic.results) >= 3, "first connections")
+            # 1. a new root
+            subprocess.run([sys.executable, "-m", "agent.cli", "ca", "init", "--root-cert",
+                            str(new_cert), "--root-key", str(new_key)], check=True,
+                           capture_output=True)
+            new_pem = new_cert.read_text()
+            new = fingerprint(new_pem)
+            # 2. distribute old+new; wait until every agent trusts both
+            write_atomic(bundle_file, old_pem + new_pem)
+            wait_for(lambda: all(sorted(b) == sorted([old, new]) for b in bundles(live)),
+                     "both agents to trust old and new roots", lambda: str(bundles(live)))
+            # 3. the CA signs with the new root (a restart with the new key)
+            ca.stop()
+            ca.root_cert, ca.root_key = new_cert, new_key
+            ca.start()
+            # 4. every workload certificate is re-issued from the new root (within a TTL)
+            wait_for(lambda: {c["root"] for c in certificates(live).values()} == {new},
+                     "every certificate to chain to the new root", lambda: str(certificates(live)))
+            mixed = len(traffic.results)
+            # 5. drop the old root
+            write_atomic(bundle_file, new_pem)
+            wait_for(lambda: all(b == [new] for b in bundles(live)),
+                     "both agents to drop the old root", lambda: str(bundles(live)))
+            wait_for(lambda: len(traffic.results) >= mixed + 3, "connections after the drop")
+        final = certificates(live)
+        assert set(final) == {i for ids in PLACEMENT.values() for i in ids}
+        assert {c["root"] for c in final.values()} == {new}, final
+        assert traffic.failures() == [], traffic.failures()
+        assert_no_agent_can_name_a_key(live, ca)
