@@ -32,6 +32,7 @@ from agent.enroll import Enroller, PodLocator, PodPlacement
 from agent.host import cgroup
 from agent.identity import pki
 from agent.identity.caclient import CaClient
+from agent.identity.federation import FederationFiles, TrustDomains
 from agent.identity.manager import CertificateManager
 from agent.identity.trustbundle import TrustBundleFile
 from agent.model.mesh import Workload
@@ -88,11 +89,17 @@ class NodeAgent:
                         read=lambda: RepeatLimiter.shared().suppressed_total)
         ttl = timedelta(seconds=cfg.cert_ttl_seconds)
         self.certs = self._certificate_manager(ttl)
+        # Federation and aliases: a trust hook only when configured (else: our domain only).
+        self.federation = FederationFiles(cfg.federated_bundles, cfg.trust_domain)
+        self.trust = TrustDomains(cfg.trust_domain, lambda: self.certs.trust_bundle,
+                                  frozenset(cfg.trust_domain_aliases), self.federation.bundles)
+        configured = bool(cfg.federated_bundles or cfg.trust_domain_aliases)
         self.tunnel = Tunnel(
             TunnelConfig(
-                certificates=TunnelCertificates(self.certs),
+                certificates=TunnelCertificates(self.certs, self.trust.federated_pems),
                 resolver=self._resolve,
                 trust_domain=cfg.trust_domain,
+                trust=self.trust if configured else None,
                 identity_id=self.identities.id_of,
                 on_event=self._tunnel_event,
             )
@@ -224,11 +231,17 @@ class NodeAgent:
                 self._dirty.set()
 
     async def watch_trust_bundle(self, interval: float = 1.0) -> None:
-        """Apply rewrites of the trust bundle file (external CA only) until cancelled."""
-        if self.bundle_file is None or self.ca_client is None:
-            return
+        """Apply rewrites of the trust bundle file (external CA) and of the federated bundles
+        until cancelled."""
         while True:
             await asyncio.sleep(interval)
+            federated = self.federation.poll()
+            if federated is not None:
+                self.trust.federated = federated
+                refused = self.tunnel.recheck_peers()
+                log.info("federated bundles changed: %d connection(s) no longer trusted", refused)
+            if self.bundle_file is None or self.ca_client is None:
+                continue
             bundle = self.bundle_file.poll()
             if bundle is None:
                 continue
