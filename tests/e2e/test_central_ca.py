@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,63 +18,18 @@ from typing import Any
 
 from cryptography.hazmat.primitives import hashes
 from support.agents import LiveMesh, live_mesh
+from support.centralca import CentralCa, wait_for
 
 from agent.commands.demo import _run_client, http_get
 from agent.identity import pki
-from agent.testbed import Cluster, PodProcess
+from agent.testbed import Cluster
 
-CA_PORT = 15012
 TTL = 40  # seconds: renewals every ~20s, several during one test
 DB: tuple[int, int, str, str] = (1, 0, "db", "5432")  # backend (node0) -> db (node1) is allowed
 PLACEMENT = {"node0": ["spiffe://cluster.local/ns/shop/sa/frontend",
                        "spiffe://cluster.local/ns/shop/sa/backend"],
              "node1": ["spiffe://cluster.local/ns/shop/sa/db",
                        "spiffe://cluster.local/ns/tools/sa/default"]}
-
-
-@dataclass
-class CentralCa:
-    """`nodemesh ca serve` in node0's netns, on its underlay address; restartable."""
-
-    work: Path
-    root_cert: Path
-    root_key: Path
-    cluster: Cluster | None = None
-    proc: PodProcess | None = None
-    starts: int = 0
-
-    @property
-    def address(self) -> str:
-        assert self.cluster is not None
-        return f"{self.cluster.nodes[0].ip}:{CA_PORT}"
-
-    def log(self, n: int) -> str:
-        return (self.work / f"ca-{n}.log").read_text()
-
-    def start(self) -> None:
-        assert self.cluster is not None and self.proc is None
-        self.starts += 1
-        argv = [sys.executable, "-m", "agent.cli", "ca", "serve", "--listen", self.address,
-                "--root-cert", str(self.root_cert), "--root-key", str(self.root_key),
-                "--tokens", str(self.work / "tokens.yaml"),
-                "--workloads", str(self.work / "placement.yaml")]
-        with (self.work / f"ca-{self.starts}.log").open("w") as out:
-            self.proc = self.cluster.nodes[0].spawn(argv, stdout=out, stderr=subprocess.STDOUT)
-        wait_for(lambda: "listening on" in self.log(self.starts), "the CA to listen",
-                 lambda: self.log(self.starts))
-
-    def stop(self) -> None:
-        assert self.proc is not None
-        self.proc.stop(grace=10)
-        self.proc = None
-
-
-def wait_for(cond: Callable[[], bool], what: str, detail: Callable[[], str] = lambda: "",
-             timeout: float = 120.0) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, f"gave up waiting for {what}: {detail()}"
-        time.sleep(0.2)
 
 
 def fingerprint(pem: str | bytes) -> str:
