@@ -17,6 +17,8 @@ from agent import config as cfgmod
 from agent.enroll import KubernetesLocator, PodLocator, TestbedLocator
 from agent.host import signals
 from agent.identity import pki
+from agent.identity.federation import FederationError
+from agent.identity.trustbundle import TrustBundleError
 from agent.posture.live import live_report
 from agent.runtime import admin
 from agent.runtime.node import NodeAgent
@@ -84,7 +86,11 @@ async def run_agent(cfg: cfgmod.Config) -> int:
     stop = signals.stop_event()  # first: a SIGTERM during start-up still drains, then exits
     store = StateStore(MeshState.build(root_namespace=cfg.root_namespace))
     readiness = Readiness(source_grace=cfg.source_grace_seconds)
-    agent = NodeAgent(cfg, store, _locator(cfg), readiness=readiness)
+    try:
+        agent = NodeAgent(cfg, store, _locator(cfg), readiness=readiness)
+    except (cfgmod.ConfigError, TrustBundleError, FederationError) as exc:
+        log.error("%s; not starting", exc)  # trust material unusable: fail closed, say why
+        return 2
     if agent.bundle_file is not None:
         bundle_file = agent.bundle_file
         ScrapeCollector(agent.registry, "nodemesh_trust_bundle_errors", "Trust bundle file "
