@@ -11,19 +11,25 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import hashes
+from pyroute2 import IPRoute
 from support.agents import LiveMesh, live_mesh
+from support.apiserver import ApiServer, Kubectl
 from support.centralca import CentralCa, wait_for
+from support.mesh import LoopThread
 
 from agent.commands.demo import _run_client, http_get
 from agent.identity import pki
+from agent.identity.spiffe import Identity
 from agent.testbed import Cluster
 
+API_IP = "10.250.0.250"  # on the underlay bridge; the test bed gives nodes .10 and up
+SYS = "nodemesh-system"
 TTL = 40  # seconds: renewals every ~20s, several during one test
 DB: tuple[int, int, str, str] = (1, 0, "db", "5432")  # backend (node0) -> db (node1) is allowed
 PLACEMENT = {"node0": ["spiffe://cluster.local/ns/shop/sa/frontend",
@@ -91,9 +97,60 @@ def bundles(live: LiveMesh) -> list[list[str]]:
 
 
 @contextmanager
-def central_mesh(work: Path, description: str) -> Iterator[tuple[LiveMesh, CentralCa]]:
+def kube_api(c: Cluster, work: Path, ca: CentralCa) -> Iterator[None]:
+    """The test API server on the underlay, holding the bed's pods; each agent's token is a
+    bound ServiceAccount token (audience istio-ca) of its pod, as the DaemonSet projects it,
+    and the CA runs `--kube` with its own token (TokenReview, a watch of pods)."""
+    with IPRoute(netns=c.plan.underlay_ns) as ipr:
+        ipr.addr("add", index=ipr.link_lookup(ifname="br0")[0], address=API_IP, prefixlen=24)
+    loop = LoopThread()
+    server = ApiServer(token="admin-token", host=API_IP, netns=c.plan.underlay_ns)
+    loop.run(server.__aenter__())
+    try:
+        async def populate() -> None:
+            async with Kubectl(server) as k:
+                for ns in (SYS, "shop", "tools"):
+                    await k.namespace(ns)
+                for ns, sa in ((SYS, "nodemesh"), (SYS, "nodemesh-ca"), ("shop", "frontend"),
+                               ("shop", "backend"), ("shop", "db"), ("tools", "default")):
+                    await k.service_account(ns, sa)
+                for n in (0, 1):
+                    await k.pod(SYS, f"agent-{n}", f"node{n}", ip=str(c.nodes[n].ip),
+                                service_account="nodemesh")
+                for uri in (u for ids in PLACEMENT.values() for u in ids):
+                    ident = Identity.parse(uri)
+                    node, pod = next((n, j) for n, ids in enumerate(PLACEMENT.values())
+                                     for j, u in enumerate(ids) if u == uri)
+                    await k.pod(ident.namespace, ident.service_account, f"node{node}",
+                                ip=str(c.pod(node, pod).ip), service_account=ident.service_account)
+
+        loop.run(populate())
+        for n in (0, 1):
+            token = loop.call(lambda n=n: server.mint_token(SYS, "nodemesh", ("istio-ca",),
+                                                            pod=f"agent-{n}"))
+            (work / f"token-node{n}").write_text(token)
+        server.bind_cluster_role("system:auth-delegator",
+                                 f"system:serviceaccount:{SYS}:nodemesh-ca")
+        ca_token = loop.call(lambda: server.mint_token(SYS, "nodemesh-ca"))
+        kubeconfig = work / "ca-kubeconfig"
+        kubeconfig.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "bed",
+            "clusters": [{"name": "bed", "cluster": {"server": server.url}}],
+            "users": [{"name": "ca", "user": {"token": ca_token}}],
+            "contexts": [{"name": "bed", "context": {"cluster": "bed", "user": "ca"}}]}))
+        ca.mode_args = ["--kube", "--kubeconfig", str(kubeconfig), "--cluster-id", "Kubernetes"]
+        yield
+    finally:
+        loop.run(server.__aexit__(None, None, None))
+        loop.stop()
+
+
+@contextmanager
+def central_mesh(work: Path, description: str, *, kube: bool = False
+                 ) -> Iterator[tuple[LiveMesh, CentralCa]]:
     """Two agents whose certificates all come from a central CA; the CA's key lives in a
-    directory no agent is told about, and the agents get only its root and a bearer token."""
+    directory no agent is told about, and the agents get only its root and a bearer token
+    (static tokens, or with `kube` bound ServiceAccount tokens checked by TokenReview)."""
     private = work / "ca-private"
     private.mkdir(mode=0o700)
     ca = CentralCa(work, private / "root-a.pem", private / "root-a-key.pem")
@@ -108,8 +165,12 @@ def central_mesh(work: Path, description: str) -> Iterator[tuple[LiveMesh, Centr
     for n, token in tokens.items():
         (work / f"token-{n}").write_text(token)
 
+    api = ExitStack()
+
     def start_ca(c: Cluster) -> None:
         ca.cluster = c
+        if kube:
+            api.enter_context(kube_api(c, work, ca))
         ca.start()
 
     def per_node(i: int) -> list[str]:
@@ -124,6 +185,7 @@ def central_mesh(work: Path, description: str) -> Iterator[tuple[LiveMesh, Centr
         finally:
             if ca.proc is not None:
                 ca.stop()
+            api.close()
 
 
 def assert_no_agent_can_name_a_key(live: LiveMesh, ca: CentralCa) -> None:
@@ -216,3 +278,26 @@ def test_root_rotation_under_traffic(tmp_path: Path) -> None:
         assert {c["root"] for c in final.values()} == {new}, final
         assert traffic.failures() == [], traffic.failures()
         assert_no_agent_can_name_a_key(live, ca)
+
+
+def test_istio_compatible_mode_bound_tokens_impersonation_and_cluster_id(tmp_path: Path) -> None:
+    """What ztunnel sends istiod, against `ca serve --kube` (there is no istiod here): a bound
+    ServiceAccount token of the agent's pod (TokenReview), ImpersonatedIdentity (without it the
+    agent's ServiceAccount would get only its own identity) and clusterid (a CA of another
+    cluster refuses it, naming the cluster the agent sent)."""
+    with central_mesh(tmp_path, "central CA, kube mode", kube=True) as (live, ca):
+        assert_no_agent_can_name_a_key(live, ca)
+        assert set(certificates(live)) == {i for ids in PLACEMENT.values() for i in ids}
+        c = live.cluster
+        assert _run_client(c.pod(0, 1), str(c.pod(1, 0).ip), 5432, "x").startswith("OK db got")
+        log = ca.log(1)
+        for uri in (u for ids in PLACEMENT.values() for u in ids):
+            assert uri in log
+        ca.stop()
+        assert ca.mode_args is not None
+        ca.mode_args[-1] = "other-cluster"
+        ca.start()
+        wait_for(lambda: "caller is in cluster 'Kubernetes'" in ca.log(2),
+                 "a renewal refused for its clusterid", lambda: ca.log(2))
+        # The agents keep serving the certificates they have.
+        assert _run_client(c.pod(0, 1), str(c.pod(1, 0).ip), 5432, "x").startswith("OK db got")

@@ -23,6 +23,9 @@ class CentralCa:
     root_key: Path
     trust_domain: str = "cluster.local"
     node: int = 0  # whose netns it runs in, on that node's underlay address
+    # How callers are authenticated and placed; default: the static tokens.yaml/placement.yaml
+    # in work. The Istio-compatible mode passes --kube and its settings instead.
+    mode_args: list[str] | None = None
     cluster: Cluster | None = None
     proc: PodProcess | None = None
     starts: int = 0
@@ -41,8 +44,9 @@ class CentralCa:
         argv = [sys.executable, "-m", "agent.cli", "ca", "serve", "--listen", self.address,
                 "--root-cert", str(self.root_cert), "--root-key", str(self.root_key),
                 "--trust-domain", self.trust_domain,
-                "--tokens", str(self.work / "tokens.yaml"),
-                "--workloads", str(self.work / "placement.yaml")]
+                *(self.mode_args if self.mode_args is not None else
+                  ["--tokens", str(self.work / "tokens.yaml"),
+                   "--workloads", str(self.work / "placement.yaml")])]
         with (self.work / f"ca-{self.starts}.log").open("w") as out:
             self.proc = self.cluster.nodes[self.node].spawn(argv, stdout=out,
                                                             stderr=subprocess.STDOUT)
