@@ -152,6 +152,8 @@ class TrustDomains:
     own_roots: Callable[[], Sequence[str]]  # our bundle (PEMs): it changes during a rotation
     aliases: frozenset[str] = frozenset()
     federated: Mapping[str, tuple[x509.Certificate, ...]] = field(default_factory=dict)
+    _own_cache: tuple[tuple[str, ...], tuple[x509.Certificate, ...]] | None = field(
+        default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         for alias in self.aliases:
@@ -160,6 +162,12 @@ class TrustDomains:
                                       f"other than ours ({self.local})")
             if alias in self.federated:
                 raise FederationError(f"{alias} is both an alias and a federated trust domain")
+
+    def _own(self) -> tuple[x509.Certificate, ...]:
+        pems = tuple(self.own_roots())
+        if self._own_cache is None or self._own_cache[0] != pems:  # parse once per bundle
+            self._own_cache = (pems, tuple(c for pem in pems for c in pki.certs_from_pem(pem)))
+        return self._own_cache[1]
 
     def federated_pems(self) -> str:
         return "".join(pki.cert_to_pem(c) for certs in self.federated.values() for c in certs)
@@ -173,8 +181,7 @@ class TrustDomains:
             raise UntrustedPeerError(f"{identity} is in trust domain {td!r}, which is neither ours "
                                 f"({self.local!r}), an alias, nor federated")
         if self.federated:  # several domains' roots in OpenSSL's store: bind issuer to domain
-            anchors = ([c for pem in self.own_roots() for c in pki.certs_from_pem(pem)]
-                       if ours else list(self.federated[td]))
+            anchors = self._own() if ours else self.federated[td]
             leaf = x509.load_der_x509_certificate(leaf_der)
             if not any(_issued_by(leaf, a) for a in anchors):
                 raise UntrustedPeerError(

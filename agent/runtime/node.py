@@ -249,6 +249,8 @@ class NodeAgent:
             self.ca_client.set_ca_roots("".join(bundle))
             self.ca_client.set_trust_bundle(bundle)
             self.certs.set_trust_bundle(bundle)
+            refused = self.tunnel.recheck_peers()  # a dropped root: its peers' connections
+            log.info("trust bundle changed: %d connection(s) no longer trusted", refused)
 
     def _pending_refs(self) -> dict[str, tuple[str, str]]:
         state, reasons = self.state, self.enroller.pending

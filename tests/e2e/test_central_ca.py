@@ -236,6 +236,7 @@ def test_central_ca_restart_under_traffic(tmp_path: Path) -> None:
             wait_for(lambda: len(traffic.results) >= down + 3, "connections after the restart")
         assert traffic.failures() == [], traffic.failures()
         assert down >= 3 and len(traffic.results) > down
+        print(f"CA restart: {len(traffic.results)} connections, none failed")
         assert_no_agent_can_name_a_key(live, ca)
 
 
@@ -277,6 +278,7 @@ def test_root_rotation_under_traffic(tmp_path: Path) -> None:
         assert set(final) == {i for ids in PLACEMENT.values() for i in ids}
         assert {c["root"] for c in final.values()} == {new}, final
         assert traffic.failures() == [], traffic.failures()
+        print(f"root rotation: {len(traffic.results)} connections, none failed")
         assert_no_agent_can_name_a_key(live, ca)
 
 
