@@ -81,6 +81,25 @@ SETTINGS: tuple[Setting, ...] = (
         "--ca-token",
         "bearer token file for the CA (re-read per request: a projected ServiceAccount token)",
     ),
+    Setting(
+        "federated_bundles",
+        "FEDERATED_BUNDLES",
+        "--federated-bundle",
+        "trust bundle of another trust domain: TRUST_DOMAIN=FILE, or a directory of "
+        "<trust-domain>.json (SPIFFE bundle) / .pem files; re-read on change (repeatable; "
+        "env: comma list)",
+        str,
+        True,
+    ),
+    Setting(
+        "trust_domain_aliases",
+        "TRUST_DOMAIN_ALIASES",
+        "--trust-domain-alias",
+        "another name of our trust domain, trusted through our roots (as Istio's "
+        "trustDomainAliases; repeatable; env: comma list)",
+        str,
+        True,
+    ),
     Setting("cluster_id", "CLUSTER_ID", "--cluster-id", "cluster name sent to the CA (clusterid)"),
     Setting(
         "cert_ttl_seconds", "SECRET_TTL", "--cert-ttl", "workload certificate TTL, seconds", int
@@ -149,6 +168,8 @@ class Config:
     ca_address: str = DEFAULT_CA_ADDR
     ca_root_cert: Path | None = None
     ca_token_path: Path | None = None
+    federated_bundles: tuple[str, ...] = ()
+    trust_domain_aliases: tuple[str, ...] = ()
     cluster_id: str = "Kubernetes"  # istiod's and ztunnel's default CLUSTER_ID
     cert_ttl_seconds: int = DEFAULT_CERT_TTL_SECONDS
     admin_addr: str = DEFAULT_ADMIN_ADDR

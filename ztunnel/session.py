@@ -108,6 +108,18 @@ class HboneSession(asyncio.Protocol):
     def capacity(self, limit: int) -> int:
         return min(limit, self.core.peer_max_streams)
 
+    def recheck(self) -> PeerIdentityError | None:
+        """Verify the peer again (after a trust change); the error if it no longer passes."""
+        if self.transport is None:
+            return None
+        try:
+            self._verify(self.transport.get_extra_info("ssl_object"))
+        except PeerIdentityError as exc:
+            log.warning("HBONE %s %s:%d no longer trusted: %.300s",
+                        "server" if self.client else "client", *self.remote_addr, exc)
+            return exc
+        return None
+
     # -- asyncio.Protocol --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)

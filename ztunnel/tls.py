@@ -7,7 +7,8 @@ loaded through /proc/self/fd/<n>, which is closed right away: keys never touch a
 Verification is never disabled. OpenSSL verifies the chain against the trust bundle (client and
 server both require a peer certificate); on top of that:
 - client: the server's URI SAN must equal the expected destination identity exactly;
-- server: the client's SPIFFE trust domain must equal ours (who may connect is policy's job).
+- server: the client's SPIFFE trust domain must equal ours (who may connect is policy's job);
+  with a `PeerTrust` (federation, aliases) it decides instead, on both sides.
 There is no SNI: the server knows which certificate to present from the netns it listens in.
 """
 
@@ -32,6 +33,14 @@ class CertificateSource(Protocol):
 
     def trust_bundle_pem(self) -> bytes:
         """The mesh root certificates, PEM."""
+        ...
+
+
+class PeerTrust(Protocol):
+    """Federated trust domains and aliases (agent.identity.federation.TrustDomains)."""
+
+    def admit(self, identity: Identity, leaf_der: bytes) -> Identity:
+        """The identity policy sees for a verified peer; ValueError if it is not trusted."""
         ...
 
 
@@ -80,16 +89,23 @@ class Contexts:
         return self._get("server", identity)
 
 
-def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> Identity:
+def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket | None,
+                  trust: PeerTrust | None = None) -> Identity:
     if ssl_object is None:
         raise PeerIdentityError("connection is not TLS")
     der = ssl_object.getpeercert(binary_form=True)
     if not der:
         raise PeerIdentityError("peer presented no certificate")
     try:
-        return from_der(der)
+        got = from_der(der)
     except (IdentityError, ValueError) as exc:
         raise PeerIdentityError(f"peer certificate has no valid SPIFFE identity: {exc}") from exc
+    if trust is None:
+        return got
+    try:
+        return trust.admit(got, der)
+    except ValueError as exc:
+        raise PeerIdentityError(f"peer certificate not trusted: {exc}") from exc
 
 
 def check_alpn(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> None:
@@ -99,9 +115,10 @@ def check_alpn(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> None:
             f"peer did not negotiate ALPN {ALPN!r} (got {proto!r}): not an HBONE peer")
 
 
-def verify_server(ssl_object: ssl.SSLObject | ssl.SSLSocket | None, expected: Identity) -> Identity:
+def verify_server(ssl_object: ssl.SSLObject | ssl.SSLSocket | None, expected: Identity,
+                  trust: PeerTrust | None = None) -> Identity:
     """Client side: the server must be exactly the destination workload's identity."""
-    got = peer_identity(ssl_object)
+    got = peer_identity(ssl_object, trust)
     if got != expected:
         raise PeerIdentityError(
             f"server certificate identity {got} is not the expected destination identity "
@@ -112,10 +129,12 @@ def verify_server(ssl_object: ssl.SSLObject | ssl.SSLSocket | None, expected: Id
     return got
 
 
-def verify_client(ssl_object: ssl.SSLObject | ssl.SSLSocket | None, trust_domain: str) -> Identity:
-    """Server side: any identity from our trust domain may connect; policy decides the rest."""
-    got = peer_identity(ssl_object)
-    if got.trust_domain != trust_domain:
+def verify_client(ssl_object: ssl.SSLObject | ssl.SSLSocket | None, trust_domain: str,
+                  trust: PeerTrust | None = None) -> Identity:
+    """Server side: any identity from our trust domain (or, with `trust`, an alias or federated
+    domain) may connect; policy decides the rest."""
+    got = peer_identity(ssl_object, trust)
+    if trust is None and got.trust_domain != trust_domain:
         raise PeerIdentityError(
             f"client certificate identity {got} is in trust domain {got.trust_domain!r}, "
             f"not ours ({trust_domain!r})"

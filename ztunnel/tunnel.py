@@ -45,6 +45,7 @@ from ztunnel.tls import (
     CertificateSource,
     Contexts,
     PeerIdentityError,
+    PeerTrust,
     describe_handshake_error,
     verify_client,
     verify_server,
@@ -101,6 +102,7 @@ class TunnelConfig:
     resolver: Resolver
     trust_domain: str = DEFAULT_TRUST_DOMAIN
     identity_id: IdentityIds = _no_ids
+    trust: PeerTrust | None = None  # federated trust domains and aliases; None: ours only
     original_dst: OriginalDst = podnet.original_dst
     inbound_original_dst: OriginalDst = podnet.local_address
     outside_mesh: Literal["passthrough", "refuse"] = "passthrough"
@@ -189,6 +191,18 @@ class Tunnel:
         for s in list(pod.sessions):
             s.close()
         log.info("pod %s removed: listeners closed", pod.spec.name or uid)
+
+    def recheck_peers(self) -> int:
+        """The trust changed (a bundle removed): re-verify every open HBONE connection's peer
+        and send GOAWAY on those no longer trusted (streams open on them finish; new ones need
+        a new handshake). Returns how many were refused."""
+        sessions = [s for pod in self._pods.values() for s in pod.sessions]
+        refused = 0
+        for s in [*sessions, *self.pool.connections()]:
+            if s.peer is not None and s.recheck() is not None:
+                s.goaway()
+                refused += 1
+        return refused
 
     def inbound_listener(self, uid: str) -> socket.socket:
         """The pod's 15006 listener: the kernel's sk_lookup program steers plaintext to it."""
@@ -424,7 +438,8 @@ class Tunnel:
         expected = key.dst_identity
         try:
             _, session = await loop.create_connection(
-                lambda: HboneSession(True, lambda so: verify_server(so, expected),
+                lambda: HboneSession(True,
+                                     lambda so: verify_server(so, expected, self.config.trust),
                                      cfg.client_settings, label=where),
                 sock=sock, ssl=self.contexts.client(key.src_identity), server_hostname="",
                 ssl_handshake_timeout=cfg.handshake_timeout)
@@ -457,7 +472,8 @@ class Tunnel:
 
         try:
             _, session = await loop.connect_accepted_socket(
-                lambda: HboneSession(False, lambda so: verify_client(so, td), self.config.settings,
+                lambda: HboneSession(False, lambda so: verify_client(so, td, self.config.trust),
+                                     self.config.settings,
                                      on_request=on_request, label=f"{addr[0]}:{addr[1]}"),
                 conn, ssl=self.contexts.server(spec.identity),
                 ssl_handshake_timeout=self.config.handshake_timeout)

@@ -32,8 +32,10 @@ from agent.identity.ca import (
 )
 from agent.identity.caaudit import CaAudit
 from agent.identity.caclient import CaClient, CaError
+from agent.identity.federation import spiffe_bundle
 from agent.identity.metrics import CaMetrics
 from agent.identity.spiffe import DEFAULT_TRUST_DOMAIN, Identity, IdentityError
+from agent.identity.trustbundle import TrustBundleError, read_pem_bundle
 from agent.sources.kube import config as kubeconfig
 from agent.telemetry.server import MetricsServer
 
@@ -112,6 +114,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _root_args(init)
     init.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN)
     init.set_defaults(func=_init)
+
+    bundle = ca_sub.add_parser(
+        "bundle", help="print a root file as a SPIFFE bundle (for peers that federate with us)",
+        description="The X.509 authorities of a PEM file (a root, or old+new during a "
+                    "rotation) as a SPIFFE trust bundle document; give it to the other mesh "
+                    "as <our-trust-domain>.json for its --federated-bundle.")
+    bundle.add_argument("--root-cert", type=Path, required=True, help="PEM root certificate(s)")
+    bundle.add_argument("--sequence", type=int, default=1, help="spiffe_sequence (default 1)")
+    bundle.set_defaults(func=_bundle)
 
     node = ca_sub.add_parser("node-cert", help="issue a node agent's client certificate offline")
     _root_args(node)
@@ -252,6 +263,15 @@ def _init(args: argparse.Namespace) -> int:
     authority = load_or_create_root(args.root_cert, args.root_key, args.trust_domain)
     print(f"root for {args.trust_domain}: {args.root_cert} (share it), {args.root_key} "
           f"(mode 0600; only the CA may read it), expires {authority.root.not_valid_after_utc}")
+    return 0
+
+
+def _bundle(args: argparse.Namespace) -> int:
+    try:
+        roots = read_pem_bundle(args.root_cert)
+    except TrustBundleError as e:
+        raise SystemExit(str(e)) from None
+    print(spiffe_bundle([pki.certs_from_pem(r)[0] for r in roots], args.sequence))
     return 0
 
 

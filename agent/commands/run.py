@@ -11,9 +11,14 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from cryptography.hazmat.primitives import hashes
+
 from agent import config as cfgmod
 from agent.enroll import KubernetesLocator, PodLocator, TestbedLocator
 from agent.host import signals
+from agent.identity import pki
+from agent.identity.federation import FederationError
+from agent.identity.trustbundle import TrustBundleError
 from agent.posture.live import live_report
 from agent.runtime import admin
 from agent.runtime.node import NodeAgent
@@ -81,7 +86,16 @@ async def run_agent(cfg: cfgmod.Config) -> int:
     stop = signals.stop_event()  # first: a SIGTERM during start-up still drains, then exits
     store = StateStore(MeshState.build(root_namespace=cfg.root_namespace))
     readiness = Readiness(source_grace=cfg.source_grace_seconds)
-    agent = NodeAgent(cfg, store, _locator(cfg), readiness=readiness)
+    try:
+        agent = NodeAgent(cfg, store, _locator(cfg), readiness=readiness)
+    except (cfgmod.ConfigError, TrustBundleError, FederationError) as exc:
+        log.error("%s; not starting", exc)  # trust material unusable: fail closed, say why
+        return 2
+    if agent.bundle_file is not None:
+        bundle_file = agent.bundle_file
+        ScrapeCollector(agent.registry, "nodemesh_trust_bundle_errors", "Trust bundle file "
+                        "rewrites rejected (the last good bundle stayed in force)", "counter",
+                        read=lambda: bundle_file.errors)
     health: dict[str, Callable[[], dict[str, Any]]] = {}
     if cfg.source == "file":
         assert cfg.config_path is not None  # checked by config.build
@@ -123,6 +137,7 @@ async def run_agent(cfg: cfgmod.Config) -> int:
     tasks = [
         asyncio.create_task(agent.run(), name="reconcile"),
         asyncio.create_task(source_task, name=f"{cfg.source}-source"),
+        asyncio.create_task(agent.watch_trust_bundle(), name="trust-bundle"),
     ]
     log.info("nodemesh agent on node %s running", cfg.node_name)
     await stop.wait()
@@ -155,6 +170,21 @@ async def _kube_run(kube: KubernetesSource, sink: KubernetesStateSink, agent: No
         synced.cancel()
 
 
+def _certificates(agent: NodeAgent) -> dict[str, Any]:
+    """Each identity's current certificate and the root it chains to, and the trust bundle
+    (SHA-256 fingerprints): what an operator checks during a root rotation."""
+    def fp(pem: str) -> str:
+        return pki.certs_from_pem(pem)[0].fingerprint(hashes.SHA256()).hex()
+
+    out: dict[str, Any] = {"trust_bundle": [fp(p) for p in agent.certs.trust_bundle]}
+    for ident in sorted(agent.certs.identities()):
+        cert = agent.certs.current(ident)
+        out[ident.uri] = None if cert is None else {
+            "serial": f"{cert.serial:x}", "not_after": cert.not_after.isoformat(),
+            "root": fp(cert.root_pem)}
+    return out
+
+
 def _dump(agent: NodeAgent) -> dict[str, Any]:
     st = agent.state
     return {
@@ -177,6 +207,7 @@ def _dump(agent: NodeAgent) -> dict[str, Any]:
             "counters": {c.name.lower(): v for c, v in agent.datapath.counters().items()},
             "services": agent.datapath.written_services(),
         },
+        "certificates": _certificates(agent),
         "ready": agent.readiness.check()[0],
         "readiness": agent.readiness.check()[1],
         "enrollment_failing": agent.readiness.failing(),

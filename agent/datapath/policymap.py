@@ -34,6 +34,7 @@ from agent.policy.evaluator import (
     depends_on_source_ip,
     evaluate,
     referenced_cidrs,
+    referenced_identities,
     referenced_ports,
 )
 from agent.policy.evaluator import Verdict as RefVerdict
@@ -72,6 +73,9 @@ class PolicyCompiler:
         dests = [w for w in workloads if w.in_mesh is not False and _v4(w.ips)]
         for w in dests:
             self.identities.allocate(w.identity)
+        # Principals policies name exactly (federated peers among them) get their own id too.
+        for ident in sorted(referenced_identities(policies)):
+            self.identities.allocate(ident)
         named = {n for w in dests for n in referenced_cidrs(policies, w).source
                  if isinstance(n, V4)}
         prefixes = sorted(named, key=lambda n: (n.prefixlen, int(n.network_address)))

@@ -83,6 +83,14 @@ class CaClient:
     def set_trust_bundle(self, trust_bundle: Sequence[str]) -> None:
         self._bundle = self._parse_bundle(trust_bundle)
 
+    def set_ca_roots(self, ca_root_pem: str) -> None:
+        """New trust anchors for the CA's own TLS certificate (a root rotation: the CA comes
+        back signed by the new root); the next request opens a channel that uses them."""
+        self._parse_bundle([ca_root_pem])
+        if ca_root_pem != self._ca_root:
+            self._ca_root = ca_root_pem
+            self._drop_channel()
+
     def _drop_channel(self) -> None:
         # Closing is a coroutine; stale channels are closed at the next issue() or close().
         if self._channel is not None:

@@ -210,11 +210,27 @@ class CertificateManager:
             return
         self._bundle = bundle
         log.info("trust bundle now holds %d root(s)", len(bundle))
+        for entry in self._entries.values():
+            # A root left the bundle: peers will refuse certificates chaining to it, so renew
+            # now rather than at half-life (the CA signs with a root that is still trusted).
+            if entry.cert is not None and entry.cert.root_pem not in bundle:
+                log.info("certificate for %s chains to a root no longer trusted: renewing now",
+                         entry.identity)
+                self._renew_now(entry)
         for callback in list(self._bundle_subscribers):
             try:
                 callback(bundle)
             except Exception:
                 log.exception("trust bundle subscriber %r failed", callback)
+
+    def _renew_now(self, entry: _Entry) -> None:
+        entry.refresh_at = 0.0
+        entry.failures = 0
+        if entry.task is not None:
+            entry.task.cancel()
+        with contextlib.suppress(RuntimeError):  # no running loop: the next want() starts it
+            entry.task = asyncio.get_running_loop().create_task(
+                self._maintain(entry), name=f"cert {entry.identity}")
 
     def _notify(self, rotation: Rotation) -> None:
         for callback in list(self._subscribers):

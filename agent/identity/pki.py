@@ -204,6 +204,13 @@ def verify_chain(chain: Sequence[x509.Certificate], roots: Sequence[x509.Certifi
                      "which is not in the trust bundle (issued by a different CA?)")
 
 
+def is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
+
+
 def _check_issued(child: x509.Certificate, parent: x509.Certificate) -> None:
     try:
         bc = parent.extensions.get_extension_for_class(x509.BasicConstraints).value

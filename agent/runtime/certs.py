@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -57,8 +58,10 @@ def embedded_ca(
 class TunnelCertificates:
     """ztunnel's CertificateSource over the certificate manager (current cert, trust bundle)."""
 
-    def __init__(self, manager: CertificateManager) -> None:
+    def __init__(self, manager: CertificateManager,
+                 extra_roots: Callable[[], str] = lambda: "") -> None:
         self.manager = manager
+        self.extra_roots = extra_roots  # federated trust domains' authorities (PEM)
 
     def current(self, identity: Identity) -> tuple[bytes, bytes]:
         cert = self.manager.current(identity)
@@ -67,4 +70,4 @@ class TunnelCertificates:
         return cert.chain_pem(), cert.key_pem()
 
     def trust_bundle_pem(self) -> bytes:
-        return "".join(self.manager.trust_bundle).encode()
+        return ("".join(self.manager.trust_bundle) + self.extra_roots()).encode()

@@ -32,7 +32,9 @@ from agent.enroll import Enroller, PodLocator, PodPlacement
 from agent.host import cgroup
 from agent.identity import pki
 from agent.identity.caclient import CaClient
+from agent.identity.federation import FederationFiles, TrustDomains
 from agent.identity.manager import CertificateManager
+from agent.identity.trustbundle import TrustBundleFile
 from agent.model.mesh import Workload
 from agent.policy.peerauth import MtlsMode
 from agent.runtime import flows
@@ -87,11 +89,17 @@ class NodeAgent:
                     read=lambda: RepeatLimiter.shared().suppressed_total)
         ttl = timedelta(seconds=cfg.cert_ttl_seconds)
         self.certs = self._certificate_manager(ttl)
+        # Federation and aliases: a trust hook only when configured (else: our domain only).
+        self.federation = FederationFiles(cfg.federated_bundles, cfg.trust_domain)
+        self.trust = TrustDomains(cfg.trust_domain, lambda: self.certs.trust_bundle,
+                                  frozenset(cfg.trust_domain_aliases), self.federation.bundles)
+        configured = bool(cfg.federated_bundles or cfg.trust_domain_aliases)
         self.tunnel = Tunnel(
             TunnelConfig(
-                certificates=TunnelCertificates(self.certs),
+                certificates=TunnelCertificates(self.certs, self.trust.federated_pems),
                 resolver=self._resolve,
                 trust_domain=cfg.trust_domain,
+                trust=self.trust if configured else None,
                 identity_id=self.identities.id_of,
                 on_event=self._tunnel_event,
             )
@@ -105,17 +113,23 @@ class NodeAgent:
         self._stop = threading.Event()
         self._events_thread: threading.Thread | None = None
 
+    bundle_file: TrustBundleFile | None = field(default=None, init=False)
+    ca_client: CaClient | None = field(default=None, init=False)
+
     def _certificate_manager(self, ttl: timedelta) -> CertificateManager:
         """An external Istio-compatible CA when configured, else the embedded CA in process."""
         cfg = self.config
         if cfg.ca_address:
             if cfg.ca_root_cert is None:
                 raise ConfigError("ca_address needs ca_root_cert: the CA's trust anchor")
-            root = cfg.ca_root_cert.read_text(encoding="ascii")
+            # The root file is the mesh trust bundle: re-read on change (root rotation).
+            self.bundle_file = TrustBundleFile(cfg.ca_root_cert)
+            bundle = self.bundle_file.bundle
             # The token file is re-read per request (the kubelet rotates projected tokens).
-            client = CaClient(cfg.ca_address, root, token_file=cfg.ca_token_path,
+            client = CaClient(cfg.ca_address, "".join(bundle), token_file=cfg.ca_token_path,
                               cluster_id=cfg.cluster_id, ttl=ttl)
-            return CertificateManager(client, registry=self.registry, trust_bundle=[root])
+            self.ca_client = client
+            return CertificateManager(client, registry=self.registry, trust_bundle=bundle)
         ca_cert = cfg.ca_root_cert or DEFAULT_CA_ROOT_CERT
         authority = load_or_create_authority(
             ca_cert, ca_cert.with_name("root-key.pem"), cfg.trust_domain
@@ -215,6 +229,28 @@ class NodeAgent:
             if self.pending:
                 await asyncio.sleep(0.5)  # netns not found yet: retry soon
                 self._dirty.set()
+
+    async def watch_trust_bundle(self, interval: float = 1.0) -> None:
+        """Apply rewrites of the trust bundle file (external CA) and of the federated bundles
+        until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            federated = self.federation.poll()
+            if federated is not None:
+                self.trust.federated = federated
+                refused = self.tunnel.recheck_peers()
+                log.info("federated bundles changed: %d connection(s) no longer trusted", refused)
+            if self.bundle_file is None or self.ca_client is None:
+                continue
+            bundle = self.bundle_file.poll()
+            if bundle is None:
+                continue
+            # The client first: a renewal the manager starts must verify against the new roots.
+            self.ca_client.set_ca_roots("".join(bundle))
+            self.ca_client.set_trust_bundle(bundle)
+            self.certs.set_trust_bundle(bundle)
+            refused = self.tunnel.recheck_peers()  # a dropped root: its peers' connections
+            log.info("trust bundle changed: %d connection(s) no longer trusted", refused)
 
     def _pending_refs(self) -> dict[str, tuple[str, str]]:
         state, reasons = self.state, self.enroller.pending

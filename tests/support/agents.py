@@ -42,18 +42,23 @@ class LiveMesh:
 def live_mesh(work: Path, description: str, *, mesh_text: str | None = None,
               pods_per_node: int = 2, extra: Sequence[str] = (),
               per_node: Callable[[int], Sequence[str]] = lambda _: (),
-              servers: Sequence[Server] = (BACKEND,)) -> Iterator[LiveMesh]:
+              servers: Sequence[Server] = (BACKEND,), embedded_ca: bool = True,
+              before_agents: Callable[[Cluster], None] = lambda _: None) -> Iterator[LiveMesh]:
     """Two agents (the demo's command line plus `extra` and `per_node(i)`) on a two-node test
-    bed, ready, with `servers` listening; the mesh file is the demo's unless `mesh_text`."""
+    bed, ready, with `servers` listening; the mesh file is the demo's unless `mesh_text`.
+    Without `embedded_ca` no root key is made: `before_agents` (run once the bed is up) starts
+    the CA the agents are pointed at and writes its root to work/ca/root-cert.pem."""
     require_root()
     mesh = work / "mesh.yaml"
     mesh.write_text(EXAMPLE.read_text() if mesh_text is None else mesh_text)
     ca_cert = work / "ca" / "root-cert.pem"
-    load_or_create_authority(ca_cert, ca_cert.with_name("root-key.pem"), "cluster.local")
+    if embedded_ca:
+        load_or_create_authority(ca_cert, ca_cert.with_name("root-key.pem"), "cluster.local")
     with Cluster(nodes=2, pods_per_node=pods_per_node, description=description) as c:
         pins = [c.pin_dir(n.index, "demo") for n in c.nodes]
         agents: list[PodProcess] = []
         try:
+            before_agents(c)
             for node, pin in zip(c.nodes, pins, strict=True):
                 argv = agent_argv(c, node, mesh, pin, work, extra=[*extra, *per_node(node.index)])
                 with (work / f"agent-n{node.index}.log").open("w") as log:
