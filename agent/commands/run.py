@@ -93,7 +93,7 @@ async def run_agent(cfg: cfgmod.Config) -> int:
         return 2
     if agent.bundle_file is not None:
         bundle_file = agent.bundle_file
-        ScrapeCollector(agent.registry, "nodemesh_trust_bundle_errors", "Trust bundle file "
+        ScrapeValue(agent.registry, "nodemesh_trust_bundle_errors", "Trust bundle file "
                         "rewrites rejected (the last good bundle stayed in force)", "counter",
                         read=lambda: bundle_file.errors)
     health: dict[str, Callable[[], dict[str, Any]]] = {}
