@@ -94,8 +94,8 @@ async def run_agent(cfg: cfgmod.Config) -> int:
     if agent.bundle_file is not None:
         bundle_file = agent.bundle_file
         ScrapeValue(agent.registry, "nodemesh_trust_bundle_errors", "Trust bundle file "
-                        "rewrites rejected (the last good bundle stayed in force)", "counter",
-                        read=lambda: bundle_file.errors)
+                    "rewrites rejected (the last good bundle stayed in force)", "counter",
+                    read=lambda: bundle_file.errors)
     health: dict[str, Callable[[], dict[str, Any]]] = {}
     if cfg.source == "file":
         assert cfg.config_path is not None  # checked by config.build
