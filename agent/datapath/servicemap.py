@@ -4,9 +4,9 @@ Each (IPv4 VIP, service port) gets the ready endpoints of the Service with their
 resolved per endpoint (a named targetPort through the endpoint's named ports; an endpoint
 without that name is not an endpoint of that port, as in Kubernetes). A Service with no ready
 endpoint keeps its frontend with no backends, so connects to it are refused at once. Headless
-Services (no VIP) need nothing: their clients connect to pod IPs. Services without a selector
-get endpoints from elsewhere (EndpointSlices); from the file source they have none and are left
-out, so their VIPs pass through untouched.
+Services (no VIP) need nothing: their clients connect to pod IPs. A Service with EndpointSlices
+takes its endpoints from them (agent/state/services.py); one without a selector and without
+slices (the file source has none) is left out, so its VIP passes through untouched.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def compile_services(state: MeshState) -> ServiceTable:
     table: ServiceTable = {}
     for svc in state.services:
         vips = [v for v in svc.vips if isinstance(v, ipaddress.IPv4Address)]
-        if not vips or svc.selector is None:
+        if not vips or (svc.selector is None and not state.slices_of(svc)):
             continue
         for sp in svc.ports:
             if sp.protocol != "TCP":
