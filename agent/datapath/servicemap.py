@@ -12,16 +12,25 @@ slices (the file source has none) is left out, so its VIP passes through untouch
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import dataclass, field
 
 from agent.datapath.layouts import Backend, Frontend
+from agent.model.mesh import Service
 from agent.state.services import endpoints
 from agent.state.snapshot import MeshState
 
 ServiceTable = dict[Frontend, tuple[Backend, ...]]
 
 
-def compile_services(state: MeshState) -> ServiceTable:
-    table: ServiceTable = {}
+@dataclass
+class CompiledServices:
+    backends: ServiceTable = field(default_factory=dict)
+    caps: dict[Frontend, int] = field(default_factory=dict)  # max_conns, where set
+    owner: dict[Frontend, Service] = field(default_factory=dict)  # for metrics and outliers
+
+
+def compile_service_set(state: MeshState) -> CompiledServices:
+    out = CompiledServices()
     for svc in state.services:
         vips = [v for v in svc.vips if isinstance(v, ipaddress.IPv4Address)]
         if not vips or (svc.selector is None and not state.slices_of(svc)):
@@ -31,5 +40,13 @@ def compile_services(state: MeshState) -> ServiceTable:
                 continue
             backends = tuple(Backend(e.ip, e.port) for e in endpoints(state, svc, sp))
             for vip in vips:
-                table[Frontend(vip, sp.port)] = backends
-    return table
+                fe = Frontend(vip, sp.port)
+                out.backends[fe] = backends
+                out.owner[fe] = svc
+                if svc.max_connections:
+                    out.caps[fe] = svc.max_connections
+    return out
+
+
+def compile_services(state: MeshState) -> ServiceTable:
+    return compile_service_set(state).backends

@@ -116,6 +116,10 @@ class Service:
     ports: tuple[ServicePort, ...] = ()
     # None: no selector, so no workloads are selected (endpoints managed elsewhere).
     selector: Labels | None = None
+    # Concurrent connections allowed through each of its ports (enforced in the kernel at
+    # selection); 0: no cap. File: spec.maxConnections; Kubernetes: the annotation
+    # nodemesh.io/max-connections.
+    max_connections: int = 0
 
     def __post_init__(self) -> None:
         if self.selector is not None and not isinstance(self.selector, Labels):
@@ -137,6 +141,11 @@ class Service:
         return (self.selector is not None and workload.namespace == self.namespace
                 and workload.labels.selected_by(self.selector))
 
+
+# A Service's per-port connection cap fits the kernel's u16 (struct lb4_service.max_conns).
+MAX_CONNECTIONS = 0xFFFF
+# The annotation that sets it on a Kubernetes Service.
+MAX_CONNECTIONS_ANNOTATION = "nodemesh.io/max-connections"
 
 # The label the EndpointSlice controller (and any other manager) puts on a Service's slices.
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"

@@ -26,7 +26,7 @@ from agent.datapath.identities import IdentityTable
 from agent.datapath.layouts import FlowEvent
 from agent.datapath.options import BuildOptions
 from agent.datapath.policymap import CompiledPolicy, PolicyCompiler
-from agent.datapath.servicemap import compile_services
+from agent.datapath.servicemap import compile_service_set
 from agent.datapath.verdicts import Counter, EventKind
 from agent.enroll import Enroller, PodLocator, PodPlacement
 from agent.host import cgroup
@@ -240,7 +240,8 @@ class NodeAgent:
         compiled = self.compiler.compile(state.policy_set, state.workloads)
         self.datapath.apply_policy(compiled.entries, compiled.cidrs)
         # After policy: a newly added endpoint is policed before connects can reach it.
-        self.datapath.apply_services(compile_services(state))
+        services = compile_service_set(state)
+        self.datapath.apply_services(services.backends, services.caps)
         return compiled
 
     async def _enroll(self, w: Workload, placement: PodPlacement) -> None:

@@ -14,6 +14,8 @@ from agent.model import fields as f
 from agent.model.fields import IPAddress
 from agent.model.mesh import (
     DATAPLANE_MODE_LABEL,
+    MAX_CONNECTIONS,
+    MAX_CONNECTIONS_ANNOTATION,
     SERVICE_NAME_LABEL,
     EndpointSlice,
     Labels,
@@ -171,7 +173,18 @@ def service_from_k8s(svc: object) -> Service:
     return Service(name=f.name(meta, "name", ("metadata",), "dns1035"),
                    namespace=f.name(meta, "namespace", ("metadata",), "label", default="default"),
                    vips=tuple(vips), ports=tuple(ports),
-                   selector=Labels(selector) if selector else None)
+                   selector=Labels(selector) if selector else None,
+                   max_connections=_max_connections(meta))
+
+
+def _max_connections(meta: Mapping[str, object]) -> int:
+    raw = f.string_map(meta, "annotations", ("metadata",)).get(MAX_CONNECTIONS_ANNOTATION)
+    if raw is None:
+        return 0
+    if not raw.isdigit() or not 0 <= int(raw) <= MAX_CONNECTIONS:
+        f.fail(("metadata", "annotations", MAX_CONNECTIONS_ANNOTATION),
+               f"{raw!r}: want 0 (no cap) to {MAX_CONNECTIONS}")
+    return int(raw)
 
 
 def object_from_k8s(obj: object, *, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> MeshObject | None:
