@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from support.apiserver import ApiServer, Kubectl, endpoint_slice
 
+from agent.analysis.servicecheck import service_report
 from agent.datapath.layouts import Backend, Frontend
 from agent.datapath.servicemap import compile_services
 from agent.model.fields import FieldError
@@ -254,3 +255,16 @@ def test_the_kubernetes_source_follows_slices_and_their_readiness() -> None:
                     await task
 
     run(body())
+
+
+def test_policy_check_reports_slice_endpoints_in_and_outside_the_mesh() -> None:
+    s = sl("web-a", "web", [ep("10.1.0.1"), ep("10.1.0.2", ready=False), ep("192.0.2.7")])
+    state = MeshState.build([W0, W1, svc(selector={"app": "web"}), s])
+    r = service_report(state, state.services[0], 80, src_ref=None, src_ip=Ip("10.9.0.1"),
+                       identity=None)
+    rows = r["endpoints"]
+    assert isinstance(rows, list)
+    assert [(e["workload"], e["ip"], e["target_port"], e["in_mesh"]) for e in rows] == [
+        ("shop/web-0", "10.1.0.1", 8080, True), (None, "192.0.2.7", 8080, False)]
+    assert r["notes"] == ["not ready, so not selected: shop/web-1",
+                          "endpoints from EndpointSlices: web-a"]
