@@ -8,6 +8,7 @@ from ipaddress import IPv4Address as Ip
 
 import pytest
 
+from agent import config
 from agent.datapath.layouts import Backend, Frontend
 from agent.runtime.outliers import OutlierDetector, OutlierSettings
 
@@ -99,3 +100,15 @@ def test_settings_are_checked() -> None:
         OutlierSettings(0)
     with pytest.raises(ValueError, match="base_ejection"):
         OutlierSettings(5, 10.0, 5.0)
+
+
+def test_the_agent_settings_reach_the_detector_and_are_checked() -> None:
+    cfg = config.build({"NODEMESH_CONFIG": "m.yaml", "NODEMESH_OUTLIER_FAILURES": "2"},
+                       {"outlier_ejection_seconds": "4", "outlier_max_ejection_seconds": "16"})
+    assert (cfg.outlier_failures, cfg.outlier_ejection_seconds,
+            cfg.outlier_max_ejection_seconds) == (2, 4.0, 16.0)
+    assert config.build({"NODEMESH_CONFIG": "m.yaml"}).outlier_failures == 5
+    with pytest.raises(config.ConfigError, match="outlier_failures 0"):
+        config.build({"NODEMESH_CONFIG": "m.yaml", "NODEMESH_OUTLIER_FAILURES": "0"})
+    with pytest.raises(config.ConfigError, match="want 0 < ejection <= max"):
+        config.build({"NODEMESH_CONFIG": "m.yaml"}, {"outlier_ejection_seconds": "400"})
