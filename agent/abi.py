@@ -18,6 +18,10 @@ INBOUND_PORT: Final = 15006  # plaintext into a pod, steered by sk_lookup
 HBONE_PORT: Final = 15008  # mTLS + HTTP/2 CONNECT between nodes
 TUNNEL_PORTS: Final = frozenset({OUTBOUND_PORT, INBOUND_PORT, HBONE_PORT})
 
+# getsockopt(SOL_IP, SO_SERVICE_DST) on the tunnel's accepted outbound socket: the Service
+# VIP:port the original destination was chosen from (bpf/sockopt_origdst.c); ENOPROTOOPT if none.
+SO_SERVICE_DST: Final = 0x4E4D
+
 MARK_MAGIC: Final = 0x539
 MARK_MASK: Final = 0xFFF
 MARK_ID_SHIFT: Final = 12

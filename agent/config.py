@@ -30,6 +30,10 @@ DEFAULT_CERT_TTL_SECONDS = 24 * 3600
 DEFAULT_DRAIN_SECONDS = 5.0
 DEFAULT_POLICY_SOURCE = "file"
 DEFAULT_SOURCE_GRACE_SECONDS = 30.0
+# Service endpoint outlier detection (agent/runtime/outliers.py); Envoy's defaults.
+DEFAULT_OUTLIER_FAILURES = 5
+DEFAULT_OUTLIER_EJECTION_SECONDS = 30.0
+DEFAULT_OUTLIER_MAX_EJECTION_SECONDS = 300.0
 
 
 @dataclass(frozen=True)
@@ -148,6 +152,27 @@ SETTINGS: tuple[Setting, ...] = (
         "continues from pinned state)",
         float,
     ),
+    Setting(
+        "outlier_failures",
+        "NODEMESH_OUTLIER_FAILURES",
+        "--outlier-failures",
+        "consecutive failed upstream connects that eject a Service endpoint",
+        int,
+    ),
+    Setting(
+        "outlier_ejection_seconds",
+        "NODEMESH_OUTLIER_EJECTION",
+        "--outlier-ejection",
+        "first ejection of a Service endpoint, seconds (doubles per repeated ejection)",
+        float,
+    ),
+    Setting(
+        "outlier_max_ejection_seconds",
+        "NODEMESH_OUTLIER_MAX_EJECTION",
+        "--outlier-max-ejection",
+        "longest ejection of a Service endpoint, seconds",
+        float,
+    ),
 )
 
 
@@ -182,6 +207,9 @@ class Config:
     testbed_run: str = ""
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
     source_grace_seconds: float = DEFAULT_SOURCE_GRACE_SECONDS
+    outlier_failures: int = DEFAULT_OUTLIER_FAILURES
+    outlier_ejection_seconds: float = DEFAULT_OUTLIER_EJECTION_SECONDS
+    outlier_max_ejection_seconds: float = DEFAULT_OUTLIER_MAX_EJECTION_SECONDS
     origins: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def dump(self) -> dict[str, Any]:
@@ -242,6 +270,11 @@ def build(env: Mapping[str, str], flags: Mapping[str, object] | None = None) -> 
         raise ConfigError(f"source: {cfg.source!r} is not one of file, kubernetes")
     if cfg.source == "file" and cfg.config_path is None:
         raise ConfigError("source file needs --config (or NODEMESH_CONFIG): the mesh YAML")
+    if cfg.outlier_failures < 1:
+        raise ConfigError(f"outlier_failures {cfg.outlier_failures}: want at least 1")
+    if not 0 < cfg.outlier_ejection_seconds <= cfg.outlier_max_ejection_seconds:
+        raise ConfigError(f"outlier ejection {cfg.outlier_ejection_seconds} s / max "
+                          f"{cfg.outlier_max_ejection_seconds} s: want 0 < ejection <= max")
     if not cfg.admin_addr.startswith(("127.", "localhost", "[::1]")):
         raise ConfigError(f"admin_addr {cfg.admin_addr}: the admin endpoint is localhost only")
     return cfg

@@ -11,7 +11,8 @@
  *      back to the tunnel;
  *   3. other sockets are the app's, including a pod's own socket carrying a forged tunnel mark
  *      (counted): loopback and excluded destinations pass; a Service VIP:port is translated to
- *      a random ready endpoint:targetPort (lib/lb.h; none ready: ECONNREFUSED + DENY event);
+ *      a random ready endpoint:targetPort (lib/lb.h; none ready, or the Service port's
+ *      max_conns reached: ECONNREFUSED + DENY event);
  *      the egress policy is checked for that endpoint with the pod's own identity (deny ->
  *      EPERM at once); otherwise the endpoint is recorded as the original destination by
  *      socket cookie (and the VIP, for getpeername4) and the connect goes to 127.0.0.1:15001.
@@ -65,6 +66,7 @@ int nm_connect4(struct bpf_sock_addr *ctx)
 	struct enroll_entry *pod;
 	struct lb4_service *svc;
 	struct lb4_backend *be;
+	struct lb4_active *active = NULL;
 	struct bpf_sock *sk;
 	__u64 netns, cookie;
 	__u32 dst, mark, src_id;
@@ -130,16 +132,37 @@ int nm_connect4(struct bpf_sock_addr *ctx)
 		dport = be->port;
 		d.ip = dst;
 		d.port = dport;
-		nm_count(NM_CTR_SVC_TRANSLATED);
 		if (nm_excluded(dst, dport)) {
-			/* an excluded endpoint: connect to it directly, uncaptured */
+			/* an excluded endpoint: connect to it directly, uncaptured (and uncounted:
+			 * no close would take it off) */
+			nm_count(NM_CTR_SVC_TRANSLATED);
 			ctx->user_ip4 = dst;
 			ctx->user_port = bpf_htons(dport);
 			return 1;
 		}
+		/* Count first, then compare: concurrent connects cannot all slip under the cap. */
+		active = nm_lb4_active(d.svc_ip, d.svc_port);
+		if (active) {
+			__sync_fetch_and_add(&active->conns, 1);
+			if (svc->max_conns && active->conns > (__s32)svc->max_conns) {
+				__sync_fetch_and_add(&active->conns, -1);
+				__sync_fetch_and_add(&active->overflows, 1);
+				pe.verdict = NM_VERDICT_DENY;
+				pe.reason = NM_REASON_UPSTREAM_OVERFLOW;
+				pe.rule = 0;
+				pe.policy = 0;
+				nm_emit_deny(ctx, netns, pod->pod_ip, pod->identity, &pe, NM_DIR_EGRESS,
+					     &d);
+				bpf_set_retval(-NM_ECONNREFUSED);
+				return 0;
+			}
+		}
+		nm_count(NM_CTR_SVC_TRANSLATED);
 	}
 	nm_policy_verdict(dst, pod->identity, pod->pod_ip, dport, &pe);
 	if (pe.verdict == NM_VERDICT_DENY) {
+		if (active)
+			__sync_fetch_and_add(&active->conns, -1);
 		nm_count(NM_CTR_DENY_EGRESS);
 		nm_emit_deny(ctx, netns, pod->pod_ip, pod->identity, &pe, NM_DIR_EGRESS, &d);
 		return 0;
@@ -148,7 +171,7 @@ int nm_connect4(struct bpf_sock_addr *ctx)
 	cookie = bpf_get_socket_cookie(ctx);
 	if (d.svc_port) {
 		struct svc_conn sc = { .vip = d.svc_ip, .port = bpf_htons(d.svc_port),
-				       .svc_id = svc ? svc->svc_id : 0 };
+				       .counted = active ? 1 : 0, .svc_id = svc ? svc->svc_id : 0 };
 		nm_svc_conn_v1.update(&cookie, &sc);
 	} else {
 		nm_svc_conn_v1.delete(&cookie); /* a reconnect of a socket that once went to a VIP */

@@ -3,7 +3,8 @@
  *
  * At TCP connect the source port is known, so the connection is re-keyed as the tunnel will see
  * it and an OPEN event is sent; at close a CLOSE event carries bytes each way and duration, and
- * the connection's map entries go (nm_svc_conn_v1 too).
+ * the connection's map entries go (nm_svc_conn_v1 and nm_svc_tuple_v1 too, and a counted
+ * Service connection is taken off its frontend's open count).
  *
  * The agent's upstream sockets that connect4 recorded in nm_upstream_v2 get the state callback
  * too, and their entry goes when they close, so sk_lookup lets a tuple through only while the
@@ -112,6 +113,9 @@ int nm_sockops(struct bpf_sock_ops *skops)
 			.port = skops->local_port,
 		};
 		nm_conn_tuple_v1.update(&k, c);
+		struct svc_conn *sc = nm_svc_conn_v1.lookup(&cookie);
+		if (sc)
+			nm_svc_tuple_v1.update(&k, sc);
 		bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
 		nm_flow_event(skops, c, cookie, NM_EVENT_OPEN);
 		break;
@@ -132,7 +136,13 @@ int nm_sockops(struct bpf_sock_ops *skops)
 		};
 		nm_conn_tuple_v1.delete(&k);
 		nm_conn_cookie_v1.delete(&cookie);
-		nm_svc_conn_v1.delete(&cookie);
+		struct svc_conn *sc = nm_svc_conn_v1.lookup(&cookie);
+		if (sc) {
+			if (sc->counted)
+				nm_lb4_release(sc);
+			nm_svc_tuple_v1.delete(&k);
+			nm_svc_conn_v1.delete(&cookie);
+		}
 		break;
 	}
 	}

@@ -55,7 +55,8 @@ class ResponseFlag(enum.StrEnum):
     ztunnel's own flags first (DENY ... CERT_REVOKED), then the Envoy flags ztunnel has no name
     for: Envoy's DPE (downstream protocol error) for a malformed CONNECT, NR (no route) for a
     destination the tunnel has no way to reach and UH (no healthy upstream) for a Service with
-    no ready endpoint. `-` is a clean connection; any other flag counts
+    no ready endpoint, UO (upstream overflow) for a Service port at its connection cap. `-` is a
+    clean connection; any other flag counts
     the connection in istio_tcp_connections_failed_total.
     """
 
@@ -70,6 +71,7 @@ class ResponseFlag(enum.StrEnum):
     DOWNSTREAM_PROTOCOL_ERROR = "DPE"  # malformed CONNECT request (400)
     NO_ROUTE = "NR"  # no route: outside the mesh with passthrough off, or a tunnel port
     NO_HEALTHY_UPSTREAM = "UH"  # a Service VIP with no ready endpoint (refused in the kernel)
+    UPSTREAM_OVERFLOW = "UO"  # a Service port's connection cap reached (refused in the kernel)
 
 
 class Cause(enum.StrEnum):
@@ -112,6 +114,9 @@ class ConnectionEvent:
     started: float = field(default_factory=time.monotonic)
     response: ResponseFlag = ResponseFlag.NONE
     cause: Cause | None = None
+    # Outbound to a Service: the VIP:port the kernel chose dst from ("": not a Service connect).
+    svc_ip: str = ""
+    svc_port: int = 0
 
     def __post_init__(self) -> None:
         self.phase = Phase(self.phase)

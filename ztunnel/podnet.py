@@ -157,6 +157,17 @@ def original_dst(sock: socket.socket) -> tuple[ipaddress.IPv4Address, int]:
     return ipaddress.IPv4Address(addr), int(port)
 
 
+def service_dst(sock: socket.socket) -> tuple[ipaddress.IPv4Address, int] | None:
+    """The Service VIP:port the kernel chose the original destination from (the getsockopt
+    program's SO_SERVICE_DST), or None: not a Service connect, or no such program."""
+    try:
+        raw = sock.getsockopt(socket.SOL_IP, abi.SO_SERVICE_DST, 16)
+    except OSError:
+        return None
+    port, addr = struct.unpack_from("!2xH4s", raw)
+    return ipaddress.IPv4Address(addr), int(port)
+
+
 def local_address(sock: socket.socket) -> tuple[ipaddress.IPv4Address, int]:
     """The accepted socket's local address: the original destination when sk_lookup steered it."""
     ip, port = sock.getsockname()[:2]

@@ -86,6 +86,7 @@ class PodSpec:
 
 Resolver = Callable[[str], Workload | None]
 OriginalDst = Callable[[socket.socket], tuple[ipaddress.IPv4Address, int]]
+ServiceDst = Callable[[socket.socket], "tuple[ipaddress.IPv4Address, int] | None"]
 IdentityIds = Callable[[Identity | None], int]
 # Called right before an upstream connect, where the kernel's policy program would run; raising
 # PermissionError is handled exactly like EPERM from connect(). Lets tests stand in for the kernel.
@@ -105,6 +106,7 @@ class TunnelConfig:
     trust: PeerTrust | None = None  # federated trust domains and aliases; None: ours only
     original_dst: OriginalDst = podnet.original_dst
     inbound_original_dst: OriginalDst = podnet.local_address
+    service_dst: ServiceDst = podnet.service_dst  # the VIP an outbound destination came from
     outside_mesh: Literal["passthrough", "refuse"] = "passthrough"
     upstream_gate: UpstreamGate | None = None
     on_event: EventHook | None = None
@@ -315,10 +317,12 @@ class Tunnel:
             return
         dst_ip = str(dst_ip_a)
         wl = self.config.resolver(dst_ip)
+        svc = self.config.service_dst(conn)
         ev = ConnectionEvent(Phase.OPEN, Direction.OUTBOUND, spec.ip, addr[1], dst_ip, dst_port,
                              src_workload=spec.name, src_identity=spec.identity,
                              dst_workload=wl.name if wl else "",
-                             dst_identity=wl.identity if wl else None)
+                             dst_identity=wl.identity if wl else None,
+                             svc_ip=str(svc[0]) if svc else "", svc_port=svc[1] if svc else 0)
         if dst_port in connect.ILLEGAL_PORTS:
             log.warning("outbound connection from pod %s to %s:%d refused: tunnel ports are never "
                         "a target (redirect loop?)", spec.name, dst_ip, dst_port)

@@ -9,7 +9,7 @@ from agent.model.fields import IPAddress
 from agent.model.mesh import Service
 from agent.policy.connection import Connection
 from agent.policy.evaluator import evaluate
-from agent.state.services import endpoints
+from agent.state.services import endpoints, unready
 from agent.state.snapshot import MeshState
 
 NO_HEALTHY_UPSTREAM = "no_healthy_upstream"
@@ -21,6 +21,15 @@ def service_report(state: MeshState, service: Service, port: int, *, src_ref: st
     sp = next(p for p in service.ports if p.port == port)
     rows: list[dict[str, object]] = []
     for ep in endpoints(state, service, sp):
+        if ep.workload is None:
+            # An EndpointSlice address that is no workload: outside the mesh, no destination
+            # policy applies and the tunnel passes the connection through.
+            rows.append({
+                "workload": None, "ip": str(ep.ip), "target_port": ep.port, "in_mesh": False,
+                "verdict": "allow", "allowed": True, "policy": None, "policy_kind": None,
+                "rule": None, "reason": "outside the mesh: passed through", "mtls_mode": None,
+            })
+            continue
         d = evaluate(state.policy_set, Connection(src_ip=src_ip, src_identity=identity,
                                                    dst=ep.workload, dst_ip=ep.ip,
                                                    dst_port=ep.port))
@@ -32,9 +41,12 @@ def service_report(state: MeshState, service: Service, port: int, *, src_ref: st
             "mtls_mode": state.mtls_mode(ep.workload, ep.port).value,
         })
     notes = []
-    unready = [w.ref for w in state.service_endpoints(service) if not w.ready]
-    if unready:
-        notes.append(f"not ready, so not selected: {', '.join(unready)}")
+    not_ready = unready(state, service)
+    if not_ready:
+        notes.append(f"not ready, so not selected: {', '.join(not_ready)}")
+    if state.slices_of(service):
+        notes.append("endpoints from EndpointSlices: " + ", ".join(
+            s.name for s in state.slices_of(service)))
     if not rows:
         verdict = NO_HEALTHY_UPSTREAM
         notes.append("no ready endpoint: connects to the VIP are refused (ECONNREFUSED)")
@@ -76,7 +88,7 @@ def print_service_report(r: dict[str, object]) -> None:
         by = "default (no policy decided)" if e["policy"] is None else (
             f"{e['policy_kind']} {e['policy']}"
             + (f" rule {e['rule']}" if e["rule"] is not None else ""))
-        print(f"endpoint:    {e['workload']} {e['ip']}:{e['target_port']} "
+        print(f"endpoint:    {e['workload'] or '(outside the mesh)'} {e['ip']}:{e['target_port']} "
               f"{str(e['verdict']).upper()} by {by} ({e['reason']})")
     notes = r["notes"]
     assert isinstance(notes, list)

@@ -37,7 +37,7 @@ def register(psub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     "change, grouped by source -> destination:port.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--flows", required=True, action="append", type=Path, metavar="FLOWLOG",
-                   help="flow log (JSON lines, schema nodemesh.flow/v1); repeat for several "
+                   help="flow log (JSON lines, schema nodemesh.flow/v2 or v1); repeat for several "
                         "nodes or rotated files")
     p.add_argument("--config", required=True, metavar="FILE|DIR",
                    help="the proposed mesh YAML file or directory")

@@ -31,7 +31,7 @@ EPILOG = """examples:
   nodemesh flows                         recent flows on this node, as a table
   nodemesh flows -f --verdict denied     follow denied connections as they happen
   nodemesh flows -n prod --from 10m      flows touching namespace prod in the last 10 minutes
-  nodemesh flows -f --json | jq .        raw records (schema nodemesh.flow/v1)
+  nodemesh flows -f --json | jq .        raw records (schema nodemesh.flow/v2)
 """
 
 

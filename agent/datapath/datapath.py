@@ -118,6 +118,7 @@ class Datapath:
         # (VIP, port) -> (service id, slots, backends) as this process wrote them; None until
         # read from the kernel (backends None: written by a previous agent)
         self._services: dict[Frontend, tuple[int, int, tuple[Backend, ...] | None]] | None = None
+        self._caps: dict[Frontend, int] = {}  # max_conns as last written
         self._retired: list[tuple[int, int]] = []  # (service id, slots): delete next update
         self._next_svc_id = 1
 
@@ -234,6 +235,7 @@ class Datapath:
             self._module = None
             self._events_open = False
             self._services = None
+            self._caps = {}
         return removed
 
     # -- enrollment ------------------------------------------------------------------------
@@ -368,12 +370,17 @@ class Datapath:
         bpfsys.map_update(gen_fd, layouts.U32.pack(0), slot)
 
     # -- services --------------------------------------------------------------------------
-    def apply_services(self, table: Mapping[Frontend, Sequence[Backend]]) -> None:
+    def apply_services(self, table: Mapping[Frontend, Sequence[Backend]],
+                       caps: Mapping[Frontend, int] | None = None) -> None:
         """Make the socket load balancer hold exactly `table`: (VIP, port) -> ready backends
-        (an empty list refuses connects with ECONNREFUSED). Atomic per Service port: its
+        (an empty list refuses connects with ECONNREFUSED), each frontend with its cap on
+        concurrent connections from `caps` (absent or 0: none). Atomic per Service port: its
         backends are written under a fresh id before its frontend entry points at them; the
         replaced version's backends are deleted at the next update (a connect that read the
         old entry still finds them)."""
+        caps = caps or {}
+        if any(not 0 <= c <= 0xFFFF for c in caps.values()):
+            raise ValueError("a service port's connection cap must be 0 to 65535")
         opts = self.options
         if len(table) > opts.max_services:
             raise ValueError(f"{len(table)} service ports exceed the map size {opts.max_services}")
@@ -394,7 +401,8 @@ class Datapath:
         for fe, backends in sorted(table.items()):
             want = tuple(backends)
             old = current.get(fe)
-            if old is not None and old[2] == want:
+            cap = caps.get(fe, 0)
+            if old is not None and old[2] == want and self._caps.get(fe, 0) == cap:
                 continue
             svc_id = self._alloc_svc_id()
             bpfsys.map_update_batch(
@@ -403,12 +411,16 @@ class Datapath:
                 b"".join(b.pack() for b in want),
                 len(want),
             )
-            bpfsys.map_update(svc_fd, fe.pack(), layouts.LB4_SERVICE.pack(svc_id, len(want), 0))
+            bpfsys.map_update(svc_fd, fe.pack(), layouts.LB4_SERVICE.pack(svc_id, len(want), cap))
+            self._caps[fe] = cap
             if old is not None:
                 retired.append((old[0], old[1]))
             current[fe] = (svc_id, len(want), want)
+        active_fd = self.module.map_fd("nm_lb4_active_v1")
         for fe in sorted(current.keys() - table.keys()):
             bpfsys.map_delete(svc_fd, fe.pack())
+            bpfsys.map_delete(active_fd, fe.pack())
+            self._caps.pop(fe, None)
             old_id, old_count, _ = current.pop(fe)
             retired.append((old_id, old_count))
         self._retired = retired
@@ -440,6 +452,17 @@ class Datapath:
         for svc_id in live:
             self._next_svc_id = max(self._next_svc_id, svc_id + 1)
         self._retired = sorted(stale.items())
+        return out
+
+    def service_connections(self) -> dict[Frontend, tuple[int, int]]:
+        """Per frontend: (connections open through it now, connects its cap refused so far)."""
+        fd = self.module.map_fd("nm_lb4_active_v1")
+        out: dict[Frontend, tuple[int, int]] = {}
+        for key in bpfsys.map_keys(fd, layouts.LB4_KEY.size):
+            raw = bpfsys.map_lookup(fd, key, layouts.LB4_ACTIVE.size)
+            if raw is not None:
+                conns, overflows = layouts.LB4_ACTIVE.unpack(raw)
+                out[Frontend.unpack(key)] = (max(conns, 0), overflows)
         return out
 
     def written_services(self) -> dict[str, list[str]]:
@@ -508,6 +531,8 @@ class Datapath:
             "nm_conn_tuple_v1": (layouts.CONN_TUPLE.size, o.max_conns),
             "nm_upstream_v2": (layouts.UPSTREAM_KEY.size, o.max_conns),
             "nm_svc_conn_v1": (8, o.max_conns),
+            "nm_svc_tuple_v1": (layouts.CONN_TUPLE.size, o.max_conns),
+            "nm_lb4_active_v1": (layouts.LB4_KEY.size, o.max_services),
             "nm_lb4_svc_v1": (layouts.LB4_KEY.size, o.max_services),
         }
         return {

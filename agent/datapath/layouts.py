@@ -38,6 +38,7 @@ LB4_KEY = struct.Struct("=4sHBB")
 LB4_SERVICE = struct.Struct("=IHH")
 LB4_BACKEND_KEY = struct.Struct("=II")
 LB4_BACKEND = struct.Struct("=4sHH")
+LB4_ACTIVE = struct.Struct("=iI")
 
 _E = TypeVar("_E", bound=IntEnum)
 

@@ -18,6 +18,7 @@ class Reason(enum.IntEnum):
     IPV6_UNSUPPORTED = 4
     NO_TUNNEL = 5
     NO_HEALTHY_UPSTREAM = 6
+    UPSTREAM_OVERFLOW = 7
 
     @property
     def label(self) -> str:

@@ -116,6 +116,10 @@ class Service:
     ports: tuple[ServicePort, ...] = ()
     # None: no selector, so no workloads are selected (endpoints managed elsewhere).
     selector: Labels | None = None
+    # Concurrent connections allowed through each of its ports (enforced in the kernel at
+    # selection); 0: no cap. File: spec.maxConnections; Kubernetes: the annotation
+    # nodemesh.io/max-connections.
+    max_connections: int = 0
 
     def __post_init__(self) -> None:
         if self.selector is not None and not isinstance(self.selector, Labels):
@@ -136,3 +140,63 @@ class Service:
     def selects(self, workload: Workload) -> bool:
         return (self.selector is not None and workload.namespace == self.namespace
                 and workload.labels.selected_by(self.selector))
+
+
+# A Service's per-port connection cap fits the kernel's u16 (struct lb4_service.max_conns).
+MAX_CONNECTIONS = 0xFFFF
+# The annotation that sets it on a Kubernetes Service.
+MAX_CONNECTIONS_ANNOTATION = "nodemesh.io/max-connections"
+
+# The label the EndpointSlice controller (and any other manager) puts on a Service's slices.
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+
+
+@dataclass(frozen=True)
+class SlicePort:
+    """One port of an EndpointSlice: `name` matches the Service port's name, `port` is the
+    endpoints' (already resolved) target port."""
+
+    name: str
+    port: int
+    protocol: str = "TCP"
+
+
+@dataclass(frozen=True)
+class SliceEndpoint:
+    ips: tuple[IPAddress, ...]
+    # discovery.k8s.io/v1 conditions; an unset `ready`/`serving` means true, as the API says.
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+    node: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ips", tuple(self.ips))
+
+
+@dataclass(frozen=True)
+class EndpointSlice:
+    """A Service's endpoints as Kubernetes publishes them: for a Service that has slices they
+    are the endpoint truth (as for kube-proxy), selector or not."""
+
+    name: str
+    namespace: str
+    service: str  # the kubernetes.io/service-name label
+    address_type: str = "IPv4"
+    ports: tuple[SlicePort, ...] = ()
+    endpoints: tuple[SliceEndpoint, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ports", tuple(self.ports))
+        object.__setattr__(self, "endpoints", tuple(self.endpoints))
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def port_for(self, service_port: ServicePort) -> int | None:
+        """The target port of `service_port` on this slice's endpoints (matched by the Service
+        port's name and protocol, as kube-proxy does), or None."""
+        return next((p.port for p in self.ports
+                     if p.name == service_port.name and p.protocol == service_port.protocol),
+                    None)

@@ -22,6 +22,13 @@ from ztunnel.events import Cause, ConnectionEvent, Flag, Phase, ResponseFlag
 from ztunnel.events import Direction as TunnelDirection
 
 WorkloadByIp = Callable[[str], Workload | None]
+ServiceHost = Callable[[str], str]  # a VIP -> its Service's host (name.ns.svc.cluster.local)
+# An endpoint ip, port -> the host of the one Service it backs ("" if none, or several).
+EndpointService = Callable[[str, int], str]
+
+
+def _no_service(_ip: str, _port: int = 0) -> str:
+    return ""
 
 
 def _endpoint(ip: str, port: int, by_ip: WorkloadByIp, principal: str | None = None) -> Endpoint:
@@ -53,21 +60,24 @@ def from_kernel(
     ev: FlowEvent,
     by_ip: WorkloadByIp,
     policy_name: Callable[[int], str],
-    service_host: Callable[[str], str] = lambda _vip: "",
+    service_host: ServiceHost = _no_service,
 ) -> FlowRecord:
     """Kernel events: captured connections (open/close) and connect-time denies. A connect to a
-    Service VIP names the Service (`service_host` of the VIP) on the destination; the address
-    is the endpoint chosen (none when no endpoint was ready: then the VIP)."""
+    Service VIP names the Service (`service_host` of the VIP) on the destination and the VIP in
+    `service_address`; the address is the endpoint chosen (none when no endpoint was ready:
+    then the VIP)."""
     kind = {EventKind.OPEN: Kind.OPEN, EventKind.CLOSE: Kind.CLOSE, EventKind.DENY: Kind.DENY}[
         ev.kind
     ]
     plaintext_peer = ev.direction == Direction.INGRESS and ev.src_id == ID_PLAINTEXT
     src = _endpoint(str(ev.src_ip), ev.src_port, by_ip, "" if plaintext_peer else None)
     dst = _endpoint(str(ev.dst_ip), ev.dst_port, by_ip)
+    svc_address = ""
     if ev.svc_ip is not None:
         dst = dataclasses.replace(dst, service=service_host(str(ev.svc_ip)))
+        svc_address = f"{ev.svc_ip}:{ev.svc_port}"
     denied = ev.kind == EventKind.DENY
-    no_upstream = denied and ev.reason == Reason.NO_HEALTHY_UPSTREAM
+    flag = _KERNEL_FLAGS.get(Reason(ev.reason), ResponseFlag.DENY) if denied else ResponseFlag.NONE
     reporter = Reporter.DESTINATION if ev.direction == Direction.INGRESS else Reporter.SOURCE
     return FlowRecord(
         kind,
@@ -77,10 +87,7 @@ def from_kernel(
         verdict=Verdict.DENIED if denied else Verdict.ALLOWED,
         reason=Reason(ev.reason).label if denied else "",
         reason_code=int(ev.reason) if denied else None,
-        response_flags=(
-            (ResponseFlag.NO_HEALTHY_UPSTREAM if no_upstream else ResponseFlag.DENY)
-            if denied else ResponseFlag.NONE
-        ).value,
+        response_flags=flag.value,
         bytes_sent=ev.bytes_sent,
         bytes_received=ev.bytes_received,
         duration=ev.duration_ns / 1e9,
@@ -88,7 +95,16 @@ def from_kernel(
         connection_security_policy=_kernel_security(ev) if denied else SecurityPolicy.MUTUAL_TLS,
         policy=policy_name(ev.policy) if ev.policy else "",
         rule=str(ev.rule) if denied else "",
+        service_address=svc_address,
     )
+
+
+# Kernel refusals that are not policy: Envoy's flags for a Service with no ready endpoint and
+# for one at its connection cap.
+_KERNEL_FLAGS = {
+    Reason.NO_HEALTHY_UPSTREAM: ResponseFlag.NO_HEALTHY_UPSTREAM,
+    Reason.UPSTREAM_OVERFLOW: ResponseFlag.UPSTREAM_OVERFLOW,
+}
 
 
 # The tunnel's response flag decides the record's kind; flags not listed are failures of a
@@ -119,8 +135,13 @@ def reported_by_kernel(ev: ConnectionEvent) -> bool:
     return ev.cause is Cause.POLICY_DENY
 
 
-def from_tunnel(ev: ConnectionEvent, by_ip: WorkloadByIp) -> FlowRecord:
-    """Tunnel events: each side of an HBONE connection, with identities and response flags."""
+def from_tunnel(ev: ConnectionEvent, by_ip: WorkloadByIp, service_host: ServiceHost = _no_service,
+                endpoint_service: EndpointService = _no_service,
+                ejected: bool = False) -> FlowRecord:
+    """Tunnel events: each side of an HBONE connection, with identities and response flags.
+    The destination's Service is the one the kernel chose it from (the source tunnel read the
+    VIP), else the one Service the destination endpoint backs, if exactly one (the destination
+    side cannot know which VIP the source asked for: ztunnel infers it the same way)."""
     kind = _TUNNEL_KINDS.get(ev.response)
     if kind is None:
         kind = Kind.OPEN if ev.phase is Phase.OPEN else Kind.CLOSE
@@ -129,6 +150,9 @@ def from_tunnel(ev: ConnectionEvent, by_ip: WorkloadByIp) -> FlowRecord:
     src_principal = ev.src_identity.uri if ev.src_identity else (None if outbound else "")
     src = _endpoint(ev.src_ip, ev.src_port, by_ip, src_principal)
     dst = _endpoint(ev.dst_ip, ev.dst_port, by_ip, ev.dst_identity.uri if ev.dst_identity else None)
+    svc = service_host(ev.svc_ip) if ev.svc_ip else endpoint_service(ev.dst_ip, ev.dst_port)
+    if svc:
+        dst = dataclasses.replace(dst, service=svc)
     return FlowRecord(
         kind,
         Reporter.SOURCE if ev.direction is TunnelDirection.OUTBOUND else Reporter.DESTINATION,
@@ -142,4 +166,6 @@ def from_tunnel(ev: ConnectionEvent, by_ip: WorkloadByIp) -> FlowRecord:
         duration=ev.duration,
         tunneled=bool(ev.flags & Flag.HBONE),
         connection_security_policy=_tunnel_security(ev),
+        service_address=f"{ev.svc_ip}:{ev.svc_port}" if ev.svc_ip else "",
+        ejected=ejected,
     )

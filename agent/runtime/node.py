@@ -23,10 +23,10 @@ from prometheus_client import CollectorRegistry
 from agent.config import DEFAULT_CA_ROOT_CERT, Config, ConfigError
 from agent.datapath.datapath import Datapath
 from agent.datapath.identities import IdentityTable
-from agent.datapath.layouts import FlowEvent
+from agent.datapath.layouts import Backend, FlowEvent, Frontend
 from agent.datapath.options import BuildOptions
 from agent.datapath.policymap import CompiledPolicy, PolicyCompiler
-from agent.datapath.servicemap import compile_services
+from agent.datapath.servicemap import CompiledServices, compile_service_set
 from agent.datapath.verdicts import Counter, EventKind
 from agent.enroll import Enroller, PodLocator, PodPlacement
 from agent.host import cgroup
@@ -44,12 +44,14 @@ from agent.runtime.certs import (
     embedded_ca,
     load_or_create_authority,
 )
+from agent.runtime.outliers import OutlierDetector, OutlierSettings
 from agent.runtime.readiness import Readiness
 from agent.state.snapshot import MeshState
 from agent.state.store import StateStore
 from agent.telemetry.metrics import ScrapeValue
 from agent.telemetry.pipeline import Telemetry, TelemetryConfig
-from ztunnel.events import ConnectionEvent
+from ztunnel.events import Cause, ConnectionEvent, Phase
+from ztunnel.events import Direction as TunnelDirection
 from ztunnel.lograte import RepeatLimiter
 from ztunnel.tunnel import Mode, PodSpec, Tunnel, TunnelConfig
 from ztunnel.tunnel import Workload as TunnelWorkload
@@ -112,6 +114,14 @@ class NodeAgent:
         self._dirty = asyncio.Event()
         self._stop = threading.Event()
         self._events_thread: threading.Thread | None = None
+        # Service backend sets: compiled on reconcile (a worker thread), filtered by outlier
+        # detection (the event loop); one lock orders their writes to the load balancer.
+        self.outliers = OutlierDetector(OutlierSettings(
+            cfg.outlier_failures, cfg.outlier_ejection_seconds, cfg.outlier_max_ejection_seconds))
+        self._services = CompiledServices()
+        self._services_lock = threading.Lock()
+        self._endpoint_services: dict[tuple[str, int], str] = {}
+        self._return_timer: asyncio.TimerHandle | None = None
 
     bundle_file: TrustBundleFile | None = field(default=None, init=False)
     ca_client: CaClient | None = field(default=None, init=False)
@@ -162,14 +172,67 @@ class NodeAgent:
         svc = self.state.service_by_vip(ipaddress.ip_address(vip))
         return f"{svc.name}.{svc.namespace}.svc.cluster.local" if svc else ""
 
+    def _endpoint_service(self, ip: str, port: int) -> str:
+        return self._endpoint_services.get((ip, port), "")
+
     def _policy_name(self, pid: int) -> str:
         return self.compiled.policy_names.get(pid, str(pid))
 
     # -- telemetry producers -----------------------------------------------------------------
     def _tunnel_event(self, ev: ConnectionEvent) -> None:
+        ejected = self._observe_outlier(ev)
         if flows.reported_by_kernel(ev):
             return  # the kernel's deny event records it, with the policy and reason
-        self.telemetry.emit(flows.from_tunnel(ev, self._workload_by_ip))
+        self.telemetry.emit(flows.from_tunnel(ev, self._workload_by_ip, self._service_host,
+                                              self._endpoint_service, ejected))
+
+    def _observe_outlier(self, ev: ConnectionEvent) -> bool:
+        """Feed an outbound Service connect's result to outlier detection: connected (open) or
+        the upstream unreachable (refused, timed out, HBONE 503). True if it ejected."""
+        if ev.direction is not TunnelDirection.OUTBOUND or not ev.svc_ip:
+            return False
+        if ev.phase is Phase.OPEN:
+            ok = True
+        elif ev.cause is Cause.UPSTREAM:
+            ok = False
+        else:
+            return False
+        fe = Frontend(ipaddress.IPv4Address(ev.svc_ip), ev.svc_port)
+        be = Backend(ipaddress.IPv4Address(ev.dst_ip), ev.dst_port)
+        with self._services_lock:
+            ejection = self.outliers.observe(fe, be, ok)
+        if ejection is None:
+            return False
+        log.warning("service %s (%s:%d): endpoint %s:%d ejected for %.0f s after %d failed "
+                    "connects in a row (ejection %d)", self._service_host(ev.svc_ip) or "?",
+                    fe.vip, fe.port, be.ip, be.port, ejection.seconds,
+                    self.outliers.settings.consecutive_failures, ejection.ejections)
+        self._apply_services()
+        return True
+
+    def _apply_services(self, services: CompiledServices | None = None) -> None:
+        """Write the Service backend sets minus ejected endpoints (atomic per Service port),
+        and wake up when the next ejected endpoint is due back."""
+        with self._services_lock:
+            if services is not None:
+                self._services = services
+                self.outliers.set_table(services.backends)
+            current = self._services
+            self.datapath.apply_services(self.outliers.filter(current.backends), current.caps)
+            wait = self.outliers.next_return()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # the reconcile worker thread: its caller schedules the timer
+            return
+        self._schedule_return(loop, wait)
+
+    def _schedule_return(self, loop: asyncio.AbstractEventLoop, wait: float | None) -> None:
+        if self._return_timer is not None:
+            self._return_timer.cancel()
+            self._return_timer = None
+        if wait is not None:
+            # A little late rather than early: the endpoint must be due when the timer fires.
+            self._return_timer = loop.call_later(wait + 0.05, self._apply_services)
 
     def _kernel_event(self, ev: FlowEvent) -> None:
         # The tunnel reports every connection it carries (with identities, both reporters), so
@@ -178,6 +241,25 @@ class NodeAgent:
         if ev.kind == EventKind.DENY:
             self.telemetry.emit(flows.from_kernel(ev, self._workload_by_ip, self._policy_name,
                                                   self._service_host))
+
+    def _frontend_labels(self, fe: Frontend) -> tuple[str, str]:
+        return self._service_host(str(fe.vip)) or str(fe.vip), str(fe.port)
+
+    def _per_frontend(self, index: int) -> dict[tuple[str, ...], float]:
+        """The kernel's per Service port counts: 0 open connections, 1 cap refusals."""
+        return {self._frontend_labels(fe): float(counts[index])
+                for fe, counts in self.datapath.service_connections().items()}
+
+    def _ejection_counts(self) -> dict[tuple[str, ...], float]:
+        with self._services_lock:
+            totals = dict(self.outliers.ejections_total)
+        return {(*self._frontend_labels(fe), f"{be.ip}:{be.port}"): float(n)
+                for (fe, be), n in totals.items()}
+
+    def _ejected_counts(self) -> dict[tuple[str, ...], float]:
+        with self._services_lock:
+            ejected = self.outliers.ejected()
+        return {self._frontend_labels(fe): float(len(bes)) for fe, bes in ejected.items()}
 
     def request_reconcile(self) -> None:
         self._dirty.set()
@@ -204,6 +286,10 @@ class NodeAgent:
         am.map_fill.set_reader(
             lambda: {m: used / cap for m, (used, cap) in self.datapath.map_fill().items()}
         )
+        am.service_connections.set_reader(lambda: self._per_frontend(0))
+        am.service_overflows.set_reader(lambda: self._per_frontend(1))
+        am.endpoint_ejections.set_reader(self._ejection_counts)
+        am.endpoints_ejected.set_reader(self._ejected_counts)
         self.store.subscribe(lambda _old, _new: self._dirty.set())
         return actions
 
@@ -266,6 +352,7 @@ class NodeAgent:
         # Compiling thousands of rules takes seconds; off the event loop the tunnel keeps
         # relaying and the admin endpoint keeps answering meanwhile (reconciles never overlap).
         compiled = await asyncio.to_thread(self._compile_and_apply, state)
+        self._schedule_return(asyncio.get_running_loop(), self.outliers.next_return())
         self.compiled = compiled
         self.policy_updates += 1
         self.telemetry.agent_metrics.policy_update_seconds.observe(time.monotonic() - start)
@@ -276,7 +363,9 @@ class NodeAgent:
         compiled = self.compiler.compile(state.policy_set, state.workloads)
         self.datapath.apply_policy(compiled.entries, compiled.cidrs)
         # After policy: a newly added endpoint is policed before connects can reach it.
-        self.datapath.apply_services(compile_services(state))
+        services = compile_service_set(state)
+        self._endpoint_services = _endpoint_services(services)
+        self._apply_services(services)
         return compiled
 
     async def _enroll(self, w: Workload, placement: PodPlacement) -> None:
@@ -322,6 +411,17 @@ class NodeAgent:
         if self._events_thread is not None:
             self._events_thread.join(timeout=2)
         await self.certs.close()
+
+
+def _endpoint_services(services: CompiledServices) -> dict[tuple[str, int], str]:
+    """Endpoint ip:port -> the host of the one Service it backs (left out if several)."""
+    owners: dict[tuple[str, int], set[str]] = {}
+    for fe, backends in services.backends.items():
+        svc = services.owner[fe]
+        for b in backends:
+            owners.setdefault((str(b.ip), b.port), set()).add(
+                f"{svc.name}.{svc.namespace}.svc.cluster.local")
+    return {k: next(iter(v)) for k, v in owners.items() if len(v) == 1}
 
 
 def _v4(w: Workload) -> ipaddress.IPv4Address | None:

@@ -23,7 +23,14 @@ from collections.abc import Callable, Mapping
 from agent.identity.spiffe import DEFAULT_TRUST_DOMAIN, Identity, IdentityError
 from agent.model import fields as f
 from agent.model.fields import FieldPath
-from agent.model.mesh import Labels, Namespace, Service, ServicePort, Workload
+from agent.model.mesh import (
+    MAX_CONNECTIONS,
+    Labels,
+    Namespace,
+    Service,
+    ServicePort,
+    Workload,
+)
 from agent.policy.authz import parse_authorization_policy
 from agent.policy.peerauth import parse_peer_authentication
 from agent.state.snapshot import MeshObject
@@ -106,7 +113,7 @@ def parse_service(doc_obj: object, path: FieldPath = ()) -> Service:
     meta, mp = _header(doc, path, "Service", (API_VERSION,))
     sp = (*path, "spec")
     spec = f.mapping(doc.get("spec"), sp)
-    f.check_keys(spec, sp, ("vips", "ports", "selector"))
+    f.check_keys(spec, sp, ("vips", "ports", "selector", "maxConnections"))
     vips = tuple(f.ip_address(v, (*sp, "vips", i))
                  for i, v in enumerate(f.items(spec, "vips", sp)))
     ports = []
@@ -126,10 +133,14 @@ def parse_service(doc_obj: object, path: FieldPath = ()) -> Service:
         ports.append(ServicePort(number, target, f.string(entry, "name", pp, default="",
                                                           nonempty=False), protocol))
     selector = f.string_map(spec, "selector", sp) if "selector" in spec else None
+    cap = spec.get("maxConnections", 0)
+    if isinstance(cap, bool) or not isinstance(cap, int) or not 0 <= cap <= MAX_CONNECTIONS:
+        f.fail((*sp, "maxConnections"), f"{cap!r}: want 0 (no cap) to {MAX_CONNECTIONS}")
     # Service names are DNS-1035 labels (they become DNS names: no leading digit).
     return Service(name=f.name(meta, "name", mp, "dns1035"),
                    namespace=f.name(meta, "namespace", mp, "label", default="default"), vips=vips,
-                   ports=tuple(ports), selector=Labels(selector) if selector else None)
+                   ports=tuple(ports), selector=Labels(selector) if selector else None,
+                   max_connections=cap)
 
 
 _PARSERS: dict[str, Callable[[object, FieldPath], MeshObject]] = {

@@ -14,10 +14,16 @@ from agent.model import fields as f
 from agent.model.fields import IPAddress
 from agent.model.mesh import (
     DATAPLANE_MODE_LABEL,
+    MAX_CONNECTIONS,
+    MAX_CONNECTIONS_ANNOTATION,
+    SERVICE_NAME_LABEL,
+    EndpointSlice,
     Labels,
     Namespace,
     Service,
     ServicePort,
+    SliceEndpoint,
+    SlicePort,
     Workload,
 )
 from agent.policy.authz import parse_authorization_policy
@@ -63,7 +69,78 @@ def workload_from_pod(pod: object, *, trust_domain: str = DEFAULT_TRUST_DOMAIN) 
                     node=f.string(spec, "nodeName", ("spec",), default="", nonempty=False),
                     labels=Labels(labels), trust_domain=trust_domain, in_mesh=in_mesh,
                     uid=pod_uid(namespace, name),
-                    k8s_uid=f.string(meta, "uid", ("metadata",), default="", nonempty=False))
+                    k8s_uid=f.string(meta, "uid", ("metadata",), default="", nonempty=False),
+                    ready=_pod_ready(status), ports=_named_ports(spec))
+
+
+def _pod_ready(status: Mapping[str, object]) -> bool:
+    """The pod's Ready condition. A pod reporting none (the kubelet always reports one; a bare
+    test object may not) is ready: readiness then comes from its EndpointSlices, if any."""
+    for i, raw in enumerate(f.items(status, "conditions", ("status",))):
+        cond = f.mapping(raw, ("status", "conditions", i))
+        if cond.get("type") == "Ready":
+            return f.string(cond, "status", ("status", "conditions", i)) == "True"
+    return True
+
+
+def _named_ports(spec: Mapping[str, object]) -> tuple[tuple[str, int], ...]:
+    """Named container ports (TCP), for Services' named targetPorts; the first of a name wins,
+    as the EndpointSlice controller's lookup does."""
+    out: dict[str, int] = {}
+    for i, raw in enumerate(f.items(spec, "containers", ("spec",))):
+        cp = ("spec", "containers", i)
+        for j, rp in enumerate(f.items(f.mapping(raw, cp), "ports", cp)):
+            pp = (*cp, "ports", j)
+            entry = f.mapping(rp, pp)
+            name = f.string(entry, "name", pp, default="", nonempty=False)
+            if name and f.string(entry, "protocol", pp, default="TCP") == "TCP":
+                out.setdefault(name, f.port(entry.get("containerPort"), (*pp, "containerPort")))
+    return tuple(sorted(out.items()))
+
+
+def endpoint_slice_from_k8s(obj: object) -> EndpointSlice:
+    """A discovery.k8s.io/v1 EndpointSlice. Its Service is the kubernetes.io/service-name label
+    (required: a slice without it belongs to no Service)."""
+    doc, meta = _meta(obj)
+    labels = f.string_map(meta, "labels", ("metadata",))
+    service = labels.get(SERVICE_NAME_LABEL)
+    if not service:
+        f.fail(("metadata", "labels", SERVICE_NAME_LABEL), "required label is missing: it "
+               "names the slice's Service")
+    f.check_name(service, ("metadata", "labels", SERVICE_NAME_LABEL), "dns1035")
+    address_type = f.string(doc, "addressType", ())
+    if address_type not in ("IPv4", "IPv6", "FQDN"):
+        f.fail(("addressType",), f"{address_type!r}: want IPv4, IPv6 or FQDN")
+    ports = []
+    for i, raw in enumerate(f.items(doc, "ports", ())):
+        pp = ("ports", i)
+        entry = f.mapping(raw, pp)
+        if entry.get("port") is None:
+            continue  # "all ports": no number a Service port could map to
+        ports.append(SlicePort(f.string(entry, "name", pp, default="", nonempty=False),
+                               f.port(entry.get("port"), (*pp, "port")),
+                               f.string(entry, "protocol", pp, default="TCP")))
+    eps = []
+    for i, raw in enumerate(f.items(doc, "endpoints", ())):
+        ep = ("endpoints", i)
+        entry = f.mapping(raw, ep)
+        cond = f.optional_mapping(entry, "conditions", ep)
+        cp = (*ep, "conditions")
+        addresses = f.strings(entry, "addresses", ep)
+        if not addresses:
+            f.fail((*ep, "addresses"), "must name at least one address")
+        ips = (tuple(f.ip_address(a, (*ep, "addresses", j)) for j, a in enumerate(addresses))
+               if address_type != "FQDN" else ())
+        ready = f.boolean(cond, "ready", cp, True)
+        eps.append(SliceEndpoint(
+            ips=ips, ready=ready, serving=f.boolean(cond, "serving", cp, ready),
+            terminating=f.boolean(cond, "terminating", cp, False),
+            node=f.string(entry, "nodeName", ep, default="", nonempty=False)))
+    return EndpointSlice(name=f.name(meta, "name", ("metadata",), "subdomain"),
+                         namespace=f.name(meta, "namespace", ("metadata",), "label",
+                                          default="default"),
+                         service=service, address_type=address_type, ports=tuple(ports),
+                         endpoints=tuple(eps))
 
 
 def namespace_from_k8s(ns: object) -> Namespace:
@@ -96,12 +173,23 @@ def service_from_k8s(svc: object) -> Service:
     return Service(name=f.name(meta, "name", ("metadata",), "dns1035"),
                    namespace=f.name(meta, "namespace", ("metadata",), "label", default="default"),
                    vips=tuple(vips), ports=tuple(ports),
-                   selector=Labels(selector) if selector else None)
+                   selector=Labels(selector) if selector else None,
+                   max_connections=_max_connections(meta))
+
+
+def _max_connections(meta: Mapping[str, object]) -> int:
+    raw = f.string_map(meta, "annotations", ("metadata",)).get(MAX_CONNECTIONS_ANNOTATION)
+    if raw is None:
+        return 0
+    if not raw.isdigit() or not 0 <= int(raw) <= MAX_CONNECTIONS:
+        f.fail(("metadata", "annotations", MAX_CONNECTIONS_ANNOTATION),
+               f"{raw!r}: want 0 (no cap) to {MAX_CONNECTIONS}")
+    return int(raw)
 
 
 def object_from_k8s(obj: object, *, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> MeshObject | None:
     """Convert any supported Kubernetes object by its `kind` (Pod, Namespace, Service,
-    AuthorizationPolicy, PeerAuthentication); None for a finished pod."""
+    EndpointSlice, AuthorizationPolicy, PeerAuthentication); None for a finished pod."""
     doc = f.mapping(obj, ())
     kind = doc.get("kind")
     if kind == "Pod":
@@ -114,5 +202,7 @@ def object_from_k8s(obj: object, *, trust_domain: str = DEFAULT_TRUST_DOMAIN) ->
         return parse_authorization_policy(doc)
     if kind == "PeerAuthentication":
         return parse_peer_authentication(doc)
-    f.fail(("kind",), f"{kind!r}: want Pod, Namespace, Service, AuthorizationPolicy or "
-           "PeerAuthentication")
+    if kind == "EndpointSlice":
+        return endpoint_slice_from_k8s(doc)
+    f.fail(("kind",), f"{kind!r}: want Pod, Namespace, Service, EndpointSlice, "
+           "AuthorizationPolicy or PeerAuthentication")

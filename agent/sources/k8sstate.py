@@ -36,6 +36,7 @@ KIND_OF_RESOURCE: Mapping[str, str] = {
     "pods": "Workload",
     "namespaces": "Namespace",
     "services": "Service",
+    "endpointslices": "EndpointSlice",
     "authorizationpolicies": "AuthorizationPolicy",
     "peerauthentications": "PeerAuthentication",
 }
@@ -44,6 +45,7 @@ API_KIND_OF_RESOURCE: Mapping[str, str] = {
     "pods": "Pod",
     "namespaces": "Namespace",
     "services": "Service",
+    "endpointslices": "EndpointSlice",
     "authorizationpolicies": "AuthorizationPolicy",
     "peerauthentications": "PeerAuthentication",
 }

@@ -34,7 +34,7 @@ from agent.sources.kube.backoff import Backoff
 from agent.sources.kube.cache import Change, InvalidObjectError, ObjectCache, meta_of
 from agent.sources.kube.config import ClusterConfig, ConfigError, auth_headers
 from agent.sources.kube.metrics import KubeMetrics
-from agent.sources.kube.project import Projection, project_pod
+from agent.sources.kube.project import Projection, project_endpoint_slice, project_pod
 from agent.sources.kube.stream import WatchDecoder, WatchEvent, WatchProtocolError
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,9 @@ RESOURCES: dict[str, Resource] = {
         Resource("pods", "v1", "Pod", namespaced=True, project=project_pod),
         Resource("namespaces", "v1", "Namespace", namespaced=False),
         Resource("services", "v1", "Service", namespaced=True),
+        # A Service's endpoints, selector or not, in the mesh or not (state/services.py).
+        Resource("endpointslices", "discovery.k8s.io/v1", "EndpointSlice", namespaced=True,
+                 project=project_endpoint_slice),
         Resource("authorizationpolicies", "security.istio.io/v1", "AuthorizationPolicy", True),
         Resource("peerauthentications", "security.istio.io/v1", "PeerAuthentication", True),
     )

@@ -10,15 +10,23 @@ from types import MappingProxyType
 from agent.config import DEFAULT_ROOT_NAMESPACE
 from agent.identity.spiffe import Identity
 from agent.model.fields import IPAddress
-from agent.model.mesh import DATAPLANE_MODE_LABEL, Namespace, Service, Workload
+from agent.model.mesh import (
+    DATAPLANE_MODE_LABEL,
+    EndpointSlice,
+    Namespace,
+    Service,
+    Workload,
+)
 from agent.policy.authz import AuthorizationPolicy
 from agent.policy.evaluator import PolicySet
 from agent.policy.peerauth import MtlsMode, PeerAuthentication
 
-MeshObject = Workload | Namespace | Service | AuthorizationPolicy | PeerAuthentication
+MeshObject = (Workload | Namespace | Service | AuthorizationPolicy | PeerAuthentication
+              | EndpointSlice)
 KIND_OF: Mapping[type, str] = MappingProxyType({
     Workload: "Workload", Namespace: "Namespace", Service: "Service",
     AuthorizationPolicy: "AuthorizationPolicy", PeerAuthentication: "PeerAuthentication",
+    EndpointSlice: "EndpointSlice",
 })
 KINDS = tuple(KIND_OF.values())
 
@@ -97,6 +105,11 @@ class MeshState:
         return [o for o in self.objects["Service"].values() if isinstance(o, Service)]
 
     @property
+    def endpoint_slices(self) -> list[EndpointSlice]:
+        return [o for o in self.objects["EndpointSlice"].values()
+                if isinstance(o, EndpointSlice)]
+
+    @property
     def authorization_policies(self) -> list[AuthorizationPolicy]:
         return [o for o in self.objects["AuthorizationPolicy"].values()
                 if isinstance(o, AuthorizationPolicy)]
@@ -156,6 +169,17 @@ class MeshState:
     def identities_on_node(self, node: str) -> set[Identity]:
         """Identities of the in-mesh workloads on `node` (what a node may get certificates for)."""
         return {w.identity for w in self.workloads_on_node(node) if self.in_mesh(w)}
+
+    @cached_property
+    def _slices_by_service(self) -> Mapping[tuple[str, str], tuple[EndpointSlice, ...]]:
+        out: dict[tuple[str, str], list[EndpointSlice]] = {}
+        for s in sorted(self.endpoint_slices, key=lambda s: s.name):
+            out.setdefault((s.namespace, s.service), []).append(s)
+        return {k: tuple(v) for k, v in out.items()}
+
+    def slices_of(self, service: Service) -> tuple[EndpointSlice, ...]:
+        """The Service's EndpointSlices (by the kubernetes.io/service-name label), by name."""
+        return self._slices_by_service.get((service.namespace, service.name), ())
 
     def service_endpoints(self, service: Service) -> tuple[Workload, ...]:
         return tuple(sorted((w for w in self.workloads if service.selects(w)),

@@ -17,7 +17,10 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Final
 
-SCHEMA_ID: Final = "nodemesh.flow/v1"
+SCHEMA_ID: Final = "nodemesh.flow/v2"
+# v1 lacked service_address and ejected; its records still load (those fields empty).
+SCHEMA_V1: Final = "nodemesh.flow/v1"
+_V2_FIELDS: Final = ("service_address", "ejected")
 
 
 class FlowRecordError(ValueError):
@@ -65,7 +68,7 @@ class SecurityPolicy(StrEnum):
 NO_FLAGS: Final = "-"
 RESPONSE_FLAGS: Final = frozenset({
     NO_FLAGS, "DENY", "CONNECT", "TLS_FAILURE", "H2_HANDSHAKE_FAILURE", "NETWORK_POLICY",
-    "IDENTITY_ERROR", "CERT_REVOKED", "DPE", "NR", "UH",
+    "IDENTITY_ERROR", "CERT_REVOKED", "DPE", "NR", "UH", "UO",
 })
 # Terminal events end a connection attempt; they carry the final bytes and duration.
 TERMINAL_KINDS: Final = frozenset({EventKind.CLOSE, EventKind.DENY, EventKind.AUTH_FAILURE,
@@ -77,6 +80,7 @@ _DEFAULT_FLAGS: Final = {EventKind.DENY: "DENY", EventKind.AUTH_FAILURE: "TLS_FA
 # datapath, e.g. Reason.POLICY_DENY.label) or from the tunnel; telemetry treats them as opaque
 # tokens.
 _REASON = re.compile(r"[A-Za-z0-9_]{1,64}")
+_SERVICE_ADDRESS = re.compile(r"\d{1,3}(\.\d{1,3}){3}:\d{1,5}")
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,10 @@ class FlowRecord:
     name from the datapath's verdict table (or the tunnel's own, e.g. TLS_HANDSHAKE), with the
     table's numeric code in `reason_code` when there is one. `policy` and `rule` name the
     AuthorizationPolicy (namespace/name) and rule index that decided a deny, when known.
+
+    `service_address` is the Service VIP:port the app connected to when the kernel chose the
+    destination (an endpoint: `destination.ip`/`port`) from a Service, else empty; `ejected`
+    marks the failed connect that ejected that endpoint from the Service (outlier detection).
     """
 
     kind: EventKind
@@ -179,6 +187,8 @@ class FlowRecord:
     connection_security_policy: SecurityPolicy = SecurityPolicy.UNKNOWN
     policy: str = ""
     rule: str = ""
+    service_address: str = ""
+    ejected: bool = False
 
     def __post_init__(self) -> None:
         # Accept plain strings for the enums (producers often have them from a table) but store
@@ -215,6 +225,8 @@ class FlowRecord:
                 f"verdict denied needs kind deny, auth_failure or reject, not {self.kind}")
         if not self.protocol:
             raise FlowRecordError("protocol must not be empty (Istio uses 'tcp')")
+        if self.service_address and not _SERVICE_ADDRESS.fullmatch(self.service_address):
+            raise FlowRecordError(f"service_address {self.service_address[:80]!r}: want ip:port")
 
     @property
     def terminal(self) -> bool:
@@ -240,6 +252,8 @@ class FlowRecord:
             "connection_security_policy": self.connection_security_policy.value,
             "policy": self.policy,
             "rule": self.rule,
+            "service_address": self.service_address,
+            "ejected": self.ejected,
         }
 
     def to_json(self) -> str:
@@ -250,6 +264,8 @@ class FlowRecord:
     def from_dict(cls, data: Any) -> FlowRecord:
         if not isinstance(data, dict):
             raise FlowRecordError(f"flow record: want a JSON object, got {type(data).__name__}")
+        if data.get("schema") == SCHEMA_V1:
+            data = {**data, "schema": SCHEMA_ID, "service_address": "", "ejected": False}
         if data.get("schema") != SCHEMA_ID:
             raise FlowRecordError(f"schema is {data.get('schema')!r}, want {SCHEMA_ID!r}; "
                                   "maybe the agent and the reader are different versions")
@@ -270,7 +286,8 @@ class FlowRecord:
             bytes_received=data["bytes_received"], duration=_seconds(data["duration"]),
             tunneled=data["tunneled"],
             connection_security_policy=data["connection_security_policy"],
-            policy=data["policy"], rule=data["rule"])
+            policy=data["policy"], rule=data["rule"],
+            service_address=data["service_address"], ejected=data["ejected"])
 
     @classmethod
     def from_json(cls, line: str | bytes) -> FlowRecord:
@@ -286,6 +303,7 @@ _TYPES: Final[dict[str, tuple[type, ...]]] = {
     "reason": (str,), "reason_code": (int, type(None)), "response_flags": (str,),
     "bytes_sent": (int,), "bytes_received": (int,), "duration": (int, float),
     "tunneled": (bool,), "connection_security_policy": (str,), "policy": (str,), "rule": (str,),
+    "service_address": (str,), "ejected": (bool,),
 }
 
 
@@ -345,7 +363,7 @@ FLOW_SCHEMA: Final[dict[str, Any]] = {
     "required": [
         "schema", "time", "kind", "reporter", "source", "destination", "protocol", "verdict",
         "reason", "reason_code", "response_flags", "bytes_sent", "bytes_received", "duration",
-        "tunneled", "connection_security_policy", "policy", "rule",
+        "tunneled", "connection_security_policy", "policy", "rule", *_V2_FIELDS,
     ],
     "properties": {
         "schema": {"const": SCHEMA_ID},
@@ -367,5 +385,7 @@ FLOW_SCHEMA: Final[dict[str, Any]] = {
         "connection_security_policy": {"enum": [p.value for p in SecurityPolicy]},
         "policy": {"type": "string"},
         "rule": {"type": "string"},
+        "service_address": {"type": "string", "pattern": r"^(\d{1,3}(\.\d{1,3}){3}:\d{1,5})?$"},
+        "ejected": {"type": "boolean"},
     },
 }

@@ -340,6 +340,10 @@ class AgentMetrics:
     - `datapath_drops.set_reader(lambda: {"policy_deny": n, ...})` — kernel drop reasons
     - `enrolled_pods.set_reader(lambda: len(pods))`
     - `stream_dropped.set_reader(hub.dropped_count)` — live-stream records dropped for slow readers
+    - `service_connections` / `service_overflows.set_reader(lambda: {(svc, port): n})` — the
+      kernel's open-connection count and cap refusals per Service port
+    - `endpoint_ejections.set_reader(lambda: {(svc, endpoint): n})`, `endpoints_ejected` — outlier
+      detection
     and `policy_update_seconds.observe(seconds)` after each policy map update. Certificate
     metrics belong to the identity subsystem (agent/identity/metrics.py).
     """
@@ -361,6 +365,19 @@ class AgentMetrics:
         self.stream_dropped = ScrapeValue(
             registry, "nodemesh_flow_stream_dropped", "Flow records not delivered to a live "
             "stream subscriber that was too slow", "counter")
+        self.service_connections = ScrapeCollector(
+            registry, "nodemesh_service_connections", "Connections open through a Service port "
+            "(the kernel's count for its connection cap)", "gauge", ("service", "port"))
+        self.service_overflows = ScrapeCollector(
+            registry, "nodemesh_service_overflows", "Connects to a Service port refused because "
+            "its connection cap was reached", "counter", ("service", "port"))
+        self.endpoint_ejections = ScrapeCollector(
+            registry, "nodemesh_endpoint_ejections", "Times a Service endpoint was ejected after "
+            "consecutive failed connects (outlier detection)", "counter",
+            ("service", "port", "endpoint"))
+        self.endpoints_ejected = ScrapeCollector(
+            registry, "nodemesh_endpoints_ejected", "Service endpoints ejected now", "gauge",
+            ("service", "port"))
         self.policy_update_seconds = HistogramCollector(
             registry, "nodemesh_policy_update_duration_seconds", "Time from a policy change to "
             "its BPF maps being updated", POLICY_UPDATE_BUCKETS)

@@ -14,6 +14,7 @@ import json
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -130,31 +131,43 @@ def samples(text: str, name: str, **labels: str) -> float:
                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
-@pytest.fixture
-def service_mesh(tmp_path: Path) -> Iterator[tuple[Cluster, Path, Path]]:
+def start_server(c: Cluster, name: str) -> PodProcess:
+    n, j, port = ENDPOINTS[name]
+    proc = c.pod(n, j).python(SERVER, name, str(port), stdout=subprocess.PIPE)
+    assert proc.popen is not None and proc.popen.stdout is not None
+    assert proc.popen.stdout.readline().strip() == b"ready"
+    return proc
+
+
+@contextmanager
+def running_mesh(tmp_path: Path, extra: tuple[str, ...] = ()
+                 ) -> Iterator[tuple[Cluster, Path, Path, dict[str, PodProcess]]]:
     require_root()
     mesh = tmp_path / "mesh.yaml"
     mesh.write_text(MESH)
     with Cluster(nodes=2, pods_per_node=2, description="services e2e") as c:
         pins = [DEFAULT_PIN_ROOT / f"svc-{c.run_id}-n{n.index}" for n in c.nodes]
-        agents = _start_agents(c, argparse.Namespace(config=mesh), tmp_path, pins)
-        servers: list[PodProcess] = []
+        agents = _start_agents(c, argparse.Namespace(config=mesh), tmp_path, pins, extra)
+        servers: dict[str, PodProcess] = {}
         try:
             for node in c.nodes:
                 assert _wait_ready(node, 15021), (tmp_path / f"agent-n{node.index}.log").read_text()
-            for name, (n, j, port) in ENDPOINTS.items():
-                proc = c.pod(n, j).python(SERVER, name, str(port), stdout=subprocess.PIPE)
-                assert proc.popen is not None and proc.popen.stdout is not None
-                assert proc.popen.stdout.readline().strip() == b"ready"
-                servers.append(proc)
-            yield c, mesh, tmp_path
+            for name in ENDPOINTS:
+                servers[name] = start_server(c, name)
+            yield c, mesh, tmp_path, servers
         finally:
-            for p in servers:
+            for p in servers.values():
                 p.stop()
             for a in agents:
                 a.stop(grace=10)
             for pin in pins:
                 Datapath(c.nodes[0].cgroup_root, BuildOptions(pin_dir=pin)).uninstall()
+
+
+@pytest.fixture
+def service_mesh(tmp_path: Path) -> Iterator[tuple[Cluster, Path, Path]]:
+    with running_mesh(tmp_path) as (c, mesh, work, _servers):
+        yield c, mesh, work
 
 
 def connects(c: Cluster, n: int) -> list[dict[str, object]]:
@@ -243,3 +256,48 @@ def test_an_unready_endpoint_gets_no_new_connections_while_an_established_one_co
     mesh.write_text(MESH)
     wait_table(c, all_backends)
     assert "web-1" in {str(r["tag"]) for r in connects(c, 60)}
+
+
+# Outlier detection: a first ejection long enough for the checks made while it lasts (30 s,
+# Envoy's default) and short enough for the test to see the endpoint return.
+FAILURES, EJECTION = 3, 30.0
+
+
+def test_an_endpoint_that_refuses_is_ejected_and_returns_after_the_backoff(
+        tmp_path: Path) -> None:
+    """web-1's server dies: connects the kernel sends there fail (its node's tunnel answers
+    503), after FAILURES in a row the source agent ejects it, the connections that follow all
+    land on the others; the server comes back and, after the backoff, so does web-1."""
+    extra = ("--outlier-failures", str(FAILURES), "--outlier-ejection", str(EJECTION))
+    with running_mesh(tmp_path, extra) as (c, _mesh, work, servers):
+        all_backends = {f"10.251.{n}.{10 + j}:{p}" for n, j, p in ENDPOINTS.values()}
+        web1 = "10.251.1.10:8081"
+        wait_table(c, all_backends)
+        servers.pop("web-1").stop()
+        failed = 0
+        deadline = time.monotonic() + 120
+        while web1 in lb_table(c):
+            assert time.monotonic() < deadline, "web-1 was never ejected"
+            results = connects(c, 6)
+            failed += sum(1 for r in results if r.get("ok") is not True)
+            assert all(r.get("tag") in ("web-0", "web-2") for r in results if r.get("ok"))
+        assert failed >= FAILURES
+        # Ejected: every connection that follows lands on the two that accept.
+        results = connects(c, 30)
+        assert all(r.get("ok") is True for r in results), [r for r in results if not r.get("ok")]
+        assert {str(r["tag"]) for r in results} == {"web-0", "web-2"}
+        text = http_get(c.nodes[0].netns, 15020, "/metrics") or ""
+        assert samples(text, "nodemesh_endpoint_ejections_total", service="web.shop.svc."
+                       "cluster.local", port="80", endpoint=web1) == 1
+        assert samples(text, "nodemesh_endpoints_ejected", service="web.shop.svc."
+                       "cluster.local", port="80") == 1
+        records = [json.loads(x) for x in (work / "flows-n0.log").read_text().splitlines()]
+        (ejecting,) = [r for r in records if r["ejected"]]
+        assert (ejecting["service_address"], ejecting["response_flags"],
+                f"{ejecting['destination']['ip']}:{ejecting['destination']['port']}") == (
+            f"{VIP}:{PORT}", "CONNECT", web1)
+        assert ejecting["destination"]["service"] == "web.shop.svc.cluster.local"
+        # It accepts again; after the backoff it is back in selection.
+        servers["web-1"] = start_server(c, "web-1")
+        wait_table(c, all_backends, limit=EJECTION + 60)
+        assert "web-1" in {str(r["tag"]) for r in connects(c, 60)}

@@ -23,16 +23,26 @@ with netns.entered(sys.argv[1]):
 print("ready", flush=True)
 while True:
     c, peer = s.accept()
-    raw = c.getsockopt(socket.SOL_IP, 80, 16)
+    try:
+        raw = c.getsockopt(socket.SOL_IP, 80, 16)
+    except OSError:  # the app closed before this accept: its entries are gone (as the tunnel)
+        c.close()
+        continue
     port, ip = struct.unpack("!2xH4s8x", raw)
     orig = f"{socket.inet_ntoa(ip)}:{port}"
+    try:  # SO_SERVICE_DST (agent/abi.py): the VIP the original destination was chosen from
+        port, ip = struct.unpack("!2xH4s8x", c.getsockopt(socket.SOL_IP, 0x4E4D, 16))
+        svc = f"{socket.inet_ntoa(ip)}:{port}"
+    except OSError:
+        svc = None
     total = 0
     while True:
         d = c.recv(65536)
         if not d:
             break
         total += len(d)
-    c.sendall(json.dumps({"orig": orig, "peer": f"{peer[0]}:{peer[1]}", "got": total}).encode())
+    c.sendall(json.dumps({"orig": orig, "peer": f"{peer[0]}:{peer[1]}", "got": total,
+                          "svc": svc}).encode())
     c.close()
 """
 

@@ -12,6 +12,7 @@ import ipaddress
 import json
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -84,6 +85,82 @@ def test_vip_connects_are_spread_over_every_backend_and_the_app_keeps_its_views(
     assert {r["local"].split(":")[0] for r in results} == {str(a.ip)}  # getsockname: pod IP
     assert lb.counters()[Counter.SVC_TRANSLATED] == before + 300
     assert lb.services() == {Frontend(VIP, 80): backends}
+
+
+def test_the_tunnel_reads_the_vip_its_original_destination_was_chosen_from(
+    kcluster: Cluster, lb: Datapath
+) -> None:
+    a, p1 = kcluster.pod(0, 0), kcluster.pod(0, 1)
+    lb.apply_services({Frontend(VIP, 80): (Backend(p1.ip, 8080),)})
+    (r,) = connects(a, VIP, 80, 1)
+    assert json.loads(r["reply"])["svc"] == f"{VIP}:80" and orig(r) == f"{p1.ip}:8080"
+    (r,) = connects(a, p1.ip, 8080, 1)  # a direct connect: no Service, ENOPROTOOPT
+    assert json.loads(r["reply"])["svc"] is None
+    # Both per-connection entries go at close.
+    fd = lb.module.map_fd("nm_svc_tuple_v1")
+    assert bpfsys.map_keys(fd, layouts.CONN_TUPLE.size) == []
+
+
+# The app in a pod: open n connections, report each, hold them until a line arrives on stdin,
+# then close them all.
+HOLD_CONNECTS = """
+import errno, json, socket, sys
+ip, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+held, out = [], []
+for _ in range(n):
+    s = socket.socket()
+    s.settimeout(5)
+    try:
+        s.connect((ip, port))
+        held.append(s)
+        out.append("OK")
+    except OSError as e:
+        out.append(errno.errorcode.get(e.errno, str(e.errno)))
+        s.close()
+print(json.dumps(out), flush=True)
+sys.stdin.readline()
+for s in held:
+    s.close()
+print("closed", flush=True)
+"""
+
+
+def test_a_service_port_cap_refuses_connects_beyond_it_until_connections_close(
+    kcluster: Cluster, lb: Datapath
+) -> None:
+    a, p1 = kcluster.pod(0, 0), kcluster.pod(0, 1)
+    fe = Frontend(VIP, 80)
+    events: list[FlowEvent] = []
+    lb.open_events(events.append)
+    lb.apply_services({fe: (Backend(p1.ip, 8080),)}, {fe: 3})
+    holder = a.python(HOLD_CONNECTS, str(VIP), "80", "5", stdin=subprocess.PIPE,
+                      stdout=subprocess.PIPE)
+    assert holder.popen is not None and holder.popen.stdout and holder.popen.stdin
+    try:
+        held = json.loads(holder.popen.stdout.readline())
+        assert held == ["OK"] * 3 + ["ECONNREFUSED"] * 2
+        assert lb.service_connections()[fe] == (3, 2)
+        holder.popen.stdin.write(b"go\n")
+        holder.popen.stdin.flush()
+        assert holder.popen.stdout.readline().strip() == b"closed"
+    finally:
+        holder.stop()
+    # sockops takes each off when it reaches TCP_CLOSE (once the fake tunnel has answered it)
+    deadline = time.monotonic() + 60
+    while lb.service_connections()[fe] != (0, 2) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert lb.service_connections()[fe] == (0, 2)
+    again = connects(a, VIP, 80, 2)
+    assert [list(r) for r in again] == [["peer", "local", "reply"]] * 2, again
+    lb.drain_events()
+    denies = [e for e in events if e.kind == EventKind.DENY]
+    assert [(d.reason, d.svc_ip, d.svc_port, d.dst_ip, d.dst_port) for d in denies] == [
+        (Reason.UPSTREAM_OVERFLOW, VIP, 80, p1.ip, 8080)] * 2
+    # Lifting the cap rewrites the frontend; removing the Service drops its counter.
+    lb.apply_services({fe: (Backend(p1.ip, 8080),)})
+    assert connects(a, VIP, 80, 1)[0].get("errno") is None
+    lb.apply_services({})
+    assert fe not in lb.service_connections()
 
 
 def test_a_plain_captured_connect_shows_the_pod_address_as_local_address(
@@ -208,3 +285,4 @@ def test_a_new_agent_adopts_the_table_a_previous_one_left(kcluster: Cluster, lb:
     lb.apply_services({Frontend(VIP, 80): (Backend(p2, 2),)})
     fd = lb.module.map_fd("nm_lb4_backend_v1")
     assert len(bpfsys.map_keys(fd, layouts.LB4_BACKEND_KEY.size)) == 1
+

@@ -79,6 +79,7 @@ class Kind:
     namespaced: bool
     # Field labels the real server accepts in fieldSelector for this resource.
     fields: tuple[str, ...] = ("metadata.name", "metadata.namespace")
+    has_status: bool = True  # a /status subresource
 
     @property
     def api_version(self) -> str:
@@ -100,6 +101,9 @@ KINDS = {
         Kind("nodes", "Node", "", "v1", False),
         Kind("authorizationpolicies", "AuthorizationPolicy", "security.istio.io", "v1", True),
         Kind("peerauthentications", "PeerAuthentication", "security.istio.io", "v1", True),
+        # No status subresource; the EndpointSlice controller writes them whole.
+        Kind("endpointslices", "EndpointSlice", "discovery.k8s.io", "v1", True,
+             has_status=False),
     )
 }
 
@@ -153,6 +157,34 @@ def parse_field_selector(kind: Kind, text: str) -> Callable[[Obj], bool]:
         return all((_field(obj, label) == value) == eq for label, eq, value in terms)
 
     return match
+
+
+def parse_label_selector(text: str) -> Callable[[Obj], bool]:
+    """Equality-based label selectors (`a=b,c!=d`, also `==`, and a bare `key` for exists):
+    what a client needs to read one Service's EndpointSlices by kubernetes.io/service-name."""
+    terms: list[tuple[str, str | None, bool]] = []
+    for raw in filter(None, (t.strip() for t in text.split(","))):
+        m = re.fullmatch(r"([A-Za-z0-9./_-]+)\s*(?:(==|=|!=)\s*([A-Za-z0-9._-]*))?", raw)
+        if not m:
+            raise ApiError(400, "BadRequest", f"unable to parse requirement: {raw!r}")
+        key, op, value = m.groups()
+        terms.append((key, value if op else None, op != "!="))
+
+    def match(obj: Obj) -> bool:
+        labels = obj.get("metadata", {}).get("labels") or {}
+        return all((key in labels if value is None else (labels.get(key) == value) == eq)
+                   for key, value, eq in terms)
+
+    return match
+
+
+def endpoint_slice(namespace: str, name: str, service: str, endpoints: list[Obj],
+                   ports: list[Obj]) -> Obj:
+    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"namespace": namespace, "name": name,
+                         "labels": {"kubernetes.io/service-name": service,
+                                    "endpointslice.kubernetes.io/managed-by": "nodemesh-tests"}},
+            "addressType": "IPv4", "endpoints": endpoints, "ports": ports}
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
@@ -276,7 +308,8 @@ class ApiServer:
                 base = f"{p}/namespaces/{{namespace}}/{kind.plural}"
                 app.router.add_route("*", base, self._collection(kind, "path"))
                 app.router.add_route("*", base + "/{name}", self._item(kind, status_only=False))
-                app.router.add_route("*", base + "/{name}/status", self._item(kind, True))
+                if kind.has_status:
+                    app.router.add_route("*", base + "/{name}/status", self._item(kind, True))
             else:
                 base = f"{p}/{kind.plural}/{{name}}"
                 app.router.add_route("*", base, self._item(kind, status_only=False))
@@ -619,9 +652,10 @@ class ApiServer:
                                   "serverAddressByClientCIDRs": []})
 
     async def _api_groups(self, _: web.Request) -> web.Response:
-        gv = {"groupVersion": "security.istio.io/v1", "version": "v1"}
+        groups = sorted({(k.group, k.version) for k in KINDS.values() if k.group})
+        gvs = [(g, {"groupVersion": f"{g}/{v}", "version": v}) for g, v in groups]
         return web.json_response({"kind": "APIGroupList", "apiVersion": "v1", "groups": [
-            {"name": "security.istio.io", "versions": [gv], "preferredVersion": gv}]})
+            {"name": g, "versions": [gv], "preferredVersion": gv} for g, gv in gvs]})
 
     async def _resource_list(self, request: web.Request) -> web.Response:
         prefix = request.path.rstrip("/")
@@ -640,10 +674,11 @@ class ApiServer:
             namespace = request.match_info["namespace"] if ns_from else None
             if request.method == "GET":
                 q = request.query
-                if "labelSelector" in q:
-                    raise ApiError(400, "BadRequest", "labelSelector: not supported by the test "
-                                   "API server")
-                match = parse_field_selector(kind, q.get("fieldSelector", ""))
+                by_field = parse_field_selector(kind, q.get("fieldSelector", ""))
+                by_label = parse_label_selector(q.get("labelSelector", ""))
+
+                def match(obj: Obj) -> bool:
+                    return by_field(obj) and by_label(obj)
                 watch = q.get("watch") in ("1", "true")
                 if kind.plural in self.forbidden:
                     verb = "watch" if watch else "list"
@@ -918,6 +953,12 @@ class Kubectl:
             pod = await self.patch("pods", namespace, name, {
                 "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}}, "status")
         return pod
+
+    async def endpoint_slice(self, namespace: str, name: str, service: str,
+                             endpoints: list[Obj], ports: list[Obj]) -> Obj:
+        """What the EndpointSlice controller (or a Service's own manager) publishes."""
+        return await self.create("endpointslices", endpoint_slice(namespace, name, service,
+                                                                  endpoints, ports))
 
     async def service_account(self, namespace: str, name: str) -> Obj:
         return await self.create("serviceaccounts", {"metadata": {"namespace": namespace,

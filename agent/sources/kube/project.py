@@ -52,4 +52,58 @@ def project_pod(obj: Obj) -> Obj:
     status = out.get("status")
     if isinstance(status, dict) and status.get("podIPs") == [{"ip": status.get("podIP")}]:
         del status["podIPs"]  # single-stack: podIP says the same, without a dict per pod
+    raw_status, raw_spec = obj.get("status"), obj.get("spec")
+    if isinstance(raw_status, dict) and isinstance(status, dict):
+        conds = raw_status.get("conditions")  # only Ready: the rest change without meaning here
+        status["conditions"] = ([c for c in conds if isinstance(c, dict)
+                                 and c.get("type") == "Ready"]
+                                if isinstance(conds, list) else conds)
+        if status["conditions"] is None or status["conditions"] == []:
+            del status["conditions"]
+    if isinstance(raw_spec, dict) and isinstance(out.get("spec"), dict):
+        ports = _named_container_ports(raw_spec.get("containers"))
+        if ports is not None:
+            out["spec"]["containers"] = ports
     return out
+
+
+def _named_container_ports(containers: Any) -> Any:
+    """spec.containers cut to their named ports (what a named targetPort resolves through);
+    None when there are none. A malformed value is kept for the converter to report."""
+    if not isinstance(containers, list):
+        return containers
+    kept = []
+    for c in containers:
+        if not isinstance(c, dict) or not isinstance(c.get("ports"), list):
+            if not isinstance(c, dict) or c.get("ports") is not None:
+                kept.append(c)
+            continue
+        ports = [{k: _intern(p[k]) for k in ("name", "containerPort", "protocol") if k in p}
+                 for p in c["ports"] if isinstance(p, dict) and p.get("name")]
+        ports += [p for p in c["ports"] if not isinstance(p, dict)]
+        if ports:
+            kept.append({"ports": ports})
+    return kept or None
+
+
+def project_endpoint_slice(obj: Obj) -> Obj:
+    """An EndpointSlice with its ports, each endpoint's addresses, conditions and nodeName, and
+    only the service-name label (hints, targetRefs, zones and managedFields are not read)."""
+    out: Obj = {k: obj.get(k) for k in ("kind", "apiVersion", "addressType", "ports")}
+    meta = obj.get("metadata")
+    if isinstance(meta, dict):
+        m = {k: _intern(meta[k]) if k == "namespace" else meta[k]
+             for k in _POD_META if k in meta}
+        labels = meta.get("labels")
+        if isinstance(labels, dict):
+            m["labels"] = {k: v for k, v in labels.items() if k == "kubernetes.io/service-name"}
+        elif labels is not None:
+            m["labels"] = labels
+        out["metadata"] = m
+    else:
+        out["metadata"] = meta
+    eps = obj.get("endpoints")
+    out["endpoints"] = ([{k: e[k] for k in ("addresses", "conditions", "nodeName") if k in e}
+                         if isinstance(e, dict) else e for e in eps]
+                        if isinstance(eps, list) else eps)
+    return {k: v for k, v in out.items() if v is not None}

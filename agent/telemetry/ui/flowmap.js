@@ -1,6 +1,6 @@
 // nodemesh live flow map: plain JS + SVG, no dependencies. Reads /config_dump (workloads, what is
 // enrolled on this node) and the Server-Sent Events stream /flows/events (flow records,
-// schema nodemesh.flow/v1). Read-only: it never sends anything but GETs.
+// schema nodemesh.flow/v2). Read-only: it never sends anything but GETs.
 "use strict";
 
 const SVG = "http://www.w3.org/2000/svg";

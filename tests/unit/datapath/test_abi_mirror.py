@@ -37,3 +37,9 @@ def test_build_options_default_to_the_abi() -> None:
                         abi.INBOUND_PORT), ("NM_HBONE_PORT", abi.HBONE_PORT)):
         assert f"-D{name}={value}" in flags
     assert abi.mark(7) == (7 << 12) | 0x539
+
+
+def test_the_service_dst_option_matches_the_getsockopt_program() -> None:
+    text = (bpf_dir() / "sockopt_origdst.c").read_text()
+    m = re.search(r"#define NM_SO_SERVICE_DST (0x[0-9a-f]+|\d+)", text)
+    assert m is not None and int(m[1], 0) == abi.SO_SERVICE_DST

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address as Ip
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from agent.datapath.layouts import Backend, Frontend
-from agent.datapath.servicemap import compile_services
+from agent.datapath.servicemap import compile_service_set, compile_services
+from agent.model.fields import FieldError
 from agent.model.mesh import Service, ServicePort, Workload
 from agent.sources.file import ConfigError, parse_files
+from agent.sources.k8sconvert import service_from_k8s
 from agent.state.snapshot import MeshState
 
 MESH = """
@@ -99,3 +102,34 @@ def test_bad_named_target_port_is_an_error() -> None:
             "spec: {vips: [10.96.0.1], ports: [{port: 80, targetPort: Not_A_Name}]}\n")
     with pytest.raises(ConfigError, match=r"m.yaml:3: spec.ports\[0\].targetPort: 'Not_A_Name'"):
         parse_files([(Path("m.yaml"), text.encode())])
+
+
+def test_a_connection_cap_applies_to_each_port_of_the_service() -> None:
+    text = ("kind: Workload\nmetadata: {name: w, namespace: n, labels: {app: a}}\n"
+            "spec: {ips: [10.0.0.1]}\n---\n"
+            "kind: Service\nmetadata: {name: s, namespace: n}\n"
+            "spec: {vips: [10.96.0.1], ports: [{port: 80}, {port: 81}], selector: {app: a},\n"
+            "       maxConnections: 100}\n")
+    compiled = compile_service_set(parse_files([(Path("m.yaml"), text.encode())]))
+    assert compiled.caps == {Frontend(Ip("10.96.0.1"), 80): 100,
+                             Frontend(Ip("10.96.0.1"), 81): 100}
+    assert {s.ref for s in compiled.owner.values()} == {"n/s"}
+
+
+@pytest.mark.parametrize("cap", ["-1", "70000", "true", "'5'"])
+def test_a_bad_connection_cap_names_the_field(cap: str) -> None:
+    text = ("kind: Service\nmetadata: {name: s, namespace: n}\n"
+            f"spec: {{vips: [10.96.0.1], ports: [{{port: 80}}], maxConnections: {cap}}}\n")
+    with pytest.raises(ConfigError, match=r"m.yaml:3: spec.maxConnections: .* want 0 \(no cap\)"):
+        parse_files([(Path("m.yaml"), text.encode())])
+
+
+def test_kubernetes_services_take_the_cap_from_an_annotation() -> None:
+    doc: dict[str, Any] = {"kind": "Service", "apiVersion": "v1",
+           "metadata": {"name": "s", "namespace": "n",
+                                        "annotations": {"nodemesh.io/max-connections": "250"}},
+                           "spec": {"clusterIP": "10.96.0.1", "ports": [{"port": 80}]}}
+    assert service_from_k8s(doc).max_connections == 250
+    doc["metadata"]["annotations"]["nodemesh.io/max-connections"] = "lots"
+    with pytest.raises(FieldError, match=r"^metadata\.annotations\.nodemesh\.io/max-connections"):
+        service_from_k8s(doc)

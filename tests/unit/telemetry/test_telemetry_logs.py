@@ -50,12 +50,12 @@ def doc_blocks(kind: str, schema_id: str) -> list[Any]:
 
 
 def test_documented_schemas_are_the_ones_in_code() -> None:
-    assert doc_blocks("schema", "nodemesh.flow/v1") == [FLOW_SCHEMA]
+    assert doc_blocks("schema", "nodemesh.flow/v2") == [FLOW_SCHEMA]
     assert doc_blocks("schema", "nodemesh.audit/v1") == [AUDIT_SCHEMA]
 
 
 def test_documented_examples_validate() -> None:
-    flows = doc_blocks("example", "nodemesh.flow/v1")
+    flows = doc_blocks("example", "nodemesh.flow/v2")
     audits = doc_blocks("example", "nodemesh.audit/v1")
     assert flows and audits
     for ex in flows:

@@ -253,3 +253,63 @@ def test_numbers_from_requests_and_config_are_ascii_digits() -> None:
     assert identity_cli.duration("15m").total_seconds() == 900
     with pytest.raises(argparse.ArgumentTypeError):
         identity_cli.duration("\u0661\u0665m")
+
+
+def test_a_service_at_its_connection_cap_is_recorded_as_upstream_overflow(
+        tel: Telemetry) -> None:
+    ev = dataclasses.replace(kernel_deny(KDirection.EGRESS, 7, Reason.UPSTREAM_OVERFLOW),
+                             policy=0, svc_ip=ipaddress.IPv4Address("10.96.0.20"), svc_port=80)
+    rec = flows.from_kernel(ev, by_ip, lambda _: "", lambda _vip: "db.prod.svc.cluster.local")
+    assert (rec.kind, rec.response_flags, rec.reason, rec.service_address) == (
+        EventKind.DENY, "UO", "upstream_overflow", "10.96.0.20:80")
+    # The endpoint the kernel chose, and the Service it was chosen from.
+    assert (rec.destination.ip, rec.destination.port) == ("10.0.2.7", 5432)
+    tel.emit(rec)
+    (labels, _), = _samples(tel)["istio_tcp_connections_failed_total"]
+    assert (labels["response_flags"], labels["destination_service"],
+            labels["destination_service_name"], labels["destination_service_namespace"]) == (
+        "UO", "db.prod.svc.cluster.local", "db", "prod")
+
+
+def test_tunnel_records_name_the_service_the_endpoint_was_chosen_from(
+        tel: Telemetry, tmp_path: Path) -> None:
+    src = ConnectionEvent(Phase.OPEN, Direction.OUTBOUND, "10.0.1.5", 40000, "10.0.2.7", 5432,
+                          src_identity=SLEEP_ID, dst_identity=DB_ID,
+                          flags=Flag.CONNECT | Flag.HBONE, svc_ip="10.96.0.20", svc_port=80)
+    hosts = {"10.96.0.20": "db.prod.svc.cluster.local"}
+    closed = flows.from_tunnel(src.closed(bytes_sent=3, bytes_received=4), by_ip, hosts.get,
+                               lambda _ip, _port: "wrong")
+    assert (closed.destination.service, closed.service_address, closed.ejected) == (
+        "db.prod.svc.cluster.local", "10.96.0.20:80", False)
+    # The destination side cannot know the VIP: the one Service the endpoint backs.
+    dst = dataclasses.replace(src, direction=Direction.INBOUND, svc_ip="", svc_port=0)
+    inbound = flows.from_tunnel(dst.closed(), by_ip, hosts.get, lambda ip, port: (
+        "db.prod.svc.cluster.local" if (ip, port) == ("10.0.2.7", 5432) else ""))
+    assert (inbound.destination.service, inbound.service_address) == (
+        "db.prod.svc.cluster.local", "")
+    # The failed connect that ejected its endpoint carries the flag.
+    failed = flows.from_tunnel(src.refused(ResponseFlag.CONNECT, Cause.UPSTREAM,
+                                           Flag.UPSTREAM_FAILURE, "503"), by_ip, hosts.get,
+                               ejected=True)
+    assert failed.ejected and failed.response_flags == "CONNECT"
+    for rec in (closed, inbound, failed):
+        tel.emit(rec)
+    logged = [json.loads(line) for line in (tmp_path / "flows.log").read_text().splitlines()]
+    assert [(r["service_address"], r["ejected"], r["destination"]["ip"]) for r in logged] == [
+        ("10.96.0.20:80", False, "10.0.2.7"), ("", False, "10.0.2.7"),
+        ("10.96.0.20:80", True, "10.0.2.7")]
+    sent = {s[0]["reporter"]: s[0] for s in _samples(tel)["istio_tcp_connections_closed_total"]}
+    for reporter in ("source", "destination"):
+        assert (sent[reporter]["destination_service"],
+                sent[reporter]["destination_service_name"],
+                sent[reporter]["destination_service_namespace"]) == (
+            "db.prod.svc.cluster.local", "db", "prod")
+
+
+def test_v1_records_still_load() -> None:
+    rec = flows.from_tunnel(ConnectionEvent(Phase.OPEN, Direction.OUTBOUND, "10.0.1.5", 1,
+                                            "10.0.2.7", 5432), by_ip)
+    v1 = rec.to_dict()
+    v1["schema"] = "nodemesh.flow/v1"
+    del v1["service_address"], v1["ejected"]
+    assert FlowRecord.from_dict(v1) == rec
