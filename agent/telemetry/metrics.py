@@ -365,17 +365,17 @@ class AgentMetrics:
         self.stream_dropped = ScrapeValue(
             registry, "nodemesh_flow_stream_dropped", "Flow records not delivered to a live "
             "stream subscriber that was too slow", "counter")
-        self.service_connections = ScrapeCollector(
+        self.service_connections = ScrapeLabelled(
             registry, "nodemesh_service_connections", "Connections open through a Service port "
             "(the kernel's count for its connection cap)", "gauge", ("service", "port"))
-        self.service_overflows = ScrapeCollector(
+        self.service_overflows = ScrapeLabelled(
             registry, "nodemesh_service_overflows", "Connects to a Service port refused because "
             "its connection cap was reached", "counter", ("service", "port"))
-        self.endpoint_ejections = ScrapeCollector(
+        self.endpoint_ejections = ScrapeLabelled(
             registry, "nodemesh_endpoint_ejections", "Times a Service endpoint was ejected after "
             "consecutive failed connects (outlier detection)", "counter",
             ("service", "port", "endpoint"))
-        self.endpoints_ejected = ScrapeCollector(
+        self.endpoints_ejected = ScrapeLabelled(
             registry, "nodemesh_endpoints_ejected", "Service endpoints ejected now", "gauge",
             ("service", "port"))
         self.policy_update_seconds = HistogramCollector(
