@@ -15,7 +15,7 @@ import ipaddress
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
 from prometheus_client import CollectorRegistry
@@ -235,6 +235,22 @@ class NodeAgent:
         self.telemetry.agent_metrics.policy_update_seconds.observe(time.monotonic() - start)
         await self.enroller.reconcile(state)
         self.pending = set(self.enroller.pending)
+        self._refresh_enrolled(state)
+
+    def _refresh_enrolled(self, state: MeshState) -> None:
+        """Carry PeerAuthentication and label changes to pods already enrolled, in place.
+
+        The kernel's entries were just recompiled; the tunnel's plaintext mode and names are
+        updated here, so a mode change needs no re-enroll and leaves open connections alone.
+        """
+        for uid, e in self.enrolled.items():
+            w = state.workload_by_uid(uid)
+            if w is None or w.identity != e.workload.identity or w.ips != e.workload.ips:
+                continue  # leaving or being replaced: the enroller handles it
+            e.workload = w
+            spec = self.tunnel.pod(uid)
+            if spec is not None:
+                self.tunnel.update_pod(replace(spec, name=w.ref, mode=_tunnel_mode(state, w)))
 
     def _compile_and_apply(self, state: MeshState) -> CompiledPolicy:
         compiled = self.compiler.compile(state.policy_set, state.workloads)
@@ -251,8 +267,7 @@ class NodeAgent:
             return
         ident = self.identities.allocate(w.identity)
         await self.certs.get(w.identity, timeout=30)
-        base, _ports = self.state.policy_set.mtls.strict_ports(w)
-        mode = Mode.STRICT if base is MtlsMode.STRICT else Mode.PERMISSIVE
+        mode = _tunnel_mode(self.state, w)
         await self.tunnel.add_pod(
             PodSpec(
                 uid=w.uid,
@@ -286,6 +301,14 @@ class NodeAgent:
         if self._events_thread is not None:
             self._events_thread.join(timeout=2)
         await self.certs.close()
+
+
+def _tunnel_mode(state: MeshState, w: Workload) -> Mode:
+    """The tunnel refuses plaintext outright only when every port of w is STRICT; with
+    port-level exceptions the kernel's entries (MTLS_REQUIRED) decide per port at the
+    tunnel's upstream connect."""
+    base, ports = state.policy_set.mtls.strict_ports(w)
+    return Mode.STRICT if base is MtlsMode.STRICT and not ports else Mode.PERMISSIVE
 
 
 def _v4(w: Workload) -> ipaddress.IPv4Address | None:
