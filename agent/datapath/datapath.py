@@ -5,6 +5,11 @@ install() adopts them by updating each link to the newly loaded program (no dupl
 uninstall() detaches and unpins everything it made. Pod enrollment is a map update plus one
 sk_lookup link in the pod's netns. install() also registers the agent's own cgroup as the one
 whose sockets may carry the tunnel mark (agent/datapath/trust.py).
+
+Programs come pinned under <pin_dir>/progs from loader.py (in this process, or for the agent in
+a short-lived child so that BCC/LLVM never stay resident); every map and program is then used
+through fds opened from pins (pinned.py), and flow events are read from the ring buffer's mmap
+(ringbuf.py).
 """
 
 from __future__ import annotations
@@ -13,17 +18,17 @@ import contextlib
 import errno
 import ipaddress
 import logging
+import mmap
 import os
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from agent.abi import ID_TUNNEL
 from agent.datapath import bpfsys, layouts, trust
-from agent.datapath.bccloader import Module, ProgType, compile_module
 from agent.datapath.bpfsys import AttachType, MapType
 from agent.datapath.layouts import (
     Backend,
@@ -34,33 +39,17 @@ from agent.datapath.layouts import (
     TrustedEntry,
     UpstreamKey,
 )
+from agent.datapath.loader import pin_programs, release, run_loader
 from agent.datapath.options import BuildOptions
+from agent.datapath.pinned import PinnedObjects
+from agent.datapath.programs import CGROUP_PROGRAMS, PROGS_DIR, SK_LOOKUP
+from agent.datapath.ringbuf import RingBuffer
 from agent.datapath.verdicts import COUNTER_SLOTS, Counter
 from agent.host import netns
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class CgroupProgram:
-    name: str
-    prog_type: ProgType
-    attach_type: AttachType
-
-
-CGROUP_PROGRAMS = (
-    CgroupProgram("nm_connect4", ProgType.CGROUP_SOCK_ADDR, AttachType.CGROUP_INET4_CONNECT),
-    CgroupProgram("nm_connect6", ProgType.CGROUP_SOCK_ADDR, AttachType.CGROUP_INET6_CONNECT),
-    CgroupProgram(
-        "nm_getpeername4", ProgType.CGROUP_SOCK_ADDR, AttachType.CGROUP_INET4_GETPEERNAME
-    ),
-    CgroupProgram(
-        "nm_getsockname4", ProgType.CGROUP_SOCK_ADDR, AttachType.CGROUP_INET4_GETSOCKNAME
-    ),
-    CgroupProgram("nm_getsockopt", ProgType.CGROUP_SOCKOPT, AttachType.CGROUP_GETSOCKOPT),
-    CgroupProgram("nm_sockops", ProgType.SOCK_OPS, AttachType.CGROUP_SOCK_OPS),
-)
-SK_LOOKUP = "nm_sk_lookup"
 # Counters that record a refusal (or a forged tunnel mark, ignored and counted).
 DROP_COUNTERS = (
     Counter.DENY_EGRESS,
@@ -107,11 +96,18 @@ def _replace_keys(fd: int, key_size: int, wanted: set[bytes]) -> None:
 class Datapath:
     """One agent's programs and maps. Thread-safe for reads; one writer at a time."""
 
-    def __init__(self, cgroup_root: Path, options: BuildOptions) -> None:
+    def __init__(self, cgroup_root: Path, options: BuildOptions, *,
+                 load_in_process: bool = True) -> None:
+        """`load_in_process` False compiles in a short-lived loader process (the agent: no BCC
+        or LLVM stays resident); True compiles here, cached per options (tests, tools)."""
         self.cgroup_root = cgroup_root
         self.options = options
+        self.load_in_process = load_in_process
         self.links_dir = options.pin_dir / "links"
-        self._module: Module | None = None
+        self.loaded: list[str] = []
+        self._module: PinnedObjects | None = None
+        self._ring: RingBuffer | None = None
+        self._ring_lock = threading.Lock()
         self._subscribers: list[Callable[[FlowEvent], None]] = []
         self._events_open = False
         self.event_errors = 0  # flow events that failed to decode or deliver
@@ -126,7 +122,7 @@ class Datapath:
         return self.options.pin_dir
 
     @property
-    def module(self) -> Module:
+    def module(self) -> PinnedObjects:
         if self._module is None:
             raise RuntimeError("BUG: datapath used before install()")
         return self._module
@@ -136,17 +132,21 @@ class Datapath:
         """Compile, load, and attach (or adopt pinned attachments). Returns what it did."""
         if not self.cgroup_root.is_dir():
             raise FileNotFoundError(f"cgroup {self.cgroup_root} does not exist")
-        self._module = compile_module(self.options)
+        self.loaded = (pin_programs(self.options) if self.load_in_process
+                       else run_loader(self.options))
+        if self._module is not None:
+            self._module.close()  # a re-install: programs were pinned anew
+        self._module = PinnedObjects(self.pin_dir)
         self.links_dir.mkdir(parents=True, exist_ok=True)
         done: list[str] = []
         cg_fd = os.open(self.cgroup_root, os.O_RDONLY | os.O_DIRECTORY)
         try:
             for prog in CGROUP_PROGRAMS:
-                fd = self.module.load(prog.name, prog.prog_type, int(prog.attach_type))
+                fd = self.module.prog_fd(prog)
                 done.append(self._attach(self.links_dir / prog.name, fd, cg_fd, prog.attach_type))
         finally:
             os.close(cg_fd)
-        lookup_fd = self.module.load(SK_LOOKUP, ProgType.SK_LOOKUP, int(AttachType.SK_LOOKUP))
+        lookup_fd = self.module.prog_fd(SK_LOOKUP)
         for pin in sorted(self.links_dir.glob("sklookup-*")):
             done.append(self._adopt(pin, lookup_fd) or f"dropped defunct {pin.name}")
         done.extend(self.refresh_trust())
@@ -224,11 +224,20 @@ class Datapath:
             for pin in sorted(self.links_dir.iterdir()):
                 _detach_pinned_link(pin)
                 removed.append(f"link {pin.name}")
+        progs = self.pin_dir / PROGS_DIR
+        if progs.is_dir():
+            for pin in sorted(progs.iterdir()):
+                pin.unlink()
+                removed.append(f"program {pin.name}")
         if self.pin_dir.is_dir():
             for pin in sorted(p for p in self.pin_dir.iterdir() if p.is_file()):
                 pin.unlink()
                 removed.append(f"map {pin.name}")
             shutil.rmtree(self.pin_dir, ignore_errors=True)
+        release(self.options)  # a cached in-process module's maps are unpinned now
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
         if self._module is not None:
             self._module.close()
             self._module = None
@@ -257,7 +266,7 @@ class Datapath:
         if not pin.exists():
             ns_fd = netns.open_ns(ns)
             try:
-                prog = self.module.load(SK_LOOKUP, ProgType.SK_LOOKUP, int(AttachType.SK_LOOKUP))
+                prog = self.module.prog_fd(SK_LOOKUP)
                 link = bpfsys.link_create(prog, ns_fd, AttachType.SK_LOOKUP)
                 try:
                     bpfsys.obj_pin(link, pin)
@@ -517,30 +526,42 @@ class Datapath:
 
     def open_events(self, callback: Callable[[FlowEvent], None]) -> None:
         """Subscribe to flow events; delivered from poll_events()/drain_events()."""
-        if not self._events_open:  # BCC can open a ring buffer only once per module
-            self.module.open_ring_buffer("nm_events_v1", self._dispatch)
+        if not self._events_open:
+            self._ring = RingBuffer(self.module.map_fd("nm_events_v1"))
             self._events_open = True
         self._subscribers.append(callback)
 
-    def _dispatch(self, raw: bytes) -> None:
-        # Called from BCC's C callback: an exception here would only print a traceback per
-        # record, so a record that does not decode (or a subscriber that fails) is counted
-        # and logged in one bounded line, the first time and every 1000th after.
-        try:
-            event = FlowEvent.unpack(raw)
-            for sub in list(self._subscribers):
-                sub(event)
-        except Exception as exc:
-            self.event_errors += 1
-            if self.event_errors % 1000 == 1:
-                log.error("flow event not delivered (%d so far): %s: %.200s",
-                          self.event_errors, type(exc).__name__, exc)
-                log.debug("flow event failure", exc_info=True)
+    def _dispatch(self, buf: mmap.mmap, offsets: list[int], lengths: list[int]) -> None:
+        # One batch of records, decoded in place from the ring's mmap. A record that does not
+        # decode (or a subscriber that fails) is counted and logged in one bounded line, the
+        # first time and every 1000th after; the rest of the batch is still delivered.
+        subs = list(self._subscribers)
+        unpack = FlowEvent.unpack_from
+        for off, length in zip(offsets, lengths, strict=True):
+            try:
+                event = unpack(buf, off, length)
+                for sub in subs:
+                    sub(event)
+            except Exception as exc:
+                self.event_errors += 1
+                if self.event_errors % 1000 == 1:
+                    log.error("flow event not delivered (%d so far): %s: %.200s",
+                              self.event_errors, type(exc).__name__, exc)
+                    log.debug("flow event failure", exc_info=True)
 
-    def poll_events(self, timeout_ms: int = 100) -> None:
-        self.module.poll_ring_buffers(timeout_ms)
+    def poll_events(self, timeout_ms: int = 100) -> int:
+        """Wait up to timeout_ms for flow events and deliver them; returns how many."""
+        ring = self._ring
+        if ring is None:
+            time.sleep(timeout_ms / 1000)
+            return 0
+        ring.wait(timeout_ms)
+        with self._ring_lock:
+            return ring.consume(self._dispatch)
 
     def drain_events(self, settle: float = 0.05) -> None:
         """Consume what is in the ring now (tests and shutdown)."""
         time.sleep(settle)
-        self.module.consume_ring_buffers()
+        if self._ring is not None:
+            with self._ring_lock:
+                self._ring.consume(self._dispatch)

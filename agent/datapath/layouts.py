@@ -7,6 +7,7 @@ their packed (big-endian) bytes. Ports are host order unless the C comment says 
 from __future__ import annotations
 
 import ipaddress
+import mmap
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -155,8 +156,14 @@ class FlowEvent:
 
     @classmethod
     def unpack(cls, raw: bytes) -> FlowEvent:
-        if len(raw) < FLOW_EVENT.size:
-            raise ValueError(f"flow event of {len(raw)} bytes, want {FLOW_EVENT_SIZE}")
+        return cls.unpack_from(raw, 0, len(raw))
+
+    @classmethod
+    def unpack_from(cls, buf: bytes | bytearray | memoryview | mmap.mmap, offset: int,
+                    length: int) -> FlowEvent:
+        """Decode in place (a ring buffer's mmap): no copy of the record."""
+        if length < FLOW_EVENT.size:
+            raise ValueError(f"flow event of {length} bytes, want {FLOW_EVENT_SIZE}")
         (
             ts,
             cookie,
@@ -177,7 +184,7 @@ class FlowEvent:
             direction,
             svc_ip,
             svc_port,
-        ) = FLOW_EVENT.unpack(raw[: FLOW_EVENT.size])
+        ) = FLOW_EVENT.unpack_from(buf, offset)
         return cls(
             ts,
             cookie,

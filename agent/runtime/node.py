@@ -76,7 +76,8 @@ class NodeAgent:
         self.identities = IdentityTable()
         self.compiler = PolicyCompiler(self.identities)
         root = cfg.cgroup_root or cgroup.mount_point()
-        self.datapath = Datapath(root, BuildOptions(pin_dir=cfg.pin_dir))
+        # BCC and LLVM run in a short-lived loader process, never resident in the agent.
+        self.datapath = Datapath(root, BuildOptions(pin_dir=cfg.pin_dir), load_in_process=False)
         self.telemetry = Telemetry(
             TelemetryConfig(node=cfg.node_name, flow_log=cfg.flow_log, audit_log=cfg.audit_log),
             self.registry,
