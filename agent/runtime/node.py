@@ -31,7 +31,6 @@ from agent.datapath.verdicts import Counter, EventKind
 from agent.enroll import Enroller, PodLocator, PodPlacement
 from agent.host import cgroup
 from agent.identity import pki
-from agent.identity.caclient import CaClient
 from agent.identity.manager import CertificateManager
 from agent.model.mesh import Workload
 from agent.policy.peerauth import MtlsMode
@@ -113,6 +112,9 @@ class NodeAgent:
             if cfg.ca_root_cert is None:
                 raise ConfigError("ca_address needs ca_root_cert: the CA's trust anchor")
             root = cfg.ca_root_cert.read_text(encoding="ascii")
+            # grpc (~20 MiB resident) only when an external CA is configured.
+            from agent.identity.caclient import CaClient  # noqa: PLC0415
+
             # The token file is re-read per request (the kubelet rotates projected tokens).
             client = CaClient(cfg.ca_address, root, token_file=cfg.ca_token_path,
                               cluster_id=cfg.cluster_id, ttl=ttl)

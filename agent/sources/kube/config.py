@@ -26,9 +26,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import yaml
-from kubernetes_asyncio.config.config_exception import ConfigException
-from kubernetes_asyncio.config.exec_provider import ExecProvider
-from kubernetes_asyncio.config.kube_config import ConfigNode
 
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 TOKEN_REFRESH = 60.0  # client-go re-reads the token file at this period too
@@ -124,6 +121,11 @@ class ExecCredentials:
         self.command = command
         self.where = where
         self._clock = clock
+        # Imported here: kubernetes_asyncio costs ~60 MiB resident, and only exec plugins use it.
+        from kubernetes_asyncio.config.config_exception import ConfigException  # noqa: PLC0415
+        from kubernetes_asyncio.config.exec_provider import ExecProvider  # noqa: PLC0415
+        from kubernetes_asyncio.config.kube_config import ConfigNode  # noqa: PLC0415
+
         try:
             self._provider = ExecProvider(ConfigNode("exec", spec))
         except (ConfigException, KeyError, TypeError) as e:
@@ -144,6 +146,8 @@ class ExecCredentials:
                 await self._run()
 
     async def _run(self) -> None:
+        from kubernetes_asyncio.config.config_exception import ConfigException  # noqa: PLC0415
+
         try:
             status = await self._provider.run()
         except (ConfigException, OSError) as e:
