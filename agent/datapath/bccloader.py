@@ -112,8 +112,11 @@ _cache: dict[BuildOptions, Module] = {}
 _cache_lock = threading.Lock()
 
 
-def compile_module(options: BuildOptions, *, cached: bool = True) -> Module:
-    """Compile options.sources (about 1.5 s of LLVM); equal options reuse the same module."""
+def compile_module(options: BuildOptions, *, cached: bool = True,
+                   extra_text: str = "") -> Module:
+    """Compile options.sources (about 1.5 s of LLVM); equal options reuse the same module.
+    `extra_text` is C appended to the sources (a benchmark's event generator; never cached)."""
+    cached = cached and not extra_text
     with _cache_lock:
         if cached and options in _cache:
             return _cache[options]
@@ -127,7 +130,7 @@ def compile_module(options: BuildOptions, *, cached: bool = True) -> Module:
                 "venv (scripts/setup.sh does both)"
             ) from exc
         options.pin_dir.mkdir(parents=True, exist_ok=True)
-        text = assemble(options.sources)
+        text = assemble(options.sources) + extra_text
         cflags = [*options.cflags(), f"-I{bpf_dir()}"]
         bpf = _logged(f"compiling {', '.join(options.sources)}", "compiler output",
                       lambda: BPF(text=text.encode("ascii"), cflags=cflags))

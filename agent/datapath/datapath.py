@@ -44,10 +44,11 @@ from agent.datapath.options import BuildOptions
 from agent.datapath.pinned import PinnedObjects
 from agent.datapath.programs import CGROUP_PROGRAMS, PROGS_DIR, SK_LOOKUP
 from agent.datapath.ringbuf import RingBuffer
-from agent.datapath.verdicts import COUNTER_SLOTS, Counter
+from agent.datapath.verdicts import COUNTER_SLOTS, Counter, EventKind
 from agent.host import netns
 
 log = logging.getLogger(__name__)
+KIND_AT = layouts.FLOW_EVENT_KIND_OFFSET
 
 
 # Counters that record a refusal (or a forged tunnel mark, ignored and counted).
@@ -111,6 +112,8 @@ class Datapath:
         self._subscribers: list[Callable[[FlowEvent], None]] = []
         self._events_open = False
         self.event_errors = 0  # flow events that failed to decode or deliver
+        self.events_read = 0  # records taken from the ring (delivered or filtered out)
+        self._kinds: set[int] | None = None  # event kinds any subscriber wants; None: all
         # (VIP, port) -> (service id, slots, backends) as this process wrote them; None until
         # read from the kernel (backends None: written by a previous agent)
         self._services: dict[Frontend, tuple[int, int, tuple[Backend, ...] | None]] | None = None
@@ -151,6 +154,11 @@ class Datapath:
             done.append(self._adopt(pin, lookup_fd) or f"dropped defunct {pin.name}")
         done.extend(self.refresh_trust())
         return done
+
+    def open_pins(self) -> None:
+        """Use what is pinned in pin_dir without loading or attaching (readers, benchmarks)."""
+        if self._module is None:
+            self._module = PinnedObjects(self.pin_dir)
 
     # -- trust -----------------------------------------------------------------------------
     def refresh_trust(self) -> list[str]:
@@ -524,20 +532,33 @@ class Datapath:
             for name, (ks, cap) in sizes.items()
         }
 
-    def open_events(self, callback: Callable[[FlowEvent], None]) -> None:
-        """Subscribe to flow events; delivered from poll_events()/drain_events()."""
+    def open_events(self, callback: Callable[[FlowEvent], None],
+                    kinds: Iterable[EventKind] | None = None) -> None:
+        """Subscribe to flow events; delivered from poll_events()/drain_events().
+
+        `kinds` names the events the subscriber needs (None: all): records of other kinds are
+        skipped before they are decoded, which is most of the cost of a busy ring. It is a
+        filter for the whole ring, so a subscriber still checks the kind it is handed."""
         if not self._events_open:
             self._ring = RingBuffer(self.module.map_fd("nm_events_v1"))
             self._events_open = True
+            self._kinds = None if kinds is None else {int(k) for k in kinds}
+        elif kinds is None:
+            self._kinds = None
+        elif self._kinds is not None:
+            self._kinds |= {int(k) for k in kinds}
         self._subscribers.append(callback)
 
     def _dispatch(self, buf: mmap.mmap, offsets: list[int], lengths: list[int]) -> None:
         # One batch of records, decoded in place from the ring's mmap. A record that does not
         # decode (or a subscriber that fails) is counted and logged in one bounded line, the
         # first time and every 1000th after; the rest of the batch is still delivered.
-        subs = list(self._subscribers)
+        self.events_read += len(offsets)
+        subs, kinds = list(self._subscribers), self._kinds
         unpack = FlowEvent.unpack_from
         for off, length in zip(offsets, lengths, strict=True):
+            if kinds is not None and length > KIND_AT and buf[off + KIND_AT] not in kinds:
+                continue
             try:
                 event = unpack(buf, off, length)
                 for sub in subs:

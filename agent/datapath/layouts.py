@@ -35,6 +35,7 @@ TRUSTED_ENTRY = struct.Struct("=IIQ")
 CGROUP_ID = struct.Struct("=Q")
 FLOW_EVENT = struct.Struct("=QQQQQQ4s4sHHIIHBBBB2x4sH2x")
 FLOW_EVENT_SIZE = 88  # sizeof(struct flow_event), 8-byte aligned
+FLOW_EVENT_KIND_OFFSET = struct.calcsize("=QQQQQQ4s4sHHIIH")  # offsetof(struct flow_event, kind)
 LB4_KEY = struct.Struct("=4sHBB")
 LB4_SERVICE = struct.Struct("=IHH")
 LB4_BACKEND_KEY = struct.Struct("=II")

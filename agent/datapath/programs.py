@@ -10,6 +10,7 @@ from agent.datapath.bpfsys import AttachType
 
 
 class ProgType(enum.IntEnum):
+    SOCKET_FILTER = 1  # benchmarks' event generator (runs under BPF_PROG_TEST_RUN)
     SOCK_OPS = 13
     CGROUP_SOCK_ADDR = 18
     CGROUP_SOCKOPT = 25

@@ -179,7 +179,7 @@ class NodeAgent:
     def start_datapath(self) -> list[str]:
         actions = self.datapath.install()
         self.datapath.set_exclusions(self.config.exclude_ports, self.config.exclude_cidrs)
-        self.datapath.open_events(self._kernel_event)
+        self.datapath.open_events(self._kernel_event, kinds=(EventKind.DENY,))
         self._events_thread = threading.Thread(
             target=self._poll_events, name="bpf-events", daemon=True
         )
