@@ -46,6 +46,7 @@ class Cmd(enum.IntEnum):
     PROG_DETACH = 9
     PROG_TEST_RUN = 10
     PROG_QUERY = 16
+    MAP_GET_FD_BY_ID = 14
     OBJ_GET_INFO_BY_FD = 15
     MAP_UPDATE_BATCH = 26
     LINK_CREATE = 28
@@ -246,3 +247,8 @@ def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1) -> int:
         err = ctypes.get_errno()
         raise BpfError(err, f"bpf(PROG_TEST_RUN): {os.strerror(err)}")
     return int(struct.unpack_from("=I", out.raw, 4)[0])
+
+
+def map_get_fd_by_id(map_id: int) -> int:
+    """An fd for the map with this kernel id (e.g. an inner map named by a map-of-maps)."""
+    return _call(Cmd.MAP_GET_FD_BY_ID, struct.pack("=III", map_id, 0, 0))

@@ -25,6 +25,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from agent.abi import ID_TUNNEL
@@ -94,6 +95,63 @@ def _replace_keys(fd: int, key_size: int, wanted: set[bytes]) -> None:
         bpfsys.map_delete(fd, key)
 
 
+@dataclass
+class PolicyUpdate:
+    """What one apply_policy wrote: how, and which keys (incremental updates only)."""
+
+    mode: str  # "full" (a new generation) or "incremental" (the inactive one patched)
+    written: int
+    deleted: int
+    touched: frozenset[PolicyKey] = frozenset()
+
+
+@dataclass
+class _Generation:
+    """A policy generation this process built: its inner maps (fds kept) and what they hold."""
+
+    pol: int
+    ipc: int
+    groups: dict[str, Mapping[PolicyKey, PolicyEntry]]
+    cidrs: dict[ipaddress.IPv4Network, int]
+
+    def close(self) -> None:
+        os.close(self.pol)
+        os.close(self.ipc)
+
+
+def _patch(gen: _Generation, entries: Mapping[PolicyKey, PolicyEntry],
+           cidrs: Mapping[ipaddress.IPv4Network, int],
+           groups: Mapping[str, Mapping[PolicyKey, PolicyEntry]]) -> PolicyUpdate:
+    """Make an inactive generation hold `entries`, writing only what changed since it was
+    last written (a generation is written only while inactive: one update after a connect could
+    last have read it, and a program run is bounded and never sleeps)."""
+    writes: dict[PolicyKey, PolicyEntry] = {}
+    deletes: set[PolicyKey] = set()
+    for uid, new in groups.items():
+        old = gen.groups.get(uid, {})
+        if old is new:
+            continue
+        writes.update((k, entries[k]) for k, v in new.items() if old.get(k) != v)
+        deletes.update(old.keys() - new.keys())
+    for uid in gen.groups.keys() - groups.keys():
+        deletes.update(gen.groups[uid])
+    deletes -= entries.keys()  # still set by another destination with the same address
+    items = sorted(writes.items())
+    bpfsys.map_update_batch(gen.pol, b"".join(k.pack() for k, _ in items),
+                            b"".join(v.pack() for _, v in items), len(items))
+    for k in deletes:
+        bpfsys.map_delete(gen.pol, k.pack())
+    for net in gen.cidrs.keys() - cidrs.keys():
+        bpfsys.map_delete(gen.ipc, layouts.ipcache_key(net))
+    for net, cidr_id in cidrs.items():
+        if gen.cidrs.get(net) != cidr_id:
+            bpfsys.map_update(gen.ipc, layouts.ipcache_key(net),
+                              layouts.IPCACHE_VALUE.pack(cidr_id, 0))
+    gen.groups, gen.cidrs = dict(groups), dict(cidrs)
+    return PolicyUpdate("incremental", len(writes), len(deletes),
+                        frozenset(writes) | frozenset(deletes))
+
+
 class Datapath:
     """One agent's programs and maps. Thread-safe for reads; one writer at a time."""
 
@@ -118,6 +176,8 @@ class Datapath:
         # read from the kernel (backends None: written by a previous agent)
         self._services: dict[Frontend, tuple[int, int, tuple[Backend, ...] | None]] | None = None
         self._retired: list[tuple[int, int]] = []  # (service id, slots): delete next update
+        self._generations: dict[int, _Generation] = {}  # policy slot -> what this process wrote
+        self.last_policy_update: PolicyUpdate | None = None
         self._next_svc_id = 1
 
     @property
@@ -243,6 +303,9 @@ class Datapath:
                 removed.append(f"map {pin.name}")
             shutil.rmtree(self.pin_dir, ignore_errors=True)
         release(self.options)  # a cached in-process module's maps are unpinned now
+        for generation in self._generations.values():
+            generation.close()
+        self._generations.clear()
         if self._ring is not None:
             self._ring.close()
             self._ring = None
@@ -339,50 +402,83 @@ class Datapath:
 
     # -- policy ----------------------------------------------------------------------------
     def apply_policy(
-        self, entries: Mapping[PolicyKey, PolicyEntry], cidrs: Mapping[ipaddress.IPv4Network, int]
-    ) -> None:
-        """Install a complete policy generation; enforced for every connect after return."""
+        self, entries: Mapping[PolicyKey, PolicyEntry], cidrs: Mapping[ipaddress.IPv4Network, int],
+        groups: Mapping[str, Mapping[PolicyKey, PolicyEntry]] | None = None,
+    ) -> PolicyUpdate:
+        """Install a policy generation; enforced for every connect after return.
+
+        Two generations alternate: the inactive one is made equal to `entries`, then one write
+        of nm_gen_v1 switches every connect to it, so no connect sees a mix of old and new. With
+        `groups` (entries per destination, as PolicyCompiler hands them out) and a generation
+        this process wrote before, only the destinations whose group changed since that
+        generation are written (incremental); otherwise the generation is built anew (full).
+        """
         opts = self.options
         if len(entries) > opts.max_policy:
             raise ValueError(f"{len(entries)} policy entries exceed the map size {opts.max_policy}")
         gen_fd = self.module.map_fd("nm_gen_v1")
         raw = bpfsys.map_lookup(gen_fd, layouts.U32.pack(0), 4)
         nxt = 1 - (layouts.U32.unpack(raw)[0] & 1 if raw else 0)
-        pol = bpfsys.map_create(
-            MapType.HASH,
-            layouts.POLICY_KEY.size,
-            layouts.POLICY_VALUE.size,
-            opts.max_policy,
-            flags=bpfsys.BPF_F_NO_PREALLOC,
-            name="nm_policy_gen",
-        )
-        ipc = bpfsys.map_create(
-            MapType.LPM_TRIE,
-            layouts.IPCACHE_KEY.size,
-            layouts.IPCACHE_VALUE.size,
-            opts.max_ipcache,
-            flags=bpfsys.BPF_F_NO_PREALLOC,
-            name="nm_ipcache_gen",
-        )
+        held = self._generations.get(nxt)
+        if groups is not None and held is not None:
+            update = _patch(held, entries, cidrs, groups)
+        else:
+            update = self._rebuild(nxt, entries, cidrs, groups)
+        bpfsys.map_update(gen_fd, layouts.U32.pack(0), layouts.U32.pack(nxt))
+        self.last_policy_update = update
+        return update
+
+    def _rebuild(self, slot: int, entries: Mapping[PolicyKey, PolicyEntry],
+                 cidrs: Mapping[ipaddress.IPv4Network, int],
+                 groups: Mapping[str, Mapping[PolicyKey, PolicyEntry]] | None) -> PolicyUpdate:
+        opts = self.options
+        pol = bpfsys.map_create(MapType.HASH, layouts.POLICY_KEY.size, layouts.POLICY_VALUE.size,
+                                opts.max_policy, flags=bpfsys.BPF_F_NO_PREALLOC,
+                                name="nm_policy_gen")
+        ipc = bpfsys.map_create(MapType.LPM_TRIE, layouts.IPCACHE_KEY.size,
+                                layouts.IPCACHE_VALUE.size, opts.max_ipcache,
+                                flags=bpfsys.BPF_F_NO_PREALLOC, name="nm_ipcache_gen")
         try:
             items = sorted(entries.items())
-            bpfsys.map_update_batch(
-                pol,
-                b"".join(k.pack() for k, _ in items),
-                b"".join(v.pack() for _, v in items),
-                len(items),
-            )
+            bpfsys.map_update_batch(pol, b"".join(k.pack() for k, _ in items),
+                                    b"".join(v.pack() for _, v in items), len(items))
             for net, cidr_id in cidrs.items():
-                bpfsys.map_update(
-                    ipc, layouts.ipcache_key(net), layouts.IPCACHE_VALUE.pack(cidr_id, 0)
-                )
-            slot = layouts.U32.pack(nxt)
-            bpfsys.map_update(self.module.map_fd("nm_policy_v1"), slot, layouts.U32.pack(pol))
-            bpfsys.map_update(self.module.map_fd("nm_ipcache_v1"), slot, layouts.U32.pack(ipc))
-        finally:
+                bpfsys.map_update(ipc, layouts.ipcache_key(net),
+                                  layouts.IPCACHE_VALUE.pack(cidr_id, 0))
+            key = layouts.U32.pack(slot)
+            bpfsys.map_update(self.module.map_fd("nm_policy_v1"), key, layouts.U32.pack(pol))
+            bpfsys.map_update(self.module.map_fd("nm_ipcache_v1"), key, layouts.U32.pack(ipc))
+        except BaseException:
             os.close(pol)
             os.close(ipc)
-        bpfsys.map_update(gen_fd, layouts.U32.pack(0), slot)
+            raise
+        old = self._generations.pop(slot, None)
+        if old is not None:
+            old.close()
+        if groups is None:
+            os.close(pol)
+            os.close(ipc)
+        else:  # keep the maps: the next update of this slot patches them
+            self._generations[slot] = _Generation(pol, ipc, dict(groups), dict(cidrs))
+        return PolicyUpdate("full", len(entries), 0)
+
+    def policy_entries(self) -> dict[PolicyKey, PolicyEntry]:
+        """The entries of the generation connects use now, read from the kernel."""
+        raw = bpfsys.map_lookup(self.module.map_fd("nm_gen_v1"), layouts.U32.pack(0), 4)
+        slot = layouts.U32.unpack(raw)[0] & 1 if raw else 0
+        inner = bpfsys.map_lookup(self.module.map_fd("nm_policy_v1"), layouts.U32.pack(slot), 4)
+        if inner is None:
+            return {}
+        fd = bpfsys.map_get_fd_by_id(layouts.U32.unpack(inner)[0])
+        try:
+            out = {}
+            for k in bpfsys.map_keys(fd, layouts.POLICY_KEY.size):
+                v = bpfsys.map_lookup(fd, k, layouts.POLICY_VALUE.size)
+                if v is not None:
+                    out[PolicyKey.unpack(k)] = PolicyEntry.unpack(v)
+            return out
+        finally:
+            os.close(fd)
 
     # -- services --------------------------------------------------------------------------
     def apply_services(self, table: Mapping[Frontend, Sequence[Backend]]) -> None:

@@ -59,6 +59,11 @@ class PolicyKey:
             self.dst.packed, self.src_id, self.src_cidr, self.port, IPPROTO_TCP, 0
         )
 
+    @classmethod
+    def unpack(cls, raw: bytes) -> PolicyKey:
+        dst, src_id, src_cidr, port, _proto, _pad = POLICY_KEY.unpack(raw)
+        return cls(Ip(dst), src_id, src_cidr, port)
+
 
 @dataclass(frozen=True)
 class PolicyEntry:
@@ -69,6 +74,11 @@ class PolicyEntry:
 
     def pack(self) -> bytes:
         return POLICY_VALUE.pack(self.verdict, self.reason, self.rule, self.policy)
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> PolicyEntry:
+        verdict, reason, rule, policy = POLICY_VALUE.unpack(raw)
+        return cls(_member(Verdict, verdict), _member(Reason, reason), policy, rule)
 
 
 def ipcache_key(net: ipaddress.IPv4Network) -> bytes:

@@ -257,7 +257,7 @@ class NodeAgent:
 
     def _compile_and_apply(self, state: MeshState) -> CompiledPolicy:
         compiled = self.compiler.compile(state.policy_set, state.workloads)
-        self.datapath.apply_policy(compiled.entries, compiled.cidrs)
+        self.datapath.apply_policy(compiled.entries, compiled.cidrs, compiled.groups)
         # After policy: a newly added endpoint is policed before connects can reach it.
         self.datapath.apply_services(compile_services(state))
         return compiled
