@@ -6,10 +6,9 @@ were replaced, then `enroll(workload, placement)` for pods not yet enrolled. A p
 what its enrollment depends on changed: its Kubernetes UID (deleted and recreated under the same
 name: a new netns), its IPs or its identity. Label and PeerAuthentication changes need no
 re-enroll (the agent recompiles kernel entries and updates the pod's tunnel in place). Passes are
-idempotent:
-with nothing changed, nothing is called. A pod that cannot be enrolled yet (no IP, netns not found,
-an enroll callback that failed) is reported as pending, with the reason, and retried on the next
-pass; `run` makes that pass soon even when the state does not change.
+idempotent: with nothing changed, nothing is called. A pod that cannot be enrolled yet (no IP,
+netns not found, an enroll callback that failed) is reported as pending, with the reason, and
+retried on the next pass; `run` makes that pass soon even when the state does not change.
 """
 
 from __future__ import annotations
