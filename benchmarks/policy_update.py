@@ -2,8 +2,8 @@
 
 A probe in the client pod connects to the server every 2 ms (denied = EPERM from the kernel);
 the suite atomically replaces the mesh file (os.replace) and notes CLOCK_MONOTONIC, the probe
-notes when its result flips. The latency covers everything on the way: the file source's poll
-(every 0.25 s), parsing and validating the YAML, compiling, and the map update.
+notes when its result flips. The latency covers everything on the way: the file source's inotify
+wake-up, parsing and validating the YAML, compiling, and the map update.
 """
 
 from __future__ import annotations

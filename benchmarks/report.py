@@ -149,6 +149,15 @@ def table(results: dict[str, Any]) -> str:
             f"(peak {s['peak_rss_mib']:.0f} MiB); verified: {'yes' if s['verified'] else 'NO'}."
         )
         lines.append("")
+    if "flow_events" in sec and "error" not in sec["flow_events"]:
+        f = sec["flow_events"]
+        lines.append(
+            f"Flow events (kernel ring buffer of {f['ring_bytes'] >> 20} MiB -> the agent's "
+            f"reader): {f['written_per_s']:,} events/s for {f['seconds']:.0f} s, "
+            f"{f['read']:,} of {f['written']:,} read, ring-buffer drops {f['ringbuf_drops']}, "
+            f"decode errors {f['decode_errors']}; verified: {'yes' if f['verified'] else 'NO'}."
+        )
+        lines.append("")
     return "\n".join(lines)
 
 

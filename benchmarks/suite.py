@@ -7,6 +7,7 @@ Run as root (make bench, or .venv/bin/python -m benchmarks.suite). Sections:
   policy_update mesh file with 10k rules changed -> connect denied (policy_update.py)
   scale         agent + tunnel RSS/CPU with 100 enrolled pods (scale.py)
   connect_cost  the kernel connect() cost (connect_cost.py, its own test beds)
+  flow_events   kernel flow events through the agent's ring-buffer reader (flow_events.py)
   profile       with --profile: py-spy on both agents during a bulk transfer (profile.py)
 Writes <out>/latest.json, latest.md and latest.png (out defaults to benchmarks/results/).
 """
@@ -28,11 +29,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks import connect_cost, envoy, policy_update, profile, report, scale
+from benchmarks import connect_cost, envoy, flow_events, policy_update, profile, report, scale
 from benchmarks.bed import MODES, Bed, bring_up
 from benchmarks.workloads import TINY, WARMUP, WORKLOADS, Settings
 
-SECTIONS = ("paths", "policy_update", "scale", "connect_cost")
+SECTIONS = ("paths", "policy_update", "scale", "connect_cost", "flow_events")
 RESULTS = Path(__file__).with_name("results")
 
 
@@ -150,6 +151,10 @@ def run(
                 ["--connects", str(s.connect_cost_connects),
                  "--repeats", str(s.connect_cost_repeats)]
             ))
+        if "flow_events" in sections:
+            print(f"flow events at {s.flow_events_rate:,}/s", flush=True)
+            sec["flow_events"] = _guarded(lambda: flow_events.measure(
+                s.flow_events_rate, s.flow_events_seconds))
     results["duration_s"] = time.monotonic() - started
     # Both tunnels must have used the same TLS 1.3 suite (bed.start_agents sees to it).
     ciphers = results["ciphers"]
@@ -178,7 +183,7 @@ def _guarded(section: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 
 def _all_verified(sec: dict[str, Any]) -> bool:
     checks = [w["verified"] for w in sec.get("paths", {}).values()]
-    checks += [sec[k]["verified"] for k in ("policy_update", "scale") if k in sec]
+    checks += [sec[k]["verified"] for k in ("policy_update", "scale", "flow_events") if k in sec]
     checks += [sec[k].get("verified", True) for k in ("connect_cost", "profile") if k in sec]
     return all(checks)
 

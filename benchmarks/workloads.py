@@ -28,6 +28,8 @@ class Settings:
     scale_load_seconds: float = 5.0
     connect_cost_connects: int = 5000
     connect_cost_repeats: int = 3
+    flow_events_rate: int = 200_000
+    flow_events_seconds: float = 10.0
     envoy_concurrency: int = 1
     profile_seconds: float = 0.0
 
@@ -36,6 +38,7 @@ TINY = Settings(
     reps=1, bulk_seconds=1, streams=8, streams_seconds=1, pingpongs=200, connrate_seconds=0.5,
     integrity_bytes=1 << 20, policy_rules=200, policy_reps=1, scale_pods=6,
     scale_load_seconds=0.5, connect_cost_connects=300, connect_cost_repeats=1,
+    flow_events_rate=20_000, flow_events_seconds=1.0,  # a 2 s buffer: no timing in CI
 )
 WARMUP = Settings(
     bulk_seconds=1, streams_seconds=1, pingpongs=500, connrate_seconds=0.5, integrity_bytes=1 << 20,

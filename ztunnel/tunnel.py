@@ -206,6 +206,27 @@ class Tunnel:
                 refused += 1
         return refused
 
+    def update_pod(self, spec: PodSpec) -> bool:
+        """Apply a running pod's new mode or name to connections accepted from now on.
+
+        Listeners, pooled sessions and established connections are left alone (each holds the
+        spec it was accepted under). What the pod's enrollment rests on (netns, IP, identity)
+        cannot change this way: that is a new pod. True when something changed.
+        """
+        pod = self._pods.get(spec.uid)
+        if pod is None:
+            raise KeyError(f"pod {spec.uid} is not enrolled")
+        old = pod.spec
+        if (old.netns, old.ip, old.identity) != (spec.netns, spec.ip, spec.identity):
+            raise ValueError(f"pod {spec.uid}: netns, IP or identity changed; enroll it again")
+        if old == spec:
+            return False
+        pod.spec = spec
+        if old.mode is not spec.mode:
+            log.info("pod %s: plaintext now %s", spec.name or spec.uid,
+                     "refused (STRICT)" if spec.mode is Mode.STRICT else "accepted (PERMISSIVE)")
+        return True
+
     def inbound_listener(self, uid: str) -> socket.socket:
         """The pod's 15006 listener: the kernel's sk_lookup program steers plaintext to it."""
         pod = self._pods.get(uid)
@@ -218,6 +239,10 @@ class Tunnel:
         """Whether the pod's listeners are open (False once removed or draining)."""
         pod = self._pods.get(uid)
         return bool(pod and pod.listeners)
+
+    def pod(self, uid: str) -> PodSpec | None:
+        pod = self._pods.get(uid)
+        return pod.spec if pod is not None else None
 
     @property
     def pods(self) -> list[PodSpec]:

@@ -1,15 +1,13 @@
 """The BCC adapter: the only module in nodemesh that imports bcc.
 
-Compiles the bpf/ sources once per process per BuildOptions, loads programs, hands out map fds
-and ring-buffer readers, and turns BCC/LLVM failures into errors that say what is wrong
+Compiles the bpf/ sources once per process per BuildOptions, loads programs, hands out map fds,
+and turns BCC/LLVM failures into errors that say what is wrong
 (missing kernel headers, the verifier's log). Everything else talks to the typed wrappers.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import enum
 import os
 import platform
 import tempfile
@@ -20,14 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.datapath.options import BuildOptions
+from agent.datapath.programs import ProgType
 from agent.datapath.source import assemble, bpf_dir
-
-
-class ProgType(enum.IntEnum):
-    SOCK_OPS = 13
-    CGROUP_SOCK_ADDR = 18
-    CGROUP_SOCKOPT = 25
-    SK_LOOKUP = 30
 
 
 class DatapathBuildError(RuntimeError):
@@ -105,21 +97,6 @@ class Module:
             raise KeyError(f"no map named {name} in the compiled module")
         return fd
 
-    def open_ring_buffer(self, name: str, callback: Callable[[bytes], None]) -> None:
-        """Deliver each record of a ring-buffer map to callback as raw bytes."""
-
-        def _cb(_ctx: Any, data: Any, size: int) -> int:
-            callback(ctypes.string_at(data, size))
-            return 0
-
-        self._bpf[name.encode()].open_ring_buffer(_cb)
-
-    def poll_ring_buffers(self, timeout_ms: int) -> None:
-        self._bpf.ring_buffer_poll(timeout_ms)
-
-    def consume_ring_buffers(self) -> None:
-        self._bpf.ring_buffer_consume()
-
     def close(self) -> None:
         """Release the programs and maps; the cache forgets this module so that compiling the
         same options again builds a new one instead of handing out a closed one."""
@@ -135,8 +112,11 @@ _cache: dict[BuildOptions, Module] = {}
 _cache_lock = threading.Lock()
 
 
-def compile_module(options: BuildOptions, *, cached: bool = True) -> Module:
-    """Compile options.sources (about 1.5 s of LLVM); equal options reuse the same module."""
+def compile_module(options: BuildOptions, *, cached: bool = True,
+                   extra_text: str = "") -> Module:
+    """Compile options.sources (about 1.5 s of LLVM); equal options reuse the same module.
+    `extra_text` is C appended to the sources (a benchmark's event generator; never cached)."""
+    cached = cached and not extra_text
     with _cache_lock:
         if cached and options in _cache:
             return _cache[options]
@@ -150,7 +130,7 @@ def compile_module(options: BuildOptions, *, cached: bool = True) -> Module:
                 "venv (scripts/setup.sh does both)"
             ) from exc
         options.pin_dir.mkdir(parents=True, exist_ok=True)
-        text = assemble(options.sources)
+        text = assemble(options.sources) + extra_text
         cflags = [*options.cflags(), f"-I{bpf_dir()}"]
         bpf = _logged(f"compiling {', '.join(options.sources)}", "compiler output",
                       lambda: BPF(text=text.encode("ascii"), cflags=cflags))
@@ -159,3 +139,11 @@ def compile_module(options: BuildOptions, *, cached: bool = True) -> Module:
             _cache[options] = module
         return module
 
+
+
+def forget(options: BuildOptions) -> None:
+    """Close this process's cached module of `options`, if any."""
+    with _cache_lock:
+        module = _cache.get(options)
+    if module is not None:
+        module.close()

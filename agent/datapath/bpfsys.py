@@ -44,7 +44,9 @@ class Cmd(enum.IntEnum):
     OBJ_GET = 7
     PROG_ATTACH = 8
     PROG_DETACH = 9
+    PROG_TEST_RUN = 10
     PROG_QUERY = 16
+    MAP_GET_FD_BY_ID = 14
     OBJ_GET_INFO_BY_FD = 15
     MAP_UPDATE_BATCH = 26
     LINK_CREATE = 28
@@ -225,3 +227,28 @@ def prog_id(prog_fd: int) -> int:
     info = ctypes.create_string_buffer(256)
     _call(Cmd.OBJ_GET_INFO_BY_FD, struct.pack("=IIQ", prog_fd, 256, _ptr(info)))
     return int(struct.unpack_from("=I", info.raw, 4)[0])
+
+
+def map_max_entries(map_fd: int) -> int:
+    """A map's max_entries (bpf_map_info: type, id, key_size, value_size, max_entries)."""
+    info = ctypes.create_string_buffer(128)
+    _call(Cmd.OBJ_GET_INFO_BY_FD, struct.pack("=IIQ", map_fd, 128, _ptr(info)))
+    return int(struct.unpack_from("=I", info.raw, 16)[0])
+
+
+def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1) -> int:
+    """Run a program `repeat` times in the kernel on `data` (BPF_PROG_TEST_RUN); its retval."""
+    buf = ctypes.create_string_buffer(data, len(data))
+    # prog_fd, retval, data_size_in, data_size_out, data_in, data_out, repeat, duration
+    attr = struct.pack("=IIIIQQII", prog_fd, 0, len(data), 0, _ptr(buf), 0, repeat, 0)
+    out = ctypes.create_string_buffer(attr, 128)
+    ret = _libc.syscall(_sys_bpf(), int(Cmd.PROG_TEST_RUN), out, 128)
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise BpfError(err, f"bpf(PROG_TEST_RUN): {os.strerror(err)}")
+    return int(struct.unpack_from("=I", out.raw, 4)[0])
+
+
+def map_get_fd_by_id(map_id: int) -> int:
+    """An fd for the map with this kernel id (e.g. an inner map named by a map-of-maps)."""
+    return _call(Cmd.MAP_GET_FD_BY_ID, struct.pack("=III", map_id, 0, 0))

@@ -5,6 +5,11 @@ install() adopts them by updating each link to the newly loaded program (no dupl
 uninstall() detaches and unpins everything it made. Pod enrollment is a map update plus one
 sk_lookup link in the pod's netns. install() also registers the agent's own cgroup as the one
 whose sockets may carry the tunnel mark (agent/datapath/trust.py).
+
+Programs come pinned under <pin_dir>/progs from loader.py (in this process, or for the agent in
+a short-lived child so that BCC/LLVM never stay resident); every map and program is then used
+through fds opened from pins (pinned.py), and flow events are read from the ring buffer's mmap
+(ringbuf.py).
 """
 
 from __future__ import annotations
@@ -13,9 +18,11 @@ import contextlib
 import errno
 import ipaddress
 import logging
+import mmap
 import os
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,7 +30,6 @@ from pathlib import Path
 
 from agent.abi import ID_TUNNEL
 from agent.datapath import bpfsys, layouts, trust
-from agent.datapath.bccloader import Module, ProgType, compile_module
 from agent.datapath.bpfsys import AttachType, MapType
 from agent.datapath.layouts import (
     Backend,
@@ -34,33 +40,18 @@ from agent.datapath.layouts import (
     TrustedEntry,
     UpstreamKey,
 )
+from agent.datapath.loader import pin_programs, release, run_loader
 from agent.datapath.options import BuildOptions
-from agent.datapath.verdicts import COUNTER_SLOTS, Counter
+from agent.datapath.pinned import PinnedObjects
+from agent.datapath.programs import CGROUP_PROGRAMS, PROGS_DIR, SK_LOOKUP
+from agent.datapath.ringbuf import RingBuffer
+from agent.datapath.verdicts import COUNTER_SLOTS, Counter, EventKind
 from agent.host import netns
 
 log = logging.getLogger(__name__)
+KIND_AT = layouts.FLOW_EVENT_KIND_OFFSET
 
 
-@dataclass(frozen=True)
-class CgroupProgram:
-    name: str
-    prog_type: ProgType
-    attach_type: AttachType
-
-
-CGROUP_PROGRAMS = (
-    CgroupProgram("nm_connect4", ProgType.CGROUP_SOCK_ADDR, AttachType.CGROUP_INET4_CONNECT),
-    CgroupProgram("nm_connect6", ProgType.CGROUP_SOCK_ADDR, AttachType.CGROUP_INET6_CONNECT),
-    CgroupProgram(
-        "nm_getpeername4", ProgType.CGROUP_SOCK_ADDR, AttachType.CGROUP_INET4_GETPEERNAME
-    ),
-    CgroupProgram(
-        "nm_getsockname4", ProgType.CGROUP_SOCK_ADDR, AttachType.CGROUP_INET4_GETSOCKNAME
-    ),
-    CgroupProgram("nm_getsockopt", ProgType.CGROUP_SOCKOPT, AttachType.CGROUP_GETSOCKOPT),
-    CgroupProgram("nm_sockops", ProgType.SOCK_OPS, AttachType.CGROUP_SOCK_OPS),
-)
-SK_LOOKUP = "nm_sk_lookup"
 # Counters that record a refusal (or a forged tunnel mark, ignored and counted).
 DROP_COUNTERS = (
     Counter.DENY_EGRESS,
@@ -104,22 +95,90 @@ def _replace_keys(fd: int, key_size: int, wanted: set[bytes]) -> None:
         bpfsys.map_delete(fd, key)
 
 
+@dataclass
+class PolicyUpdate:
+    """What one apply_policy wrote: how, and which keys (incremental updates only)."""
+
+    mode: str  # "full" (a new generation) or "incremental" (the inactive one patched)
+    written: int
+    deleted: int
+    touched: frozenset[PolicyKey] = frozenset()
+
+
+@dataclass
+class _Generation:
+    """A policy generation this process built: its inner maps (fds kept) and what they hold."""
+
+    pol: int
+    ipc: int
+    groups: dict[str, Mapping[PolicyKey, PolicyEntry]]
+    cidrs: dict[ipaddress.IPv4Network, int]
+
+    def close(self) -> None:
+        os.close(self.pol)
+        os.close(self.ipc)
+
+
+def _patch(gen: _Generation, entries: Mapping[PolicyKey, PolicyEntry],
+           cidrs: Mapping[ipaddress.IPv4Network, int],
+           groups: Mapping[str, Mapping[PolicyKey, PolicyEntry]]) -> PolicyUpdate:
+    """Make an inactive generation hold `entries`, writing only what changed since it was
+    last written (a generation is written only while inactive: one update after a connect could
+    last have read it, and a program run is bounded and never sleeps)."""
+    writes: dict[PolicyKey, PolicyEntry] = {}
+    deletes: set[PolicyKey] = set()
+    for uid, new in groups.items():
+        old = gen.groups.get(uid, {})
+        if old is new:
+            continue
+        writes.update((k, entries[k]) for k, v in new.items() if old.get(k) != v)
+        deletes.update(old.keys() - new.keys())
+    for uid in gen.groups.keys() - groups.keys():
+        deletes.update(gen.groups[uid])
+    deletes -= entries.keys()  # still set by another destination with the same address
+    items = sorted(writes.items())
+    bpfsys.map_update_batch(gen.pol, b"".join(k.pack() for k, _ in items),
+                            b"".join(v.pack() for _, v in items), len(items))
+    for k in deletes:
+        bpfsys.map_delete(gen.pol, k.pack())
+    for net in gen.cidrs.keys() - cidrs.keys():
+        bpfsys.map_delete(gen.ipc, layouts.ipcache_key(net))
+    for net, cidr_id in cidrs.items():
+        if gen.cidrs.get(net) != cidr_id:
+            bpfsys.map_update(gen.ipc, layouts.ipcache_key(net),
+                              layouts.IPCACHE_VALUE.pack(cidr_id, 0))
+    gen.groups, gen.cidrs = dict(groups), dict(cidrs)
+    return PolicyUpdate("incremental", len(writes), len(deletes),
+                        frozenset(writes) | frozenset(deletes))
+
+
 class Datapath:
     """One agent's programs and maps. Thread-safe for reads; one writer at a time."""
 
-    def __init__(self, cgroup_root: Path, options: BuildOptions) -> None:
+    def __init__(self, cgroup_root: Path, options: BuildOptions, *,
+                 load_in_process: bool = True) -> None:
+        """`load_in_process` False compiles in a short-lived loader process (the agent: no BCC
+        or LLVM stays resident); True compiles here, cached per options (tests, tools)."""
         self.cgroup_root = cgroup_root
         self.options = options
+        self.load_in_process = load_in_process
         self.links_dir = options.pin_dir / "links"
-        self._module: Module | None = None
+        self.loaded: list[str] = []
+        self._module: PinnedObjects | None = None
+        self._ring: RingBuffer | None = None
+        self._ring_lock = threading.Lock()
         self._subscribers: list[Callable[[FlowEvent], None]] = []
         self._events_open = False
         self.event_errors = 0  # flow events that failed to decode or deliver
+        self.events_read = 0  # records taken from the ring (delivered or filtered out)
+        self._kinds: set[int] | None = None  # event kinds any subscriber wants; None: all
         # (VIP, port) -> (service id, slots, backends) as this process wrote them; None until
         # read from the kernel (backends None: written by a previous agent)
         self._services: dict[Frontend, tuple[int, int, tuple[Backend, ...] | None]] | None = None
         self._caps: dict[Frontend, int] = {}  # max_conns as last written
         self._retired: list[tuple[int, int]] = []  # (service id, slots): delete next update
+        self._generations: dict[int, _Generation] = {}  # policy slot -> what this process wrote
+        self.last_policy_update: PolicyUpdate | None = None
         self._next_svc_id = 1
 
     @property
@@ -127,7 +186,7 @@ class Datapath:
         return self.options.pin_dir
 
     @property
-    def module(self) -> Module:
+    def module(self) -> PinnedObjects:
         if self._module is None:
             raise RuntimeError("BUG: datapath used before install()")
         return self._module
@@ -137,21 +196,30 @@ class Datapath:
         """Compile, load, and attach (or adopt pinned attachments). Returns what it did."""
         if not self.cgroup_root.is_dir():
             raise FileNotFoundError(f"cgroup {self.cgroup_root} does not exist")
-        self._module = compile_module(self.options)
+        self.loaded = (pin_programs(self.options) if self.load_in_process
+                       else run_loader(self.options))
+        if self._module is not None:
+            self._module.close()  # a re-install: programs were pinned anew
+        self._module = PinnedObjects(self.pin_dir)
         self.links_dir.mkdir(parents=True, exist_ok=True)
         done: list[str] = []
         cg_fd = os.open(self.cgroup_root, os.O_RDONLY | os.O_DIRECTORY)
         try:
             for prog in CGROUP_PROGRAMS:
-                fd = self.module.load(prog.name, prog.prog_type, int(prog.attach_type))
+                fd = self.module.prog_fd(prog)
                 done.append(self._attach(self.links_dir / prog.name, fd, cg_fd, prog.attach_type))
         finally:
             os.close(cg_fd)
-        lookup_fd = self.module.load(SK_LOOKUP, ProgType.SK_LOOKUP, int(AttachType.SK_LOOKUP))
+        lookup_fd = self.module.prog_fd(SK_LOOKUP)
         for pin in sorted(self.links_dir.glob("sklookup-*")):
             done.append(self._adopt(pin, lookup_fd) or f"dropped defunct {pin.name}")
         done.extend(self.refresh_trust())
         return done
+
+    def open_pins(self) -> None:
+        """Use what is pinned in pin_dir without loading or attaching (readers, benchmarks)."""
+        if self._module is None:
+            self._module = PinnedObjects(self.pin_dir)
 
     # -- trust -----------------------------------------------------------------------------
     def refresh_trust(self) -> list[str]:
@@ -225,11 +293,23 @@ class Datapath:
             for pin in sorted(self.links_dir.iterdir()):
                 _detach_pinned_link(pin)
                 removed.append(f"link {pin.name}")
+        progs = self.pin_dir / PROGS_DIR
+        if progs.is_dir():
+            for pin in sorted(progs.iterdir()):
+                pin.unlink()
+                removed.append(f"program {pin.name}")
         if self.pin_dir.is_dir():
             for pin in sorted(p for p in self.pin_dir.iterdir() if p.is_file()):
                 pin.unlink()
                 removed.append(f"map {pin.name}")
             shutil.rmtree(self.pin_dir, ignore_errors=True)
+        release(self.options)  # a cached in-process module's maps are unpinned now
+        for generation in self._generations.values():
+            generation.close()
+        self._generations.clear()
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
         if self._module is not None:
             self._module.close()
             self._module = None
@@ -259,7 +339,7 @@ class Datapath:
         if not pin.exists():
             ns_fd = netns.open_ns(ns)
             try:
-                prog = self.module.load(SK_LOOKUP, ProgType.SK_LOOKUP, int(AttachType.SK_LOOKUP))
+                prog = self.module.prog_fd(SK_LOOKUP)
                 link = bpfsys.link_create(prog, ns_fd, AttachType.SK_LOOKUP)
                 try:
                     bpfsys.obj_pin(link, pin)
@@ -324,50 +404,83 @@ class Datapath:
 
     # -- policy ----------------------------------------------------------------------------
     def apply_policy(
-        self, entries: Mapping[PolicyKey, PolicyEntry], cidrs: Mapping[ipaddress.IPv4Network, int]
-    ) -> None:
-        """Install a complete policy generation; enforced for every connect after return."""
+        self, entries: Mapping[PolicyKey, PolicyEntry], cidrs: Mapping[ipaddress.IPv4Network, int],
+        groups: Mapping[str, Mapping[PolicyKey, PolicyEntry]] | None = None,
+    ) -> PolicyUpdate:
+        """Install a policy generation; enforced for every connect after return.
+
+        Two generations alternate: the inactive one is made equal to `entries`, then one write
+        of nm_gen_v1 switches every connect to it, so no connect sees a mix of old and new. With
+        `groups` (entries per destination, as PolicyCompiler hands them out) and a generation
+        this process wrote before, only the destinations whose group changed since that
+        generation are written (incremental); otherwise the generation is built anew (full).
+        """
         opts = self.options
         if len(entries) > opts.max_policy:
             raise ValueError(f"{len(entries)} policy entries exceed the map size {opts.max_policy}")
         gen_fd = self.module.map_fd("nm_gen_v1")
         raw = bpfsys.map_lookup(gen_fd, layouts.U32.pack(0), 4)
         nxt = 1 - (layouts.U32.unpack(raw)[0] & 1 if raw else 0)
-        pol = bpfsys.map_create(
-            MapType.HASH,
-            layouts.POLICY_KEY.size,
-            layouts.POLICY_VALUE.size,
-            opts.max_policy,
-            flags=bpfsys.BPF_F_NO_PREALLOC,
-            name="nm_policy_gen",
-        )
-        ipc = bpfsys.map_create(
-            MapType.LPM_TRIE,
-            layouts.IPCACHE_KEY.size,
-            layouts.IPCACHE_VALUE.size,
-            opts.max_ipcache,
-            flags=bpfsys.BPF_F_NO_PREALLOC,
-            name="nm_ipcache_gen",
-        )
+        held = self._generations.get(nxt)
+        if groups is not None and held is not None:
+            update = _patch(held, entries, cidrs, groups)
+        else:
+            update = self._rebuild(nxt, entries, cidrs, groups)
+        bpfsys.map_update(gen_fd, layouts.U32.pack(0), layouts.U32.pack(nxt))
+        self.last_policy_update = update
+        return update
+
+    def _rebuild(self, slot: int, entries: Mapping[PolicyKey, PolicyEntry],
+                 cidrs: Mapping[ipaddress.IPv4Network, int],
+                 groups: Mapping[str, Mapping[PolicyKey, PolicyEntry]] | None) -> PolicyUpdate:
+        opts = self.options
+        pol = bpfsys.map_create(MapType.HASH, layouts.POLICY_KEY.size, layouts.POLICY_VALUE.size,
+                                opts.max_policy, flags=bpfsys.BPF_F_NO_PREALLOC,
+                                name="nm_policy_gen")
+        ipc = bpfsys.map_create(MapType.LPM_TRIE, layouts.IPCACHE_KEY.size,
+                                layouts.IPCACHE_VALUE.size, opts.max_ipcache,
+                                flags=bpfsys.BPF_F_NO_PREALLOC, name="nm_ipcache_gen")
         try:
             items = sorted(entries.items())
-            bpfsys.map_update_batch(
-                pol,
-                b"".join(k.pack() for k, _ in items),
-                b"".join(v.pack() for _, v in items),
-                len(items),
-            )
+            bpfsys.map_update_batch(pol, b"".join(k.pack() for k, _ in items),
+                                    b"".join(v.pack() for _, v in items), len(items))
             for net, cidr_id in cidrs.items():
-                bpfsys.map_update(
-                    ipc, layouts.ipcache_key(net), layouts.IPCACHE_VALUE.pack(cidr_id, 0)
-                )
-            slot = layouts.U32.pack(nxt)
-            bpfsys.map_update(self.module.map_fd("nm_policy_v1"), slot, layouts.U32.pack(pol))
-            bpfsys.map_update(self.module.map_fd("nm_ipcache_v1"), slot, layouts.U32.pack(ipc))
-        finally:
+                bpfsys.map_update(ipc, layouts.ipcache_key(net),
+                                  layouts.IPCACHE_VALUE.pack(cidr_id, 0))
+            key = layouts.U32.pack(slot)
+            bpfsys.map_update(self.module.map_fd("nm_policy_v1"), key, layouts.U32.pack(pol))
+            bpfsys.map_update(self.module.map_fd("nm_ipcache_v1"), key, layouts.U32.pack(ipc))
+        except BaseException:
             os.close(pol)
             os.close(ipc)
-        bpfsys.map_update(gen_fd, layouts.U32.pack(0), slot)
+            raise
+        old = self._generations.pop(slot, None)
+        if old is not None:
+            old.close()
+        if groups is None:
+            os.close(pol)
+            os.close(ipc)
+        else:  # keep the maps: the next update of this slot patches them
+            self._generations[slot] = _Generation(pol, ipc, dict(groups), dict(cidrs))
+        return PolicyUpdate("full", len(entries), 0)
+
+    def policy_entries(self) -> dict[PolicyKey, PolicyEntry]:
+        """The entries of the generation connects use now, read from the kernel."""
+        raw = bpfsys.map_lookup(self.module.map_fd("nm_gen_v1"), layouts.U32.pack(0), 4)
+        slot = layouts.U32.unpack(raw)[0] & 1 if raw else 0
+        inner = bpfsys.map_lookup(self.module.map_fd("nm_policy_v1"), layouts.U32.pack(slot), 4)
+        if inner is None:
+            return {}
+        fd = bpfsys.map_get_fd_by_id(layouts.U32.unpack(inner)[0])
+        try:
+            out = {}
+            for k in bpfsys.map_keys(fd, layouts.POLICY_KEY.size):
+                v = bpfsys.map_lookup(fd, k, layouts.POLICY_VALUE.size)
+                if v is not None:
+                    out[PolicyKey.unpack(k)] = PolicyEntry.unpack(v)
+            return out
+        finally:
+            os.close(fd)
 
     # -- services --------------------------------------------------------------------------
     def apply_services(self, table: Mapping[Frontend, Sequence[Backend]],
@@ -540,32 +653,57 @@ class Datapath:
             for name, (ks, cap) in sizes.items()
         }
 
-    def open_events(self, callback: Callable[[FlowEvent], None]) -> None:
-        """Subscribe to flow events; delivered from poll_events()/drain_events()."""
-        if not self._events_open:  # BCC can open a ring buffer only once per module
-            self.module.open_ring_buffer("nm_events_v1", self._dispatch)
+    def open_events(self, callback: Callable[[FlowEvent], None],
+                    kinds: Iterable[EventKind] | None = None) -> None:
+        """Subscribe to flow events; delivered from poll_events()/drain_events().
+
+        `kinds` names the events the subscriber needs (None: all): records of other kinds are
+        skipped before they are decoded, which is most of the cost of a busy ring. It is a
+        filter for the whole ring, so a subscriber still checks the kind it is handed."""
+        if not self._events_open:
+            self._ring = RingBuffer(self.module.map_fd("nm_events_v1"))
             self._events_open = True
+            self._kinds = None if kinds is None else {int(k) for k in kinds}
+        elif kinds is None:
+            self._kinds = None
+        elif self._kinds is not None:
+            self._kinds |= {int(k) for k in kinds}
         self._subscribers.append(callback)
 
-    def _dispatch(self, raw: bytes) -> None:
-        # Called from BCC's C callback: an exception here would only print a traceback per
-        # record, so a record that does not decode (or a subscriber that fails) is counted
-        # and logged in one bounded line, the first time and every 1000th after.
-        try:
-            event = FlowEvent.unpack(raw)
-            for sub in list(self._subscribers):
-                sub(event)
-        except Exception as exc:
-            self.event_errors += 1
-            if self.event_errors % 1000 == 1:
-                log.error("flow event not delivered (%d so far): %s: %.200s",
-                          self.event_errors, type(exc).__name__, exc)
-                log.debug("flow event failure", exc_info=True)
+    def _dispatch(self, buf: mmap.mmap, offsets: list[int], lengths: list[int]) -> None:
+        # One batch of records, decoded in place from the ring's mmap. A record that does not
+        # decode (or a subscriber that fails) is counted and logged in one bounded line, the
+        # first time and every 1000th after; the rest of the batch is still delivered.
+        self.events_read += len(offsets)
+        subs, kinds = list(self._subscribers), self._kinds
+        unpack = FlowEvent.unpack_from
+        for off, length in zip(offsets, lengths, strict=True):
+            if kinds is not None and length > KIND_AT and buf[off + KIND_AT] not in kinds:
+                continue
+            try:
+                event = unpack(buf, off, length)
+                for sub in subs:
+                    sub(event)
+            except Exception as exc:
+                self.event_errors += 1
+                if self.event_errors % 1000 == 1:
+                    log.error("flow event not delivered (%d so far): %s: %.200s",
+                              self.event_errors, type(exc).__name__, exc)
+                    log.debug("flow event failure", exc_info=True)
 
-    def poll_events(self, timeout_ms: int = 100) -> None:
-        self.module.poll_ring_buffers(timeout_ms)
+    def poll_events(self, timeout_ms: int = 100) -> int:
+        """Wait up to timeout_ms for flow events and deliver them; returns how many."""
+        ring = self._ring
+        if ring is None:
+            time.sleep(timeout_ms / 1000)
+            return 0
+        ring.wait(timeout_ms)
+        with self._ring_lock:
+            return ring.consume(self._dispatch)
 
     def drain_events(self, settle: float = 0.05) -> None:
         """Consume what is in the ring now (tests and shutdown)."""
         time.sleep(settle)
-        self.module.consume_ring_buffers()
+        if self._ring is not None:
+            with self._ring_lock:
+                self._ring.consume(self._dispatch)

@@ -7,6 +7,7 @@ their packed (big-endian) bytes. Ports are host order unless the C comment says 
 from __future__ import annotations
 
 import ipaddress
+import mmap
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -34,6 +35,7 @@ TRUSTED_ENTRY = struct.Struct("=IIQ")
 CGROUP_ID = struct.Struct("=Q")
 FLOW_EVENT = struct.Struct("=QQQQQQ4s4sHHIIHBBBB2x4sH2x")
 FLOW_EVENT_SIZE = 88  # sizeof(struct flow_event), 8-byte aligned
+FLOW_EVENT_KIND_OFFSET = struct.calcsize("=QQQQQQ4s4sHHIIH")  # offsetof(struct flow_event, kind)
 LB4_KEY = struct.Struct("=4sHBB")
 LB4_SERVICE = struct.Struct("=IHH")
 LB4_BACKEND_KEY = struct.Struct("=II")
@@ -58,6 +60,11 @@ class PolicyKey:
             self.dst.packed, self.src_id, self.src_cidr, self.port, IPPROTO_TCP, 0
         )
 
+    @classmethod
+    def unpack(cls, raw: bytes) -> PolicyKey:
+        dst, src_id, src_cidr, port, _proto, _pad = POLICY_KEY.unpack(raw)
+        return cls(Ip(dst), src_id, src_cidr, port)
+
 
 @dataclass(frozen=True)
 class PolicyEntry:
@@ -68,6 +75,11 @@ class PolicyEntry:
 
     def pack(self) -> bytes:
         return POLICY_VALUE.pack(self.verdict, self.reason, self.rule, self.policy)
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> PolicyEntry:
+        verdict, reason, rule, policy = POLICY_VALUE.unpack(raw)
+        return cls(_member(Verdict, verdict), _member(Reason, reason), policy, rule)
 
 
 def ipcache_key(net: ipaddress.IPv4Network) -> bytes:
@@ -156,8 +168,14 @@ class FlowEvent:
 
     @classmethod
     def unpack(cls, raw: bytes) -> FlowEvent:
-        if len(raw) < FLOW_EVENT.size:
-            raise ValueError(f"flow event of {len(raw)} bytes, want {FLOW_EVENT_SIZE}")
+        return cls.unpack_from(raw, 0, len(raw))
+
+    @classmethod
+    def unpack_from(cls, buf: bytes | bytearray | memoryview | mmap.mmap, offset: int,
+                    length: int) -> FlowEvent:
+        """Decode in place (a ring buffer's mmap): no copy of the record."""
+        if length < FLOW_EVENT.size:
+            raise ValueError(f"flow event of {length} bytes, want {FLOW_EVENT_SIZE}")
         (
             ts,
             cookie,
@@ -178,7 +196,7 @@ class FlowEvent:
             direction,
             svc_ip,
             svc_port,
-        ) = FLOW_EVENT.unpack(raw[: FLOW_EVENT.size])
+        ) = FLOW_EVENT.unpack_from(buf, offset)
         return cls(
             ts,
             cookie,

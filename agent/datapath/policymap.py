@@ -44,11 +44,18 @@ V4 = ipaddress.IPv4Network
 WORLD = 0
 
 
+Entries = dict[PolicyKey, PolicyEntry]
+
+
 @dataclass
 class CompiledPolicy:
-    entries: dict[PolicyKey, PolicyEntry] = field(default_factory=dict)
+    entries: Entries = field(default_factory=dict)
     cidrs: dict[V4, int] = field(default_factory=dict)
     policy_names: dict[int, str] = field(default_factory=dict)  # kernel policy id -> ns/name
+    # Each destination workload's entries (by uid). An incremental compile hands on the very
+    # dict of a destination whose inputs did not change, so `is` tells the datapath what to skip.
+    groups: dict[str, Entries] = field(default_factory=dict)
+    recompiled: list[str] = field(default_factory=list)  # uids evaluated by this compile
 
 
 @dataclass(frozen=True)
@@ -68,8 +75,17 @@ class PolicyCompiler:
         self._policy_ids: dict[str, int] = {}
         # An identity no policy can name on purpose: stands for every unknown peer (id OTHER).
         self._other = Identity("nodemesh.invalid", f"other-{secrets.token_hex(4)}", "other")
+        # uid -> (everything its entries depend on, the entries): the incremental compile's memo
+        self._memo: dict[str, tuple[tuple[object, ...], Entries]] = {}
 
-    def compile(self, policies: PolicySet, workloads: Iterable[Workload]) -> CompiledPolicy:
+    def compile(self, policies: PolicySet, workloads: Iterable[Workload], *,
+                full: bool = False) -> CompiledPolicy:
+        """Entries for every destination. Destinations whose inputs (the workload, its
+        applicable policies, the PeerAuthentications that can resolve its mode, the identity
+        table, the CIDR classes) are unchanged since the last compile are not evaluated again;
+        `full` evaluates every one (the result is the same: tests/unit/datapath prove it)."""
+        if full:
+            self._memo.clear()
         dests = [w for w in workloads if w.in_mesh is not False and _v4(w.ips)]
         for w in dests:
             self.identities.allocate(w.identity)
@@ -83,12 +99,34 @@ class PolicyCompiler:
         for net in prefixes:
             out.cidrs[net] = self._cidr_ids.setdefault(net, len(self._cidr_ids) + 1)
         classes = _class_representatives(out.cidrs)
+        idents = tuple(self.identities.items())
+        memo: dict[str, tuple[tuple[object, ...], Entries]] = {}
         for w in dests:
-            if not _policed(policies, w):
-                continue
-            self._compile_workload(policies, w, classes, out)
+            key = self._inputs(policies, w, classes, idents)
+            hit = self._memo.get(w.uid)
+            if hit is not None and hit[0] == key:
+                group = hit[1]
+            else:
+                group = {}
+                if _policed(policies, w):
+                    self._compile_workload(policies, w, classes, group)
+                out.recompiled.append(w.uid)
+            memo[w.uid] = (key, group)
+            out.groups[w.uid] = group
+            out.entries.update(group)
+        self._memo = memo
         out.policy_names = {i: k for k, i in self._policy_ids.items()}
         return out
+
+    @staticmethod
+    def _inputs(policies: PolicySet, w: Workload, classes: dict[int, ipaddress.IPv4Address],
+                idents: tuple[tuple[Identity, int], ...]) -> tuple[object, ...]:
+        """Everything _compile_workload reads for w, compared by value."""
+        ns = (w.namespace, policies.root_namespace)
+        peer_auth = tuple(p for p in policies.mtls.policies if p.namespace in ns)
+        # Every class counts even when w ignores source addresses: its exceptions name them all.
+        return (w, policies.root_namespace, applicable(policies, w), peer_auth, idents,
+                tuple(classes.items()))
 
     def _sources(self, classes: dict[int, ipaddress.IPv4Address],
                  by_ip: bool) -> list[_Source]:
@@ -98,7 +136,7 @@ class PolicyCompiler:
         return [_Source(i, ident, c, ip) for i, ident in ids for c, ip in cls.items()]
 
     def _compile_workload(self, policies: PolicySet, w: Workload,
-                          classes: dict[int, ipaddress.IPv4Address], out: CompiledPolicy) -> None:
+                          classes: dict[int, ipaddress.IPv4Address], out: Entries) -> None:
         ports = sorted(referenced_ports(policies, w))
         other_port = next(p for p in range(1, 65536) if p not in ports)
         by_ip = depends_on_source_ip(policies, w)
@@ -110,13 +148,13 @@ class PolicyCompiler:
                     d = evaluate(policies, Connection(s.ip, s.identity, w, dst, port))
                     verdicts[s] = self._entry(d)
                 majority = Counter(verdicts.values()).most_common(1)[0][0]
-                out.entries[PolicyKey(dst, ANY, ANY, key_port)] = majority
+                out[PolicyKey(dst, ANY, ANY, key_port)] = majority
                 for s, e in verdicts.items():
                     if e == majority:
                         continue
                     cidrs = [s.cidr] if by_ip else [WORLD, *classes.keys() - {WORLD}]
                     for c in cidrs:
-                        out.entries[PolicyKey(dst, s.id, c, key_port)] = e
+                        out[PolicyKey(dst, s.id, c, key_port)] = e
         # Level 3 entries would be redundant: a source that differs on unnamed ports already
         # has its exception at ANY_PORT above, and named ports have their own level 1/2 entries.
 

@@ -4,10 +4,11 @@ Each pass compares what the state wants (in-mesh workloads on this node) with wh
 and calls the agent's callbacks: `unenroll(uid)` for pods that left the mesh, left the node or
 were replaced, then `enroll(workload, placement)` for pods not yet enrolled. A pod is replaced when
 what its enrollment depends on changed: its Kubernetes UID (deleted and recreated under the same
-name: a new netns), its IPs or its identity; label changes need nothing. Passes are idempotent:
-with nothing changed, nothing is called. A pod that cannot be enrolled yet (no IP, netns not found,
-an enroll callback that failed) is reported as pending, with the reason, and retried on the next
-pass; `run` makes that pass soon even when the state does not change.
+name: a new netns), its IPs or its identity. Label and PeerAuthentication changes need no
+re-enroll (the agent recompiles kernel entries and updates the pod's tunnel in place). Passes are
+idempotent: with nothing changed, nothing is called. A pod that cannot be enrolled yet (no IP,
+netns not found, an enroll callback that failed) is reported as pending, with the reason, and
+retried on the next pass; `run` makes that pass soon even when the state does not change.
 """
 
 from __future__ import annotations

@@ -15,8 +15,9 @@ import ipaddress
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
@@ -31,7 +32,6 @@ from agent.datapath.verdicts import Counter, EventKind
 from agent.enroll import Enroller, PodLocator, PodPlacement
 from agent.host import cgroup
 from agent.identity import pki
-from agent.identity.caclient import CaClient
 from agent.identity.federation import FederationFiles, TrustDomains
 from agent.identity.manager import CertificateManager
 from agent.identity.trustbundle import TrustBundleFile
@@ -55,6 +55,9 @@ from ztunnel.events import Direction as TunnelDirection
 from ztunnel.lograte import RepeatLimiter
 from ztunnel.tunnel import Mode, PodSpec, Tunnel, TunnelConfig
 from ztunnel.tunnel import Workload as TunnelWorkload
+
+if TYPE_CHECKING:  # grpc (~20 MiB resident) is imported only when an external CA is configured
+    from agent.identity.caclient import CaClient
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +83,8 @@ class NodeAgent:
         self.identities = IdentityTable()
         self.compiler = PolicyCompiler(self.identities)
         root = cfg.cgroup_root or cgroup.mount_point()
-        self.datapath = Datapath(root, BuildOptions(pin_dir=cfg.pin_dir))
+        # BCC and LLVM run in a short-lived loader process, never resident in the agent.
+        self.datapath = Datapath(root, BuildOptions(pin_dir=cfg.pin_dir), load_in_process=False)
         self.telemetry = Telemetry(
             TelemetryConfig(node=cfg.node_name, flow_log=cfg.flow_log, audit_log=cfg.audit_log),
             self.registry,
@@ -135,6 +139,9 @@ class NodeAgent:
             # The root file is the mesh trust bundle: re-read on change (root rotation).
             self.bundle_file = TrustBundleFile(cfg.ca_root_cert)
             bundle = self.bundle_file.bundle
+            # grpc (~20 MiB resident) only when an external CA is configured.
+            from agent.identity.caclient import CaClient  # noqa: PLC0415
+
             # The token file is re-read per request (the kubelet rotates projected tokens).
             client = CaClient(cfg.ca_address, "".join(bundle), token_file=cfg.ca_token_path,
                               cluster_id=cfg.cluster_id, ttl=ttl)
@@ -272,7 +279,7 @@ class NodeAgent:
     def start_datapath(self) -> list[str]:
         actions = self.datapath.install()
         self.datapath.set_exclusions(self.config.exclude_ports, self.config.exclude_cidrs)
-        self.datapath.open_events(self._kernel_event)
+        self.datapath.open_events(self._kernel_event, kinds=(EventKind.DENY,))
         self._events_thread = threading.Thread(
             target=self._poll_events, name="bpf-events", daemon=True
         )
@@ -358,10 +365,26 @@ class NodeAgent:
         self.telemetry.agent_metrics.policy_update_seconds.observe(time.monotonic() - start)
         await self.enroller.reconcile(state)
         self.pending = set(self.enroller.pending)
+        self._refresh_enrolled(state)
+
+    def _refresh_enrolled(self, state: MeshState) -> None:
+        """Carry PeerAuthentication and label changes to pods already enrolled, in place.
+
+        The kernel's entries were just recompiled; the tunnel's plaintext mode and names are
+        updated here, so a mode change needs no re-enroll and leaves open connections alone.
+        """
+        for uid, e in self.enrolled.items():
+            w = state.workload_by_uid(uid)
+            if w is None or w.identity != e.workload.identity or w.ips != e.workload.ips:
+                continue  # leaving or being replaced: the enroller handles it
+            e.workload = w
+            spec = self.tunnel.pod(uid)
+            if spec is not None:
+                self.tunnel.update_pod(replace(spec, name=w.ref, mode=_tunnel_mode(state, w)))
 
     def _compile_and_apply(self, state: MeshState) -> CompiledPolicy:
         compiled = self.compiler.compile(state.policy_set, state.workloads)
-        self.datapath.apply_policy(compiled.entries, compiled.cidrs)
+        self.datapath.apply_policy(compiled.entries, compiled.cidrs, compiled.groups)
         # After policy: a newly added endpoint is policed before connects can reach it.
         services = compile_service_set(state)
         self._endpoint_services = _endpoint_services(services)
@@ -376,8 +399,7 @@ class NodeAgent:
             return
         ident = self.identities.allocate(w.identity)
         await self.certs.get(w.identity, timeout=30)
-        base, _ports = self.state.policy_set.mtls.strict_ports(w)
-        mode = Mode.STRICT if base is MtlsMode.STRICT else Mode.PERMISSIVE
+        mode = _tunnel_mode(self.state, w)
         await self.tunnel.add_pod(
             PodSpec(
                 uid=w.uid,
@@ -422,6 +444,14 @@ def _endpoint_services(services: CompiledServices) -> dict[tuple[str, int], str]
             owners.setdefault((str(b.ip), b.port), set()).add(
                 f"{svc.name}.{svc.namespace}.svc.cluster.local")
     return {k: next(iter(v)) for k, v in owners.items() if len(v) == 1}
+
+
+def _tunnel_mode(state: MeshState, w: Workload) -> Mode:
+    """The tunnel refuses plaintext outright only when every port of w is STRICT; with
+    port-level exceptions the kernel's entries (MTLS_REQUIRED) decide per port at the
+    tunnel's upstream connect."""
+    base, ports = state.policy_set.mtls.strict_ports(w)
+    return Mode.STRICT if base is MtlsMode.STRICT and not ports else Mode.PERMISSIVE
 
 
 def _v4(w: Workload) -> ipaddress.IPv4Address | None:

@@ -5,20 +5,28 @@ AuthorizationPolicy or PeerAuthentication. A load is all or nothing: every docum
 file must be valid, or the store keeps the last good state and the error (file:line: field:
 problem) goes to `on_error` and the log. Bad input never weakens enforcement: an empty or
 half-written file is an error (`kind: Empty` clears a file on purpose), YAML is bounded
-(meshyaml.Limits) and any failure while loading is reported like invalid input. The files are
-polled; content is compared, not mtimes, so a rewrite within the filesystem's timestamp
-granularity is still seen. See docs/policy.md, "Bad files never weaken enforcement".
+(meshyaml.Limits) and any failure while loading is reported like invalid input. Under an event
+loop (`run`) changes are detected with inotify on the containing directory: a write is read once
+its writer closes the file (CLOSE_WRITE), a rename or a ConfigMap's `..data` swap when it lands,
+and a slow rescan catches what inotify cannot see (a writer that never closes, network
+filesystems). `start` (a thread, for callers without a loop) polls. Content is compared, not
+mtimes, so a rewrite within the filesystem's timestamp granularity is still seen. See
+docs/policy.md, "Bad files never weaken enforcement".
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from asyncinotify import Event, Inotify, Mask
 
 from agent.config import DEFAULT_ROOT_NAMESPACE
 from agent.model import fields as f
@@ -43,7 +51,11 @@ __all__ = ["DEFAULT_LIMITS", "EMPTY_KIND", "ConfigError", "FileSource", "LimitEr
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".yaml", ".yml")
-POLL_INTERVAL = 0.25
+POLL_INTERVAL = 0.25  # the thread watcher (`start`)
+RESCAN_INTERVAL = 10.0  # the inotify watcher's safety net
+# A write counts when its writer closes the file: a half-written file is not read mid-write.
+WATCH_MASK = (Mask.CLOSE_WRITE | Mask.MOVED_TO | Mask.MOVED_FROM | Mask.CREATE | Mask.DELETE
+              | Mask.DELETE_SELF | Mask.MOVE_SELF)
 
 
 ErrorHandler = Callable[[ConfigError], None]
@@ -184,12 +196,14 @@ class FileSource:
 
     def __init__(self, path: str | Path, store: StateStore, on_error: ErrorHandler | None = None,
                  *, root_namespace: str = DEFAULT_ROOT_NAMESPACE,
-                 poll_interval: float = POLL_INTERVAL, limits: Limits = DEFAULT_LIMITS) -> None:
+                 poll_interval: float = POLL_INTERVAL, limits: Limits = DEFAULT_LIMITS,
+                 rescan_interval: float = RESCAN_INTERVAL) -> None:
         self.path = Path(path)
         self.store = store
         self.on_error = on_error
         self.root_namespace = root_namespace
         self.poll_interval = poll_interval
+        self.rescan_interval = rescan_interval
         self.limits = limits
         self.errors = 0  # reported failures: nodemesh_config_errors_total
         self.last_error: str | None = None  # None once a later change loaded fine
@@ -198,6 +212,8 @@ class FileSource:
         self._digest: bytes | None = None  # of the last content tried, good or bad
         self._applied = MeshState()  # what this source last put in the store
         self._stop = threading.Event()
+        self._stopped = asyncio.Event()  # run()'s view of _stop, set from any thread
+        self._wake_stop: Callable[[], object] = lambda: None
         self._thread: threading.Thread | None = None
 
     def load_once(self) -> MeshState:
@@ -288,16 +304,74 @@ class FileSource:
         }
 
     async def run(self) -> None:
-        """Poll until cancelled or `stop()`; the first poll loads the files if not yet loaded.
+        """Watch until cancelled or `stop()`; the first attempt loads the files if not yet
+        loaded. Reading and parsing run in a worker thread (a large file takes seconds),
+        applying runs here, so store subscribers see changes on the event loop's thread."""
+        loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        self._wake_stop = lambda: loop.call_soon_threadsafe(self._stopped.set)
+        with Inotify() as inotify:
+            watching = self._watch(inotify)
+            while not self._stop.is_set():
+                try:
+                    self._finish(await asyncio.to_thread(self._attempt))
+                except Exception:  # _attempt and _finish report their own; a last guard
+                    log.exception("file source %s: unexpected error while loading", self.path)
+                if not watching:
+                    watching = self._watch(inotify)  # the directory appeared (or came back)
+                watching = await self._next_change(inotify, watching)
 
-        Reading and parsing run in a worker thread (a large file takes seconds), applying runs
-        here, so store subscribers see changes on the event loop's thread."""
-        while not self._stop.is_set():
-            try:
-                self._finish(await asyncio.to_thread(self._attempt))
-            except Exception:  # _attempt and _finish report their own; this is a last guard
-                log.exception("file source %s: unexpected error while polling", self.path)
-            await asyncio.sleep(self.poll_interval)
+    def _watch(self, inotify: Inotify) -> bool:
+        """Watch the directory holding the files; False if it does not exist (yet)."""
+        directory = self.path if self.path.is_dir() else self.path.parent
+        try:
+            inotify.add_watch(directory, WATCH_MASK)
+        except OSError as e:
+            log.warning("file source %s: cannot watch %s (%s); rescanning every %.0fs",
+                        self.path, directory, e, self.rescan_interval)
+            return False
+        return True
+
+    async def _next_change(self, inotify: Inotify, watching: bool) -> bool:
+        """Wait for an event that concerns the mesh files, the rescan interval, or `stop()`;
+        returns whether the directory is still watched."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.rescan_interval
+        stopped = asyncio.create_task(self._stopped.wait())
+        try:
+            while not self._stop.is_set():
+                left = deadline - loop.time()
+                if left <= 0:
+                    return watching
+                waits: set[asyncio.Future[Any]] = {stopped}
+                if watching:
+                    waits.add(asyncio.ensure_future(inotify.get()))
+                done, _ = await asyncio.wait(waits, timeout=left,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                for w in waits - {stopped}:
+                    if w not in done:
+                        w.cancel()
+                got = [w.result() for w in done if w is not stopped]
+                if not got:
+                    continue  # stopped, or the interval passed: the loop condition decides
+                event: Event = got[0]
+                if event.mask & (Mask.IGNORED | Mask.DELETE_SELF | Mask.MOVE_SELF):
+                    return False  # the directory itself went: look again, then watch anew
+                if self._concerns(event):
+                    return watching
+            return watching
+        finally:
+            stopped.cancel()
+
+    def _concerns(self, event: Event) -> bool:
+        if event.mask & Mask.Q_OVERFLOW:
+            return True  # events were lost: look again
+        name = event.name.name if event.name is not None else ""
+        if name.startswith(".."):
+            return True  # a ConfigMap volume swaps its ..data symlink
+        if self.path.is_dir():
+            return Path(name).suffix in SUFFIXES
+        return name == self.path.name
 
     def start(self) -> None:
         """Watch in a background thread (for callers without an event loop)."""
@@ -318,6 +392,8 @@ class FileSource:
 
     def stop(self) -> None:
         self._stop.set()
+        with contextlib.suppress(RuntimeError):  # the loop may be closed already
+            self._wake_stop()
         if self._thread is not None:
             self._thread.join()
             self._thread = None

@@ -41,7 +41,7 @@ def test_tiny_suite_writes_verified_results(tmp_path: Path) -> None:
     assert {"cpu", "kernel", "cores"} <= results["machine"].keys()
     assert results["ciphers"]["nodemesh"] and results["ciphers"]["envoy"]
     sections = results["sections"]
-    assert {"paths", "policy_update", "scale", "connect_cost"} <= sections.keys()
+    assert {"paths", "policy_update", "scale", "connect_cost", "flow_events"} <= sections.keys()
     for name in ("bulk", "streams", "latency", "connrate"):
         w = sections["paths"][name]
         assert w["verified"] is True, name
@@ -61,5 +61,8 @@ def test_tiny_suite_writes_verified_results(tmp_path: Path) -> None:
     assert {"no programs", "programs, 0 entries", "programs, 100k entries"} <= set(
         sections["connect_cost"]
     )
+    flows = sections["flow_events"]
+    assert flows["verified"] is True and flows["read"] == flows["written"] > 0, flows
+    assert flows["ringbuf_drops"] == 0 and flows["decode_errors"] == 0
     assert "| bulk, 1 stream |" in (tmp_path / "latest.md").read_text()
     assert (tmp_path / "latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -25,9 +25,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import yaml
-from kubernetes_asyncio.config.config_exception import ConfigException
-from kubernetes_asyncio.config.exec_provider import ExecProvider
-from kubernetes_asyncio.config.kube_config import ConfigNode
 
 from agent.identity import tlsmem
 
@@ -125,6 +122,11 @@ class ExecCredentials:
         self.command = command
         self.where = where
         self._clock = clock
+        # Imported here: kubernetes_asyncio costs ~60 MiB resident, and only exec plugins use it.
+        from kubernetes_asyncio.config.config_exception import ConfigException  # noqa: PLC0415
+        from kubernetes_asyncio.config.exec_provider import ExecProvider  # noqa: PLC0415
+        from kubernetes_asyncio.config.kube_config import ConfigNode  # noqa: PLC0415
+
         try:
             self._provider = ExecProvider(ConfigNode("exec", spec))
         except (ConfigException, KeyError, TypeError) as e:
@@ -145,6 +147,8 @@ class ExecCredentials:
                 await self._run()
 
     async def _run(self) -> None:
+        from kubernetes_asyncio.config.config_exception import ConfigException  # noqa: PLC0415
+
         try:
             status = await self._provider.run()
         except (ConfigException, OSError) as e:

@@ -6,6 +6,7 @@ import asyncio
 import ipaddress
 import logging
 import threading
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -439,3 +440,86 @@ def test_a_failing_apply_or_error_handler_is_reported_too(
     assert source.poll() is False
     assert store.current is first and source.errors == 1
     assert source.last_error == f"{path}: applying the new state failed unexpectedly: MemoryError: "
+
+
+# -- inotify: changes are seen without polling, and only once the writer is done ----------------
+
+def _run_until(source: FileSource, steps: Callable[[], Awaitable[None]]) -> None:
+    async def scenario() -> None:
+        task = asyncio.create_task(source.run())
+        try:
+            await steps()
+        finally:
+            source.stop()
+            await task
+
+    asyncio.run(asyncio.wait_for(scenario(), WAIT))
+
+
+async def _until(check: Callable[[], bool]) -> None:
+    while not check():
+        await asyncio.sleep(0.01)
+
+
+def test_inotify_sees_in_place_writes_renames_and_configmap_swaps(tmp_path: Path) -> None:
+    """With the rescan an hour away, only inotify can make these changes visible."""
+    data = tmp_path / "..2026_01_01"
+    data.mkdir()
+    write(data / "mesh.yaml", GOOD)
+    (tmp_path / "..data").symlink_to(data.name)
+    path = tmp_path / "mesh.yaml"
+    path.symlink_to("..data/mesh.yaml")
+    store = StateStore()
+    rec = Recorder(store)
+    source = FileSource(path, store, on_error=rec.error, rescan_interval=3600)
+    source.load_once()
+    rec.states.clear()
+
+    def ip_of_web() -> str:
+        web = store.current.workload_named("shop", "web")
+        return str(web.ips[0]) if web is not None else ""
+
+    async def steps() -> None:
+        await asyncio.sleep(0.05)  # run() has made its first attempt and watches
+        # A ConfigMap update: a new data directory, then an atomic swap of the ..data link.
+        new = tmp_path / "..2026_01_02"
+        new.mkdir()
+        write(new / "mesh.yaml", GOOD.replace("10.251.0.10", "10.251.0.20"))
+        (tmp_path / "..data_tmp").symlink_to(new.name)
+        (tmp_path / "..data_tmp").replace(tmp_path / "..data")
+        await _until(lambda: ip_of_web() == "10.251.0.20")
+        # An editor's rename over the file.
+        path.unlink()
+        write(path, GOOD.replace("10.251.0.10", "10.251.0.30"))
+        await _until(lambda: ip_of_web() == "10.251.0.30")
+        # A careless in-place write.
+        path.write_text(GOOD.replace("10.251.0.10", "10.251.0.40"))
+        await _until(lambda: ip_of_web() == "10.251.0.40")
+
+    _run_until(source, steps)
+    assert rec.errors == [] and len(rec.states) == 3
+
+
+def test_a_file_still_being_written_is_read_once_its_writer_closes_it(tmp_path: Path) -> None:
+    path = write(tmp_path / "mesh.yaml", GOOD)
+    store = StateStore()
+    rec = Recorder(store)
+    source = FileSource(path, store, on_error=rec.error, rescan_interval=3600)
+    source.load_once()
+    rec.states.clear()
+    changed = GOOD.replace("10.251.0.10", "10.251.0.50")
+
+    async def steps() -> None:
+        await asyncio.sleep(0.05)
+        with path.open("w") as f:  # truncated, then half the new content, flushed
+            f.write(changed[: len(changed) // 2])
+            f.flush()
+            await asyncio.sleep(0.3)  # a poller would have read the half file by now
+            assert rec.errors == [] and rec.states == []
+            f.write(changed[len(changed) // 2:])
+        await _until(lambda: bool(rec.states))
+
+    _run_until(source, steps)
+    assert rec.errors == [] and len(rec.states) == 1
+    web = store.current.workload_named("shop", "web")
+    assert web is not None and web.ips == (ipaddress.ip_address("10.251.0.50"),)
