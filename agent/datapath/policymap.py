@@ -86,12 +86,18 @@ class PolicyCompiler:
         `full` evaluates every one (the result is the same: tests/unit/datapath prove it)."""
         if full:
             self._memo.clear()
+        workloads = list(workloads)
         dests = [w for w in workloads if w.in_mesh is not False and _v4(w.ips)]
         for w in dests:
             self.identities.allocate(w.identity)
-        # Principals policies name exactly (federated peers among them) get their own id too.
+        # A federated peer runs no workload the agent knows, so a principal from a foreign trust
+        # domain that a policy names exactly gets its own id. Principals of the mesh's own
+        # domains do not: every identity id widens what each destination is evaluated for
+        # (10k named principals would recompile every destination on any principal change).
+        local = {w.trust_domain for w in workloads}
         for ident in sorted(referenced_identities(policies)):
-            self.identities.allocate(ident)
+            if ident.trust_domain not in local:
+                self.identities.allocate(ident)
         named = {n for w in dests for n in referenced_cidrs(policies, w).source
                  if isinstance(n, V4)}
         prefixes = sorted(named, key=lambda n: (n.prefixlen, int(n.network_address)))
