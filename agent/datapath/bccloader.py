@@ -24,6 +24,7 @@ from agent.datapath.source import assemble, bpf_dir
 
 
 class ProgType(enum.IntEnum):
+    CGROUP_SOCK = 9
     SOCK_OPS = 13
     CGROUP_SOCK_ADDR = 18
     CGROUP_SOCKOPT = 25
