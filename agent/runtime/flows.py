@@ -67,7 +67,10 @@ def from_kernel(
     if ev.svc_ip is not None:
         dst = dataclasses.replace(dst, service=service_host(str(ev.svc_ip)))
     denied = ev.kind == EventKind.DENY
-    no_upstream = denied and ev.reason == Reason.NO_HEALTHY_UPSTREAM
+    flag = ResponseFlag.NONE
+    if denied:
+        flag = {Reason.NO_HEALTHY_UPSTREAM: ResponseFlag.NO_HEALTHY_UPSTREAM,
+                Reason.RATE_LIMITED: ResponseFlag.RATE_LIMITED}.get(ev.reason, ResponseFlag.DENY)
     reporter = Reporter.DESTINATION if ev.direction == Direction.INGRESS else Reporter.SOURCE
     return FlowRecord(
         kind,
@@ -77,10 +80,7 @@ def from_kernel(
         verdict=Verdict.DENIED if denied else Verdict.ALLOWED,
         reason=Reason(ev.reason).label if denied else "",
         reason_code=int(ev.reason) if denied else None,
-        response_flags=(
-            (ResponseFlag.NO_HEALTHY_UPSTREAM if no_upstream else ResponseFlag.DENY)
-            if denied else ResponseFlag.NONE
-        ).value,
+        response_flags=flag.value,
         bytes_sent=ev.bytes_sent,
         bytes_received=ev.bytes_received,
         duration=ev.duration_ns / 1e9,

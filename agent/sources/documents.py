@@ -26,6 +26,7 @@ from agent.model.fields import FieldPath
 from agent.model.mesh import Labels, Namespace, Service, ServicePort, Workload
 from agent.policy.authz import parse_authorization_policy
 from agent.policy.peerauth import parse_peer_authentication
+from agent.policy.ratelimit import parse_connection_rate_limit
 from agent.state.snapshot import MeshObject
 
 API_VERSION = "nodemesh.io/v1alpha1"
@@ -138,6 +139,7 @@ _PARSERS: dict[str, Callable[[object, FieldPath], MeshObject]] = {
     "Service": parse_service,
     "AuthorizationPolicy": parse_authorization_policy,
     "PeerAuthentication": parse_peer_authentication,
+    "ConnectionRateLimit": parse_connection_rate_limit,
 }
 
 
