@@ -14,10 +14,10 @@ from collections.abc import Callable
 from agent.analysis.servicecheck import print_service_report, service_report
 from agent.commands import simulate
 from agent.config import DEFAULT_ROOT_NAMESPACE
+from agent.identity.spiffe import Identity
 from agent.model.fields import IPAddress
 from agent.model.mesh import Service, Workload
 from agent.policy.connection import Connection
-from agent.identity.spiffe import Identity
 from agent.policy.evaluator import Decision, applicable, evaluate
 from agent.policy.ratelimit import limit_for
 from agent.sources.file import ConfigError, load_path
