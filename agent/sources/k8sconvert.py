@@ -22,6 +22,7 @@ from agent.model.mesh import (
 )
 from agent.policy.authz import parse_authorization_policy
 from agent.policy.peerauth import parse_peer_authentication
+from agent.policy.ratelimit import parse_connection_rate_limit
 from agent.state.snapshot import MeshObject
 
 TERMINAL_PHASES = ("Succeeded", "Failed")
@@ -101,7 +102,7 @@ def service_from_k8s(svc: object) -> Service:
 
 def object_from_k8s(obj: object, *, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> MeshObject | None:
     """Convert any supported Kubernetes object by its `kind` (Pod, Namespace, Service,
-    AuthorizationPolicy, PeerAuthentication); None for a finished pod."""
+    AuthorizationPolicy, PeerAuthentication, ConnectionRateLimit); None for a finished pod."""
     doc = f.mapping(obj, ())
     kind = doc.get("kind")
     if kind == "Pod":
@@ -114,5 +115,7 @@ def object_from_k8s(obj: object, *, trust_domain: str = DEFAULT_TRUST_DOMAIN) ->
         return parse_authorization_policy(doc)
     if kind == "PeerAuthentication":
         return parse_peer_authentication(doc)
-    f.fail(("kind",), f"{kind!r}: want Pod, Namespace, Service, AuthorizationPolicy or "
-           "PeerAuthentication")
+    if kind == "ConnectionRateLimit":
+        return parse_connection_rate_limit(doc)
+    f.fail(("kind",), f"{kind!r}: want Pod, Namespace, Service, AuthorizationPolicy, "
+           "PeerAuthentication or ConnectionRateLimit")

@@ -38,6 +38,7 @@ KIND_OF_RESOURCE: Mapping[str, str] = {
     "services": "Service",
     "authorizationpolicies": "AuthorizationPolicy",
     "peerauthentications": "PeerAuthentication",
+    "connectionratelimits": "ConnectionRateLimit",
 }
 # The Kubernetes kind each resource's objects carry.
 API_KIND_OF_RESOURCE: Mapping[str, str] = {
@@ -46,6 +47,7 @@ API_KIND_OF_RESOURCE: Mapping[str, str] = {
     "services": "Service",
     "authorizationpolicies": "AuthorizationPolicy",
     "peerauthentications": "PeerAuthentication",
+    "connectionratelimits": "ConnectionRateLimit",
 }
 
 

@@ -68,6 +68,7 @@ RESOURCES: dict[str, Resource] = {
         Resource("services", "v1", "Service", namespaced=True),
         Resource("authorizationpolicies", "security.istio.io/v1", "AuthorizationPolicy", True),
         Resource("peerauthentications", "security.istio.io/v1", "PeerAuthentication", True),
+        Resource("connectionratelimits", "nodemesh.io/v1alpha1", "ConnectionRateLimit", True),
     )
 }
 

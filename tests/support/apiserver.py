@@ -100,6 +100,7 @@ KINDS = {
         Kind("nodes", "Node", "", "v1", False),
         Kind("authorizationpolicies", "AuthorizationPolicy", "security.istio.io", "v1", True),
         Kind("peerauthentications", "PeerAuthentication", "security.istio.io", "v1", True),
+        Kind("connectionratelimits", "ConnectionRateLimit", "nodemesh.io", "v1alpha1", True),
     )
 }
 

@@ -22,7 +22,8 @@ from agent.sources.kubernetes import AuthError, KubernetesSource
 
 NODE = "node-a"
 APS = "authorizationpolicies"
-RESOURCES = ("pods", "namespaces", "services", APS, "peerauthentications")
+RESOURCES = ("pods", "namespaces", "services", APS, "peerauthentications",
+             "connectionratelimits")
 TIMEOUT = 20.0  # a stuck test fails here, long before pytest's own timeout
 
 
@@ -139,7 +140,7 @@ async def watching_again(server: ApiServer, before: int) -> dict[str, str | None
     """Wait until every resource has asked for a new watch; the RV each one asked from."""
     while True:
         asked = {w.resource: w.resource_version for w in server.watch_log[before:]}
-        if len(asked) == 5:
+        if len(asked) == len(RESOURCES):
             return asked
         await asyncio.sleep(0.01)
 
@@ -217,7 +218,7 @@ def test_dropped_watch_resumes_from_last_version_without_loss_or_duplicates() ->
                 before = len(server.watch_log)
 
                 server.hold_watches()
-                assert server.drop_watches() == 5
+                assert server.drop_watches() == len(RESOURCES)
                 # Changes while no watch is open: they must arrive once the watches are back.
                 await k.patch(APS, "ns1", "p1", {"spec": {"action": "DENY"}})
                 await k.delete(APS, "ns1", "p2")
@@ -235,7 +236,7 @@ def test_dropped_watch_resumes_from_last_version_without_loss_or_duplicates() ->
                 replay(sink.of("pods"))
                 assert [(t, key) for t, key, _, _ in sink.of("pods")][-2:] == [
                     ("ADDED", "ns1/a2"), ("DELETED", "ns1/a1")]
-                assert len(server.list_log) == 5  # resumed: no resource was listed again
+                assert len(server.list_log) == len(RESOURCES)  # resumed: none listed again
                 assert source.metrics.relists.labels(APS)._value.get() == 0
                 assert source.metrics.watch_restarts.labels(APS, "dropped")._value.get() == 1
 
