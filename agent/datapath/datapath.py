@@ -572,6 +572,7 @@ class Datapath:
             "nm_lb4_svc_v1": (layouts.LB4_KEY.size, o.max_services),
             "nm_rl_cfg_v1": (layouts.RL_CFG_KEY.size, o.max_ratelimits),
             "nm_rl_state_v1": (layouts.RL_KEY.size, o.max_ratelimits),
+            "nm_rl_sock_v1": (8, o.max_conns),
         }
         return {
             name: (len(bpfsys.map_keys(self.module.map_fd(name), ks)), cap)
