@@ -7,13 +7,15 @@ compiler writes), so each test sets exactly the bucket it means.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from collections.abc import Iterator
 
 import pytest
-from peers import FAKE_TUNNEL, HOLDER
+from peers import CONNECT_BATCH, FAKE_TUNNEL, HOLDER
 
+from agent.abi import MARK_ID_SHIFT, MARK_MAGIC
 from agent.datapath.datapath import Datapath
 from agent.datapath.layouts import FlowEvent, RateLimitEntry, RateLimitKey, RateLimitState
 from agent.datapath.verdicts import Direction, EventKind, Reason, Verdict
@@ -98,6 +100,8 @@ def test_burst_admits_exactly_the_bucket_then_refuses_with_econnrefused_and_a_de
     rl.apply_rate_limits({key: RateLimitEntry(HOUR_NS, 3, 0, LIMIT_ID)})
     events: list[FlowEvent] = []
     rl.open_events(events.append)
+    rl.drain_events()  # what earlier tests left in the ring
+    events.clear()
     before = rl.rate_limit_refusals()
     app = holder(rl, a)
     assert [app.connect(db.ip, 5432) for _ in range(10)] == ["ok"] * 3 + ["ECONNREFUSED"] * 7
@@ -165,3 +169,38 @@ def test_a_connect_that_fails_after_admission_does_not_leak_its_slot(
     wait_active(rl, key, 1)
     assert app.connect(db.ip, 5432) == "ok"
     assert app.connect(db.ip, 5432) == "ECONNREFUSED"
+
+
+def test_the_tunnels_upstream_connect_has_its_own_bucket_and_gets_eperm(
+    kcluster: Cluster, rl: Datapath
+) -> None:
+    """Both sides enforce: the source pod's connects spend the egress bucket, the tunnel's
+    upstream connects (marked with the peer's identity, from the trusted node cgroup) spend a
+    separate ingress bucket of the same size, and over it get EPERM (the tunnel answers 401)."""
+    a, db = kcluster.pod(0, 0), kcluster.pod(0, 1)
+    key = RateLimitKey(db.ip, A_ID)
+    rl.apply_rate_limits({key: RateLimitEntry(HOUR_NS, 2, 0, LIMIT_ID)})
+    rl.enroll(db.netns, 101, db.ip)
+    events: list[FlowEvent] = []
+    rl.open_events(events.append)
+    rl.drain_events()  # what earlier tests left in the ring
+    events.clear()
+    app = holder(rl, a)
+    assert [app.connect(db.ip, 5432) for _ in range(3)] == ["ok", "ok", "ECONNREFUSED"]
+    upstream = kcluster.nodes[0].python(CONNECT_BATCH, db.netns_path, stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True)
+    try:
+        assert upstream.popen is not None and upstream.popen.stdin and upstream.popen.stdout
+        assert upstream.popen.stdout.readline().strip() == "ready"
+        mark = (A_ID << MARK_ID_SHIFT) | MARK_MAGIC
+        batch = [[mark, str(a.ip), str(db.ip), 5432]] * 3
+        upstream.popen.stdin.write(json.dumps(batch) + "\n")
+        upstream.popen.stdin.flush()
+        assert json.loads(upstream.popen.stdout.readline()) == ["OK", "OK", "EPERM"]
+    finally:
+        upstream.stop()
+    rl.drain_events()
+    denies = [(e.direction, e.reason, e.src_id, e.policy) for e in events
+              if e.kind == EventKind.DENY and e.dst_ip == db.ip]
+    assert denies == [(Direction.EGRESS, Reason.RATE_LIMITED, A_ID, LIMIT_ID),
+                      (Direction.INGRESS, Reason.RATE_LIMITED, A_ID, LIMIT_ID)]
