@@ -26,6 +26,7 @@
 #include "lib/events.h"
 #include "lib/trust.h"
 #include "lib/lb.h"
+#include "lib/ratelimit.h"
 
 #define NM_ECONNREFUSED 111
 
@@ -58,6 +59,21 @@ static __always_inline void nm_emit_deny(struct bpf_sock_addr *ctx, __u64 netns,
 	ev->reason = pe->reason;
 	ev->direction = dir;
 	nm_event_submit(ev);
+}
+
+/* Connection rate limits (lib/ratelimit.h), checked once the policy verdict allowed the
+ * connect: 1 if refused (DENY event with reason rate_limited, the limit's id as its policy). */
+static __always_inline int nm_rate_limited(struct bpf_sock_addr *ctx, __u64 netns, __u32 src_ip,
+					   __u32 src_id, __u8 dir, struct nm_dest *d)
+{
+	struct policy_entry pe = { .verdict = NM_VERDICT_DENY };
+	__u32 limit_id = 0;
+	pe.reason = nm_rl_admit(d->ip, src_id, dir, bpf_get_socket_cookie(ctx), &limit_id);
+	if (pe.reason == NM_REASON_NONE)
+		return 0;
+	pe.policy = limit_id;
+	nm_emit_deny(ctx, netns, src_ip, src_id, &pe, dir, d);
+	return 1;
 }
 
 int nm_connect4(struct bpf_sock_addr *ctx)
@@ -96,6 +112,9 @@ int nm_connect4(struct bpf_sock_addr *ctx)
 			nm_emit_deny(ctx, netns, sk->src_ip4, src_id, &pe, NM_DIR_INGRESS, &d);
 			return 0;
 		}
+		/* Rate limits: EPERM, so the tunnel leaves the report to the kernel's DENY event. */
+		if (nm_rate_limited(ctx, netns, sk->src_ip4, src_id, NM_DIR_INGRESS, &d))
+			return 0;
 		/* Unbound: no spoofed tuple to let through (to the pod's own address it goes over
 		 * loopback, which sk_lookup passes). */
 		if (sk->src_port == 0)
@@ -165,6 +184,12 @@ int nm_connect4(struct bpf_sock_addr *ctx)
 			__sync_fetch_and_add(&active->conns, -1);
 		nm_count(NM_CTR_DENY_EGRESS);
 		nm_emit_deny(ctx, netns, pod->pod_ip, pod->identity, &pe, NM_DIR_EGRESS, &d);
+		return 0;
+	}
+	/* Rate limits: ECONNREFUSED, a transient refusal every client retries later (EPERM means
+	 * policy; EAGAIN would read as "in progress" to non-blocking clients). */
+	if (nm_rate_limited(ctx, netns, pod->pod_ip, pod->identity, NM_DIR_EGRESS, &d)) {
+		bpf_set_retval(-NM_ECONNREFUSED);
 		return 0;
 	}
 

@@ -10,11 +10,14 @@
  * too, and their entry goes when they close, so sk_lookup lets a tuple through only while the
  * agent's own connection holds it. The entry must name this socket's cookie: another netns may
  * use the same 4-tuple.
+ *
+ * A socket holding a connection rate limit slot (lib/ratelimit.h) gives it back at TCP_CLOSE.
  */
 #include "lib/common.h"
 #include "lib/conn.h"
 #include "lib/events.h"
 #include "lib/lb.h"
+#include "lib/ratelimit.h"
 
 /* TCP states (include/net/tcp_states.h) seen as the old state of the move to TCP_CLOSE. */
 #define NM_TCP_FIN_WAIT2 5
@@ -102,6 +105,8 @@ int nm_sockops(struct bpf_sock_ops *skops)
 	switch (skops->op) {
 	case BPF_SOCK_OPS_TCP_CONNECT_CB: {
 		cookie = bpf_get_socket_cookie(skops);
+		if (nm_rl_tracked(cookie)) /* holds a rate-limit slot: release it at TCP_CLOSE */
+			bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
 		c = nm_conn_cookie_v1.lookup(&cookie);
 		if (!c) {
 			if (nm_own_upstream(skops, &uk, cookie))
@@ -124,6 +129,7 @@ int nm_sockops(struct bpf_sock_ops *skops)
 		if (skops->args[1] != BPF_TCP_CLOSE)
 			return 1;
 		cookie = bpf_get_socket_cookie(skops);
+		nm_rl_release(cookie);
 		c = nm_conn_cookie_v1.lookup(&cookie);
 		if (!c) {
 			if (nm_own_upstream(skops, &uk, cookie))

@@ -55,7 +55,8 @@ class ResponseFlag(enum.StrEnum):
     ztunnel's own flags first (DENY ... CERT_REVOKED), then the Envoy flags ztunnel has no name
     for: Envoy's DPE (downstream protocol error) for a malformed CONNECT, NR (no route) for a
     destination the tunnel has no way to reach and UH (no healthy upstream) for a Service with
-    no ready endpoint, UO (upstream overflow) for a Service port at its connection cap. `-` is a
+    no ready endpoint, UO (upstream overflow) for a Service port at its connection cap and RL
+    (rate limited) for a connect a ConnectionRateLimit refused. `-` is a
     clean connection; any other flag counts
     the connection in istio_tcp_connections_failed_total.
     """
@@ -72,6 +73,7 @@ class ResponseFlag(enum.StrEnum):
     NO_ROUTE = "NR"  # no route: outside the mesh with passthrough off, or a tunnel port
     NO_HEALTHY_UPSTREAM = "UH"  # a Service VIP with no ready endpoint (refused in the kernel)
     UPSTREAM_OVERFLOW = "UO"  # a Service port's connection cap reached (refused in the kernel)
+    RATE_LIMITED = "RL"  # a ConnectionRateLimit refused the connect (in the kernel)
 
 
 class Cause(enum.StrEnum):

@@ -14,10 +14,12 @@ from collections.abc import Callable
 from agent.analysis.servicecheck import print_service_report, service_report
 from agent.commands import simulate
 from agent.config import DEFAULT_ROOT_NAMESPACE
+from agent.identity.spiffe import Identity
 from agent.model.fields import IPAddress
 from agent.model.mesh import Service, Workload
 from agent.policy.connection import Connection
 from agent.policy.evaluator import Decision, applicable, evaluate
+from agent.policy.ratelimit import limit_for
 from agent.sources.file import ConfigError, load_path
 from agent.state.snapshot import MeshState
 
@@ -203,8 +205,32 @@ def _report(state: MeshState, src: Workload | None, conn: Connection,
             {"policy": p.key, "action": p.action.value,
              "scope": p.scope(state.root_namespace).value, "dry_run": p.dry_run}
             for p in pols],
+        "rate_limit": rate_limit_report(state, conn.src_identity, conn.dst)
+        if decision.allowed else None,
         "warnings": [w for p in pols for w in p.warnings],
         "notes": notes,
+    }
+
+
+def rate_limit_report(state: MeshState, identity: Identity | None,
+                      dst: Workload) -> dict[str, object] | None:
+    """The ConnectionRateLimit that applies to an allowed connection, or None."""
+    applied = limit_for(state.rate_limits, identity, dst)
+    if applied is None:
+        return None
+    rule = applied.rule
+    return {
+        "limit": applied.limit.key,
+        "entry": applied.index,
+        "source": rule.source.describe(),
+        "connections_per_second": rule.connections_per_second,
+        "burst": rule.burst if rule.connections_per_second is not None else None,
+        "max_connections": rule.max_connections,
+        "over_limit": {"reason": "RATE_LIMITED", "response_flags": "RL",
+                       "errno": "ECONNREFUSED"},
+        "summary": f"{applied.limit.key} limits[{applied.index}] ({rule.source.describe()}): "
+                   f"{rule.describe()}; beyond it a connect fails with ECONNREFUSED, "
+                   "reason RATE_LIMITED",
     }
 
 
@@ -229,6 +255,11 @@ def _print(r: dict[str, object]) -> None:
     rows.append(("policies", ", ".join(
         f"{p['policy']} ({p['action']}, {p['scope']}{', dry-run' if p['dry_run'] else ''})"
         for p in pols) or "none apply"))
+    limit = r.get("rate_limit")
+    if isinstance(limit, dict):
+        rows.append(("rate limit", str(limit["summary"])))
+    elif r["allowed"]:
+        rows.append(("rate limit", "none applies"))
     dry = r["dry_run"]
     assert isinstance(dry, list)
     if dry:

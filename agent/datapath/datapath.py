@@ -37,6 +37,9 @@ from agent.datapath.layouts import (
     Frontend,
     PolicyEntry,
     PolicyKey,
+    RateLimitEntry,
+    RateLimitKey,
+    RateLimitState,
     TrustedEntry,
     UpstreamKey,
 )
@@ -45,7 +48,7 @@ from agent.datapath.options import BuildOptions
 from agent.datapath.pinned import PinnedObjects
 from agent.datapath.programs import CGROUP_PROGRAMS, PROGS_DIR, SK_LOOKUP
 from agent.datapath.ringbuf import RingBuffer
-from agent.datapath.verdicts import COUNTER_SLOTS, Counter, EventKind
+from agent.datapath.verdicts import COUNTER_SLOTS, Counter, EventKind, RateLimitCounter
 from agent.host import netns
 
 log = logging.getLogger(__name__)
@@ -482,6 +485,59 @@ class Datapath:
         finally:
             os.close(fd)
 
+    # -- connection rate limits ------------------------------------------------------------
+    def apply_rate_limits(self, entries: Mapping[RateLimitKey, RateLimitEntry]) -> None:
+        """Make the limits in force exactly `entries`. An unchanged limit keeps its buckets;
+        a changed or removed one loses them (a changed limit starts with a full bucket and
+        forgets its open connections: bounded over-admission once, never a refusal)."""
+        if len(entries) > self.options.max_ratelimits:
+            raise ValueError(f"{len(entries)} rate limit entries exceed the map size "
+                             f"{self.options.max_ratelimits}")
+        fd = self.module.map_fd("nm_rl_cfg_v1")
+        current = self.rate_limits()
+        for key, value in entries.items():
+            if current.get(key) != value:
+                bpfsys.map_update(fd, key.pack(), value.pack())
+        changed = {k for k, v in current.items() if entries.get(k) != v}
+        for key in changed - entries.keys():
+            bpfsys.map_delete(fd, key.pack())
+        if changed:
+            state_fd = self.module.map_fd("nm_rl_state_v1")
+            for raw in bpfsys.map_keys(state_fd, layouts.RL_KEY.size):
+                dst, src_id, _dir = layouts.RL_KEY.unpack(raw)
+                if RateLimitKey(ipaddress.IPv4Address(dst), src_id) in changed:
+                    bpfsys.map_delete(state_fd, raw)
+
+    def rate_limits(self) -> dict[RateLimitKey, RateLimitEntry]:
+        """The limits in force as the kernel holds them."""
+        fd = self.module.map_fd("nm_rl_cfg_v1")
+        out: dict[RateLimitKey, RateLimitEntry] = {}
+        for key in bpfsys.map_keys(fd, layouts.RL_CFG_KEY.size):
+            raw = bpfsys.map_lookup(fd, key, layouts.RL_CFG.size)
+            if raw is not None:
+                out[RateLimitKey.unpack(key)] = RateLimitEntry.unpack(raw)
+        return out
+
+    def rate_limit_buckets(self) -> list[RateLimitState]:
+        fd = self.module.map_fd("nm_rl_state_v1")
+        out = []
+        for key in bpfsys.map_keys(fd, layouts.RL_KEY.size):
+            raw = bpfsys.map_lookup(fd, key, layouts.RL_STATE.size)
+            if raw is not None:
+                out.append(RateLimitState.unpack(key, raw))
+        return out
+
+    def rate_limit_refusals(self) -> dict[str, int]:
+        """Connects the rate limits refused, by cause ("rate": empty bucket, "concurrency")."""
+        fd = self.module.map_fd("nm_rl_counters_v1")
+        cpus = _possible_cpus()
+        out = {}
+        for c in RateLimitCounter:
+            raw = bpfsys.map_lookup(fd, layouts.U32.pack(int(c)), 8 * cpus)
+            out[c.name.lower()] = (sum(int.from_bytes(raw[i : i + 8], "little")
+                             for i in range(0, 8 * cpus, 8)) if raw else 0)
+        return out
+
     # -- services --------------------------------------------------------------------------
     def apply_services(self, table: Mapping[Frontend, Sequence[Backend]],
                        caps: Mapping[Frontend, int] | None = None) -> None:
@@ -623,7 +679,9 @@ class Datapath:
     def drop_counts(self) -> dict[str, int]:
         """Refusals and ignored forgeries the kernel counted, by reason (for nodemesh_bpf_drops)."""
         c = self.counters()
-        return {k.name.lower(): c[k] for k in DROP_COUNTERS}
+        out = {k.name.lower(): c[k] for k in DROP_COUNTERS}
+        out["rate_limited"] = sum(self.rate_limit_refusals().values())
+        return out
 
     def upstreams(self) -> dict[UpstreamKey, int]:
         """The agent's live upstream connects sk_lookup lets through, with their socket cookie."""
@@ -647,6 +705,9 @@ class Datapath:
             "nm_svc_tuple_v1": (layouts.CONN_TUPLE.size, o.max_conns),
             "nm_lb4_active_v1": (layouts.LB4_KEY.size, o.max_services),
             "nm_lb4_svc_v1": (layouts.LB4_KEY.size, o.max_services),
+            "nm_rl_cfg_v1": (layouts.RL_CFG_KEY.size, o.max_ratelimits),
+            "nm_rl_state_v1": (layouts.RL_KEY.size, o.max_ratelimits),
+            "nm_rl_sock_v1": (8, o.max_conns),
         }
         return {
             name: (len(bpfsys.map_keys(self.module.map_fd(name), ks)), cap)

@@ -41,6 +41,10 @@ LB4_SERVICE = struct.Struct("=IHH")
 LB4_BACKEND_KEY = struct.Struct("=II")
 LB4_BACKEND = struct.Struct("=4sHH")
 LB4_ACTIVE = struct.Struct("=iI")
+RL_CFG_KEY = struct.Struct("=4sI")
+RL_CFG = struct.Struct("=QIIII")
+RL_KEY = struct.Struct("=4sIB3x")
+RL_STATE = struct.Struct("=Qq")
 
 _E = TypeVar("_E", bound=IntEnum)
 
@@ -250,6 +254,57 @@ class Backend:
     def unpack(cls, raw: bytes) -> Backend:
         ip, port, _flags = LB4_BACKEND.unpack(raw[: LB4_BACKEND.size])
         return cls(Ip(ip), port)
+
+
+@dataclass(frozen=True, order=True)
+class RateLimitKey:
+    """struct rl_cfg_key: a limited (destination address, source identity id)."""
+
+    dst: Ip
+    src_id: int
+
+    def pack(self) -> bytes:
+        return RL_CFG_KEY.pack(self.dst.packed, self.src_id)
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> RateLimitKey:
+        dst, src_id = RL_CFG_KEY.unpack(raw[: RL_CFG_KEY.size])
+        return cls(Ip(dst), src_id)
+
+
+@dataclass(frozen=True)
+class RateLimitEntry:
+    """struct rl_cfg: a token bucket (interval_ns 0: none) and a concurrency cap (0: none)."""
+
+    interval_ns: int
+    burst: int
+    max_conns: int
+    limit_id: int
+
+    def pack(self) -> bytes:
+        return RL_CFG.pack(self.interval_ns, self.burst, self.max_conns, self.limit_id, 0)
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> RateLimitEntry:
+        interval, burst, cap, limit_id, _pad = RL_CFG.unpack(raw[: RL_CFG.size])
+        return cls(interval, burst, cap, limit_id)
+
+
+@dataclass(frozen=True)
+class RateLimitState:
+    """struct rl_key + struct rl_state: one bucket as the kernel holds it."""
+
+    dst: Ip
+    src_id: int
+    direction: Direction
+    tat: int
+    active: int
+
+    @classmethod
+    def unpack(cls, key: bytes, value: bytes) -> RateLimitState:
+        dst, src_id, direction = RL_KEY.unpack(key[: RL_KEY.size])
+        tat, active = RL_STATE.unpack(value[: RL_STATE.size])
+        return cls(Ip(dst), src_id, _member(Direction, direction), tat, active)
 
 
 def _member(enum: type[_E], value: int) -> _E:

@@ -21,6 +21,7 @@ ATTACH_POINTS = (
     "sockopt_origdst.c",
     "sockops_flow.c",
     "sk_lookup_inbound.c",
+    "sock_release.c",
 )
 
 
@@ -39,6 +40,7 @@ class BuildOptions:
     max_conns: int = 65536
     max_services: int = 65536  # (VIP, port) frontends
     max_backends: int = 1 << 20  # (service version, slot) entries: two versions of each
+    max_ratelimits: int = 65536  # (destination, source id) limits, and as many buckets
     ringbuf_bytes: int = 1 << 22
     sources: tuple[str, ...] = ATTACH_POINTS
     extra_cflags: tuple[str, ...] = field(default_factory=tuple)
@@ -66,5 +68,6 @@ class BuildOptions:
             f"-DNM_MAX_SERVICES={self.max_services}",
             f"-DNM_MAX_BACKENDS={self.max_backends}",
             f"-DNM_RINGBUF_BYTES={self.ringbuf_bytes}",
+            f"-DNM_MAX_RATELIMITS={self.max_ratelimits}",
             *self.extra_cflags,
         ]

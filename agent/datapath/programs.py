@@ -11,6 +11,7 @@ from agent.datapath.bpfsys import AttachType
 
 class ProgType(enum.IntEnum):
     SOCKET_FILTER = 1  # benchmarks' event generator (runs under BPF_PROG_TEST_RUN)
+    CGROUP_SOCK = 9
     SOCK_OPS = 13
     CGROUP_SOCK_ADDR = 18
     CGROUP_SOCKOPT = 25
@@ -31,6 +32,7 @@ CGROUP_PROGRAMS = (
     Program("nm_getsockname4", ProgType.CGROUP_SOCK_ADDR, AttachType.CGROUP_INET4_GETSOCKNAME),
     Program("nm_getsockopt", ProgType.CGROUP_SOCKOPT, AttachType.CGROUP_GETSOCKOPT),
     Program("nm_sockops", ProgType.SOCK_OPS, AttachType.CGROUP_SOCK_OPS),
+    Program("nm_sock_release", ProgType.CGROUP_SOCK, AttachType.CGROUP_INET_SOCK_RELEASE),
 )
 SK_LOOKUP = Program("nm_sk_lookup", ProgType.SK_LOOKUP, AttachType.SK_LOOKUP)
 ALL_PROGRAMS = (*CGROUP_PROGRAMS, SK_LOOKUP)

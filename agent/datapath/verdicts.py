@@ -1,4 +1,5 @@
-"""Python mirror of bpf/lib/verdicts.h (a unit test keeps the two equal)."""
+"""Python mirror of bpf/lib/verdicts.h and of ratelimit.h's counters (a unit test keeps them
+equal)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ class Reason(enum.IntEnum):
     NO_TUNNEL = 5
     NO_HEALTHY_UPSTREAM = 6
     UPSTREAM_OVERFLOW = 7
+    RATE_LIMITED = 8
 
     @property
     def label(self) -> str:
@@ -51,3 +53,13 @@ class Counter(enum.IntEnum):
 
 
 COUNTER_SLOTS = 10  # NM_CTR_MAX
+
+
+class RateLimitCounter(enum.IntEnum):
+    """Indices of nm_rl_counters_v1 (bpf/lib/ratelimit.h, NM_RL_CTR_*)."""
+
+    RATE = 0  # the token bucket was empty
+    CONCURRENCY = 1  # the concurrency cap was reached
+
+
+RATE_LIMIT_COUNTER_SLOTS = 2  # NM_RL_CTR_MAX

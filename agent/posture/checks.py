@@ -281,7 +281,23 @@ def build_report(inp: Inputs) -> dict[str, Any]:
         },
         "certificates": [c.to_dict(now, inp.cert_warning)
                          for c in sorted(inp.certificates, key=lambda c: (c.kind, c.subject))],
-        # No rate limits exist yet (they come with in-kernel rate limiting): the section is
-        # here so readers need not change when they do.
-        "rate_limits": {"supported": False, "in_force": []},
+        "rate_limits": {"supported": True, "in_force": rate_limits_in_force(st)},
     }
+
+
+def rate_limits_in_force(state: MeshState) -> list[dict[str, Any]]:
+    """One row per ConnectionRateLimit entry, with the in-mesh workloads it applies to."""
+    rows = []
+    for lim in sorted(state.rate_limits, key=lambda x: x.key):
+        dests = sorted(w.ref for w in state.workloads if lim.selects(w) and state.in_mesh(w))
+        for i, rule in enumerate(lim.rules):
+            rows.append({
+                "limit": lim.key, "entry": i, "source": rule.source.describe(),
+                "destinations": dests,
+                "connections_per_second": rule.connections_per_second,
+                "burst": rule.burst if rule.connections_per_second is not None else None,
+                "max_connections": rule.max_connections,
+                "summary": f"{lim.key} limits[{i}]: {rule.source.describe()} -> "
+                           f"{', '.join(dests) or 'no workload'}: {rule.describe()}",
+            })
+    return rows

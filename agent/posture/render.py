@@ -22,7 +22,7 @@ def _rate_limits(r: dict[str, Any]) -> str:
     rl = r["rate_limits"]
     if not rl["supported"]:
         return "not supported by this agent version (none in force)"
-    return ", ".join(str(x) for x in rl["in_force"]) or "none configured"
+    return "; ".join(str(x["summary"]) for x in rl["in_force"]) or "none configured"
 
 
 def text(r: dict[str, Any]) -> str:

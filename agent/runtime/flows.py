@@ -99,11 +99,12 @@ def from_kernel(
     )
 
 
-# Kernel refusals that are not policy: Envoy's flags for a Service with no ready endpoint and
-# for one at its connection cap.
+# Kernel refusals that are not policy: Envoy's flags for a Service with no ready endpoint, for
+# one at its connection cap, and for a connect a ConnectionRateLimit refused.
 _KERNEL_FLAGS = {
     Reason.NO_HEALTHY_UPSTREAM: ResponseFlag.NO_HEALTHY_UPSTREAM,
     Reason.UPSTREAM_OVERFLOW: ResponseFlag.UPSTREAM_OVERFLOW,
+    Reason.RATE_LIMITED: ResponseFlag.RATE_LIMITED,
 }
 
 

@@ -27,8 +27,9 @@ from agent.datapath.identities import IdentityTable
 from agent.datapath.layouts import Backend, FlowEvent, Frontend
 from agent.datapath.options import BuildOptions
 from agent.datapath.policymap import CompiledPolicy, PolicyCompiler
+from agent.datapath.ratelimitmap import CompiledLimits, RateLimitCompiler
 from agent.datapath.servicemap import CompiledServices, compile_service_set
-from agent.datapath.verdicts import Counter, EventKind
+from agent.datapath.verdicts import Counter, EventKind, Reason
 from agent.enroll import Enroller, PodLocator, PodPlacement
 from agent.host import cgroup
 from agent.identity import pki
@@ -82,6 +83,8 @@ class NodeAgent:
         cfg = self.config
         self.identities = IdentityTable()
         self.compiler = PolicyCompiler(self.identities)
+        self.limit_compiler = RateLimitCompiler(self.identities)
+        self.limits = CompiledLimits()
         root = cfg.cgroup_root or cgroup.mount_point()
         # BCC and LLVM run in a short-lived loader process, never resident in the agent.
         self.datapath = Datapath(root, BuildOptions(pin_dir=cfg.pin_dir), load_in_process=False)
@@ -185,6 +188,9 @@ class NodeAgent:
     def _policy_name(self, pid: int) -> str:
         return self.compiled.policy_names.get(pid, str(pid))
 
+    def _limit_name(self, lid: int) -> str:
+        return self.limits.names.get(lid, str(lid))
+
     # -- telemetry producers -----------------------------------------------------------------
     def _tunnel_event(self, ev: ConnectionEvent) -> None:
         ejected = self._observe_outlier(ev)
@@ -246,7 +252,9 @@ class NodeAgent:
         # the kernel's open/close events would count them twice; only connect-time denies,
         # which never reach the tunnel, go to telemetry.
         if ev.kind == EventKind.DENY:
-            self.telemetry.emit(flows.from_kernel(ev, self._workload_by_ip, self._policy_name,
+            # A rate-limited deny names its ConnectionRateLimit where others name a policy.
+            names = self._limit_name if ev.reason == Reason.RATE_LIMITED else self._policy_name
+            self.telemetry.emit(flows.from_kernel(ev, self._workload_by_ip, names,
                                                   self._service_host))
 
     def _frontend_labels(self, fe: Frontend) -> tuple[str, str]:
@@ -385,6 +393,10 @@ class NodeAgent:
     def _compile_and_apply(self, state: MeshState) -> CompiledPolicy:
         compiled = self.compiler.compile(state.policy_set, state.workloads)
         self.datapath.apply_policy(compiled.entries, compiled.cidrs, compiled.groups)
+        # After policy, which allocated the identities the limits are keyed by.
+        limits = self.limit_compiler.compile(state.rate_limits, state.workloads)
+        self.datapath.apply_rate_limits(limits.entries)
+        self.limits = limits
         # After policy: a newly added endpoint is policed before connects can reach it.
         services = compile_service_set(state)
         self._endpoint_services = _endpoint_services(services)

@@ -33,6 +33,7 @@ from agent.model.mesh import (
 )
 from agent.policy.authz import parse_authorization_policy
 from agent.policy.peerauth import parse_peer_authentication
+from agent.policy.ratelimit import parse_connection_rate_limit
 from agent.state.snapshot import MeshObject
 
 API_VERSION = "nodemesh.io/v1alpha1"
@@ -93,7 +94,8 @@ def _target_port(entry: Mapping[str, object], number: int, pp: FieldPath) -> int
     """A Service targetPort: a number, or a container port name resolved per endpoint."""
     raw = entry.get("targetPort", number)
     if isinstance(raw, str) and not raw.isdigit():
-        if not raw or len(raw) > 15 or not raw.replace("-", "").isalnum() or not raw.islower():
+        if (not raw or len(raw) > 15 or not raw.isascii() or not raw.replace("-", "").isalnum()
+                or not raw.islower()):
             f.fail((*pp, "targetPort"), f"{raw!r}: want a port number or a port name "
                    "(lowercase letters, digits and '-', at most 15)")
         return raw
@@ -149,6 +151,7 @@ _PARSERS: dict[str, Callable[[object, FieldPath], MeshObject]] = {
     "Service": parse_service,
     "AuthorizationPolicy": parse_authorization_policy,
     "PeerAuthentication": parse_peer_authentication,
+    "ConnectionRateLimit": parse_connection_rate_limit,
 }
 
 

@@ -7,7 +7,7 @@ and ignore the rest (unlike the file parsers, which reject unknown fields).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from agent.identity.spiffe import DEFAULT_TRUST_DOMAIN
 from agent.model import fields as f
@@ -28,6 +28,7 @@ from agent.model.mesh import (
 )
 from agent.policy.authz import parse_authorization_policy
 from agent.policy.peerauth import parse_peer_authentication
+from agent.policy.ratelimit import parse_connection_rate_limit
 from agent.state.snapshot import MeshObject
 
 TERMINAL_PHASES = ("Succeeded", "Failed")
@@ -181,7 +182,7 @@ def _max_connections(meta: Mapping[str, object]) -> int:
     raw = f.string_map(meta, "annotations", ("metadata",)).get(MAX_CONNECTIONS_ANNOTATION)
     if raw is None:
         return 0
-    if not raw.isdigit() or not 0 <= int(raw) <= MAX_CONNECTIONS:
+    if not (raw.isascii() and raw.isdigit()) or not 0 <= int(raw) <= MAX_CONNECTIONS:
         f.fail(("metadata", "annotations", MAX_CONNECTIONS_ANNOTATION),
                f"{raw!r}: want 0 (no cap) to {MAX_CONNECTIONS}")
     return int(raw)
@@ -189,20 +190,23 @@ def _max_connections(meta: Mapping[str, object]) -> int:
 
 def object_from_k8s(obj: object, *, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> MeshObject | None:
     """Convert any supported Kubernetes object by its `kind` (Pod, Namespace, Service,
-    EndpointSlice, AuthorizationPolicy, PeerAuthentication); None for a finished pod."""
+    EndpointSlice, AuthorizationPolicy, PeerAuthentication, ConnectionRateLimit); None for a
+    finished pod."""
     doc = f.mapping(obj, ())
     kind = doc.get("kind")
     if kind == "Pod":
         return workload_from_pod(doc, trust_domain=trust_domain)
-    if kind == "Namespace":
-        return namespace_from_k8s(doc)
-    if kind == "Service":
-        return service_from_k8s(doc)
-    if kind == "AuthorizationPolicy":
-        return parse_authorization_policy(doc)
-    if kind == "PeerAuthentication":
-        return parse_peer_authentication(doc)
-    if kind == "EndpointSlice":
-        return endpoint_slice_from_k8s(doc)
-    f.fail(("kind",), f"{kind!r}: want Pod, Namespace, Service, EndpointSlice, "
-           "AuthorizationPolicy or PeerAuthentication")
+    convert = _CONVERTERS.get(kind) if isinstance(kind, str) else None
+    if convert is None:
+        f.fail(("kind",), f"{kind!r}: want Pod, {', '.join(_CONVERTERS)}")
+    return convert(doc)
+
+
+_CONVERTERS: Mapping[str, Callable[[Mapping[str, object]], MeshObject]] = {
+    "Namespace": namespace_from_k8s,
+    "Service": service_from_k8s,
+    "EndpointSlice": endpoint_slice_from_k8s,
+    "AuthorizationPolicy": parse_authorization_policy,
+    "PeerAuthentication": parse_peer_authentication,
+    "ConnectionRateLimit": parse_connection_rate_limit,
+}

@@ -39,6 +39,7 @@ KIND_OF_RESOURCE: Mapping[str, str] = {
     "endpointslices": "EndpointSlice",
     "authorizationpolicies": "AuthorizationPolicy",
     "peerauthentications": "PeerAuthentication",
+    "connectionratelimits": "ConnectionRateLimit",
 }
 # The Kubernetes kind each resource's objects carry.
 API_KIND_OF_RESOURCE: Mapping[str, str] = {
@@ -48,6 +49,7 @@ API_KIND_OF_RESOURCE: Mapping[str, str] = {
     "endpointslices": "EndpointSlice",
     "authorizationpolicies": "AuthorizationPolicy",
     "peerauthentications": "PeerAuthentication",
+    "connectionratelimits": "ConnectionRateLimit",
 }
 
 

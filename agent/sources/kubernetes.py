@@ -71,6 +71,7 @@ RESOURCES: dict[str, Resource] = {
                  project=project_endpoint_slice),
         Resource("authorizationpolicies", "security.istio.io/v1", "AuthorizationPolicy", True),
         Resource("peerauthentications", "security.istio.io/v1", "PeerAuthentication", True),
+        Resource("connectionratelimits", "nodemesh.io/v1alpha1", "ConnectionRateLimit", True),
     )
 }
 

@@ -20,13 +20,14 @@ from agent.model.mesh import (
 from agent.policy.authz import AuthorizationPolicy
 from agent.policy.evaluator import PolicySet
 from agent.policy.peerauth import MtlsMode, PeerAuthentication
+from agent.policy.ratelimit import ConnectionRateLimit
 
 MeshObject = (Workload | Namespace | Service | AuthorizationPolicy | PeerAuthentication
-              | EndpointSlice)
+              | EndpointSlice | ConnectionRateLimit)
 KIND_OF: Mapping[type, str] = MappingProxyType({
     Workload: "Workload", Namespace: "Namespace", Service: "Service",
     AuthorizationPolicy: "AuthorizationPolicy", PeerAuthentication: "PeerAuthentication",
-    EndpointSlice: "EndpointSlice",
+    EndpointSlice: "EndpointSlice", ConnectionRateLimit: "ConnectionRateLimit",
 })
 KINDS = tuple(KIND_OF.values())
 
@@ -118,6 +119,11 @@ class MeshState:
     def peer_authentications(self) -> list[PeerAuthentication]:
         return [o for o in self.objects["PeerAuthentication"].values()
                 if isinstance(o, PeerAuthentication)]
+
+    @property
+    def rate_limits(self) -> list[ConnectionRateLimit]:
+        return [o for o in self.objects["ConnectionRateLimit"].values()
+                if isinstance(o, ConnectionRateLimit)]
 
     # -- lookups (indexes are built on first use, once per snapshot) ---------------------------
 

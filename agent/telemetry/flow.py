@@ -68,7 +68,7 @@ class SecurityPolicy(StrEnum):
 NO_FLAGS: Final = "-"
 RESPONSE_FLAGS: Final = frozenset({
     NO_FLAGS, "DENY", "CONNECT", "TLS_FAILURE", "H2_HANDSHAKE_FAILURE", "NETWORK_POLICY",
-    "IDENTITY_ERROR", "CERT_REVOKED", "DPE", "NR", "UH", "UO",
+    "IDENTITY_ERROR", "CERT_REVOKED", "DPE", "NR", "UH", "UO", "RL",
 })
 # Terminal events end a connection attempt; they carry the final bytes and duration.
 TERMINAL_KINDS: Final = frozenset({EventKind.CLOSE, EventKind.DENY, EventKind.AUTH_FAILURE,

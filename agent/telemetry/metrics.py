@@ -48,6 +48,12 @@ SECURITY_LABELS: Final = (
     "reporter", "reason", "source_principal", "source_workload", "source_workload_namespace",
     "destination_workload", "destination_workload_namespace",
 )
+# Connection rate limit refusals: the limit (ns/name) in place of the reason.
+RATE_LIMIT_LABELS: Final = (
+    "reporter", "limit", "source_principal", "source_workload", "source_workload_namespace",
+    "destination_workload", "destination_workload_namespace",
+)
+RATE_LIMITED_REASON: Final = "rate_limited"  # the kernel's Reason.RATE_LIMITED label
 
 # Family names as given to prometheus_client: counters without `_total`, which the exposition
 # appends (passing `..._total` would also work: CounterMetricFamily strips it).
@@ -58,6 +64,7 @@ SENT: Final = "istio_tcp_sent_bytes"
 RECEIVED: Final = "istio_tcp_received_bytes"
 DENIES: Final = "nodemesh_policy_denies"
 AUTH_FAILURES: Final = "nodemesh_auth_failures"
+RATE_LIMITED: Final = "nodemesh_rate_limited"
 
 # Policy updates are map writes: sub-millisecond normally, up to seconds for a full recompile.
 POLICY_UPDATE_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -124,6 +131,12 @@ def security_labels(rec: FlowRecord) -> Labels:
             _known(rec.destination.namespace))
 
 
+def rate_limit_labels(rec: FlowRecord) -> Labels:
+    return (rec.reporter.value, _known(rec.policy), _known(rec.source.principal),
+            _known(rec.source.workload), _known(rec.source.namespace),
+            _known(rec.destination.workload), _known(rec.destination.namespace))
+
+
 class FlowMetrics(Collector):
     """Counters fed by flow records (`record`), exposed under Istio's names.
 
@@ -139,6 +152,7 @@ class FlowMetrics(Collector):
         self._traffic = {name: _CounterStore(TRAFFIC_LABELS)
                          for name in (OPENED, CLOSED, FAILED, SENT, RECEIVED)}
         self._security = {name: _CounterStore(SECURITY_LABELS) for name in (DENIES, AUTH_FAILURES)}
+        self._security[RATE_LIMITED] = _CounterStore(RATE_LIMIT_LABELS)
         registry.register(self)
 
     def record(self, rec: FlowRecord) -> None:
@@ -156,6 +170,8 @@ class FlowMetrics(Collector):
             self._traffic[FAILED].inc(labels)
         if rec.kind is EventKind.DENY:
             self._security[DENIES].inc(security_labels(rec))
+            if rec.reason == RATE_LIMITED_REASON:
+                self._security[RATE_LIMITED].inc(rate_limit_labels(rec))
         elif rec.kind is EventKind.AUTH_FAILURE:
             self._security[AUTH_FAILURES].inc(security_labels(rec))
 
@@ -182,6 +198,8 @@ _HELP: Final = {
     RECEIVED: "Bytes received in the request direction, source to destination (Istio-compatible)",
     DENIES: "Connections denied by L4 authorization policy, by reason and source identity",
     AUTH_FAILURES: "Connections refused for failed mTLS or identity checks, by source identity",
+    RATE_LIMITED: "Connections refused by a ConnectionRateLimit (rate or concurrency), by limit "
+                  "and source identity",
 }
 
 # What a scrape-time reader returns: one value (no labels), a mapping keyed by the single label's

@@ -20,6 +20,7 @@
 #define NM_REASON_NO_TUNNEL 5             /* inbound plaintext while the pod's tunnel is absent */
 #define NM_REASON_NO_HEALTHY_UPSTREAM 6   /* connect to a Service VIP with no ready endpoint */
 #define NM_REASON_UPSTREAM_OVERFLOW 7     /* a Service port's max_conns reached (Envoy's UO) */
+#define NM_REASON_RATE_LIMITED 8          /* a ConnectionRateLimit's bucket or cap refused */
 
 /* Flow event kinds (flow_event.kind). */
 #define NM_EVENT_OPEN 1

@@ -168,11 +168,11 @@ def test_pod_to_pod_across_nodes_is_carried_over_hbone(tmp_path: Path) -> None:
         dump = json.loads(http_get(c.nodes[0].netns, 15000, "/config_dump") or "{}")
         assert set(dump["workloads"]) == {f"{NS}/client", f"{NS}/server"}
         # One watch per resource type per agent, pods unfiltered (every node's).
-        wait_for(lambda: bed.loop.call(lambda: bed.server.open_watches) == 12, "12 watches")
+        wait_for(lambda: bed.loop.call(lambda: bed.server.open_watches) == 14, "14 watches")
         watched = bed.loop.call(lambda: list(bed.server.watch_log))
         assert sorted(w.resource for w in watched) == sorted(
             ["pods", "namespaces", "services", "endpointslices", "authorizationpolicies",
-             "peerauthentications"] * 2)
+             "peerauthentications", "connectionratelimits"] * 2)
         assert {w.field_selector for w in watched} == {""}
         assert [e["workload"] for e in dump["enrolled"].values()] == [f"{NS}/client"]
 

@@ -56,7 +56,7 @@ def test_posture_of_a_running_agent(mesh: Mesh, capsys: pytest.CaptureFixture[st
     assert ("workload", "spiffe://cluster.local/ns/shop/sa/frontend", "ok") in certs
     assert ("workload", "spiffe://cluster.local/ns/shop/sa/backend", "ok") in certs
     assert [k for k, _, _ in certs].count("root") == 1
-    assert report["rate_limits"] == {"supported": False, "in_force": []}
+    assert report["rate_limits"] == {"supported": True, "in_force": []}  # none configured
     assert report["inventory"]["flows_examined"] >= 2
     with netns.entered(c.nodes[0].netns):
         assert main(["posture", "--admin", "127.0.0.1:15000"]) == 0

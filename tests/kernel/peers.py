@@ -289,3 +289,31 @@ for line in sys.stdin:
         s.close()
     print(json.dumps(out), flush=True)
 """
+
+# An app in a pod driven line by line on stdin, holding its sockets open: "connect IP PORT
+# [LOCALPORT]" (LOCALPORT: bind it first with SO_REUSEADDR) answers "ok N" (socket N kept) or
+# "err ERRNO" (the failed socket kept too, until "close N"); "close N" answers "closed".
+HOLDER = """
+import errno, socket, sys
+import itertools
+socks, numbers = {}, itertools.count()
+print("ready", flush=True)
+for line in sys.stdin:
+    cmd = line.split()
+    if cmd[0] == "connect":
+        s = socket.socket()
+        s.settimeout(5)
+        n = next(numbers)
+        socks[n] = s
+        try:
+            if len(cmd) > 3:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("0.0.0.0", int(cmd[3])))
+            s.connect((cmd[1], int(cmd[2])))
+            print(f"ok {n}", flush=True)
+        except OSError as e:
+            print(f"err {errno.errorcode.get(e.errno, e.errno)} {n}", flush=True)
+    elif cmd[0] == "close":
+        socks.pop(int(cmd[1])).close()
+        print("closed", flush=True)
+"""

@@ -1,6 +1,7 @@
 """Differential test: the kernel's verdict equals the reference evaluator's.
 
-Also for Service destinations (second test): app connects to VIP:port, translated in the kernel.
+Also for Service destinations (second test): app connects to VIP:port, translated in the kernel,
+and with connection rate limits (third test): a burst-only token bucket model.
 
 2000 cases: random Istio AuthorizationPolicy/PeerAuthentication sets (principals, namespaces,
 ipBlocks and their not-forms, ports/notPorts, when conditions, L7 fields, dry-run, root /
@@ -28,6 +29,7 @@ from agent.datapath.datapath import Datapath
 from agent.datapath.identities import IdentityTable
 from agent.datapath.layouts import Backend, FlowEvent, Frontend
 from agent.datapath.policymap import PolicyCompiler
+from agent.datapath.ratelimitmap import RateLimitCompiler
 from agent.datapath.servicemap import compile_services
 from agent.identity.spiffe import Identity
 from agent.model.mesh import Labels, Service, ServicePort, Workload
@@ -35,6 +37,7 @@ from agent.policy.authz import parse_authorization_policy
 from agent.policy.connection import Connection
 from agent.policy.evaluator import PolicySet, evaluate
 from agent.policy.peerauth import parse_peer_authentication
+from agent.policy.ratelimit import ConnectionRateLimit, limit_for, parse_connection_rate_limit
 from agent.state.snapshot import MeshState
 from agent.testbed import Cluster, PodProcess
 
@@ -307,3 +310,73 @@ def _judge(lb: dict[Frontend, tuple[Backend, ...]], events: dict[int, FlowEvent]
     want = "OK" if ref.allowed else "EPERM"
     return None if got == want else (
         f"{dst.ref}:{backend.port}: kernel {got}, reference {want} ({ref.reason})")
+
+
+# -- connection rate limits ---------------------------------------------------------------------
+# The same random policies plus random ConnectionRateLimits, burst-only (one token per 1000 s:
+# none refills within the test), on the tunnel's upstream connects (ingress buckets). The
+# reference: the evaluator's verdict, then, for an allowed connect, the limit `limit_for` picks
+# and a count of the tokens its (destination, source) bucket has left.
+RL_SETS, RL_CASES_PER_SET = 25, 40
+
+
+def random_limits(r: random.Random) -> list[ConnectionRateLimit]:
+    out = []
+    for i in range(r.randint(0, 2)):
+        rules = []
+        for _ in range(r.randint(1, 2)):
+            source = r.choice([{"principal": r.choice(IDENTITIES).principal},
+                               {"namespace": r.choice(NAMESPACES)}, {"plaintext": True}])
+            rules.append({"from": source, "connectionsPerSecond": 0.001,
+                          "burst": r.randint(1, 3)})
+        spec: dict[str, Any] = {"limits": rules}
+        if r.random() < 0.5:
+            spec["selector"] = {"matchLabels": {"app": r.choice(WORKLOADS).name}}
+        out.append(parse_connection_rate_limit({
+            "apiVersion": "nodemesh.io/v1alpha1", "kind": "ConnectionRateLimit",
+            "metadata": {"name": f"l{i}", "namespace": r.choice(NAMESPACES)}, "spec": spec}))
+    return out
+
+
+def test_kernel_rate_limits_equal_the_reference_bucket_model(
+    clean_policy: Datapath, batcher: PodProcess
+) -> None:
+    rng = random.Random(SEED + 2)
+    table = IdentityTable()
+    for ident in IDENTITIES:
+        table.allocate(ident)
+    compiler, limiter = PolicyCompiler(table), RateLimitCompiler(table)
+    assert batcher.popen is not None and batcher.popen.stdin and batcher.popen.stdout
+    mismatches, outcomes = [], collections.Counter[str]()
+    try:
+        for set_index in range(RL_SETS):
+            policies, limits = random_policies(rng), random_limits(rng)
+            compiled = compiler.compile(policies, WORKLOADS)
+            clean_policy.apply_policy(compiled.entries, compiled.cidrs)
+            clean_policy.apply_rate_limits({})  # every bucket starts full
+            clean_policy.apply_rate_limits(limiter.compile(limits, WORKLOADS).entries)
+            cases = [(rng.choice([None, *IDENTITIES]), rng.choice(SOURCES), rng.choice(WORKLOADS),
+                      rng.choice(PORTS)) for _ in range(RL_CASES_PER_SET)]
+            batch = [[table.mark_for(i), src, str(d.ips[0]), port] for i, src, d, port in cases]
+            batcher.popen.stdin.write(json.dumps(batch) + "\n")
+            batcher.popen.stdin.flush()
+            kernel = json.loads(batcher.popen.stdout.readline())
+            taken: collections.Counter[tuple[str, int]] = collections.Counter()
+            for (ident, src, dst, port), got in zip(cases, kernel, strict=True):
+                ref = evaluate(policies, Connection(src, ident, dst, dst.ips[0], port))
+                want, why = ("OK", "allowed") if ref.allowed else ("EPERM", ref.reason)
+                applied = limit_for(limits, ident, dst) if ref.allowed else None
+                if applied is not None:
+                    bucket = (str(dst.ips[0]), table.id_of(ident))
+                    taken[bucket] += 1
+                    if taken[bucket] > applied.rule.burst:
+                        want, why = "EPERM", f"rate limited by {applied.limit.key}"
+                outcomes[why if why.startswith(("rate", "allowed")) else "policy"] += 1
+                if got != want:
+                    mismatches.append(f"set {set_index}: {ident} {src}->{dst.ref}:{port}: "
+                                      f"kernel {got}, reference {want} ({why})")
+    finally:
+        clean_policy.apply_rate_limits({})
+    assert not mismatches, "\n".join(mismatches[:20])
+    limited = sum(n for k, n in outcomes.items() if k.startswith("rate"))
+    assert limited and outcomes["allowed"] and outcomes["policy"], outcomes  # all exercised

@@ -104,6 +104,7 @@ KINDS = {
         # No status subresource; the EndpointSlice controller writes them whole.
         Kind("endpointslices", "EndpointSlice", "discovery.k8s.io", "v1", True,
              has_status=False),
+        Kind("connectionratelimits", "ConnectionRateLimit", "nodemesh.io", "v1alpha1", True),
     )
 }
 

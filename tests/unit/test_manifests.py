@@ -411,7 +411,7 @@ def test_the_top_level_kustomization_renders_the_whole_install() -> None:
         "PodMonitor/nodemesh", "PrometheusRule/nodemesh",
         "ServiceAccount/nodemesh-ca", "ClusterRole/nodemesh-ca", "ClusterRoleBinding/nodemesh-ca",
         "ClusterRoleBinding/nodemesh-ca-auth-delegator", "Deployment/nodemesh-ca",
-        "Service/nodemesh-ca"])
+        "Service/nodemesh-ca", "CustomResourceDefinition/connectionratelimits.nodemesh.io"])
     # The generated ConfigMap is the one the DaemonSet reads (kustomize renames the reference).
     (ds,) = [d for d in rendered if d["kind"] == "DaemonSet"]
     assert container(ds, "agent")["envFrom"] == [{"configMapRef": {"name": cm["metadata"]["name"]}}]

@@ -33,6 +33,14 @@ def test_every_header_value_is_mirrored_exactly() -> None:
     assert defines["NM_CTR_MAX"] == verdicts.COUNTER_SLOTS
 
 
+def test_rate_limit_counters_are_mirrored_exactly() -> None:
+    text = (bpf_dir() / "lib" / "ratelimit.h").read_text()
+    defines = {m[1]: int(m[2]) for m in re.finditer(r"^#define\s+NM_RL_CTR_(\w+)\s+(\d+)", text,
+                                                     re.M)}
+    assert defines.pop("MAX") == verdicts.RATE_LIMIT_COUNTER_SLOTS
+    assert defines == {m.name: int(m.value) for m in verdicts.RateLimitCounter}
+
+
 def test_numbers_are_unique_within_each_registry() -> None:
     defines = header_defines()
     for prefix in GROUPS:

@@ -136,7 +136,7 @@ def test_planted_issues_and_nothing_else(capsys: pytest.CaptureFixture[str],
     assert all(f["fix"] for f in findings)
     permissive = next(f for f in findings if f["check"] == "mtls-permissive")
     assert "PeerAuthentication tools/default" in permissive["detail"]
-    assert r["rate_limits"] == {"supported": False, "in_force": []}
+    assert r["rate_limits"] == {"supported": True, "in_force": []}  # none configured
     # --fail-on: exit 1 when a finding is at least that severe, 0 otherwise.
     path = str(mesh(tmp_path, HARDENING, PLANTED))
     assert run(capsys, "--config", path, "--certs", str(certs), "--fail-on", "high")[0] == 1
@@ -270,3 +270,37 @@ def test_report_matches_the_documented_schema(capsys: pytest.CaptureFixture[str]
               report(capsys, "--config", str(mesh(tmp_path, HARDENING, PLANTED)), "--certs",
                      str(old))):
         jsonschema.validate(r, schema, format_checker=jsonschema.FormatChecker())
+
+
+RATE_LIMIT = """---
+apiVersion: nodemesh.io/v1alpha1
+kind: ConnectionRateLimit
+metadata: {name: db-limits, namespace: shop}
+spec:
+  selector: {matchLabels: {app: db}}
+  limits:
+  - from: {principal: cluster.local/ns/tools/sa/debug}
+    connectionsPerSecond: 5
+    burst: 5
+  - from: {plaintext: true}
+    maxConnections: 2
+"""
+
+
+def test_rate_limits_in_force_are_listed(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    path = str(mesh(tmp_path, RATE_LIMIT))
+    r = report(capsys, "--config", path)
+    rl = r["rate_limits"]
+    assert isinstance(rl, dict) and rl["supported"] is True
+    assert [(x["limit"], x["entry"], x["source"], x["destinations"], x["connections_per_second"],
+             x["burst"], x["max_connections"]) for x in rl["in_force"]] == [
+        ("shop/db-limits", 0, "principal cluster.local/ns/tools/sa/debug", ["shop/db"], 5.0, 5,
+         None),
+        ("shop/db-limits", 1, "plaintext sources", ["shop/db"], None, None, 2),
+    ]
+    _, out, _ = run(capsys, "--config", path)
+    line = next(x for x in out.splitlines() if x.startswith("rate limits:"))
+    assert "shop/db-limits limits[0]: principal cluster.local/ns/tools/sa/debug -> shop/db: " \
+           "5 connections/s, burst 5" in line
+    assert "plaintext sources -> shop/db: at most 2 concurrent" in line

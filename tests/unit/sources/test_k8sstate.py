@@ -273,3 +273,37 @@ def test_unchanged_conversion_does_not_notify_and_synced_is_an_event() -> None:
         assert sink.synced
 
     run(readiness())
+
+
+CRL = "connectionratelimits"
+
+
+def test_follows_connection_rate_limits_and_rejects_a_bad_one_alone() -> None:
+    def limits(store: StateStore) -> dict[str, object]:
+        return {lim.key: lim for lim in store.current.rate_limits}
+
+    async def body() -> None:
+        async with ApiServer() as server, Kubectl(server) as k:
+            good = {"selector": {"matchLabels": {"app": "db"}}, "limits": [
+                {"from": {"namespace": "tools"}, "connectionsPerSecond": 5, "burst": 5}]}
+            await k.namespace("shop")
+            await k.create(CRL, {"metadata": {"namespace": "shop", "name": "db"}, "spec": good})
+            store = StateStore()
+            changes = Changes(store)
+            rejections: list[Rejection] = []
+            async with feeding(server, store, rejections) as sink:
+                await sink.wait_synced()
+                (lim,) = store.current.rate_limits
+                assert (lim.key, lim.rules[0].connections_per_second, lim.rules[0].burst) == (
+                    "shop/db", 5.0, 5)
+                # A bad version is rejected with its field; the last good one stays.
+                await k.patch(CRL, "shop", "db", {"spec": {"limits": [
+                    {"from": {"namespace": "tools"}, "burst": 3}]}})
+                await changes.until(lambda: bool(rejections))
+                assert rejections[-1].resource == CRL and rejections[-1].kept_previous
+                assert "spec.limits[0]" in rejections[-1].error
+                assert limits(store)["shop/db"] == lim
+                await k.delete(CRL, "shop", "db")
+                await changes.until(lambda: not limits(store))
+
+    run(body())

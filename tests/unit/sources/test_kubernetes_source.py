@@ -22,7 +22,8 @@ from agent.sources.kubernetes import AuthError, KubernetesSource
 
 NODE = "node-a"
 APS = "authorizationpolicies"
-RESOURCES = ("pods", "namespaces", "services", "endpointslices", APS, "peerauthentications")
+RESOURCES = ("pods", "namespaces", "services", "endpointslices", APS, "peerauthentications",
+             "connectionratelimits")
 TIMEOUT = 20.0  # a stuck test fails here, long before pytest's own timeout
 
 
