@@ -27,7 +27,10 @@ from agent.datapath.datapath import Datapath
 from agent.datapath.options import BuildOptions
 from agent.host import netns
 from agent.runtime.certs import load_or_create_authority
+from agent.sources.kubernetes import RESOURCES
 from agent.testbed import Cluster, PodProcess
+
+WATCHES = 2 * len(RESOURCES)  # two agents, one watch per resource type each
 
 API_IP = "10.250.0.250"  # on the underlay bridge; the test bed gives nodes .10 and up
 TOKEN = "agent-token"
@@ -168,7 +171,8 @@ def test_pod_to_pod_across_nodes_is_carried_over_hbone(tmp_path: Path) -> None:
         dump = json.loads(http_get(c.nodes[0].netns, 15000, "/config_dump") or "{}")
         assert set(dump["workloads"]) == {f"{NS}/client", f"{NS}/server"}
         # One watch per resource type per agent, pods unfiltered (every node's).
-        wait_for(lambda: bed.loop.call(lambda: bed.server.open_watches) == 14, "14 watches")
+        wait_for(lambda: bed.loop.call(lambda: bed.server.open_watches) == WATCHES,
+                 f"{WATCHES} watches")
         watched = bed.loop.call(lambda: list(bed.server.watch_log))
         assert sorted(w.resource for w in watched) == sorted(
             ["pods", "namespaces", "services", "endpointslices", "authorizationpolicies",

@@ -23,7 +23,10 @@ from test_kube_mesh import NS, KubeBed, kube_bed, strict, wait_for
 from test_service_traffic import CONNECTS, LONG, SERVER, samples
 
 from agent.commands.demo import MARKER, Sniffer, http_get
+from agent.sources.kubernetes import RESOURCES
 from agent.testbed import PodProcess
+
+WATCHES = 2 * len(RESOURCES)  # two agents, one watch per resource type each
 
 VIP, PORT = "10.96.0.60", 80
 HOST = f"web.{NS}.svc.cluster.local"
@@ -78,7 +81,8 @@ def test_a_service_vip_with_its_endpoint_on_the_other_node_is_carried_over_hbone
         for i in (0, 1):
             bed.wait_status(i, 200)
         # One watch per resource type per agent, EndpointSlices among them.
-        wait_for(lambda: bed.loop.call(lambda: bed.server.open_watches) == 12, "12 watches")
+        wait_for(lambda: bed.loop.call(lambda: bed.server.open_watches) == WATCHES,
+                 f"{WATCHES} watches")
         watched = bed.loop.call(lambda: list(bed.server.watch_log))
         assert sorted(w.resource for w in watched).count("endpointslices") == 2
         endpoint = f"{c.pod(1, 0).ip}:8080"
