@@ -29,17 +29,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import yaml
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
-from google.protobuf import struct_pb2
 
 from agent.identity import pki
-from agent.identity.proto import (
-    IMPERSONATED_IDENTITY,
-)
+from agent.identity.caprotocol import IMPERSONATED_IDENTITY
 from agent.identity.spiffe import (
     DEFAULT_TRUST_DOMAIN,
     Identity,
@@ -49,6 +46,9 @@ from agent.identity.spiffe import (
     uri_sans,
 )
 from agent.identity.workloadcert import DEFAULT_TTL
+
+if TYPE_CHECKING:  # the in-process CA gets no protobuf metadata; protobuf loads only to serve
+    from google.protobuf import struct_pb2
 
 log = logging.getLogger(__name__)
 
