@@ -73,6 +73,8 @@ def with_rules(rules: int, deny_client: bool) -> str:
     return "---\n".join(docs)
 
 
-def many_pods(pods: int) -> str:
-    """`pods` workloads on node0, each with its own service account (so its own certificate)."""
-    return "---\n".join([_namespace()] + [_workload(f"pod-{j}", 0, j) for j in range(pods)])
+def many_pods(pods: int, without: int | None = None) -> str:
+    """`pods` workloads on node0, each with its own service account (so its own certificate);
+    pod `without` left out."""
+    return "---\n".join([_namespace()] + [_workload(f"pod-{j}", 0, j) for j in range(pods)
+                                           if j != without])

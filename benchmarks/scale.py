@@ -4,11 +4,18 @@ One node, `pods` pods, all in the mesh with their own service accounts (one cert
 Measured with psutil on the `nodemesh run` process (agent and tunnel are one process): time from
 start to ready, RSS when idle, CPU when idle, then CPU and RSS while every pod holds one
 connection to the next pod, echoing 1 KiB messages through the tunnel.
+
+Enrollment at that scale: the last pod is taken out of the mesh file and put back, ENROLL_CYCLES
+times; reported are the agent's own enroll/unenroll call times (config_dump last_enroll /
+last_unenroll: certificate, tunnel listeners in the pod's netns, BPF maps) and the time from the
+file write until config_dump shows the change (adds the file reload and the poll).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +29,7 @@ from benchmarks.bed import config_dump, cpu_seconds, start_agents, stop_agents, 
 
 PORT = 7100
 MiB = 1 << 20
+ENROLL_CYCLES = 5
 
 
 def _hwm_bytes(pid: int) -> int:
@@ -29,6 +37,43 @@ def _hwm_bytes(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def _write(config: Path, text: str) -> float:
+    tmp = config.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, config)
+    return time.monotonic()
+
+
+def _until(c: Cluster, enrolled: bool, ref: str, limit: float = 60.0) -> dict[str, Any]:
+    start = time.monotonic()
+    while time.monotonic() - start < limit:
+        dump = config_dump(c.nodes[0])
+        if any(e["workload"] == ref for e in dump["enrolled"].values()) == enrolled:
+            return dump
+        time.sleep(0.005)
+    raise TimeoutError(f"{ref} not {'enrolled' if enrolled else 'unenrolled'} in {limit:.0f}s")
+
+
+def _enroll_cycles(c: Cluster, config: Path, pods: int) -> dict[str, Any]:
+    last = pods - 1
+    ref = f"{meshfile.NAMESPACE}/pod-{last}"
+    calls: dict[str, list[float]] = {"enroll": [], "unenroll": []}
+    seen: dict[str, list[float]] = {"enroll": [], "unenroll": []}
+    for _ in range(ENROLL_CYCLES):
+        for action, text in (("unenroll", meshfile.many_pods(pods, without=last)),
+                             ("enroll", meshfile.many_pods(pods))):
+            t0 = _write(config, text)
+            dump = _until(c, action == "enroll", ref)
+            seen[action].append(time.monotonic() - t0)
+            calls[action].append(dump[f"last_{action}"][1])
+    out: dict[str, Any] = {}
+    for action in ("enroll", "unenroll"):
+        out[f"{action}_call_median_ms"] = statistics.median(calls[action]) * 1e3
+        out[f"{action}_call_max_ms"] = max(calls[action]) * 1e3
+        out[f"{action}_file_to_dump_median_ms"] = statistics.median(seen[action]) * 1e3
+    return out
 
 
 def measure(pods: int, load_seconds: float, idle_seconds: float = 3.0) -> dict[str, Any]:
@@ -50,6 +95,7 @@ def measure(pods: int, load_seconds: float, idle_seconds: float = 3.0) -> dict[s
             time.sleep(idle_seconds)
             idle_cpu = (cpu_seconds(agents) - cpu0) / idle_seconds
             idle_rss = agent.memory_info().rss
+            enrollment = _enroll_cycles(c, config, pods)
             names = ",".join(p.netns for p in c.pods)
             programs.start_ready(c.nodes[0], programs.FANOUT_SERVER, names, str(PORT))
             pairs = ",".join(
@@ -82,6 +128,8 @@ def measure(pods: int, load_seconds: float, idle_seconds: float = 3.0) -> dict[s
                 "load_rss_mib": load_rss / MiB,
                 "load_cpu_pct": load_cpu * 100,
                 "peak_rss_mib": _hwm_bytes(agent.pid) / MiB,
+                **enrollment,
+                "load_average": os.getloadavg(),
                 "verified": out["verified"] and enrolled == pods,
             }
         finally:

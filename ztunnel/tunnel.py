@@ -47,6 +47,7 @@ from ztunnel.tls import (
     PeerIdentityError,
     PeerTrust,
     describe_handshake_error,
+    limit_tls_read_buffers,
     verify_client,
     verify_server,
 )
@@ -145,6 +146,7 @@ class _Pod:
 
 class Tunnel:
     def __init__(self, config: TunnelConfig) -> None:
+        limit_tls_read_buffers()
         self.config = config
         self.contexts = Contexts(config.certificates)
         self.pool = Pool(self._dial, max_streams=config.max_streams_per_connection,

@@ -25,11 +25,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
-import grpc
 import jwt
 
 from agent.caauth.podindex import PodCacheNotReadyError, PodIndex
-from agent.identity.ca import Caller, Rejection
+from agent.identity.ca import Caller, Rejection, Status
 from agent.identity.metrics import CaMetrics
 from agent.identity.spiffe import Identity, IdentityError
 from agent.sources.kube.config import ClusterConfig, auth_headers
@@ -59,11 +58,11 @@ class CheckedToken:
 
 
 def _unauthenticated(message: str, reason: str) -> Rejection:
-    return Rejection(grpc.StatusCode.UNAUTHENTICATED, message, reason)
+    return Rejection(Status.UNAUTHENTICATED, message, reason)
 
 
 def _unavailable(message: str) -> Rejection:
-    return Rejection(grpc.StatusCode.UNAVAILABLE, message, "token_check_unavailable")
+    return Rejection(Status.UNAVAILABLE, message, "token_check_unavailable")
 
 
 class TokenChecker(Protocol):
@@ -261,7 +260,7 @@ class KubeTokenAuthenticator:
         who = checked.username
         if (checked.namespace, checked.service_account) not in self.agent_accounts:
             allowed = ", ".join(sorted(f"{n}/{s}" for n, s in self.agent_accounts))
-            raise Rejection(grpc.StatusCode.PERMISSION_DENIED,
+            raise Rejection(Status.PERMISSION_DENIED,
                             f"caller {who} is not a node agent ServiceAccount (this CA accepts "
                             f"{allowed})", "not_agent_account")
         if not checked.pod_name:
@@ -280,7 +279,7 @@ class KubeTokenAuthenticator:
         try:
             pod = self.pods.pod(checked.namespace, checked.pod_name)
         except PodCacheNotReadyError as e:
-            raise Rejection(grpc.StatusCode.UNAVAILABLE, str(e), "pod_cache_not_ready") from e
+            raise Rejection(Status.UNAVAILABLE, str(e), "pod_cache_not_ready") from e
         where = f"{checked.namespace}/{checked.pod_name}"
         if pod is None:
             raise _unauthenticated(f"caller pod {where} is not running on any node",

@@ -25,13 +25,12 @@ from agent.host.files import write_private
 from agent.identity import pki
 from agent.identity.ca import (
     MAX_TTL,
-    CaServer,
     CertificateAuthority,
     NodeAuthenticator,
     StaticWorkloadLocator,
 )
 from agent.identity.caaudit import CaAudit
-from agent.identity.caclient import CaClient, CaError
+from agent.identity.caerror import CaError
 from agent.identity.federation import spiffe_bundle
 from agent.identity.metrics import CaMetrics
 from agent.identity.spiffe import DEFAULT_TRUST_DOMAIN, Identity, IdentityError
@@ -182,6 +181,8 @@ def _serve(args: argparse.Namespace) -> int:
     locator = kube[0] if kube else StaticWorkloadLocator.from_yaml(args.workloads)
     ca = CertificateAuthority(authority, locator, args.trust_domain, max_ttl=args.max_ttl)
     audit = CaAudit(args.audit_log) if args.audit_log else None
+    from agent.identity.caserver import CaServer  # noqa: PLC0415  # grpc: only when serving
+
     server = CaServer(ca, NodeAuthenticator(tokens, args.trust_domain),
                       require_node_cert=args.require_node_cert, server_names=args.server_name,
                       token_auth=kube[2] if kube else None, metrics=metrics, audit=audit,
@@ -289,6 +290,8 @@ def _node_cert(args: argparse.Namespace) -> int:
 def _issue(args: argparse.Namespace) -> int:
     if (args.node_cert is None) != (args.node_key is None):
         raise SystemExit("give both --node-cert and --node-key, or neither")
+    from agent.identity.caclient import CaClient  # noqa: PLC0415  # grpc: only when asking
+
     client = CaClient(
         args.ca, args.ca_root.read_text(), token_file=args.token_file,
         cluster_id=args.cluster_id,

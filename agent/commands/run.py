@@ -194,6 +194,8 @@ def _dump(agent: NodeAgent) -> dict[str, Any]:
             for uid, e in agent.enrolled.items()
         },
         "pending": sorted(agent.pending),
+        "last_enroll": agent.enroller.last_enroll,
+        "last_unenroll": agent.enroller.last_unenroll,
         "identities": {str(i): n for i, n in agent.identities.items()},
         "workloads": [w.ref for w in st.workloads],
         "policy": {

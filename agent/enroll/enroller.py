@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -75,6 +76,10 @@ class Enroller:
         self._unenroll = unenroll
         self._enrolled: dict[str, Enrollment] = {}
         self.last = Pass()
+        # (uid, seconds) of the latest successful enroll and unenroll call (config_dump; the
+        # footprint benchmark reports them)
+        self.last_enroll: tuple[str, float] | None = None
+        self.last_unenroll: tuple[str, float] | None = None
 
     @property
     def enrolled(self) -> Mapping[str, Enrollment]:
@@ -96,6 +101,7 @@ class Enroller:
             if w is not None and enrollment_key(w) == enrollment_key(current.workload):
                 self._enrolled[uid] = Enrollment(w, current.placement)  # e.g. new labels
                 continue
+            began = time.monotonic()
             try:
                 await _call(self._unenroll(uid))
             except Exception as e:
@@ -104,6 +110,7 @@ class Enroller:
                 done.failed_unenroll[uid] = f"unenroll failed: {e}"
                 continue
             del self._enrolled[uid]
+            self.last_unenroll = (uid, time.monotonic() - began)
             done.unenrolled.append(uid)
             log.info("unenrolled %s (%s)", current.workload.ref,
                      "replaced" if w is not None else "no longer an in-mesh pod of this node")
@@ -133,6 +140,7 @@ class Enroller:
             return f"locating the pod failed: {e}"
         if placement is None:
             return "pod netns not found yet"
+        began = time.monotonic()
         try:
             await _call(self._enroll(w, placement))
         except Exception as e:
@@ -140,6 +148,7 @@ class Enroller:
                           placement.netns_path)
             return f"enroll failed: {e}"
         self._enrolled[w.uid] = Enrollment(w, placement)
+        self.last_enroll = (w.uid, time.monotonic() - began)
         log.info("enrolled %s (netns %s, cgroup %s)", w.ref, placement.netns_path,
                  placement.cgroup_path)
         return None

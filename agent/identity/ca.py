@@ -4,7 +4,8 @@ Two layers:
 - `CertificateAuthority.sign` is the policy core (no I/O): it validates a CSR against the
   caller's node and returns the PEM chain or raises `Rejection` with a gRPC status and a message
   naming the cause.
-- `CaServer` serves it with grpc.aio over TLS (server certificate issued by the same root for the
+- `CaServer` (agent/identity/caserver.py, the only part that imports grpc) serves it with
+  grpc.aio over TLS (server certificate issued by the same root for the
   listen address) and authenticates the calling node agent:
   * bearer token (`authorization: Bearer <token>` metadata), tokens mapped to node names; or
   * a node client certificate issued by this CA whose only URI SAN is
@@ -15,38 +16,27 @@ Two layers:
     whose bound pod runs on a node, and it gets what istiod's node authorizer grants: its own
     identity, or with metadata.ImpersonatedIdentity an identity a pod on its node runs as.
 
-Every refusal is a `Rejection` with a gRPC status, a message naming the cause and a short reason
-label; CaServer counts it (CaMetrics) and writes one audit line (CaAudit).
+Every refusal is a `Rejection` with a gRPC status (`Status`), a message naming the cause and a
+short reason label; CaServer counts it (CaMetrics) and writes one audit line (CaAudit).
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
-import ipaddress
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import grpc
-import grpc.aio
 import yaml
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
-from google.protobuf import struct_pb2
 
 from agent.identity import pki
-from agent.identity.caaudit import CaAudit
-from agent.identity.metrics import CaMetrics
-from agent.identity.proto import (
-    IMPERSONATED_IDENTITY,
-    METHOD_NAME,
-    SERVICE_NAME,
-    IstioCertificateRequest,
-    IstioCertificateResponse,
-)
+from agent.identity.caprotocol import IMPERSONATED_IDENTITY
 from agent.identity.spiffe import (
     DEFAULT_TRUST_DOMAIN,
     Identity,
@@ -56,6 +46,9 @@ from agent.identity.spiffe import (
     uri_sans,
 )
 from agent.identity.workloadcert import DEFAULT_TTL
+
+if TYPE_CHECKING:  # the in-process CA gets no protobuf metadata; protobuf loads only to serve
+    from google.protobuf import struct_pb2
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +89,22 @@ class StaticWorkloadLocator:
         return cls(placement)
 
 
+class Status(enum.Enum):
+    """The gRPC status codes the CA answers with (same names and numbers as grpc.StatusCode);
+    defined here so the in-process CA of `nodemesh run` does not load grpc (~20 MiB)."""
+
+    INVALID_ARGUMENT = 3
+    PERMISSION_DENIED = 7
+    UNAVAILABLE = 14
+    UNAUTHENTICATED = 16
+
+
 @dataclass
 class Rejection(Exception):  # noqa: N818  # a rejected request, not an error of the CA itself
     """A request the CA refuses; code and message go back to the caller as the gRPC status.
     `reason` is a short label for metrics and the audit log (default: the code's name)."""
 
-    code: grpc.StatusCode
+    code: Status
     message: str
     reason: str = ""
 
@@ -113,7 +116,7 @@ class Rejection(Exception):  # noqa: N818  # a rejected request, not an error of
 
 
 def _invalid(message: str, reason: str = "invalid_csr") -> Rejection:
-    return Rejection(grpc.StatusCode.INVALID_ARGUMENT, message, reason)
+    return Rejection(Status.INVALID_ARGUMENT, message, reason)
 
 
 @dataclass(frozen=True)
@@ -170,7 +173,7 @@ class CertificateAuthority:
         ttl = self._ttl(ttl_seconds)
         if own_identity is not None and requested is None:
             if identity != own_identity:
-                raise Rejection(grpc.StatusCode.PERMISSION_DENIED,
+                raise Rejection(Status.PERMISSION_DENIED,
                                 f"without metadata.{IMPERSONATED_IDENTITY} a caller gets only "
                                 f"its own identity {own_identity}; the CSR asks for {identity}",
                                 "not_own_identity")
@@ -179,11 +182,11 @@ class CertificateAuthority:
             scheduled = self.locator.identities_on_node(node)
         except Exception as e:  # the state store is a separate component; say so to the caller
             log.exception("workload locator failed for node %s", node)
-            raise Rejection(grpc.StatusCode.UNAVAILABLE,
+            raise Rejection(Status.UNAVAILABLE,
                             f"CA cannot tell which workloads run on node {node} right now: "
                             f"{type(e).__name__}: {e}", "locator_unavailable") from e
         if identity not in scheduled:
-            raise Rejection(grpc.StatusCode.PERMISSION_DENIED,
+            raise Rejection(Status.PERMISSION_DENIED,
                             f"identity {identity} is not scheduled on node {node}",
                             "not_on_node")
         return self._issue(identity, public_key, ttl, node)
@@ -266,7 +269,7 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
     value = values[0] if isinstance(values[0], str) else values[0].decode(errors="replace")
     scheme, _, token = value.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise Rejection(grpc.StatusCode.UNAUTHENTICATED,
+        raise Rejection(Status.UNAUTHENTICATED,
                         "authorization metadata is not of the form 'Bearer <token>'",
                         "malformed_authorization")
     return token.strip()
@@ -301,12 +304,12 @@ class NodeAuthenticator:
         cert_node = self._node_from_cert(peer_cert_pem) if peer_cert_pem else None
         token_node = self._node_from_token(metadata)
         if cert_node and token_node and cert_node != token_node:
-            raise Rejection(grpc.StatusCode.UNAUTHENTICATED,
+            raise Rejection(Status.UNAUTHENTICATED,
                             f"bearer token is for node {token_node} but the client certificate "
                             f"is for node {cert_node}")
         node = cert_node or token_node
         if node is None:
-            raise Rejection(grpc.StatusCode.UNAUTHENTICATED,
+            raise Rejection(Status.UNAUTHENTICATED,
                             "no caller credentials: send 'authorization: Bearer <token>' "
                             "metadata or a node client certificate")
         return node
@@ -321,7 +324,7 @@ class NodeAuthenticator:
             return None
         node = self._by_digest.get(_token_digest(token))
         if node is None:
-            raise Rejection(grpc.StatusCode.UNAUTHENTICATED,
+            raise Rejection(Status.UNAUTHENTICATED,
                             "bearer token is not recognised (not in the CA's token file)")
         return node
 
@@ -329,157 +332,10 @@ class NodeAuthenticator:
         cert = x509.load_pem_x509_certificate(pem)
         sans = uri_sans(cert)
         if len(sans) != 1:
-            raise Rejection(grpc.StatusCode.UNAUTHENTICATED,
+            raise Rejection(Status.UNAUTHENTICATED,
                             f"client certificate has {len(sans)} URI SANs; want one node id")
         try:
             return node_from_uri(sans[0], self.trust_domain)
         except IdentityError as e:
-            raise Rejection(grpc.StatusCode.UNAUTHENTICATED,
+            raise Rejection(Status.UNAUTHENTICATED,
                             f"client certificate is not a node certificate: {e}") from e
-
-
-class CaServer:
-    """CertificateAuthority + caller authentication served over gRPC/TLS.
-
-    A bearer token that is not in the token file goes to `token_auth` when one is configured
-    (a Kubernetes ServiceAccount token); node certificates and token-file tokens name a node.
-    """
-
-    def __init__(self, ca: CertificateAuthority, auth: NodeAuthenticator, *,
-                 require_node_cert: bool = False,
-                 server_names: Iterable[str] = (),
-                 token_auth: TokenAuthenticator | None = None,
-                 metrics: CaMetrics | None = None,
-                 audit: CaAudit | None = None,
-                 cluster_id: str | None = None) -> None:
-        """cluster_id: the cluster whose nodes this CA authorizes; a caller that names another
-        in its `clusterid` metadata (as ztunnel sends) is refused, as istiod refuses a cluster
-        it has no node authorizer for."""
-        self.ca = ca
-        self.auth = auth
-        self.require_node_cert = require_node_cert
-        self.server_names = tuple(server_names)
-        self.token_auth = token_auth
-        self.metrics = metrics or CaMetrics()
-        self.audit = audit
-        self.cluster_id = cluster_id
-        self._server: grpc.aio.Server | None = None
-        self.port: int | None = None
-
-    def _server_credentials(self, host: str) -> grpc.ServerCredentials:
-        dns, ips = _names_for(host, self.server_names)
-        key = pki.generate_key()
-        cert = self.ca.authority.issue(key.public_key(), timedelta(days=365), dns=dns, ips=ips,
-                                       client=False)
-        chain = "".join(self.ca.authority.chain_pems(cert)[:-1]).encode()  # root omitted
-        root = pki.cert_to_pem(self.ca.authority.root).encode()
-        return grpc.ssl_server_credentials(
-            [(pki.key_to_pem(key), chain)],
-            root_certificates=root if self.require_node_cert else None,
-            require_client_auth=self.require_node_cert)
-
-    async def start(self, listen: str) -> int:
-        """Listen on host:port (port 0 picks one); returns the bound port."""
-        host, _, port_s = listen.rpartition(":")
-        host = host.strip("[]")
-        if not host or not (port_s.isascii() and port_s.isdigit()):  # not "٨٠٨٠"
-            raise ValueError(f"listen address {listen!r}: want host:port")
-        server = grpc.aio.server()
-        handler = grpc.unary_unary_rpc_method_handler(
-            self._create_certificate,
-            request_deserializer=IstioCertificateRequest.FromString,
-            response_serializer=IstioCertificateResponse.SerializeToString)
-        server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(SERVICE_NAME, {METHOD_NAME: handler}),))
-        self.port = server.add_secure_port(listen, self._server_credentials(host))
-        if self.port == 0:
-            raise OSError(f"could not listen on {listen} (address in use or not local?)")
-        await server.start()
-        self._server = server
-        log.info("CA for %s listening on %s:%d", self.ca.trust_domain, host, self.port)
-        return self.port
-
-    async def stop(self, grace: float | None = None) -> None:
-        if self._server is not None:
-            await self._server.stop(grace)
-            self._server = None
-
-    async def wait(self) -> None:
-        if self._server is not None:
-            await self._server.wait_for_termination()
-
-    async def _create_certificate(
-            self, request: IstioCertificateRequest,
-            context: grpc.aio.ServicerContext[IstioCertificateRequest, IstioCertificateResponse],
-    ) -> IstioCertificateResponse:
-        caller: Caller | None = None
-        md = request.metadata if request.HasField("metadata") else None
-        try:
-            peer = context.auth_context().get("x509_pem_cert")
-            peer_pem = next(iter(peer), None) if peer else None
-            metadata = [(m[0], m[1]) for m in (context.invocation_metadata() or ())]
-            caller = await self._authenticate(metadata, peer_pem)
-            chain = self.ca.sign(caller.node, request.csr, request.validity_duration, md,
-                                 own_identity=caller.identity)
-        except Rejection as r:
-            self.metrics.refusals.labels(r.code.name, r.reason).inc()
-            requested = _requested_identity(md)
-            log.warning("CSR refused (%s, %s): %s", context.peer(),
-                        caller.principal if caller else "unauthenticated", r)
-            if self.audit is not None:
-                self.audit.refusal(code=r.code.name, reason=r.reason, message=r.message,
-                                   peer=context.peer(),
-                                   caller=caller.principal if caller else None,
-                                   node=caller.node if caller else None, requested=requested)
-            await context.abort(r.code, r.message)
-            raise AssertionError("unreachable: abort raises") from None
-        self.metrics.issued.inc()
-        return IstioCertificateResponse(cert_chain=chain)
-
-    async def _authenticate(self, metadata: list[tuple[str, str | bytes]],
-                            peer_pem: bytes | None) -> Caller:
-        cluster = next((v for k, v in metadata if k.lower() == "clusterid"), None)
-        if self.cluster_id and cluster is not None:
-            cluster = cluster if isinstance(cluster, str) else cluster.decode(errors="replace")
-            if cluster != self.cluster_id:
-                raise Rejection(grpc.StatusCode.UNAUTHENTICATED,
-                                f"caller is in cluster {cluster[:64]!r}; this CA authorizes the "
-                                f"nodes of cluster {self.cluster_id!r}", "other_cluster")
-        token = bearer_token(metadata)
-        if self.token_auth is None or token is None or self.auth.knows(token):
-            node = self.auth.authenticate(metadata, peer_pem)
-            return Caller(node, f"node {node}")
-        caller = await self.token_auth.authenticate(token)
-        if peer_pem is not None:  # require_node_cert: both credentials must agree
-            cert_node = self.auth.authenticate((), peer_pem)
-            if cert_node != caller.node:
-                raise Rejection(grpc.StatusCode.UNAUTHENTICATED,
-                                f"ServiceAccount token is for node {caller.node} but the client "
-                                f"certificate is for node {cert_node}", "credentials_disagree")
-        return caller
-
-
-def _requested_identity(md: struct_pb2.Struct | None) -> str | None:
-    try:
-        return _impersonated(md)
-    except Rejection:
-        return None
-
-
-def _names_for(host: str, extra: Iterable[str]) -> tuple[list[str], list[str]]:
-    """DNS and IP SANs for the CA's server certificate: the listen host plus extra names.
-
-    A wildcard listen address (0.0.0.0, ::) is not a name clients dial, so localhost and the
-    loopback addresses are used for it; give the routable names with server_names.
-    """
-    names = [host, *extra]
-    if host in ("0.0.0.0", "::", ""):
-        names = ["localhost", "127.0.0.1", "::1", *extra]
-    dns: list[str] = []
-    ips: list[str] = []
-    for name in dict.fromkeys(names):
-        try:
-            ips.append(str(ipaddress.ip_address(name)))
-        except ValueError:
-            dns.append(name)
-    return dns, ips

@@ -22,6 +22,7 @@ import grpc.aio
 from cryptography import x509
 
 from agent.identity import pki
+from agent.identity.caerror import CaError
 from agent.identity.proto import (
     CREATE_CERTIFICATE_PATH,
     IMPERSONATED_IDENTITY,
@@ -32,14 +33,6 @@ from agent.identity.spiffe import Identity, IdentityError, from_certificate
 from agent.identity.workloadcert import DEFAULT_TTL, WorkloadCertificate
 
 log = logging.getLogger(__name__)
-
-
-class CaError(Exception):
-    """A certificate could not be obtained. `reason` is a short label for metrics."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 class CaClient:

@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry
 
 from agent.host.files import write_private
 from agent.identity import pki
-from agent.identity.caclient import CaError
+from agent.identity.caerror import CaError
 from agent.identity.metrics import CertificateMetrics
 from agent.identity.spiffe import Identity
 from agent.identity.workloadcert import WorkloadCertificate

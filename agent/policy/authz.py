@@ -14,17 +14,20 @@ restrictive reading for DENY. Both cases produce a warning naming the policy and
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TypeVar
 
 from agent.config import DEFAULT_ROOT_NAMESPACE
+from agent.identity.spiffe import SCHEME, Identity, IdentityError
 from agent.model import fields as f
 from agent.model.fields import FieldPath, IPNetwork, format_path
 from agent.model.mesh import Labels, Workload
 from agent.policy.connection import Connection
-from agent.policy.strmatch import StringMatch
+from agent.policy.strmatch import MatchKind, StringMatch
 
 API_VERSIONS = ("security.istio.io/v1", "security.istio.io/v1beta1")
 DRY_RUN_ANNOTATION = "istio.io/dry-run"
@@ -144,6 +147,23 @@ class Rule:
     def all_matches(self) -> tuple[Match, ...]:
         return tuple(m for clause in self.clauses for m in clause)
 
+    def exact_principals_only(self) -> frozenset[str] | None:
+        """If the rule matches exactly the peers whose principal is one of a set (a `from` of
+        exact principals and nothing else), that set; else None."""
+        if self.never_matches:
+            return None
+        constrained = [clause for clause in self.clauses if clause]
+        if len(constrained) != 1:
+            return None
+        names: set[str] = set()
+        for m in constrained[0]:
+            if not m.principals or m != Match(principals=m.principals):
+                return None
+            if any(sm.kind is not MatchKind.EXACT for sm in m.principals):
+                return None
+            names.update(sm.value for sm in m.principals)
+        return frozenset(names)
+
 
 @dataclass(frozen=True)
 class AuthorizationPolicy:
@@ -174,12 +194,46 @@ class AuthorizationPolicy:
             return in_scope
         return in_scope and workload.labels.selected_by(self.selector)
 
+    @cached_property
+    def _rule_index(self) -> tuple[Mapping[str, int], tuple[Rule, ...]]:
+        """The rules that only name exact principals, as principal -> first such rule, and the
+        others in order: a 10k-rule policy matches with one lookup and a short scan (computed
+        once per policy object; a reload keeps the objects of unchanged documents)."""
+        exact: dict[str, int] = {}
+        others = []
+        for rule in self.rules:
+            names = rule.exact_principals_only()
+            if names is None:
+                others.append(rule)
+                continue
+            for name in names:
+                exact.setdefault(name, rule.index)
+        return exact, tuple(others)
+
     def matching_rule(self, conn: Connection) -> int | None:
         """The spec.rules index of the first rule that matches; None if none does."""
-        for rule in self.rules:
+        exact, others = self._rule_index
+        ident = conn.src_identity
+        first = exact.get(ident.principal) if ident else None
+        for rule in others:
+            if first is not None and rule.index > first:
+                break
             if rule.matches(conn):
                 return rule.index
-        return None
+        return first
+
+    @cached_property
+    def named_identities(self) -> frozenset[Identity]:
+        """Identities the rules name exactly as principals (`td/ns/<ns>/sa/<sa>`), parsed once
+        per policy object."""
+        out: set[Identity] = set()
+        for r in self.rules:
+            for m in r.all_matches():
+                for sm in (*m.principals, *m.not_principals):
+                    if sm.kind is MatchKind.EXACT:
+                        with contextlib.suppress(IdentityError):
+                            out.add(Identity.parse(SCHEME + sm.value))
+        return frozenset(out)
 
 
 def parse_dry_run(value: str, path: FieldPath) -> bool:

@@ -11,20 +11,18 @@ Algorithm (reference/ztunnel.md section 5), for the policies that apply to the d
 
 from __future__ import annotations
 
-import contextlib
 import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 
 from agent.config import DEFAULT_ROOT_NAMESPACE
-from agent.identity.spiffe import SCHEME, Identity, IdentityError
+from agent.identity.spiffe import Identity
 from agent.model.fields import IPNetwork
 from agent.model.mesh import Workload
 from agent.policy.authz import Action, AuthorizationPolicy
 from agent.policy.connection import Connection
 from agent.policy.peerauth import MtlsMode, MtlsResolver, PeerAuthentication
-from agent.policy.strmatch import MatchKind
 
 
 @dataclass(frozen=True)
@@ -149,12 +147,7 @@ def referenced_identities(policies: Policies) -> frozenset[Identity]:
     federated trust domain runs no workload here, yet a policy can name it."""
     out: set[Identity] = set()
     for p in _as_set(policies).authorization:
-        for r in p.rules:
-            for m in r.all_matches():
-                for sm in (*m.principals, *m.not_principals):
-                    if sm.kind is MatchKind.EXACT:
-                        with contextlib.suppress(IdentityError):
-                            out.add(Identity.parse(SCHEME + sm.value))
+        out |= p.named_identities
     return frozenset(out)
 
 

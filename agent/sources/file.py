@@ -19,10 +19,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +48,8 @@ from agent.sources.meshyaml import (
 from agent.state.snapshot import KIND_OF, KINDS, MeshObject, MeshState, key_of
 from agent.state.store import StateStore
 
-__all__ = ["DEFAULT_LIMITS", "EMPTY_KIND", "ConfigError", "FileSource", "LimitError", "Limits",
-           "config_files", "load_path", "merge_own", "parse_files"]
+__all__ = ["DEFAULT_LIMITS", "EMPTY_KIND", "ConfigError", "DocumentCache", "FileSource",
+           "LimitError", "Limits", "config_files", "load_path", "merge_own", "parse_files"]
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +116,103 @@ def _check_empty_marker(doc: YamlDocument, name: str, others: int) -> None:
                           "nothing, so it must be the file's only document")
 
 
-def _file_documents(name: str, raw: bytes, budget: Budget) -> list[YamlDocument]:
+# A line that starts a YAML document. YAML forbids `---` at the start of a line inside any
+# scalar or collection, so the text between two of them is a document of its own.
+_DOCUMENT_START = re.compile(r"^---(?=[ \t\n]|$)", re.MULTILINE)
+# What makes documents depend on text outside their own (a directive line applies to the next
+# document; `...` ends one), or what libyaml counts as a line break besides \n (the line numbers
+# of a split would drift), or a byte order mark: such a file is parsed whole.
+_NO_SPLIT = ("\n%", "\n...", "\r", "\x85", "\u2028", "\u2029", "\ufeff")
+
+
+def _splittable(text: str) -> bool:
+    # `in` per marker: much faster than one regex over a large file
+    return not text.startswith(("%", "...")) and not any(m in text for m in _NO_SPLIT)
+
+
+def _chunks(text: str) -> list[tuple[int, str]]:
+    """The file's text split before every document start line, with the line each part starts
+    on; one part when the file cannot be split safely."""
+    if not _splittable(text):
+        return [(1, text)]
+    cuts = [0, *(m.start() for m in _DOCUMENT_START.finditer(text) if m.start() > 0), len(text)]
+    parts = []
+    line = 1
+    for a, b in itertools.pairwise(cuts):
+        parts.append((line, text[a:b]))
+        line += text.count("\n", a, b)
+    return parts
+
+
+class _Item:
+    """One non-null document of a file: its YAML until parsed, then only the object (the line
+    table and plain data are dropped: a cached object needs neither again)."""
+
+    __slots__ = ("doc", "obj", "start")
+
+    def __init__(self, doc: YamlDocument) -> None:
+        self.doc: YamlDocument | None = doc
+        self.obj: MeshObject | None = None
+        self.start = doc.start
+
+
+@dataclass
+class _Chunk:
+    first: int  # the line it was parsed at
+    documents: int  # what it added to the load's Budget
+    nodes: int
+    items: list[_Item]
+
+
+class DocumentCache:
+    """Parse results per YAML document text, so a reload re-parses only documents that changed.
+
+    A document's text parses the same wherever it sits in a file, so a hit is reused with its
+    lines shifted; what it used of the Budget is added again, so the bounds still hold for the
+    whole load (a hit that would cross one is parsed afresh, which reports the bound at its exact
+    line). Only the last good load's documents are kept: memory stays within Limits.max_bytes of
+    text plus the objects the store holds anyway. Errors are never cached.
+    """
+
+    def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
+        self.limits = limits
+        self.parses = 0  # documents (file parts) parsed, not served from the cache
+        self._kept: dict[str, _Chunk] = {}
+        self._used: dict[str, _Chunk] = {}
+
+    def items(self, name: str, text: str, budget: Budget) -> list[tuple[int, _Item]]:
+        """The file's documents as (line shift, item); parses only parts not seen before."""
+        out: list[tuple[int, _Item]] = []
+        lim = budget.limits
+        for first, part in _chunks(text):
+            hit = self._used.get(part) or self._kept.get(part)
+            if (hit is not None and budget.documents + hit.documents <= lim.max_documents
+                    and budget.nodes + hit.nodes <= lim.max_nodes):
+                budget.documents += hit.documents
+                budget.nodes += hit.nodes
+            else:
+                before = (budget.documents, budget.nodes)
+                items = [_Item(d) for d in documents(part, name, budget, first)
+                         if d.data is not None]
+                hit = _Chunk(first, budget.documents - before[0], budget.nodes - before[1],
+                             items)
+                self.parses += 1
+            self._used[part] = hit
+            out += [(first - hit.first, item) for item in hit.items]
+        return out
+
+    def commit(self) -> None:
+        """The load succeeded: keep exactly its documents."""
+        self._kept, self._used = self._used, {}
+
+    def discard(self) -> None:
+        """The load failed: keep the last good load's documents (the next edit likely reverts
+        most of the file to them)."""
+        self._used = {}
+
+
+def _file_documents(name: str, raw: bytes, budget: Budget,
+                    cache: DocumentCache) -> list[tuple[int, _Item]]:
     """The documents that define objects in one file (none for a `kind: Empty` file).
 
     A file that is empty, or does not end with a newline, may be half-written: an error."""
@@ -129,8 +228,10 @@ def _file_documents(name: str, raw: bytes, budget: Budget) -> list[YamlDocument]
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
         raise ConfigError(f"{name}:{line}: not UTF-8 text (byte {e.start})") from e
-    docs = [d for d in documents(text, name, budget) if d.data is not None]
-    markers = [d for d in docs if _is_empty_marker(d.data)]
+    docs = cache.items(name, text, budget)
+    # A parsed item is an object, never a marker (markers are never parsed).
+    markers = [d.shifted(shift) for shift, it in docs
+               if (d := it.doc) is not None and _is_empty_marker(d.data)]
     for marker in markers:
         try:
             _check_empty_marker(marker, name, len(docs) - 1)
@@ -144,8 +245,24 @@ def _file_documents(name: str, raw: bytes, budget: Budget) -> list[YamlDocument]
 
 def parse_files(contents: list[tuple[Path, bytes]],
                 root_namespace: str = DEFAULT_ROOT_NAMESPACE,
-                limits: Limits = DEFAULT_LIMITS) -> MeshState:
-    """Parse file contents into a MeshState; any problem is a ConfigError naming file:line."""
+                limits: Limits = DEFAULT_LIMITS,
+                cache: DocumentCache | None = None) -> MeshState:
+    """Parse file contents into a MeshState; any problem is a ConfigError naming file:line.
+
+    With a cache (FileSource keeps one), documents parsed by an earlier load are reused."""
+    if cache is None or cache.limits != limits:
+        cache = DocumentCache(limits)
+    try:
+        state = _parse_files(contents, root_namespace, limits, cache)
+    except BaseException:
+        cache.discard()
+        raise
+    cache.commit()
+    return state
+
+
+def _parse_files(contents: list[tuple[Path, bytes]], root_namespace: str, limits: Limits,
+                 cache: DocumentCache) -> MeshState:
     budget = Budget(limits)
     objects: dict[tuple[str, str], tuple[MeshObject, str]] = {}
     ip_owner: dict[object, tuple[str, str]] = {}
@@ -154,12 +271,17 @@ def parse_files(contents: list[tuple[Path, bytes]],
         if budget.bytes + len(raw) > limits.max_bytes:
             raise _too_large(name, raw, limits.max_bytes - budget.bytes, limits)
         budget.bytes += len(raw)
-        for doc in _file_documents(name, raw, budget):
-            try:
-                obj = parse_document(doc.data)
-            except FieldError as e:
-                raise ConfigError(str(e.at(f"{name}:{doc.line_of(e.path)}"))) from e
-            where = f"{name}:{doc.start}"
+        for shift, item in _file_documents(name, raw, budget, cache):
+            obj = item.obj
+            if obj is None:
+                doc = item.doc
+                assert doc is not None  # an item holds its document until it is parsed
+                try:
+                    obj = parse_document(doc.data)
+                except FieldError as e:
+                    raise ConfigError(str(e.at(f"{name}:{doc.line_of(e.path) + shift}"))) from e
+                item.obj, item.doc = obj, None
+            where = f"{name}:{item.start + shift}"
             ident = (KIND_OF[type(obj)], key_of(obj))
             if ident in objects:
                 raise ConfigError(f"{where}: {ident[0]} {ident[1]} is defined twice (first at "
@@ -205,6 +327,7 @@ class FileSource:
         self.poll_interval = poll_interval
         self.rescan_interval = rescan_interval
         self.limits = limits
+        self.cache = DocumentCache(limits)  # a reload re-parses only the documents that changed
         self.errors = 0  # reported failures: nodemesh_config_errors_total
         self.last_error: str | None = None  # None once a later change loaded fine
         self.last_error_time: float | None = None
@@ -236,7 +359,8 @@ class FileSource:
 
     def _attempt(self) -> _Outcome:
         """Read and parse the files if they changed; the slow half of a poll, safe to run off
-        the event loop (it touches no shared state but the digest). Never raises Exception."""
+        the event loop (it touches no shared state but the digest and the document cache, which
+        only one attempt at a time uses). Never raises Exception."""
         try:
             error: ConfigError | None = None
             try:
@@ -247,7 +371,7 @@ class FileSource:
             if digest == self._digest:
                 return None
             self._digest = digest
-            return error or parse_files(contents, self.root_namespace, self.limits)
+            return error or parse_files(contents, self.root_namespace, self.limits, self.cache)
         except ConfigError as e:
             return e
         except Exception as e:  # MemoryError, RecursionError, a bug: bad config all the same

@@ -57,16 +57,24 @@ class Budget:
 class YamlDocument:
     """One YAML document as plain data, plus the line of every field path in it."""
 
-    def __init__(self, data: object, lines: dict[FieldPath, int], start: int) -> None:
+    def __init__(self, data: object, lines: dict[FieldPath, int], start: int,
+                 shift: int = 0) -> None:
         self.data = data
-        self.lines = lines
-        self.start = start
+        self.lines = lines  # as parsed; line_of adds `shift`
+        self.start = start + shift
+        self._shift = shift
+
+    def shifted(self, lines: int) -> YamlDocument:
+        """The same document `lines` further down its file (a cached parse reused after the
+        lines above it changed); shares data and the line table."""
+        return YamlDocument(self.data, self.lines, self.start - self._shift,
+                            self._shift + lines)
 
     def line_of(self, path: FieldPath) -> int:
         # The deepest recorded prefix: a missing field is reported at its parent.
         for n in range(len(path), 0, -1):
             if path[:n] in self.lines:
-                return self.lines[path[:n]]
+                return self.lines[path[:n]] + self._shift
         return self.start
 
 
@@ -136,7 +144,7 @@ class _BoundsCheck:
             self.stack[-1].deepest = max(self.stack[-1].deepest, done.deepest)
 
 
-def _check_bounds(text: str, name: str, budget: Budget) -> None:
+def _check_bounds(text: str, name: str, budget: Budget, base: int = 0) -> None:
     """Raise LimitError if loading `text` would cross a bound; syntax errors raise here as
     MarkedYAMLError, as they would from the composer."""
     check = _BoundsCheck(name, budget)
@@ -144,7 +152,7 @@ def _check_bounds(text: str, name: str, budget: Budget) -> None:
     try:
         while loader.check_event():
             ev = loader.get_event()  # type: ignore[no-untyped-call]  # untyped in the stubs
-            line = ev.start_mark.line + 1 if ev.start_mark is not None else 1
+            line = base + (ev.start_mark.line + 1 if ev.start_mark is not None else 1)
             if isinstance(ev, yaml.DocumentStartEvent):
                 check.document(line)
             elif isinstance(ev, yaml.NodeEvent):
@@ -156,7 +164,7 @@ def _check_bounds(text: str, name: str, budget: Budget) -> None:
 
 
 def _walk(node: yaml.Node, data: object, path: FieldPath, lines: dict[FieldPath, int],
-          name: str) -> None:
+          name: str, *, base: int) -> None:
     lines.setdefault(path, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode) and isinstance(data, Mapping):
         seen: set[object] = set()
@@ -169,15 +177,15 @@ def _walk(node: yaml.Node, data: object, path: FieldPath, lines: dict[FieldPath,
                 resolved = next((k for k in data if str(k) == key), key)
             if resolved in seen:
                 raise FieldError((*path, str(resolved)), "duplicate key",
-                                 f"{name}:{key_node.start_mark.line + 1}")
+                                 f"{name}:{base + key_node.start_mark.line + 1}")
             seen.add(resolved)
             child = (*path, str(resolved))
             lines[child] = key_node.start_mark.line + 1
             if resolved in data:
-                _walk(value_node, data[resolved], child, lines, name)
+                _walk(value_node, data[resolved], child, lines, name, base=base)
     elif isinstance(node, yaml.SequenceNode) and isinstance(data, list):
         for i, (item_node, item) in enumerate(zip(node.value, data, strict=False)):
-            _walk(item_node, item, (*path, i), lines, name)
+            _walk(item_node, item, (*path, i), lines, name, base=base)
 
 
 def _line_at(text: str, offset: int) -> int:
@@ -185,10 +193,13 @@ def _line_at(text: str, offset: int) -> int:
     return text.encode("utf-8", "surrogatepass")[:max(offset, 0)].count(b"\n") + 1
 
 
-def documents(text: str, name: str, budget: Budget) -> Iterator[YamlDocument]:
-    """The documents of one file, checked against the budget first; raises ConfigError."""
+def documents(text: str, name: str, budget: Budget, first_line: int = 1
+              ) -> Iterator[YamlDocument]:
+    """The documents of one file (or of the part of it that starts on `first_line`), checked
+    against the budget first; raises ConfigError."""
+    base = first_line - 1
     try:
-        _check_bounds(text, name, budget)
+        _check_bounds(text, name, budget, base)
         loader = _Loader(text)
         try:
             while loader.check_node():
@@ -200,21 +211,21 @@ def documents(text: str, name: str, budget: Budget) -> Iterator[YamlDocument]:
                     data = loader.construct_document(node)
                 except (ValueError, TypeError, OverflowError) as e:
                     # e.g. a date like 2024-13-45 or an integer of more than 4300 digits
-                    raise ConfigError(f"{name}:{start}: cannot read a value: {e}") from e
+                    raise ConfigError(f"{name}:{base + start}: cannot read a value: {e}") from e
                 lines: dict[FieldPath, int] = {}
                 try:
-                    _walk(node, data, (), lines, name)
+                    _walk(node, data, (), lines, name, base=base)
                 except FieldError as e:
                     raise ConfigError(str(e)) from e
-                yield YamlDocument(data, lines, start)
+                yield YamlDocument(data, lines, start, base)
         finally:
             loader.dispose()
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
-        line = mark.line + 1 if mark else 1
+        line = base + (mark.line + 1 if mark else 1)
         raise ConfigError(f"{name}:{line}: invalid YAML: {e.problem or e.context}") from e
     except yaml.reader.ReaderError as e:
-        raise ConfigError(f"{name}:{_line_at(text, e.position)}: invalid YAML: {e.reason} "
+        raise ConfigError(f"{name}:{base + _line_at(text, e.position)}: invalid YAML: {e.reason} "
                           f"(character {e.character!r})") from e
     except yaml.YAMLError as e:
-        raise ConfigError(f"{name}:1: invalid YAML: {e}") from e
+        raise ConfigError(f"{name}:{first_line}: invalid YAML: {e}") from e

@@ -2,7 +2,9 @@
 
 Each cluster is isolated in its own namespaces, so two clusters may reuse the same addresses.
 Underlay 10.250.0.0/24 joins the nodes; node i owns pod CIDR 10.251.i.0/24, where .1 is the
-node-side gateway and pods start at .10. Interface names stay under the 15-byte IFNAMSIZ limit.
+node-side gateway and pods 0-199 are .10-.209. A node with more pods (the footprint benchmark
+runs 500 on one node) takes the rest from its overflow CIDR, the i-th /22 of 10.252.0.0/14,
+from its .10 on. Interface names stay under the 15-byte IFNAMSIZ limit.
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ from dataclasses import dataclass
 PREFIX = "nm-"
 UNDERLAY = ipaddress.IPv4Network("10.250.0.0/24")
 POD_SUPERNET = ipaddress.IPv4Network("10.251.0.0/16")
+OVERFLOW_SUPERNET = ipaddress.IPv4Network("10.252.0.0/14")  # 256 /22s, one per node
+PODS_IN_FIRST_CIDR = 200
 MAX_NODES = 200
-MAX_PODS_PER_NODE = 200
+# Enough for the 500-pod footprint benchmark; the /22 overflow CIDR would hold 1,212 per node.
+MAX_PODS_PER_NODE = 1000
 RUN_ID_LEN = 6
 _ALPHABET = string.ascii_lowercase + string.digits
 
@@ -62,12 +67,23 @@ class Plan:
         _check(node, MAX_NODES, "node")
         return ipaddress.IPv4Network((int(POD_SUPERNET.network_address) + (node << 8), 24))
 
+    def overflow_cidr(self, node: int) -> ipaddress.IPv4Network:
+        """Where pods from PODS_IN_FIRST_CIDR on get their addresses."""
+        _check(node, MAX_NODES, "node")
+        return ipaddress.IPv4Network((int(OVERFLOW_SUPERNET.network_address) + (node << 10), 22))
+
+    def pod_cidrs(self, node: int) -> tuple[ipaddress.IPv4Network, ...]:
+        """Every CIDR a node's pods may have addresses in (what other nodes route to it)."""
+        return (self.pod_cidr(node), self.overflow_cidr(node))
+
     def pod_gateway(self, node: int) -> ipaddress.IPv4Address:
         return self.pod_cidr(node).network_address + 1
 
     def pod_ip(self, node: int, pod: int) -> ipaddress.IPv4Address:
         _check(pod, MAX_PODS_PER_NODE, "pod")
-        return self.pod_cidr(node).network_address + 10 + pod
+        if pod < PODS_IN_FIRST_CIDR:
+            return self.pod_cidr(node).network_address + 10 + pod
+        return self.overflow_cidr(node).network_address + 10 + pod - PODS_IN_FIRST_CIDR
 
     @staticmethod
     def underlay_port(node: int) -> str:

@@ -32,7 +32,7 @@ from pyroute2 import netns as pr_netns
 
 from agent.host import cgroup, netns, signals
 from agent.testbed import registry
-from agent.testbed.addressing import Plan, new_run_id
+from agent.testbed.addressing import PODS_IN_FIRST_CIDR, Plan, new_run_id
 
 log = logging.getLogger(__name__)
 
@@ -301,8 +301,13 @@ class Cluster:
             with IPRoute(netns=node.netns) as ipr:
                 for other in self.nodes:
                     if other is not node:
-                        ipr.route("add", dst=str(plan.pod_cidr(other.index)), gateway=str(other.ip))
+                        for cidr in self._used_pod_cidrs(other.index):
+                            ipr.route("add", dst=str(cidr), gateway=str(other.ip))
         signals.checkpoint()  # a SIGTERM during the build: up() removes it all
+
+    def _used_pod_cidrs(self, node: int) -> tuple[ipaddress.IPv4Network, ...]:
+        cidrs = self.plan.pod_cidrs(node)
+        return cidrs if self.pods_per_node > PODS_IN_FIRST_CIDR else cidrs[:1]
 
     def _build_node(self, i: int, bridge: int) -> Node:
         plan = self.plan

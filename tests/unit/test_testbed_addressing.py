@@ -4,7 +4,14 @@ import ipaddress
 
 import pytest
 
-from agent.testbed.addressing import Plan, new_run_id, valid_run_id
+from agent.testbed.addressing import (
+    MAX_NODES,
+    MAX_PODS_PER_NODE,
+    PODS_IN_FIRST_CIDR,
+    Plan,
+    new_run_id,
+    valid_run_id,
+)
 
 
 def test_run_ids_are_valid_and_distinct() -> None:
@@ -48,4 +55,25 @@ def test_bad_run_ids_are_rejected(bad: str) -> None:
 
 def test_out_of_range_indices_are_rejected() -> None:
     with pytest.raises(ValueError, match="pod index"):
-        Plan("abc123").pod_ip(0, 500)
+        Plan("abc123").pod_ip(0, MAX_PODS_PER_NODE)
+
+
+def test_pods_past_the_first_cidr_use_the_nodes_overflow_cidr() -> None:
+    plan = Plan("abc123")
+    seen = set()
+    for n in (0, 1, 199):
+        first, overflow = plan.pod_cidrs(n)
+        assert not first.overlaps(overflow)
+        for p in range(MAX_PODS_PER_NODE):
+            ip = plan.pod_ip(n, p)
+            assert ip in (first if p < PODS_IN_FIRST_CIDR else overflow)
+            assert ip not in (first.network_address, first.broadcast_address,
+                              overflow.network_address, overflow.broadcast_address,
+                              plan.pod_gateway(n))
+            seen.add(ip)
+    assert len(seen) == 3 * MAX_PODS_PER_NODE
+    # no node's overflow CIDR meets another's, the underlay or the first pod CIDRs
+    overflows = [plan.overflow_cidr(n) for n in range(MAX_NODES)]
+    assert len({o.network_address for o in overflows}) == MAX_NODES
+    assert all(not o.overlaps(ipaddress.IPv4Network("10.250.0.0/15")) for o in overflows)
+    assert len(plan.pod_port(MAX_PODS_PER_NODE - 1)) < 16

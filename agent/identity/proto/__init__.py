@@ -6,6 +6,7 @@ plugin output (see build.py for why).
 
 from __future__ import annotations
 
+from agent.identity.caprotocol import IMPERSONATED_IDENTITY
 from agent.identity.proto.ca_pb2 import (
     DESCRIPTOR,
     IstioCertificateRequest,
@@ -18,8 +19,6 @@ METHOD_NAME: str = _SERVICE.methods_by_name["CreateCertificate"].name
 # The HTTP/2 :path of the RPC, as istiod serves it.
 CREATE_CERTIFICATE_PATH = f"/{SERVICE_NAME}/{METHOD_NAME}"
 
-# Metadata key ztunnel sets when a node agent asks on behalf of a workload.
-IMPERSONATED_IDENTITY = "ImpersonatedIdentity"
 
 __all__ = [
     "CREATE_CERTIFICATE_PATH",

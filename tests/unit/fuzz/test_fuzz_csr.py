@@ -12,7 +12,6 @@ import base64
 from dataclasses import dataclass
 from functools import cache
 
-import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -22,7 +21,13 @@ from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from agent.identity import pki
-from agent.identity.ca import MAX_CSR_BYTES, CertificateAuthority, Rejection, StaticWorkloadLocator
+from agent.identity.ca import (
+    MAX_CSR_BYTES,
+    CertificateAuthority,
+    Rejection,
+    StaticWorkloadLocator,
+    Status,
+)
 from agent.identity.proto import IMPERSONATED_IDENTITY
 from agent.identity.spiffe import Identity, uri_sans
 
@@ -96,7 +101,7 @@ def sign(csr: str, ttl: int = 0, metadata: struct_pb2.Struct | None = None) -> N
         chain = ca().sign(NODE, csr, ttl, metadata)
     except Rejection as r:
         assert r.message.strip(), "a refusal says why"
-        assert r.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED)
+        assert r.code in (Status.INVALID_ARGUMENT, Status.PERMISSION_DENIED)
         return
     leaf = x509.load_pem_x509_certificate(chain[0].encode())
     request = x509.load_pem_x509_csr(csr.encode())

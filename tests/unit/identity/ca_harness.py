@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from agent.identity import pki
-from agent.identity.ca import CaServer, CertificateAuthority, NodeAuthenticator, WorkloadLocator
+from agent.identity.ca import CertificateAuthority, NodeAuthenticator, WorkloadLocator
 from agent.identity.caclient import CaClient
+from agent.identity.caserver import CaServer
 from agent.identity.spiffe import Identity
 
 TD = "cluster.local"

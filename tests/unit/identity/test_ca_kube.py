@@ -28,9 +28,11 @@ from agent.caauth.tokenreview import (
     TokenChecker,
 )
 from agent.identity import pki
-from agent.identity.ca import CaServer, CertificateAuthority, NodeAuthenticator
+from agent.identity.ca import CertificateAuthority, NodeAuthenticator
 from agent.identity.caaudit import CaAudit
-from agent.identity.caclient import CaClient, CaError
+from agent.identity.caclient import CaClient
+from agent.identity.caerror import CaError
+from agent.identity.caserver import CaServer
 from agent.identity.metrics import CaMetrics
 from agent.identity.proto import (
     CREATE_CERTIFICATE_PATH,

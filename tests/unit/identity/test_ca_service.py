@@ -17,7 +17,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from agent.identity import pki
-from agent.identity.caclient import CaClient, CaError
+from agent.identity.caclient import CaClient
+from agent.identity.caerror import CaError
 from agent.identity.proto import (
     CREATE_CERTIFICATE_PATH,
     IMPERSONATED_IDENTITY,

@@ -18,7 +18,8 @@ from support.apiserver import ApiServer, Kubectl
 
 from agent.cli import main
 from agent.identity import pki
-from agent.identity.caclient import CaClient, CaError
+from agent.identity.caclient import CaClient
+from agent.identity.caerror import CaError
 from agent.identity.spiffe import Identity, from_certificate
 
 FE = Identity("cluster.local", "shop", "frontend")

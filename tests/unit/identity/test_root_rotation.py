@@ -13,7 +13,7 @@ from ca_harness import FRONTEND, running_ca
 from prometheus_client import CollectorRegistry
 
 from agent.identity import pki
-from agent.identity.caclient import CaError
+from agent.identity.caerror import CaError
 from agent.identity.manager import Backoff, CertificateManager
 from agent.identity.trustbundle import TrustBundleError, TrustBundleFile, read_pem_bundle
 

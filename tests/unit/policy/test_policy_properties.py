@@ -223,3 +223,39 @@ def test_prefix_and_suffix(fixed: str, rest: str) -> None:
     assert StringMatch.parse(fixed).matches(fixed + rest) == (rest == "")
     assert StringMatch.parse("*").kind is MatchKind.PRESENCE
     assert not StringMatch.parse(fixed + "*").matches(None)
+
+
+_PEERS = [None, *(Identity("cluster.local", ns, sa) for ns in ("a", "b") for sa in ("x", "y"))]
+_SOURCES = [
+    {"principals": ["cluster.local/ns/a/sa/x"]},
+    {"principals": ["cluster.local/ns/a/sa/y", "cluster.local/ns/b/sa/x"]},
+    {"principals": ["cluster.local/ns/b/*"]},
+    {"principals": ["cluster.local/ns/a/sa/x"], "namespaces": ["b"]},
+    {"notPrincipals": ["cluster.local/ns/a/sa/x"]},
+    {"namespaces": ["a"]},
+    {"ipBlocks": ["10.0.0.0/8"]},
+]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.lists(st.sampled_from(_SOURCES), max_size=2),
+                          st.sampled_from([None, [80], [81]])), max_size=8),
+       st.sampled_from(_PEERS), st.sampled_from([80, 81]))
+def test_the_principal_index_finds_the_first_matching_rule(
+        rules: list[tuple[list[dict[str, Any]], list[int] | None]],
+        peer: Identity | None, port: int) -> None:
+    spec_rules: list[dict[str, Any]] = []
+    for sources, ports in rules:
+        rule: dict[str, Any] = {}
+        if sources:
+            rule["from"] = [{"source": s} for s in sources]
+        if ports is not None:
+            rule["to"] = [{"operation": {"ports": [str(p) for p in ports]}}]
+        spec_rules.append(rule)
+    policy = parse_authorization_policy({
+        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "p", "namespace": "a"}, "spec": {"rules": spec_rules}})
+    dst = Workload("d", "a", "d", (ipaddress.ip_address("10.1.0.2"),))
+    conn = Connection(ipaddress.ip_address("10.1.0.1"), peer, dst, dst.ips[0], port)
+    linear = next((r.index for r in policy.rules if r.matches(conn)), None)
+    assert policy.matching_rule(conn) == linear

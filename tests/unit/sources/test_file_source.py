@@ -523,3 +523,107 @@ def test_a_file_still_being_written_is_read_once_its_writer_closes_it(tmp_path: 
     assert rec.errors == [] and len(rec.states) == 1
     web = store.current.workload_named("shop", "web")
     assert web is not None and web.ips == (ipaddress.ip_address("10.251.0.50"),)
+
+
+# -- the document cache ------------------------------------------------------------------------
+
+def _parse(cache: file_source.DocumentCache, text: str, limits: Limits = DEFAULT_LIMITS,
+           name: str = "mesh.yaml") -> MeshState:
+    return file_source.parse_files([(Path(name), text.encode())], limits=limits, cache=cache)
+
+
+def test_a_reload_parses_only_the_documents_that_changed() -> None:
+    cache = file_source.DocumentCache()
+    first = _parse(cache, GOOD)
+    assert cache.parses == 3
+    changed = GOOD.replace("sa/b*", "sa/c*")
+    second = _parse(cache, changed)
+    assert cache.parses == 4  # only the AuthorizationPolicy
+    # Unchanged documents are the very objects of the last load (the store tells them apart by
+    # instance); the changed one is new.
+    assert second.workloads == first.workloads
+    assert second.workloads[0] is first.workloads[0]
+    assert second.authorization_policies != first.authorization_policies
+    assert _parse(file_source.DocumentCache(), changed).objects == second.objects
+    _parse(cache, changed)
+    assert cache.parses == 4  # nothing changed: nothing parsed
+
+
+def test_a_cached_document_reports_errors_at_its_new_line() -> None:
+    cache = file_source.DocumentCache()
+    _parse(cache, GOOD)
+    moved = "kind: Namespace\nmetadata: {name: extra}\n---\n" + GOOD
+    # the Workload document moved down by three lines and is served from the cache; a second
+    # workload with its IP is reported where the cached one now is
+    text = moved + "---\nkind: Workload\nmetadata: {name: web2, namespace: shop}\n" \
+                   "spec: {ips: [10.251.0.10]}\n"
+    parses = cache.parses
+    with pytest.raises(ConfigError) as err:
+        _parse(cache, text)
+    # new: the extra Namespace, shop's (now after a `---` line) and web2
+    assert cache.parses == parses + 3
+    assert str(err.value).startswith("mesh.yaml:28: IP 10.251.0.10 of workload shop/web2 is "
+                                     "already used by shop/web (mesh.yaml:7)"), err.value
+    # the same error as without a cache
+    with pytest.raises(ConfigError) as fresh:
+        _parse(file_source.DocumentCache(), text)
+    assert str(fresh.value) == str(err.value)
+
+
+def test_cached_documents_still_count_against_the_bounds_of_the_whole_load() -> None:
+    doc = "kind: Namespace\nmetadata: {name: a}\n"
+    limits = Limits(max_documents=2)
+    cache = file_source.DocumentCache(limits)
+    _parse(cache, doc + "---\n" + doc.replace("name: a", "name: b"), limits)
+    text = doc + "---\n" + doc.replace("name: a", "name: b") + "---\n" + doc.replace(
+        "name: a", "name: c")
+    with pytest.raises(LimitError) as err:
+        _parse(cache, text, limits)
+    # the third document's `---` line, as without a cache
+    assert str(err.value).startswith("mesh.yaml:6: more than 2 YAML documents"), err.value
+    with pytest.raises(LimitError) as fresh:
+        _parse(file_source.DocumentCache(limits), text, limits)
+    assert str(fresh.value) == str(err.value)
+    nodes = Limits(max_nodes=14)  # a Namespace document here is 7 nodes
+    cache = file_source.DocumentCache(nodes)
+    _parse(cache, doc + "---\n" + doc.replace("name: a", "name: b"), nodes)
+    # two cache hits and one new document: still too big for the whole load
+    text = doc + "---\n" + doc.replace("name: a", "name: b") + "---\n" + doc
+    with pytest.raises(LimitError) as err:
+        _parse(cache, text, nodes)
+    assert "expands to more than 14 YAML nodes" in str(err.value)
+    with pytest.raises(LimitError) as fresh:
+        _parse(file_source.DocumentCache(nodes), text, nodes)
+    assert str(fresh.value) == str(err.value)
+
+
+def test_a_failed_load_keeps_the_last_good_documents_cached() -> None:
+    cache = file_source.DocumentCache()
+    _parse(cache, GOOD)
+    with pytest.raises(ConfigError):
+        _parse(cache, GOOD + "---\nkind: Nope\n")
+    parses = cache.parses
+    _parse(cache, GOOD)
+    assert cache.parses == parses
+
+
+@pytest.mark.parametrize("text", [
+    "%YAML 1.1\n---\nkind: Namespace\nmetadata: {name: a}\n",
+    "kind: Namespace\r\nmetadata: {name: a}\r\n---\r\nkind: Namespace\r\nmetadata: {name: b}\r\n",
+    "kind: Namespace\nmetadata: {name: a}\n...\n---\nkind: Namespace\nmetadata: {name: b}\n",
+])
+def test_files_that_cannot_be_split_safely_are_parsed_whole(text: str) -> None:
+    cache = file_source.DocumentCache()
+    state = _parse(cache, text)
+    assert cache.parses == 1
+    assert state.objects == file_source.parse_files([(Path("mesh.yaml"), text.encode())]).objects
+
+
+def test_the_file_source_reuses_its_cache(tmp_path: Path) -> None:
+    path = write(tmp_path / "mesh.yaml", GOOD)
+    source = FileSource(path, StateStore())
+    source.load_once()
+    assert source.cache.parses == 3
+    write(path, GOOD.replace("sa/b*", "sa/c*"))
+    assert source.poll()
+    assert source.cache.parses == 4
