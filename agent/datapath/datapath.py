@@ -48,7 +48,7 @@ from agent.datapath.options import BuildOptions
 from agent.datapath.pinned import PinnedObjects
 from agent.datapath.programs import CGROUP_PROGRAMS, PROGS_DIR, SK_LOOKUP
 from agent.datapath.ringbuf import RingBuffer
-from agent.datapath.verdicts import COUNTER_SLOTS, Counter, EventKind, RateLimitCounter
+from agent.datapath.verdicts import COUNTER_SLOTS, Counter, KernelEventKind, RateLimitCounter
 from agent.host import netns
 
 log = logging.getLogger(__name__)
@@ -715,7 +715,7 @@ class Datapath:
         }
 
     def open_events(self, callback: Callable[[FlowEvent], None],
-                    kinds: Iterable[EventKind] | None = None) -> None:
+                    kinds: Iterable[KernelEventKind] | None = None) -> None:
         """Subscribe to flow events; delivered from poll_events()/drain_events().
 
         `kinds` names the events the subscriber needs (None: all): records of other kinds are

@@ -2,7 +2,7 @@
 
 Two layers:
 - `CertificateAuthority.sign` is the policy core (no I/O): it validates a CSR against the
-  caller's node and returns the PEM chain or raises `Rejection` with a gRPC status and a message
+  caller's node and returns the PEM chain or raises `CaRejection` with a gRPC status and a message
   naming the cause.
 - `CaServer` serves it with grpc.aio over TLS (server certificate issued by the same root for the
   listen address) and authenticates the calling node agent:
@@ -15,7 +15,7 @@ Two layers:
     whose bound pod runs on a node, and it gets what istiod's node authorizer grants: its own
     identity, or with metadata.ImpersonatedIdentity an identity a pod on its node runs as.
 
-Every refusal is a `Rejection` with a gRPC status, a message naming the cause and a short reason
+Every refusal is a `CaRejection` with a gRPC status, a message naming the cause and a short reason
 label; CaServer counts it (CaMetrics) and writes one audit line (CaAudit).
 """
 
@@ -97,7 +97,7 @@ class StaticWorkloadLocator:
 
 
 @dataclass
-class Rejection(Exception):  # noqa: N818  # a rejected request, not an error of the CA itself
+class CaRejection(Exception):  # noqa: N818  # a rejected request, not an error of the CA itself
     """A request the CA refuses; code and message go back to the caller as the gRPC status.
     `reason` is a short label for metrics and the audit log (default: the code's name)."""
 
@@ -112,8 +112,8 @@ class Rejection(Exception):  # noqa: N818  # a rejected request, not an error of
         return f"{self.code.name}: {self.message}"
 
 
-def _invalid(message: str, reason: str = "invalid_csr") -> Rejection:
-    return Rejection(grpc.StatusCode.INVALID_ARGUMENT, message, reason)
+def _invalid(message: str, reason: str = "invalid_csr") -> CaRejection:
+    return CaRejection(grpc.StatusCode.INVALID_ARGUMENT, message, reason)
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,7 @@ class Caller:
 
 
 class TokenAuthenticator(Protocol):
-    """Turns a bearer token into a Caller or raises Rejection (agent/caauth implements it)."""
+    """Turns a bearer token into a Caller or raises CaRejection (agent/caauth implements it)."""
 
     async def authenticate(self, token: str) -> Caller: ...
 
@@ -155,7 +155,7 @@ class CertificateAuthority:
     def sign(self, node: str, csr_pem: str, ttl_seconds: int = 0,
              metadata: struct_pb2.Struct | None = None, *,
              own_identity: Identity | None = None) -> list[str]:
-        """PEM chain (leaf first, root last) for the CSR, or Rejection saying why not.
+        """PEM chain (leaf first, root last) for the CSR, or CaRejection saying why not.
 
         own_identity (ServiceAccount-token callers): as istiod, a request without
         metadata.ImpersonatedIdentity gets only the caller's own identity; with it, the
@@ -170,7 +170,7 @@ class CertificateAuthority:
         ttl = self._ttl(ttl_seconds)
         if own_identity is not None and requested is None:
             if identity != own_identity:
-                raise Rejection(grpc.StatusCode.PERMISSION_DENIED,
+                raise CaRejection(grpc.StatusCode.PERMISSION_DENIED,
                                 f"without metadata.{IMPERSONATED_IDENTITY} a caller gets only "
                                 f"its own identity {own_identity}; the CSR asks for {identity}",
                                 "not_own_identity")
@@ -179,11 +179,11 @@ class CertificateAuthority:
             scheduled = self.locator.identities_on_node(node)
         except Exception as e:  # the state store is a separate component; say so to the caller
             log.exception("workload locator failed for node %s", node)
-            raise Rejection(grpc.StatusCode.UNAVAILABLE,
+            raise CaRejection(grpc.StatusCode.UNAVAILABLE,
                             f"CA cannot tell which workloads run on node {node} right now: "
                             f"{type(e).__name__}: {e}", "locator_unavailable") from e
         if identity not in scheduled:
-            raise Rejection(grpc.StatusCode.PERMISSION_DENIED,
+            raise CaRejection(grpc.StatusCode.PERMISSION_DENIED,
                             f"identity {identity} is not scheduled on node {node}",
                             "not_on_node")
         return self._issue(identity, public_key, ttl, node)
@@ -266,7 +266,7 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
     value = values[0] if isinstance(values[0], str) else values[0].decode(errors="replace")
     scheme, _, token = value.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise Rejection(grpc.StatusCode.UNAUTHENTICATED,
+        raise CaRejection(grpc.StatusCode.UNAUTHENTICATED,
                         "authorization metadata is not of the form 'Bearer <token>'",
                         "malformed_authorization")
     return token.strip()
@@ -301,12 +301,12 @@ class NodeAuthenticator:
         cert_node = self._node_from_cert(peer_cert_pem) if peer_cert_pem else None
         token_node = self._node_from_token(metadata)
         if cert_node and token_node and cert_node != token_node:
-            raise Rejection(grpc.StatusCode.UNAUTHENTICATED,
+            raise CaRejection(grpc.StatusCode.UNAUTHENTICATED,
                             f"bearer token is for node {token_node} but the client certificate "
                             f"is for node {cert_node}")
         node = cert_node or token_node
         if node is None:
-            raise Rejection(grpc.StatusCode.UNAUTHENTICATED,
+            raise CaRejection(grpc.StatusCode.UNAUTHENTICATED,
                             "no caller credentials: send 'authorization: Bearer <token>' "
                             "metadata or a node client certificate")
         return node
@@ -321,7 +321,7 @@ class NodeAuthenticator:
             return None
         node = self._by_digest.get(_token_digest(token))
         if node is None:
-            raise Rejection(grpc.StatusCode.UNAUTHENTICATED,
+            raise CaRejection(grpc.StatusCode.UNAUTHENTICATED,
                             "bearer token is not recognised (not in the CA's token file)")
         return node
 
@@ -329,12 +329,12 @@ class NodeAuthenticator:
         cert = x509.load_pem_x509_certificate(pem)
         sans = uri_sans(cert)
         if len(sans) != 1:
-            raise Rejection(grpc.StatusCode.UNAUTHENTICATED,
+            raise CaRejection(grpc.StatusCode.UNAUTHENTICATED,
                             f"client certificate has {len(sans)} URI SANs; want one node id")
         try:
             return node_from_uri(sans[0], self.trust_domain)
         except IdentityError as e:
-            raise Rejection(grpc.StatusCode.UNAUTHENTICATED,
+            raise CaRejection(grpc.StatusCode.UNAUTHENTICATED,
                             f"client certificate is not a node certificate: {e}") from e
 
 
@@ -421,7 +421,7 @@ class CaServer:
             caller = await self._authenticate(metadata, peer_pem)
             chain = self.ca.sign(caller.node, request.csr, request.validity_duration, md,
                                  own_identity=caller.identity)
-        except Rejection as r:
+        except CaRejection as r:
             self.metrics.refusals.labels(r.code.name, r.reason).inc()
             requested = _requested_identity(md)
             log.warning("CSR refused (%s, %s): %s", context.peer(),
@@ -442,7 +442,7 @@ class CaServer:
         if self.cluster_id and cluster is not None:
             cluster = cluster if isinstance(cluster, str) else cluster.decode(errors="replace")
             if cluster != self.cluster_id:
-                raise Rejection(grpc.StatusCode.UNAUTHENTICATED,
+                raise CaRejection(grpc.StatusCode.UNAUTHENTICATED,
                                 f"caller is in cluster {cluster[:64]!r}; this CA authorizes the "
                                 f"nodes of cluster {self.cluster_id!r}", "other_cluster")
         token = bearer_token(metadata)
@@ -453,7 +453,7 @@ class CaServer:
         if peer_pem is not None:  # require_node_cert: both credentials must agree
             cert_node = self.auth.authenticate((), peer_pem)
             if cert_node != caller.node:
-                raise Rejection(grpc.StatusCode.UNAUTHENTICATED,
+                raise CaRejection(grpc.StatusCode.UNAUTHENTICATED,
                                 f"ServiceAccount token is for node {caller.node} but the client "
                                 f"certificate is for node {cert_node}", "credentials_disagree")
         return caller
@@ -462,7 +462,7 @@ class CaServer:
 def _requested_identity(md: struct_pb2.Struct | None) -> str | None:
     try:
         return _impersonated(md)
-    except Rejection:
+    except CaRejection:
         return None
 
 

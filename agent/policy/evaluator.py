@@ -45,7 +45,7 @@ def _as_set(policies: Policies) -> PolicySet:
     return policies if isinstance(policies, PolicySet) else PolicySet(tuple(policies))
 
 
-class Verdict(enum.Enum):
+class PolicyVerdict(enum.Enum):
     ALLOW = "allow"
     DENY = "deny"
 
@@ -59,7 +59,7 @@ class PolicyMatch:
 
 @dataclass(frozen=True)
 class Decision:
-    verdict: Verdict
+    verdict: PolicyVerdict
     policy: str | None  # namespace/name of the deciding policy; None for a default verdict
     rule: int | None  # index in the deciding policy's spec.rules
     reason: str
@@ -69,7 +69,7 @@ class Decision:
 
     @property
     def allowed(self) -> bool:
-        return self.verdict is Verdict.ALLOW
+        return self.verdict is PolicyVerdict.ALLOW
 
 
 def applicable(policies: Policies, workload: Workload) -> tuple[AuthorizationPolicy, ...]:
@@ -95,26 +95,26 @@ def evaluate(policies: Policies, conn: Connection) -> Decision:
     mode, peer_auth = ps.mtls.resolve(conn.dst, conn.dst_port)
     if mode is MtlsMode.STRICT and conn.src_identity is None:
         key = peer_auth.key if peer_auth else None
-        return Decision(Verdict.DENY, key, None,
+        return Decision(PolicyVerdict.DENY, key, None,
                         f"plaintext rejected: PeerAuthentication {key} requires mTLS (STRICT) on "
                         f"port {conn.dst_port}", dry_run, "PeerAuthentication")
 
     live = [p for p in pols if not p.dry_run]
     for p in live:
         if p.action is Action.DENY and (rule := p.matching_rule(conn)) is not None:
-            return Decision(Verdict.DENY, p.key, rule,
+            return Decision(PolicyVerdict.DENY, p.key, rule,
                             f"explicitly denied by {p.key} rule {rule}", dry_run,
                             "AuthorizationPolicy")
     allows = [p for p in live if p.action is Action.ALLOW]
     if not allows:
-        return Decision(Verdict.ALLOW, None, None,
+        return Decision(PolicyVerdict.ALLOW, None, None,
                         f"no ALLOW policy applies to {conn.dst.ref}: allowed by default", dry_run)
     for p in allows:
         if (rule := p.matching_rule(conn)) is not None:
-            return Decision(Verdict.ALLOW, p.key, rule, f"allowed by {p.key} rule {rule}",
+            return Decision(PolicyVerdict.ALLOW, p.key, rule, f"allowed by {p.key} rule {rule}",
                             dry_run, "AuthorizationPolicy")
     names = ", ".join(p.key for p in allows)
-    return Decision(Verdict.DENY, None, None,
+    return Decision(PolicyVerdict.DENY, None, None,
                     f"ALLOW policies exist ({names}), but none allowed this connection", dry_run)
 
 

@@ -29,7 +29,7 @@ from agent.datapath.options import BuildOptions
 from agent.datapath.policymap import CompiledPolicy, PolicyCompiler
 from agent.datapath.ratelimitmap import CompiledLimits, RateLimitCompiler
 from agent.datapath.servicemap import CompiledServices, compile_service_set
-from agent.datapath.verdicts import Counter, EventKind, Reason
+from agent.datapath.verdicts import Counter, KernelEventKind, Reason
 from agent.enroll import Enroller, PodLocator, PodPlacement
 from agent.host import cgroup
 from agent.identity import pki
@@ -51,11 +51,9 @@ from agent.state.snapshot import MeshState
 from agent.state.store import StateStore
 from agent.telemetry.metrics import ScrapeValue
 from agent.telemetry.pipeline import Telemetry, TelemetryConfig
-from ztunnel.events import Cause, ConnectionEvent, Phase
-from ztunnel.events import Direction as TunnelDirection
+from ztunnel.events import Cause, ConnectionEvent, Phase, TunnelDirection
 from ztunnel.lograte import RepeatLimiter
-from ztunnel.tunnel import Mode, PodSpec, Tunnel, TunnelConfig
-from ztunnel.tunnel import Workload as TunnelWorkload
+from ztunnel.tunnel import Mode, PodSpec, Tunnel, TunnelConfig, TunnelWorkload
 
 if TYPE_CHECKING:  # grpc (~20 MiB resident) is imported only when an external CA is configured
     from agent.identity.caclient import CaClient
@@ -251,7 +249,7 @@ class NodeAgent:
         # The tunnel reports every connection it carries (with identities, both reporters), so
         # the kernel's open/close events would count them twice; only connect-time denies,
         # which never reach the tunnel, go to telemetry.
-        if ev.kind == EventKind.DENY:
+        if ev.kind == KernelEventKind.DENY:
             # A rate-limited deny names its ConnectionRateLimit where others name a policy.
             names = self._limit_name if ev.reason == Reason.RATE_LIMITED else self._policy_name
             self.telemetry.emit(flows.from_kernel(ev, self._workload_by_ip, names,
@@ -287,7 +285,7 @@ class NodeAgent:
     def start_datapath(self) -> list[str]:
         actions = self.datapath.install()
         self.datapath.set_exclusions(self.config.exclude_ports, self.config.exclude_cidrs)
-        self.datapath.open_events(self._kernel_event, kinds=(EventKind.DENY,))
+        self.datapath.open_events(self._kernel_event, kinds=(KernelEventKind.DENY,))
         self._events_thread = threading.Thread(
             target=self._poll_events, name="bpf-events", daemon=True
         )

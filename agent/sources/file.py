@@ -36,17 +36,27 @@ from agent.sources.documents import API_VERSION, parse_document
 from agent.sources.meshyaml import (
     DEFAULT_LIMITS,
     Budget,
-    ConfigError,
     LimitError,
     Limits,
+    MeshConfigError,
     YamlDocument,
     documents,
 )
 from agent.state.snapshot import KIND_OF, KINDS, MeshObject, MeshState, key_of
 from agent.state.store import StateStore
 
-__all__ = ["DEFAULT_LIMITS", "EMPTY_KIND", "ConfigError", "FileSource", "LimitError", "Limits",
-           "config_files", "load_path", "merge_own", "parse_files"]
+__all__ = [
+    "DEFAULT_LIMITS",
+    "EMPTY_KIND",
+    "FileSource",
+    "LimitError",
+    "Limits",
+    "MeshConfigError",
+    "config_files",
+    "load_path",
+    "merge_own",
+    "parse_files",
+]
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +68,7 @@ WATCH_MASK = (Mask.CLOSE_WRITE | Mask.MOVED_TO | Mask.MOVED_FROM | Mask.CREATE |
               | Mask.DELETE_SELF | Mask.MOVE_SELF)
 
 
-ErrorHandler = Callable[[ConfigError], None]
+ErrorHandler = Callable[[MeshConfigError], None]
 
 # A document saying "this file defines nothing, on purpose": a file without objects is what a
 # watcher sees while an editor rewrites it in place, so it never clears the mesh by itself.
@@ -86,9 +96,9 @@ def _read(path: Path, limits: Limits = DEFAULT_LIMITS) -> list[tuple[Path, bytes
             left -= len(raw)
             out.append((p, raw))
     except OSError as e:
-        raise ConfigError(f"{e.filename or path}: cannot read: {e.strerror}") from e
+        raise MeshConfigError(f"{e.filename or path}: cannot read: {e.strerror}") from e
     if not out:  # an emptied directory would clear the mesh like an empty file
-        raise ConfigError(f"{path}: no mesh files (*.yaml, *.yml); to define nothing on "
+        raise MeshConfigError(f"{path}: no mesh files (*.yaml, *.yml); to define nothing on "
                           f"purpose, write a file with `kind: {EMPTY_KIND}`")
     return out
 
@@ -109,7 +119,7 @@ def _check_empty_marker(doc: YamlDocument, name: str, others: int) -> None:
     if "apiVersion" in data and f.string(data, "apiVersion", ()) != API_VERSION:
         f.fail(("apiVersion",), f"{EMPTY_KIND} wants {API_VERSION} (or no apiVersion)")
     if others:
-        raise ConfigError(f"{name}:{doc.start}: kind: {EMPTY_KIND} says the file defines "
+        raise MeshConfigError(f"{name}:{doc.start}: kind: {EMPTY_KIND} says the file defines "
                           "nothing, so it must be the file's only document")
 
 
@@ -118,26 +128,27 @@ def _file_documents(name: str, raw: bytes, budget: Budget) -> list[YamlDocument]
 
     A file that is empty, or does not end with a newline, may be half-written: an error."""
     if not raw.strip():
-        raise ConfigError(f"{name}:1: the file is empty, which is also what a half-written file "
-                          f"looks like; to define nothing on purpose, write `kind: {EMPTY_KIND}`")
+        raise MeshConfigError(f"{name}:1: the file is empty, which is also what a half-written "
+                              "file looks like; to define nothing on purpose, write "
+                              f"`kind: {EMPTY_KIND}`")
     if not raw.endswith(b"\n"):
         last_line = raw.count(b"\n") + 1
-        raise ConfigError(f"{name}:{last_line}: the file does not end with a "
+        raise MeshConfigError(f"{name}:{last_line}: the file does not end with a "
                           "newline: it may be truncated (half-written); end it with a newline")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
-        raise ConfigError(f"{name}:{line}: not UTF-8 text (byte {e.start})") from e
+        raise MeshConfigError(f"{name}:{line}: not UTF-8 text (byte {e.start})") from e
     docs = [d for d in documents(text, name, budget) if d.data is not None]
     markers = [d for d in docs if _is_empty_marker(d.data)]
     for marker in markers:
         try:
             _check_empty_marker(marker, name, len(docs) - 1)
         except FieldError as e:
-            raise ConfigError(str(e.at(f"{name}:{marker.line_of(e.path)}"))) from e
+            raise MeshConfigError(str(e.at(f"{name}:{marker.line_of(e.path)}"))) from e
     if not docs:
-        raise ConfigError(f"{name}:1: the file has no documents (only comments or `---`); to "
+        raise MeshConfigError(f"{name}:1: the file has no documents (only comments or `---`); to "
                           f"define nothing on purpose, write `kind: {EMPTY_KIND}`")
     return [] if markers else docs
 
@@ -145,7 +156,7 @@ def _file_documents(name: str, raw: bytes, budget: Budget) -> list[YamlDocument]
 def parse_files(contents: list[tuple[Path, bytes]],
                 root_namespace: str = DEFAULT_ROOT_NAMESPACE,
                 limits: Limits = DEFAULT_LIMITS) -> MeshState:
-    """Parse file contents into a MeshState; any problem is a ConfigError naming file:line."""
+    """Parse file contents into a MeshState; any problem is a MeshConfigError naming file:line."""
     budget = Budget(limits)
     objects: dict[tuple[str, str], tuple[MeshObject, str]] = {}
     ip_owner: dict[object, tuple[str, str]] = {}
@@ -158,18 +169,18 @@ def parse_files(contents: list[tuple[Path, bytes]],
             try:
                 obj = parse_document(doc.data)
             except FieldError as e:
-                raise ConfigError(str(e.at(f"{name}:{doc.line_of(e.path)}"))) from e
+                raise MeshConfigError(str(e.at(f"{name}:{doc.line_of(e.path)}"))) from e
             where = f"{name}:{doc.start}"
             ident = (KIND_OF[type(obj)], key_of(obj))
             if ident in objects:
-                raise ConfigError(f"{where}: {ident[0]} {ident[1]} is defined twice (first at "
+                raise MeshConfigError(f"{where}: {ident[0]} {ident[1]} is defined twice (first at "
                                   f"{objects[ident][1]})")
             objects[ident] = (obj, where)
             if isinstance(obj, Workload):
                 for ip in obj.ips:
                     if ip in ip_owner:
                         other = ip_owner[ip]
-                        raise ConfigError(f"{where}: IP {ip} of workload {obj.ref} is already "
+                        raise MeshConfigError(f"{where}: IP {ip} of workload {obj.ref} is already "
                                           f"used by {other[0]} ({other[1]})")
                     ip_owner[ip] = (obj.ref, where)
             for warning in getattr(obj, "warnings", ()):
@@ -179,14 +190,14 @@ def parse_files(contents: list[tuple[Path, bytes]],
 
 def load_path(path: str | Path, root_namespace: str = DEFAULT_ROOT_NAMESPACE,
               limits: Limits = DEFAULT_LIMITS) -> MeshState:
-    """Parse a file or directory into a MeshState, or raise ConfigError."""
+    """Parse a file or directory into a MeshState, or raise MeshConfigError."""
     return parse_files(_read(Path(path), limits), root_namespace, limits)
 
 
 # -- the source --------------------------------------------------------------------------------
 
 # What one attempt produced: nothing new (None), a state to apply, or the error to report.
-_Outcome = MeshState | ConfigError | None
+_Outcome = MeshState | MeshConfigError | None
 
 
 class FileSource:
@@ -217,10 +228,10 @@ class FileSource:
         self._thread: threading.Thread | None = None
 
     def load_once(self) -> MeshState:
-        """Load now and replace the store's state; raises ConfigError (state unchanged)."""
+        """Load now and replace the store's state; raises MeshConfigError (state unchanged)."""
         self._digest = None
         outcome = self._attempt()
-        if isinstance(outcome, ConfigError):
+        if isinstance(outcome, MeshConfigError):
             raise outcome
         assert outcome is not None  # a forced attempt always has an outcome
         self._apply(outcome)
@@ -238,34 +249,34 @@ class FileSource:
         """Read and parse the files if they changed; the slow half of a poll, safe to run off
         the event loop (it touches no shared state but the digest). Never raises Exception."""
         try:
-            error: ConfigError | None = None
+            error: MeshConfigError | None = None
             try:
                 contents = _read(self.path, self.limits)
                 digest = _digest(contents)
-            except ConfigError as e:
+            except MeshConfigError as e:
                 contents, error, digest = [], e, b"error\0" + str(e).encode()
             if digest == self._digest:
                 return None
             self._digest = digest
             return error or parse_files(contents, self.root_namespace, self.limits)
-        except ConfigError as e:
+        except MeshConfigError as e:
             return e
         except Exception as e:  # MemoryError, RecursionError, a bug: bad config all the same
             log.debug("loading %s failed unexpectedly", self.path, exc_info=True)
-            return ConfigError(f"{self.path}: loading failed unexpectedly: "
+            return MeshConfigError(f"{self.path}: loading failed unexpectedly: "
                                f"{type(e).__name__}: {e}")
 
     def _finish(self, outcome: _Outcome) -> bool:
         if outcome is None:
             return False
-        if isinstance(outcome, ConfigError):
+        if isinstance(outcome, MeshConfigError):
             self._report(outcome)
             return False
         try:
             self._apply(outcome)
         except Exception as e:
             log.debug("applying %s failed unexpectedly", self.path, exc_info=True)
-            self._report(ConfigError(f"{self.path}: applying the new state failed "
+            self._report(MeshConfigError(f"{self.path}: applying the new state failed "
                                      f"unexpectedly: {type(e).__name__}: {e}"))
             return False
         log.info("reloaded %s: %d objects", self.path, len(outcome.all_objects()))
@@ -280,7 +291,7 @@ class FileSource:
         self.last_error = None
         self.last_load_time = time.time()
 
-    def _report(self, error: ConfigError) -> None:
+    def _report(self, error: MeshConfigError) -> None:
         self.errors += 1
         self.last_error = str(error)
         self.last_error_time = time.time()

@@ -54,7 +54,7 @@ API_KIND_OF_RESOURCE: Mapping[str, str] = {
 
 
 @dataclass(frozen=True)
-class Rejection:
+class ObjectRejection:
     """An object version the store did not take, and why (`error` names the field)."""
 
     resource: str
@@ -74,13 +74,13 @@ class KubernetesStateSink:
     """The `EventSink` that `KubernetesSource` feeds: Kubernetes changes into a StateStore."""
 
     def __init__(self, store: StateStore, *, trust_domain: str = DEFAULT_TRUST_DOMAIN,
-                 on_reject: Callable[[Rejection], None] | None = None) -> None:
+                 on_reject: Callable[[ObjectRejection], None] | None = None) -> None:
         self.store = store
         self.trust_domain = trust_domain
         self.on_reject = on_reject
         # kind -> key -> what we wrote (per kind, not by (kind, key): one pair fewer per pod)
         self._mine: dict[str, dict[str, MeshObject]] = {k: {} for k in KIND_OF_RESOURCE.values()}
-        self._rejected: dict[tuple[str, str], Rejection] = {}
+        self._rejected: dict[tuple[str, str], ObjectRejection] = {}
         self._synced = asyncio.Event()
         self._batch: list[_Op] | None = None  # inside on_events: edits collected, not applied
         # The pods of a ReplicaSet carry equal labels: they share one Labels, kept while in use.
@@ -98,7 +98,7 @@ class KubernetesStateSink:
         await self._synced.wait()
 
     @property
-    def rejected(self) -> Mapping[tuple[str, str], Rejection]:
+    def rejected(self) -> Mapping[tuple[str, str], ObjectRejection]:
         """Objects whose current version is invalid, by (kind, store key)."""
         return dict(self._rejected)
 
@@ -130,7 +130,8 @@ class KubernetesStateSink:
             converted = object_from_k8s(obj, trust_domain=self.trust_domain)
         except ValueError as e:  # FieldError names the field; others come from value checks
             kept = key in self._mine[kind]
-            self._reject(kind, key, Rejection(resource, ref, meta["resourceVersion"], str(e), kept))
+            self._reject(kind, key, ObjectRejection(resource, ref, meta["resourceVersion"], str(e),
+                kept))
             return
         self._rejected.pop((kind, key), None)
         if converted is None:  # a finished pod: its IP may already belong to a new one
@@ -201,7 +202,7 @@ class KubernetesStateSink:
 
         self.store.update(change)
 
-    def _reject(self, kind: str, key: str, rejection: Rejection) -> None:
+    def _reject(self, kind: str, key: str, rejection: ObjectRejection) -> None:
         self._rejected[(kind, key)] = rejection
         log.error("%s", rejection)
         if self.on_reject is not None:

@@ -18,11 +18,11 @@ import yaml
 from agent.model.fields import FieldError, FieldPath
 
 
-class ConfigError(ValueError):
+class MeshConfigError(ValueError):
     """A configuration file is unreadable or invalid; the message says file:line: field."""
 
 
-class LimitError(ConfigError):
+class LimitError(MeshConfigError):
     """The configuration crosses one of the `Limits`; the message names the bound."""
 
 
@@ -186,7 +186,7 @@ def _line_at(text: str, offset: int) -> int:
 
 
 def documents(text: str, name: str, budget: Budget) -> Iterator[YamlDocument]:
-    """The documents of one file, checked against the budget first; raises ConfigError."""
+    """The documents of one file, checked against the budget first; raises MeshConfigError."""
     try:
         _check_bounds(text, name, budget)
         loader = _Loader(text)
@@ -200,21 +200,21 @@ def documents(text: str, name: str, budget: Budget) -> Iterator[YamlDocument]:
                     data = loader.construct_document(node)
                 except (ValueError, TypeError, OverflowError) as e:
                     # e.g. a date like 2024-13-45 or an integer of more than 4300 digits
-                    raise ConfigError(f"{name}:{start}: cannot read a value: {e}") from e
+                    raise MeshConfigError(f"{name}:{start}: cannot read a value: {e}") from e
                 lines: dict[FieldPath, int] = {}
                 try:
                     _walk(node, data, (), lines, name)
                 except FieldError as e:
-                    raise ConfigError(str(e)) from e
+                    raise MeshConfigError(str(e)) from e
                 yield YamlDocument(data, lines, start)
         finally:
             loader.dispose()
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else 1
-        raise ConfigError(f"{name}:{line}: invalid YAML: {e.problem or e.context}") from e
+        raise MeshConfigError(f"{name}:{line}: invalid YAML: {e.problem or e.context}") from e
     except yaml.reader.ReaderError as e:
-        raise ConfigError(f"{name}:{_line_at(text, e.position)}: invalid YAML: {e.reason} "
+        raise MeshConfigError(f"{name}:{_line_at(text, e.position)}: invalid YAML: {e.reason} "
                           f"(character {e.character!r})") from e
     except yaml.YAMLError as e:
-        raise ConfigError(f"{name}:1: invalid YAML: {e}") from e
+        raise MeshConfigError(f"{name}:1: invalid YAML: {e}") from e

@@ -24,7 +24,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from agent import __version__
-from agent.telemetry.flow import NO_FLAGS, EventKind, FlowRecord
+from agent.telemetry.flow import NO_FLAGS, FlowEventKind, FlowRecord
 
 log = logging.getLogger(__name__)
 
@@ -157,10 +157,10 @@ class FlowMetrics(Collector):
 
     def record(self, rec: FlowRecord) -> None:
         labels = traffic_labels(rec)
-        if rec.kind is EventKind.OPEN:
+        if rec.kind is FlowEventKind.OPEN:
             self._traffic[OPENED].inc(labels)
             return
-        if rec.kind is EventKind.CLOSE:
+        if rec.kind is FlowEventKind.CLOSE:
             self._traffic[CLOSED].inc(labels)
         if rec.bytes_sent:
             self._traffic[RECEIVED].inc(labels, rec.bytes_sent)
@@ -168,11 +168,11 @@ class FlowMetrics(Collector):
             self._traffic[SENT].inc(labels, rec.bytes_received)
         if rec.response_flags != NO_FLAGS:
             self._traffic[FAILED].inc(labels)
-        if rec.kind is EventKind.DENY:
+        if rec.kind is FlowEventKind.DENY:
             self._security[DENIES].inc(security_labels(rec))
             if rec.reason == RATE_LIMITED_REASON:
                 self._security[RATE_LIMITED].inc(rate_limit_labels(rec))
-        elif rec.kind is EventKind.AUTH_FAILURE:
+        elif rec.kind is FlowEventKind.AUTH_FAILURE:
             self._security[AUTH_FAILURES].inc(security_labels(rec))
 
     def _families(self, with_samples: bool) -> Iterator[Metric]:

@@ -26,7 +26,7 @@ from support.testca import identity
 
 from agent.commands.demo import _run_client, http_get
 from agent.identity.spiffe import Identity
-from agent.model.mesh import Workload as StateWorkload
+from agent.model.mesh import TunnelWorkload as StateWorkload
 from agent.runtime import flows
 from agent.telemetry.pipeline import Telemetry, TelemetryConfig
 from agent.testbed import Cluster
@@ -35,7 +35,7 @@ from ztunnel import connect, podnet
 from ztunnel.events import ConnectionEvent, ResponseFlag
 from ztunnel.lograte import RepeatLimiter
 from ztunnel.pool import PoolKey
-from ztunnel.tunnel import PodSpec, Workload
+from ztunnel.tunnel import PodSpec, TunnelWorkload
 
 SMALL = 16 * 1024
 
@@ -147,9 +147,9 @@ def test_each_tunnel_refusal_is_in_the_flow_log_the_metrics_and_the_audit_log(
         assert through_tunnel(m, src, dst)["ok"] == 0
         # 3. Wrong peer identity: the server is not who the client expects at that address.
         m.ca.install(m.identity(src), m.ca.leaf(m.identity(src).uri))
-        m.workloads[str(dst.ip)] = Workload(str(dst.ip), identity("impostor"), dst.name)
+        m.workloads[str(dst.ip)] = TunnelWorkload(str(dst.ip), identity("impostor"), dst.name)
         assert through_tunnel(m, src, dst)["ok"] == 0
-        m.workloads[str(dst.ip)] = Workload(str(dst.ip), m.identity(dst), dst.name)
+        m.workloads[str(dst.ip)] = TunnelWorkload(str(dst.ip), m.identity(dst), dst.name)
         # 4. STRICT refusal of plaintext (sk_lookup would deliver it to 15006).
         m.inbound_routes[dst.cookie()] = 8080
         assert m.run_clients(src, str(dst.ip), 15006, SMALL, 1)["ok"] == 0
@@ -256,19 +256,19 @@ apiVersion: v1
 kind: Namespace
 metadata: {name: outside}
 ---
-kind: Workload
+kind: TunnelWorkload
 metadata: {name: frontend, namespace: shop, labels: {app: frontend}}
 spec: {serviceAccount: frontend, ips: [10.251.0.10], node: node0}
 ---
-kind: Workload
+kind: TunnelWorkload
 metadata: {name: backend, namespace: shop, labels: {app: backend}}
 spec: {serviceAccount: backend, ips: [10.251.0.11], node: node0}
 ---
-kind: Workload
+kind: TunnelWorkload
 metadata: {name: db, namespace: shop, labels: {app: db}}
 spec: {serviceAccount: db, ips: [10.251.1.10], node: node1}
 ---
-kind: Workload
+kind: TunnelWorkload
 metadata: {name: stranger, namespace: outside, labels: {app: stranger}}
 spec: {ips: [10.251.1.11], node: node1, inMesh: false}
 ---

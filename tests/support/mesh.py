@@ -26,7 +26,7 @@ from agent.testbed import Cluster
 from agent.testbed.cluster import Pod, PodProcess
 from support.testca import TestCA
 from ztunnel.events import ConnectionEvent
-from ztunnel.tunnel import Mode, PodSpec, Tunnel, TunnelConfig, Workload
+from ztunnel.tunnel import Mode, PodSpec, Tunnel, TunnelConfig, TunnelWorkload
 
 T = TypeVar("T")
 APPS = str(Path(__file__).with_name("apps.py"))
@@ -82,7 +82,7 @@ class Mesh:
     routes: dict[int, tuple[str, int]] = field(default_factory=dict)  # netns cookie -> orig dst
     inbound_routes: dict[int, int] = field(default_factory=dict)  # netns cookie -> real port
     identity_ids: dict[Identity, int] = field(default_factory=dict)
-    workloads: dict[str, Workload] = field(default_factory=dict)  # by IP
+    workloads: dict[str, TunnelWorkload] = field(default_factory=dict)  # by IP
 
     def identity(self, pod: Pod) -> Identity:
         return self.specs[pod.name].identity
@@ -185,7 +185,7 @@ def mesh(cluster: Cluster, mode: Mode = Mode.STRICT, enroll: bool = True,
             ident = Identity("cluster.local", "default", pod.name)
             m.specs[pod.name] = PodSpec(uid=pod.name, netns=pod.netns, ip=str(pod.ip),
                                         identity=ident, name=pod.name, mode=mode)
-            m.workloads[str(pod.ip)] = Workload(str(pod.ip), ident, pod.name)
+            m.workloads[str(pod.ip)] = TunnelWorkload(str(pod.ip), ident, pod.name)
             m.identity_ids[ident] = i
         for _ in cluster.nodes:
             cfg = TunnelConfig(

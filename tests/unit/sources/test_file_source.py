@@ -14,10 +14,10 @@ import pytest
 from agent.sources import file as file_source
 from agent.sources.file import (
     DEFAULT_LIMITS,
-    ConfigError,
     FileSource,
     LimitError,
     Limits,
+    MeshConfigError,
     load_path,
 )
 from agent.state.snapshot import MeshState
@@ -64,7 +64,7 @@ def write(path: Path, text: str) -> Path:
 
 
 def error_for(tmp_path: Path, text: str) -> str:
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(MeshConfigError) as info:
         load_path(write(tmp_path / "mesh.yaml", text))
     return str(info.value)
 
@@ -124,14 +124,14 @@ def test_directory_of_files(tmp_path: Path) -> None:
     state = load_path(tmp_path)
     assert len(state.all_objects()) == 3
     write(tmp_path / "c.yaml", "kind: Namespace\nmetadata:\n  name: shop\n")
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(MeshConfigError) as info:
         load_path(tmp_path)
     assert str(info.value) == (f"{tmp_path / 'c.yaml'}:1: Namespace shop is defined twice "
                                f"(first at {tmp_path / 'a.yaml'}:1)")
 
 
 def test_missing_path(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="cannot read"):
+    with pytest.raises(MeshConfigError, match="cannot read"):
         load_path(tmp_path / "nope.yaml")
 
 
@@ -140,7 +140,7 @@ class Recorder:
 
     def __init__(self, store: StateStore) -> None:
         self.states: list[MeshState] = []
-        self.errors: list[ConfigError] = []
+        self.errors: list[MeshConfigError] = []
         self.event = threading.Event()
         store.subscribe(self._state)
 
@@ -148,7 +148,7 @@ class Recorder:
         self.states.append(new)
         self.event.set()
 
-    def error(self, e: ConfigError) -> None:
+    def error(self, e: MeshConfigError) -> None:
         self.errors.append(e)
         self.event.set()
 
@@ -195,7 +195,7 @@ def test_invalid_start_then_fixed_with_async_run(tmp_path: Path) -> None:
     store = StateStore()
     rec = Recorder(store)
     source = FileSource(path, store, on_error=rec.error, poll_interval=0.02)
-    with pytest.raises(ConfigError, match=":1: metadata: want a mapping, got null"):
+    with pytest.raises(MeshConfigError, match=":1: metadata: want a mapping, got null"):
         source.load_once()
 
     async def scenario() -> None:
@@ -248,12 +248,12 @@ def test_kind_empty_defines_nothing_on_purpose(tmp_path: Path) -> None:
     write(d / "b.yaml", "kind: Empty\n")
     assert len(load_path(d).all_objects()) == 3
     write(d / "c.yaml", "")
-    with pytest.raises(ConfigError, match=r"c\.yaml:1: the file is empty"):
+    with pytest.raises(MeshConfigError, match=r"c\.yaml:1: the file is empty"):
         load_path(d)
 
 
 def test_a_directory_without_mesh_files_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="no mesh files"):
+    with pytest.raises(MeshConfigError, match="no mesh files"):
         load_path(tmp_path)
 
 
@@ -309,7 +309,7 @@ def test_each_bound(tmp_path: Path, limits: Limits, text: str, expected: str | N
     path = write(tmp_path / "mesh.yaml", text)
     if expected is None:
         # within the bound: the YAML is fine, the (non-mesh) content is what fails
-        with pytest.raises(ConfigError) as info:
+        with pytest.raises(MeshConfigError) as info:
             load_path(path, limits=limits)
         assert not isinstance(info.value, LimitError), info.value
         return
