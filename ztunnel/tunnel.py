@@ -88,9 +88,6 @@ Resolver = Callable[[str], TunnelWorkload | None]
 OriginalDst = Callable[[socket.socket], tuple[ipaddress.IPv4Address, int]]
 ServiceDst = Callable[[socket.socket], "tuple[ipaddress.IPv4Address, int] | None"]
 IdentityIds = Callable[[Identity | None], int]
-# Called right before an upstream connect, where the kernel's policy program would run; raising
-# PermissionError is handled exactly like EPERM from connect(). Lets tests stand in for the kernel.
-UpstreamGate = Callable[[PodSpec, Identity | None, tuple[str, int], int], None]
 
 
 def _no_ids(_: Identity | None) -> int:
@@ -108,7 +105,6 @@ class TunnelConfig:
     inbound_original_dst: OriginalDst = podnet.local_address
     service_dst: ServiceDst = podnet.service_dst  # the VIP an outbound destination came from
     outside_mesh: Literal["passthrough", "refuse"] = "passthrough"
-    upstream_gate: UpstreamGate | None = None
     on_event: EventHook | None = None
     hbone_port: int = abi.HBONE_PORT
     outbound_port: int = abi.OUTBOUND_PORT
@@ -580,6 +576,14 @@ class Tunnel:
             return connect.UNAUTHORIZED if up == "deny" else connect.UNAVAILABLE
         return up
 
+    async def _upstream_connect(self, spec: PodSpec, peer: Identity | None,
+                                sock: socket.socket, target: tuple[str, int], mark: int) -> None:
+        """connect() of a marked upstream socket: the kernel's policy program decides here
+        (EPERM/EACCES raise PermissionError). `spec`, `peer` and `mark` say who is connecting."""
+        del spec, peer, mark  # the kernel reads the socket's mark itself
+        loop = asyncio.get_running_loop()
+        await asyncio.wait_for(loop.sock_connect(sock, target), self.config.connect_timeout)
+
     async def _connect_plain(self, spec: PodSpec, target: tuple[str, int], mark: int,
                              source_ip: str | None, peer: Identity | None = None,
                              ) -> PlainSide | str:
@@ -591,9 +595,7 @@ class Tunnel:
             log.warning("cannot create upstream socket in pod %s: %s", spec.name, exc)
             return "error"
         try:
-            if self.config.upstream_gate is not None:
-                self.config.upstream_gate(spec, peer, target, mark)
-            await asyncio.wait_for(loop.sock_connect(sock, target), self.config.connect_timeout)
+            await self._upstream_connect(spec, peer, sock, target, mark)
         except PermissionError as exc:
             sock.close()
             log.warning("upstream connect to %s:%d in pod %s for %s denied by policy (%s)",

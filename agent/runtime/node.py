@@ -108,6 +108,7 @@ class NodeAgent:
                 trust_domain=cfg.trust_domain,
                 trust=self.trust if configured else None,
                 identity_id=self.identities.id_of,
+                outside_mesh=cfg.outside_mesh,
                 on_event=self._tunnel_event,
             )
         )

@@ -9,7 +9,7 @@ half-written file is an error (`kind: Empty` clears a file on purpose), YAML is 
 loop (`run`) changes are detected with inotify on the containing directory: a write is read once
 its writer closes the file (CLOSE_WRITE), a rename or a ConfigMap's `..data` swap when it lands,
 and a slow rescan catches what inotify cannot see (a writer that never closes, network
-filesystems). `start` (a thread, for callers without a loop) polls. Content is compared, not
+filesystems); `poll` reloads once, now. Content is compared, not
 mtimes, so a rewrite within the filesystem's timestamp granularity is still seen. See
 docs/policy.md, "Bad files never weaken enforcement".
 """
@@ -61,7 +61,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".yaml", ".yml")
-POLL_INTERVAL = 0.25  # the thread watcher (`start`)
 RESCAN_INTERVAL = 10.0  # the inotify watcher's safety net
 # A write counts when its writer closes the file: a half-written file is not read mid-write.
 WATCH_MASK = (Mask.CLOSE_WRITE | Mask.MOVED_TO | Mask.MOVED_FROM | Mask.CREATE | Mask.DELETE
@@ -207,13 +206,12 @@ class FileSource:
 
     def __init__(self, path: str | Path, store: StateStore, on_error: ErrorHandler | None = None,
                  *, root_namespace: str = DEFAULT_ROOT_NAMESPACE,
-                 poll_interval: float = POLL_INTERVAL, limits: Limits = DEFAULT_LIMITS,
+                 limits: Limits = DEFAULT_LIMITS,
                  rescan_interval: float = RESCAN_INTERVAL) -> None:
         self.path = Path(path)
         self.store = store
         self.on_error = on_error
         self.root_namespace = root_namespace
-        self.poll_interval = poll_interval
         self.rescan_interval = rescan_interval
         self.limits = limits
         self.errors = 0  # reported failures: nodemesh_config_errors_total
@@ -225,7 +223,6 @@ class FileSource:
         self._stop = threading.Event()
         self._stopped = asyncio.Event()  # run()'s view of _stop, set from any thread
         self._wake_stop: Callable[[], object] = lambda: None
-        self._thread: threading.Thread | None = None
 
     def load_once(self) -> MeshState:
         """Load now and replace the store's state; raises MeshConfigError (state unchanged)."""
@@ -384,30 +381,10 @@ class FileSource:
             return Path(name).suffix in SUFFIXES
         return name == self.path.name
 
-    def start(self) -> None:
-        """Watch in a background thread (for callers without an event loop)."""
-        if self._thread is not None:
-            raise RuntimeError("FileSource already started")
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name=f"file-source {self.path}",
-                                        daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.poll()
-            except Exception:
-                log.exception("file source %s: unexpected error while polling", self.path)
-            self._stop.wait(self.poll_interval)
-
     def stop(self) -> None:
         self._stop.set()
         with contextlib.suppress(RuntimeError):  # the loop may be closed already
             self._wake_stop()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
 
 
 def merge_own(current: MeshState, previous: MeshState, new: MeshState, source: str) -> MeshState:

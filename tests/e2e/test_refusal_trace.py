@@ -26,7 +26,7 @@ from support.testca import identity
 
 from agent.commands.demo import _run_client, http_get
 from agent.identity.spiffe import Identity
-from agent.model.mesh import TunnelWorkload as StateWorkload
+from agent.model.mesh import Workload as StateWorkload
 from agent.runtime import flows
 from agent.telemetry.pipeline import Telemetry, TelemetryConfig
 from agent.testbed import Cluster
@@ -256,19 +256,19 @@ apiVersion: v1
 kind: Namespace
 metadata: {name: outside}
 ---
-kind: TunnelWorkload
+kind: Workload
 metadata: {name: frontend, namespace: shop, labels: {app: frontend}}
 spec: {serviceAccount: frontend, ips: [10.251.0.10], node: node0}
 ---
-kind: TunnelWorkload
+kind: Workload
 metadata: {name: backend, namespace: shop, labels: {app: backend}}
 spec: {serviceAccount: backend, ips: [10.251.0.11], node: node0}
 ---
-kind: TunnelWorkload
+kind: Workload
 metadata: {name: db, namespace: shop, labels: {app: db}}
 spec: {serviceAccount: db, ips: [10.251.1.10], node: node1}
 ---
-kind: TunnelWorkload
+kind: Workload
 metadata: {name: stranger, namespace: outside, labels: {app: stranger}}
 spec: {ips: [10.251.1.11], node: node1, inMesh: false}
 ---

@@ -157,15 +157,29 @@ class Recorder:
         self.event.clear()
 
 
+def start_watching(source: FileSource) -> Callable[[], None]:
+    """`source.run()` in a thread of its own with its own event loop; returns what stops it."""
+    thread = threading.Thread(target=asyncio.run, args=(source.run(),), name="file-source",
+                              daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        source.stop()
+        thread.join(WAIT)
+        assert not thread.is_alive(), "the file source did not stop"
+
+    return stop
+
+
 def test_watcher_applies_good_changes_and_keeps_last_good_state(tmp_path: Path) -> None:
     path = write(tmp_path / "mesh.yaml", GOOD)
     store = StateStore()
     rec = Recorder(store)
-    source = FileSource(path, store, on_error=rec.error, poll_interval=0.02)
+    source = FileSource(path, store, on_error=rec.error)
     first = source.load_once()
     assert store.current is first
     rec.event.clear()
-    source.start()
+    stop = start_watching(source)
     try:
         # an invalid edit: reported with file:line:field, state unchanged
         write(path, GOOD.replace("[10.251.0.10]", "[10.251.0.999]"))
@@ -187,14 +201,14 @@ def test_watcher_applies_good_changes_and_keeps_last_good_state(tmp_path: Path) 
         rec.wait()
         assert store.current is not good and len(rec.errors) == 2
     finally:
-        source.stop()
+        stop()
 
 
 def test_invalid_start_then_fixed_with_async_run(tmp_path: Path) -> None:
     path = write(tmp_path / "mesh.yaml", "kind: Workload\n")
     store = StateStore()
     rec = Recorder(store)
-    source = FileSource(path, store, on_error=rec.error, poll_interval=0.02)
+    source = FileSource(path, store, on_error=rec.error)
     with pytest.raises(MeshConfigError, match=":1: metadata: want a mapping, got null"):
         source.load_once()
 
@@ -357,10 +371,10 @@ def test_watcher_keeps_last_good_state_through_bad_writes(tmp_path: Path) -> Non
     path = write(tmp_path / "mesh.yaml", GOOD)
     store = StateStore()
     rec = Recorder(store)
-    source = FileSource(path, store, on_error=rec.error, poll_interval=0.02)
+    source = FileSource(path, store, on_error=rec.error)
     first = source.load_once()
     rec.event.clear()
-    source.start()
+    stop = start_watching(source)
     try:
         bad = ["", GOOD[: GOOD.index("spec:")], "---\n# nothing\n", _alias_bomb(),
                GOOD.replace("name: allow-a", "name: ../../etc/Bad_Name!")]
@@ -378,7 +392,7 @@ def test_watcher_keeps_last_good_state_through_bad_writes(tmp_path: Path) -> Non
         rec.wait()
         assert store.current.all_objects() == [] and source.errors == len(bad)
     finally:
-        source.stop()
+        stop()
 
 
 @pytest.mark.parametrize("exc", [MemoryError(), RecursionError("maximum recursion depth"),
@@ -389,7 +403,7 @@ def test_any_exception_while_loading_is_reported_and_the_watcher_lives(
     path = write(tmp_path / "mesh.yaml", GOOD)
     store = StateStore()
     rec = Recorder(store)
-    source = FileSource(path, store, on_error=rec.error, poll_interval=0.02)
+    source = FileSource(path, store, on_error=rec.error)
     first = source.load_once()
     rec.states.clear()
     real = file_source.parse_files
