@@ -304,6 +304,10 @@ class NodeAgent:
         am.service_overflows.set_reader(lambda: self._per_frontend(1))
         am.endpoint_ejections.set_reader(self._ejection_counts)
         am.endpoints_ejected.set_reader(self._ejected_counts)
+        pool = self.tunnel.pool
+        am.hbone_connections.set_reader(lambda: pool.connections_opened)
+        am.hbone_streams.set_reader(lambda: pool.streams_opened)
+        am.hbone_dial_failures.set_reader(lambda: pool.dial_failures)
         self.store.subscribe(lambda _old, _new: self._dirty.set())
         return actions
 

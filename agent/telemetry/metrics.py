@@ -286,6 +286,7 @@ class AgentMetrics:
       kernel's open-connection count and cap refusals per Service port
     - `endpoint_ejections.set_reader(lambda: {(svc, endpoint): n})`, `endpoints_ejected` — outlier
       detection
+    - `hbone_connections`, `hbone_streams`, `hbone_dial_failures` — the tunnel's connection pool
     and `policy_update_seconds.observe(seconds)` after each policy map update. Certificate
     metrics belong to the identity subsystem (agent/identity/metrics.py).
     """
@@ -320,6 +321,15 @@ class AgentMetrics:
         self.endpoints_ejected = ScrapeLabelled(
             registry, "nodemesh_endpoints_ejected", "Service endpoints ejected now", "gauge",
             ("service", "port"))
+        self.hbone_connections = ScrapeValue(
+            registry, "nodemesh_hbone_connections_opened", "HBONE (mTLS) connections the "
+            "tunnel's pool dialed", "counter")
+        self.hbone_streams = ScrapeValue(
+            registry, "nodemesh_hbone_streams_opened", "CONNECT streams opened on pooled HBONE "
+            "connections", "counter")
+        self.hbone_dial_failures = ScrapeValue(
+            registry, "nodemesh_hbone_dial_failures", "HBONE connections the tunnel's pool "
+            "could not dial", "counter")
         self.policy_update_seconds = Histogram(
             "nodemesh_policy_update_duration_seconds", "Time from a policy change to its BPF "
             "maps being updated", buckets=POLICY_UPDATE_BUCKETS, registry=registry)
