@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -21,7 +21,7 @@ from agent.config import DEFAULT_ROOT_NAMESPACE
 from agent.identity.spiffe import SCHEME, Identity, IdentityError
 from agent.model.fields import IPNetwork
 from agent.model.mesh import Workload
-from agent.policy.authz import Action, AuthorizationPolicy
+from agent.policy.authz import Action, AuthorizationPolicy, Match
 from agent.policy.connection import Connection
 from agent.policy.peerauth import MtlsMode, MtlsResolver, PeerAuthentication
 from agent.policy.strmatch import MatchKind
@@ -130,16 +130,20 @@ class CidrRefs:
     destination: frozenset[IPNetwork]
 
 
+def _live_matches(policies: Policies, workload: Workload) -> Iterator[Match]:
+    """Every match of the rules enforced on `workload` that can match at all."""
+    for p in enforced(policies, workload):
+        for r in p.rules:
+            if not r.never_matches:
+                yield from r.all_matches()
+
+
 def referenced_ports(policies: Policies, workload: Workload) -> frozenset[int]:
     """Ports named by the workload's policies (ports, notPorts, destination.port, portLevelMtls)."""
     ps = _as_set(policies)
     ports: set[int] = set()
-    for p in enforced(ps, workload):
-        for r in p.rules:
-            if r.never_matches:
-                continue
-            for m in r.all_matches():
-                ports.update(m.destination_ports, m.not_destination_ports)
+    for m in _live_matches(ps, workload):
+        ports.update(m.destination_ports, m.not_destination_ports)
     ports.update(ps.mtls.strict_ports(workload)[1])
     return frozenset(ports)
 
@@ -161,13 +165,9 @@ def referenced_identities(policies: Policies) -> frozenset[Identity]:
 def referenced_cidrs(policies: Policies, workload: Workload) -> CidrRefs:
     src: set[IPNetwork] = set()
     dst: set[IPNetwork] = set()
-    for p in enforced(policies, workload):
-        for r in p.rules:
-            if r.never_matches:
-                continue
-            for m in r.all_matches():
-                src.update(m.source_ips, m.not_source_ips)
-                dst.update(m.destination_ips, m.not_destination_ips)
+    for m in _live_matches(policies, workload):
+        src.update(m.source_ips, m.not_source_ips)
+        dst.update(m.destination_ips, m.not_destination_ips)
     return CidrRefs(frozenset(src), frozenset(dst))
 
 

@@ -31,16 +31,6 @@ log = logging.getLogger(__name__)
 
 _Op = tuple[str, str, "MeshObject | None"]  # (kind, key, object to write or None to remove)
 
-# The source's resource names and the mesh kind each becomes.
-KIND_OF_RESOURCE: Mapping[str, str] = {
-    "pods": "Workload",
-    "namespaces": "Namespace",
-    "services": "Service",
-    "endpointslices": "EndpointSlice",
-    "authorizationpolicies": "AuthorizationPolicy",
-    "peerauthentications": "PeerAuthentication",
-    "connectionratelimits": "ConnectionRateLimit",
-}
 # The Kubernetes kind each resource's objects carry.
 API_KIND_OF_RESOURCE: Mapping[str, str] = {
     "pods": "Pod",
@@ -51,6 +41,8 @@ API_KIND_OF_RESOURCE: Mapping[str, str] = {
     "peerauthentications": "PeerAuthentication",
     "connectionratelimits": "ConnectionRateLimit",
 }
+# The source's resource names and the mesh kind each becomes: the same but for pods.
+KIND_OF_RESOURCE: Mapping[str, str] = {**API_KIND_OF_RESOURCE, "pods": "Workload"}
 
 
 @dataclass(frozen=True)
