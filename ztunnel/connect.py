@@ -125,7 +125,7 @@ def validate_request(headers: Mapping[str, str], local_ip: IPAddress) -> Connect
     method = headers.get(":method", "")
     if method != "CONNECT":
         return ConnectVerdict(BAD_REQUEST, f"method {_show(method[:32])} is not CONNECT",
-                       Cause.BAD_METHOD)
+                              Cause.BAD_METHOD)
     try:
         ip, port = parse_authority(headers.get(":authority", ""))
     except AuthorityError as exc:
@@ -140,7 +140,7 @@ def validate_request(headers: Mapping[str, str], local_ip: IPAddress) -> Connect
     if port in ILLEGAL_PORTS:
         return ConnectVerdict(BAD_REQUEST,
             f"port {port} is a tunnel port and can never be a target",
-                       Cause.ILLEGAL_PORT)
+                              Cause.ILLEGAL_PORT)
     return ConnectVerdict(OK, target=(ip, port))
 
 

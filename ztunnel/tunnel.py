@@ -341,8 +341,7 @@ class Tunnel:
         wl = self.config.resolver(dst_ip)
         svc = self.config.service_dst(conn)
         ev = ConnectionEvent(Phase.OPEN, TunnelDirection.OUTBOUND, spec.ip, addr[1], dst_ip,
-            dst_port,
-                             src_workload=spec.name, src_identity=spec.identity,
+                             dst_port, src_workload=spec.name, src_identity=spec.identity,
                              dst_workload=wl.name if wl else "",
                              dst_identity=wl.identity if wl else None,
                              svc_ip=str(svc[0]) if svc else "", svc_port=svc[1] if svc else 0)
@@ -512,7 +511,7 @@ class Tunnel:
             conn.close()
             emit(self.config.on_event, ConnectionEvent(
                 Phase.CLOSE, TunnelDirection.INBOUND, addr[0], addr[1], spec.ip,
-                    self.config.hbone_port,
+                self.config.hbone_port,
                 dst_workload=spec.name, dst_identity=spec.identity, flags=TransportFlag.TLS_FAILURE,
                 reason=describe_handshake_error(exc), response=ResponseFlag.TLS_FAILURE,
                 cause=Cause.TLS_HANDSHAKE))
@@ -520,7 +519,7 @@ class Tunnel:
         if session.failure is not None:
             emit(self.config.on_event, ConnectionEvent(
                 Phase.CLOSE, TunnelDirection.INBOUND, addr[0], addr[1], spec.ip,
-                    self.config.hbone_port,
+                self.config.hbone_port,
                 dst_workload=spec.name, dst_identity=spec.identity, flags=TransportFlag.TLS_FAILURE,
                 reason=str(session.failure), response=ResponseFlag.IDENTITY_ERROR,
                 cause=Cause.PEER_IDENTITY))
@@ -542,8 +541,8 @@ class Tunnel:
         dst_ip, dst_port = (str(verdict.target[0]), verdict.target[1]) if verdict.target else (
             spec.ip, 0)
         ev = ConnectionEvent(Phase.OPEN, TunnelDirection.INBOUND, src_ip, src_port, dst_ip,
-            dst_port,
-                             src_workload=src_wl.name if src_wl else "", src_identity=session.peer,
+                             dst_port, src_workload=src_wl.name if src_wl else "",
+                             src_identity=session.peer,
                              dst_workload=spec.name, dst_identity=spec.identity)
         if self.draining:
             session.respond(sid, connect.UNAVAILABLE)

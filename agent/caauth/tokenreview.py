@@ -262,8 +262,8 @@ class KubeTokenAuthenticator:
         if (checked.namespace, checked.service_account) not in self.agent_accounts:
             allowed = ", ".join(sorted(f"{n}/{s}" for n, s in self.agent_accounts))
             raise CaRejection(grpc.StatusCode.PERMISSION_DENIED,
-                            f"caller {who} is not a node agent ServiceAccount (this CA accepts "
-                            f"{allowed})", "not_agent_account")
+                              f"caller {who} is not a node agent ServiceAccount (this CA accepts "
+                              f"{allowed})", "not_agent_account")
         if not checked.pod_name:
             raise _unauthenticated(f"token of {who} is not bound to a pod: mount a projected "
                                    "serviceAccountToken volume", "token_not_pod_bound")

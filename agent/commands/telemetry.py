@@ -160,8 +160,8 @@ def _flows(args: argparse.Namespace) -> int:
 _COLUMNS: Final = (("TIME", 8), ("KIND", 5), ("SOURCE", 18), ("DESTINATION", 20),
                    ("SENT/RCVD", 10))
 _KIND: Final = {FlowEventKind.OPEN: "open", FlowEventKind.CLOSE: "close",
-    FlowEventKind.DENY: "DENY",
-                FlowEventKind.AUTH_FAILURE: "AUTHF", FlowEventKind.REJECT: "REJ"}
+                FlowEventKind.DENY: "DENY", FlowEventKind.AUTH_FAILURE: "AUTHF",
+                FlowEventKind.REJECT: "REJ"}
 
 
 def _fit(text: str, width: int) -> str:

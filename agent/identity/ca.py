@@ -171,21 +171,21 @@ class CertificateAuthority:
         if own_identity is not None and requested is None:
             if identity != own_identity:
                 raise CaRejection(grpc.StatusCode.PERMISSION_DENIED,
-                                f"without metadata.{IMPERSONATED_IDENTITY} a caller gets only "
-                                f"its own identity {own_identity}; the CSR asks for {identity}",
-                                "not_own_identity")
+                                  f"without metadata.{IMPERSONATED_IDENTITY} a caller gets only "
+                                  f"its own identity {own_identity}; the CSR asks for {identity}",
+                                  "not_own_identity")
             return self._issue(identity, public_key, ttl, node)
         try:
             scheduled = self.locator.identities_on_node(node)
         except Exception as e:  # the state store is a separate component; say so to the caller
             log.exception("workload locator failed for node %s", node)
             raise CaRejection(grpc.StatusCode.UNAVAILABLE,
-                            f"CA cannot tell which workloads run on node {node} right now: "
-                            f"{type(e).__name__}: {e}", "locator_unavailable") from e
+                              f"CA cannot tell which workloads run on node {node} right now: "
+                              f"{type(e).__name__}: {e}", "locator_unavailable") from e
         if identity not in scheduled:
             raise CaRejection(grpc.StatusCode.PERMISSION_DENIED,
-                            f"identity {identity} is not scheduled on node {node}",
-                            "not_on_node")
+                              f"identity {identity} is not scheduled on node {node}",
+                              "not_on_node")
         return self._issue(identity, public_key, ttl, node)
 
     def _issue(self, identity: Identity, public_key: pki.PublicKey, ttl: timedelta,
@@ -267,8 +267,8 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
     scheme, _, token = value.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise CaRejection(grpc.StatusCode.UNAUTHENTICATED,
-                        "authorization metadata is not of the form 'Bearer <token>'",
-                        "malformed_authorization")
+                          "authorization metadata is not of the form 'Bearer <token>'",
+                          "malformed_authorization")
     return token.strip()
 
 
@@ -302,13 +302,13 @@ class NodeAuthenticator:
         token_node = self._node_from_token(metadata)
         if cert_node and token_node and cert_node != token_node:
             raise CaRejection(grpc.StatusCode.UNAUTHENTICATED,
-                            f"bearer token is for node {token_node} but the client certificate "
-                            f"is for node {cert_node}")
+                              f"bearer token is for node {token_node} but the client certificate "
+                              f"is for node {cert_node}")
         node = cert_node or token_node
         if node is None:
             raise CaRejection(grpc.StatusCode.UNAUTHENTICATED,
-                            "no caller credentials: send 'authorization: Bearer <token>' "
-                            "metadata or a node client certificate")
+                              "no caller credentials: send 'authorization: Bearer <token>' "
+                              "metadata or a node client certificate")
         return node
 
     def knows(self, token: str) -> bool:
@@ -322,7 +322,7 @@ class NodeAuthenticator:
         node = self._by_digest.get(_token_digest(token))
         if node is None:
             raise CaRejection(grpc.StatusCode.UNAUTHENTICATED,
-                            "bearer token is not recognised (not in the CA's token file)")
+                              "bearer token is not recognised (not in the CA's token file)")
         return node
 
     def _node_from_cert(self, pem: bytes) -> str:
@@ -330,12 +330,12 @@ class NodeAuthenticator:
         sans = uri_sans(cert)
         if len(sans) != 1:
             raise CaRejection(grpc.StatusCode.UNAUTHENTICATED,
-                            f"client certificate has {len(sans)} URI SANs; want one node id")
+                              f"client certificate has {len(sans)} URI SANs; want one node id")
         try:
             return node_from_uri(sans[0], self.trust_domain)
         except IdentityError as e:
             raise CaRejection(grpc.StatusCode.UNAUTHENTICATED,
-                            f"client certificate is not a node certificate: {e}") from e
+                              f"client certificate is not a node certificate: {e}") from e
 
 
 class CaServer:
@@ -443,8 +443,8 @@ class CaServer:
             cluster = cluster if isinstance(cluster, str) else cluster.decode(errors="replace")
             if cluster != self.cluster_id:
                 raise CaRejection(grpc.StatusCode.UNAUTHENTICATED,
-                                f"caller is in cluster {cluster[:64]!r}; this CA authorizes the "
-                                f"nodes of cluster {self.cluster_id!r}", "other_cluster")
+                                  f"caller is in cluster {cluster[:64]!r}; this CA authorizes the "
+                                  f"nodes of cluster {self.cluster_id!r}", "other_cluster")
         token = bearer_token(metadata)
         if self.token_auth is None or token is None or self.auth.knows(token):
             node = self.auth.authenticate(metadata, peer_pem)
@@ -454,8 +454,8 @@ class CaServer:
             cert_node = self.auth.authenticate((), peer_pem)
             if cert_node != caller.node:
                 raise CaRejection(grpc.StatusCode.UNAUTHENTICATED,
-                                f"ServiceAccount token is for node {caller.node} but the client "
-                                f"certificate is for node {cert_node}", "credentials_disagree")
+                                  f"ServiceAccount token is for node {caller.node} but the client "
+                                  f"certificate is for node {cert_node}", "credentials_disagree")
         return caller
 
 

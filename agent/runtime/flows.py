@@ -74,9 +74,7 @@ def from_kernel(
     `service_address`; the address is the endpoint chosen (none when no endpoint was ready:
     then the VIP)."""
     kind = {KernelEventKind.OPEN: FlowEventKind.OPEN, KernelEventKind.CLOSE: FlowEventKind.CLOSE,
-        KernelEventKind.DENY: FlowEventKind.DENY}[
-        ev.kind
-    ]
+            KernelEventKind.DENY: FlowEventKind.DENY}[ev.kind]
     plaintext_peer = ev.direction == KernelDirection.INGRESS and ev.src_id == ID_PLAINTEXT
     src = _endpoint(str(ev.src_ip), ev.src_port, by_ip, "" if plaintext_peer else None)
     dst = _endpoint(str(ev.dst_ip), ev.dst_port, by_ip)

@@ -98,7 +98,7 @@ def _read(path: Path, limits: Limits = DEFAULT_LIMITS) -> list[tuple[Path, bytes
         raise MeshConfigError(f"{e.filename or path}: cannot read: {e.strerror}") from e
     if not out:  # an emptied directory would clear the mesh like an empty file
         raise MeshConfigError(f"{path}: no mesh files (*.yaml, *.yml); to define nothing on "
-                          f"purpose, write a file with `kind: {EMPTY_KIND}`")
+                              f"purpose, write a file with `kind: {EMPTY_KIND}`")
     return out
 
 
@@ -119,7 +119,7 @@ def _check_empty_marker(doc: YamlDocument, name: str, others: int) -> None:
         f.fail(("apiVersion",), f"{EMPTY_KIND} wants {API_VERSION} (or no apiVersion)")
     if others:
         raise MeshConfigError(f"{name}:{doc.start}: kind: {EMPTY_KIND} says the file defines "
-                          "nothing, so it must be the file's only document")
+                              "nothing, so it must be the file's only document")
 
 
 def _file_documents(name: str, raw: bytes, budget: Budget) -> list[YamlDocument]:
@@ -133,7 +133,7 @@ def _file_documents(name: str, raw: bytes, budget: Budget) -> list[YamlDocument]
     if not raw.endswith(b"\n"):
         last_line = raw.count(b"\n") + 1
         raise MeshConfigError(f"{name}:{last_line}: the file does not end with a "
-                          "newline: it may be truncated (half-written); end it with a newline")
+                              "newline: it may be truncated (half-written); end it with a newline")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -148,7 +148,7 @@ def _file_documents(name: str, raw: bytes, budget: Budget) -> list[YamlDocument]
             raise MeshConfigError(str(e.at(f"{name}:{marker.line_of(e.path)}"))) from e
     if not docs:
         raise MeshConfigError(f"{name}:1: the file has no documents (only comments or `---`); to "
-                          f"define nothing on purpose, write `kind: {EMPTY_KIND}`")
+                              f"define nothing on purpose, write `kind: {EMPTY_KIND}`")
     return [] if markers else docs
 
 
@@ -173,14 +173,14 @@ def parse_files(contents: list[tuple[Path, bytes]],
             ident = (KIND_OF[type(obj)], key_of(obj))
             if ident in objects:
                 raise MeshConfigError(f"{where}: {ident[0]} {ident[1]} is defined twice (first at "
-                                  f"{objects[ident][1]})")
+                                      f"{objects[ident][1]})")
             objects[ident] = (obj, where)
             if isinstance(obj, Workload):
                 for ip in obj.ips:
                     if ip in ip_owner:
                         other = ip_owner[ip]
                         raise MeshConfigError(f"{where}: IP {ip} of workload {obj.ref} is already "
-                                          f"used by {other[0]} ({other[1]})")
+                                              f"used by {other[0]} ({other[1]})")
                     ip_owner[ip] = (obj.ref, where)
             for warning in getattr(obj, "warnings", ()):
                 log.warning("%s: %s", where, warning)
@@ -261,7 +261,7 @@ class FileSource:
         except Exception as e:  # MemoryError, RecursionError, a bug: bad config all the same
             log.debug("loading %s failed unexpectedly", self.path, exc_info=True)
             return MeshConfigError(f"{self.path}: loading failed unexpectedly: "
-                               f"{type(e).__name__}: {e}")
+                                   f"{type(e).__name__}: {e}")
 
     def _finish(self, outcome: _Outcome) -> bool:
         if outcome is None:
@@ -274,7 +274,7 @@ class FileSource:
         except Exception as e:
             log.debug("applying %s failed unexpectedly", self.path, exc_info=True)
             self._report(MeshConfigError(f"{self.path}: applying the new state failed "
-                                     f"unexpectedly: {type(e).__name__}: {e}"))
+                                         f"unexpectedly: {type(e).__name__}: {e}"))
             return False
         log.info("reloaded %s: %d objects", self.path, len(outcome.all_objects()))
         return True

@@ -215,6 +215,6 @@ def documents(text: str, name: str, budget: Budget) -> Iterator[YamlDocument]:
         raise MeshConfigError(f"{name}:{line}: invalid YAML: {e.problem or e.context}") from e
     except yaml.reader.ReaderError as e:
         raise MeshConfigError(f"{name}:{_line_at(text, e.position)}: invalid YAML: {e.reason} "
-                          f"(character {e.character!r})") from e
+                              f"(character {e.character!r})") from e
     except yaml.YAMLError as e:
         raise MeshConfigError(f"{name}:1: invalid YAML: {e}") from e

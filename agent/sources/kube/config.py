@@ -157,8 +157,8 @@ class ExecCredentials:
         token = status.get("token") if isinstance(status, dict) else None
         if not isinstance(token, str) or not token:
             raise KubeConfigError(f"{self.where}: exec plugin {self.command!r} printed no "
-                              "status.token (plugins that return a client certificate are not "
-                              "supported)")
+                                  "status.token (plugins that return a client certificate are not "
+                                  "supported)")
         self._expiry = _rfc3339(status.get("expirationTimestamp"), self.where)
         self._token = token
 
@@ -226,7 +226,7 @@ def in_cluster(
     host, port = env.get("KUBERNETES_SERVICE_HOST"), env.get("KUBERNETES_SERVICE_PORT")
     if not host or not port:
         raise KubeConfigError("not running in a pod: KUBERNETES_SERVICE_HOST/PORT are not set "
-                          "(outside a cluster, give a kubeconfig)")
+                              "(outside a cluster, give a kubeconfig)")
     try:
         if ipaddress.ip_address(host).version == 6:
             host = f"[{host}]"
@@ -236,7 +236,7 @@ def in_cluster(
     for path in (token, ca):
         if not path.is_file():
             raise KubeConfigError(f"{path} is missing: is the service account token mounted "
-                              "(automountServiceAccountToken)?")
+                                  "(automountServiceAccountToken)?")
     ns_file = directory / "namespace"
     namespace = ns_file.read_text().strip() if ns_file.is_file() else None
     server = f"https://{host}:{port}"
@@ -283,8 +283,8 @@ def from_kubeconfig(path: Path | None = None, context: str | None = None) -> Clu
         raise KubeConfigError(f"{where}: cluster server {server!r} is not an http(s) URL")
     if "auth-provider" in user:
         raise KubeConfigError(f"{where}: user authenticates with an auth-provider plugin, which "
-                          "Kubernetes removed in 1.26; use its exec plugin replacement, a "
-                          "token or a client certificate")
+                              "Kubernetes removed in 1.26; use its exec plugin replacement, a "
+                              "token or a client certificate")
     ca_file = _path(cluster.get("certificate-authority"), base)
     ca_data = _b64(cluster.get("certificate-authority-data"), where, "certificate-authority-data")
     ctx_ssl = _tls(server, ca_file, ca_data, insecure=bool(cluster.get("insecure-skip-tls-verify")))

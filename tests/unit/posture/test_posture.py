@@ -186,7 +186,7 @@ spec:
         log.write(FlowRecord(FlowEventKind.CLOSE, Reporter.DESTINATION,
                              FlowEndpoint(ip="192.168.1.5", port=4000),
                              FlowEndpoint(workload="debug", namespace="tools", ip="10.251.1.11",
-                                      port=80), time=t,
+                                          port=80), time=t,
                              connection_security_policy=SecurityPolicy.NONE))
     log.write(FlowRecord(FlowEventKind.DENY, Reporter.SOURCE,
                          FlowEndpoint(workload="debug", namespace="tools", ip="10.251.1.11"),

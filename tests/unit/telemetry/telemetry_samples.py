@@ -17,12 +17,12 @@ from agent.telemetry.flow import (
 T0 = datetime(2026, 3, 4, 5, 6, 7, 123456, tzinfo=UTC)
 
 SLEEP = FlowEndpoint(workload="sleep", namespace="default",
-                 principal="spiffe://cluster.local/ns/default/sa/sleep", ip="10.0.1.5",
-                 port=40312, app="sleep", version="v1")
+                     principal="spiffe://cluster.local/ns/default/sa/sleep", ip="10.0.1.5",
+                     port=40312, app="sleep", version="v1")
 REVIEWS = FlowEndpoint(workload="reviews-v2", namespace="prod",
-                   principal="spiffe://cluster.local/ns/prod/sa/reviews", ip="10.0.2.7",
-                   port=9080, service="reviews.prod.svc.cluster.local", app="reviews",
-                   version="v2", cluster="kind-a")
+                       principal="spiffe://cluster.local/ns/prod/sa/reviews", ip="10.0.2.7",
+                       port=9080, service="reviews.prod.svc.cluster.local", app="reviews",
+                       version="v2", cluster="kind-a")
 OUTSIDER = FlowEndpoint(ip="192.0.2.9", port=51000)
 
 

@@ -240,7 +240,7 @@ def table_for(records: Sequence[FlowRecord]) -> list[str]:
 
 def test_table_is_readable_and_under_80_columns() -> None:
     long = FlowEndpoint(workload="a-very-long-workload-name-that-goes-on", namespace="namespace-x",
-                    ip="10.9.9.9", port=8443)
+                        ip="10.9.9.9", port=8443)
     closed = FlowRecord(FlowEventKind.CLOSE, Reporter.DESTINATION, long, REVIEWS, time=T0,
                         bytes_sent=5 * 1024 * 1024, bytes_received=1500, duration=12.5,
                         response_flags="CONNECT")
