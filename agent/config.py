@@ -14,7 +14,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, Literal
 
 DEFAULT_NODE_NAME = "node0"
 DEFAULT_TRUST_DOMAIN = "cluster.local"
@@ -28,6 +28,8 @@ DEFAULT_CA_ADDR = ""  # empty: run the embedded CA in process
 DEFAULT_CA_ROOT_CERT = Path("/var/lib/nodemesh/ca/root-cert.pem")
 DEFAULT_CERT_TTL_SECONDS = 24 * 3600
 DEFAULT_DRAIN_SECONDS = 5.0
+DEFAULT_OUTSIDE_MESH: Final = "passthrough"
+OUTSIDE_MESH_CHOICES = ("passthrough", "refuse")
 DEFAULT_POLICY_SOURCE = "file"
 DEFAULT_SOURCE_GRACE_SECONDS = 30.0
 # Service endpoint outlier detection (agent/runtime/outliers.py); Envoy's defaults.
@@ -138,6 +140,13 @@ SETTINGS: tuple[Setting, ...] = (
         "find pods in this test-bed run (demo, tests) instead of by pod UID",
     ),
     Setting(
+        "outside_mesh",
+        "NODEMESH_OUTSIDE_MESH",
+        "--outside-mesh",
+        "outbound connections to a destination outside the mesh: passthrough (plain TCP, "
+        "Istio's default) or refuse (reset, flow record with response flag NR)",
+    ),
+    Setting(
         "drain_seconds",
         "NODEMESH_DRAIN_SECONDS",
         "--drain-seconds",
@@ -205,6 +214,7 @@ class Config:
     exclude_ports: tuple[int, ...] = ()
     exclude_cidrs: tuple[ipaddress.IPv4Network, ...] = ()
     testbed_run: str = ""
+    outside_mesh: Literal["passthrough", "refuse"] = DEFAULT_OUTSIDE_MESH
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
     source_grace_seconds: float = DEFAULT_SOURCE_GRACE_SECONDS
     outlier_failures: int = DEFAULT_OUTLIER_FAILURES
@@ -268,6 +278,9 @@ def build(env: Mapping[str, str], flags: Mapping[str, object] | None = None) -> 
     cfg = Config(**values, origins=origins)  # type: ignore[arg-type]  # values typed by _convert
     if cfg.source not in ("file", "kubernetes"):
         raise ConfigError(f"source: {cfg.source!r} is not one of file, kubernetes")
+    if cfg.outside_mesh not in OUTSIDE_MESH_CHOICES:
+        raise ConfigError(f"outside_mesh: {cfg.outside_mesh!r} is not one of "
+                          f"{', '.join(OUTSIDE_MESH_CHOICES)}")
     if cfg.source == "file" and cfg.config_path is None:
         raise ConfigError("source file needs --config (or NODEMESH_CONFIG): the mesh YAML")
     if cfg.outlier_failures < 1:

@@ -29,7 +29,7 @@ from agent.abi import MARK_MAGIC
 from agent.datapath.datapath import Datapath
 from agent.datapath.layouts import Backend, Frontend, PolicyEntry, PolicyKey
 from agent.datapath.options import DEFAULT_PIN_ROOT, BuildOptions
-from agent.datapath.verdicts import Reason, Verdict
+from agent.datapath.verdicts import KernelVerdict, Reason
 from agent.testbed import Cluster
 
 TIMER = """
@@ -127,7 +127,7 @@ def summary(samples: list[int]) -> dict[str, float]:
 
 def policy_entries(count: int, target: ipaddress.IPv4Address) -> dict[PolicyKey, PolicyEntry]:
     """count entries over 1000 destinations x sources, plus the one the benchmark hits."""
-    allow = PolicyEntry(Verdict.ALLOW)
+    allow = PolicyEntry(KernelVerdict.ALLOW)
     entries = {
         PolicyKey(
             ipaddress.IPv4Address(int(ipaddress.IPv4Address("10.200.0.0")) + i // 100),
@@ -137,7 +137,7 @@ def policy_entries(count: int, target: ipaddress.IPv4Address) -> dict[PolicyKey,
         ): allow
         for i in range(count - 1)
     }
-    entries[PolicyKey(target, 5, 0, 8080)] = PolicyEntry(Verdict.ALLOW, Reason.NONE, 1, 0)
+    entries[PolicyKey(target, 5, 0, 8080)] = PolicyEntry(KernelVerdict.ALLOW, Reason.NONE, 1, 0)
     return entries
 
 

@@ -25,7 +25,7 @@ from agent.datapath.datapath import Datapath
 from agent.datapath.layouts import FlowEvent
 from agent.datapath.options import BuildOptions
 from agent.datapath.programs import ProgType
-from agent.datapath.verdicts import Counter, EventKind
+from agent.datapath.verdicts import Counter, KernelEventKind
 from agent.host import cgroup
 
 GENERATOR = r"""
@@ -84,10 +84,10 @@ def measure(rate: int = 200_000, seconds: float = 10.0, batch: int = 500,
             delivered: list[int] = [0]
 
             def on_event(ev: FlowEvent) -> None:  # the agent's subscription: DENY only
-                if ev.kind == EventKind.DENY:
+                if ev.kind == KernelEventKind.DENY:
                     delivered[0] += 1
 
-            dp.open_events(on_event, kinds=(EventKind.DENY,))
+            dp.open_events(on_event, kinds=(KernelEventKind.DENY,))
             stop = threading.Event()
 
             def reader() -> None:

@@ -106,7 +106,7 @@ def request_headers(
 
 
 @dataclass(frozen=True)
-class Verdict:
+class ConnectVerdict:
     """The outcome of validating a CONNECT request before any upstream connect."""
 
     status: int
@@ -119,28 +119,29 @@ class Verdict:
         return self.status == OK
 
 
-def validate_request(headers: Mapping[str, str], local_ip: IPAddress) -> Verdict:
+def validate_request(headers: Mapping[str, str], local_ip: IPAddress) -> ConnectVerdict:
     """ztunnel's order: CONNECT method, authority syntax, authority IP is the address this TLS
     connection was made to, then the illegal-port check. RBAC and upstream connect come later."""
     method = headers.get(":method", "")
     if method != "CONNECT":
-        return Verdict(BAD_REQUEST, f"method {_show(method[:32])} is not CONNECT",
-                       Cause.BAD_METHOD)
+        return ConnectVerdict(BAD_REQUEST, f"method {_show(method[:32])} is not CONNECT",
+                              Cause.BAD_METHOD)
     try:
         ip, port = parse_authority(headers.get(":authority", ""))
     except AuthorityError as exc:
-        return Verdict(BAD_REQUEST, str(exc), Cause.BAD_AUTHORITY)
+        return ConnectVerdict(BAD_REQUEST, str(exc), Cause.BAD_AUTHORITY)
     if ip != local_ip:
-        return Verdict(
+        return ConnectVerdict(
             BAD_REQUEST,
             f"authority IP {ip} is not this workload's address {local_ip}: "
             "the peer sent the request to the wrong pod",
             Cause.WRONG_DESTINATION,
         )
     if port in ILLEGAL_PORTS:
-        return Verdict(BAD_REQUEST, f"port {port} is a tunnel port and can never be a target",
-                       Cause.ILLEGAL_PORT)
-    return Verdict(OK, target=(ip, port))
+        return ConnectVerdict(BAD_REQUEST,
+            f"port {port} is a tunnel port and can never be a target",
+                              Cause.ILLEGAL_PORT)
+    return ConnectVerdict(OK, target=(ip, port))
 
 
 def parse_forwarded_for(value: str) -> str | None:

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 log.addFilter(RepeatLimiter.shared())
 
 
-class Direction(enum.Enum):
+class TunnelDirection(enum.Enum):
     OUTBOUND = "outbound"  # app in a local pod -> somewhere (15001)
     INBOUND = "inbound"  # HBONE into a local pod (15008)
     INBOUND_PLAINTEXT = "inbound_plaintext"  # plaintext into a local pod (15006)
@@ -33,9 +33,13 @@ class Phase(enum.StrEnum):
     CLOSE = "close"
 
 
-class Flag(enum.Flag):
-    """How the connection was carried (CONNECT, HBONE, PASSTHROUGH, RESET) plus a coarse outcome
-    bit; telemetry reads `ConnectionEvent.response` instead of the outcome bits."""
+class TransportFlag(enum.Flag):
+    """The tunnel's own facts about one connection: how it was carried (CONNECT, HBONE,
+    PASSTHROUGH, RESET) plus a coarse outcome bit, combinable as bits.
+
+    A different vocabulary from `ResponseFlag`, which is Istio's single response-flag label:
+    telemetry reads `ConnectionEvent.response` for outcomes and only the transport bits from
+    here (agent/runtime/flows.py), so the two stay separate types."""
 
     NONE = 0
     CONNECT = enum.auto()  # tunnel or upstream established
@@ -99,7 +103,7 @@ class ConnectionEvent:
     """Telemetry record; byte counts are from the app's side."""
 
     phase: Phase
-    direction: Direction
+    direction: TunnelDirection
     src_ip: str
     src_port: int
     dst_ip: str
@@ -111,7 +115,7 @@ class ConnectionEvent:
     bytes_sent: int = 0  # toward the destination
     bytes_received: int = 0  # back toward the source
     duration: float = 0.0
-    flags: Flag = Flag.NONE
+    flags: TransportFlag = TransportFlag.NONE
     reason: str = ""  # human explanation (logs); `cause` is the token
     started: float = field(default_factory=time.monotonic)
     response: ResponseFlag = ResponseFlag.NONE
@@ -128,7 +132,7 @@ class ConnectionEvent:
         ev.duration = time.monotonic() - self.started
         return ev
 
-    def refused(self, response: ResponseFlag, cause: Cause, flags: Flag,
+    def refused(self, response: ResponseFlag, cause: Cause, flags: TransportFlag,
                 reason: str = "") -> ConnectionEvent:
         """The close event of a connection refused before it carried data."""
         return self.closed(response=response, cause=cause, flags=flags, reason=reason)

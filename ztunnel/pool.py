@@ -43,7 +43,7 @@ class Pool:
         self._conns: dict[PoolKey, list[HboneSession]] = {}
         self._locks: dict[PoolKey, asyncio.Lock] = {}
         self._idle: dict[int, asyncio.TimerHandle] = {}
-        # Counters for tests and metrics.
+        # Counters, read at scrape time (nodemesh_hbone_* in agent/telemetry/metrics.py).
         self.connections_opened = 0
         self.streams_opened = 0
         self.dial_failures = 0

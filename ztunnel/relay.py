@@ -1,4 +1,4 @@
-"""The plain-TCP side of a relay: an asyncio Protocol joined to an Endpoint (a tunnel stream or
+"""The plain-TCP side of a relay: an asyncio Protocol joined to an RelayEndpoint (a tunnel stream or
 another TCP socket), with back-pressure both ways and half-close/reset propagation.
 
 - reading: bytes go to `peer.send`; if the peer reports back-pressure we stop reading until the
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 HIGH_WATER = 512 * 1024
 
 
-class Endpoint(Protocol):
+class RelayEndpoint(Protocol):
     """What one side of a relay may ask of the other."""
 
     def send(self, data: bytes) -> bool:
@@ -50,7 +50,7 @@ class PlainSide(asyncio.Protocol):
 
     def __init__(self, on_close: Callable[[PlainSide], None] | None = None,
                  start_paused: bool = False) -> None:
-        self.peer: Endpoint | None = None
+        self.peer: RelayEndpoint | None = None
         self.transport: asyncio.Transport | None = None
         self.bytes_read = 0
         self.bytes_written = 0
@@ -67,7 +67,7 @@ class PlainSide(asyncio.Protocol):
         self._held: list[bytes] = []  # read before attach: forwarded by attach, never dropped
 
     # -- wiring ------------------------------------------------------------------------------
-    def attach(self, peer: Endpoint) -> None:
+    def attach(self, peer: RelayEndpoint) -> None:
         """Join the other side, hand it what arrived before, and start reading."""
         self.peer = peer
         held, self._held = self._held, []
@@ -132,7 +132,7 @@ class PlainSide(asyncio.Protocol):
         if self.peer is not None:
             self.peer.drained(owed)
 
-    # -- Endpoint (called by the other side) -------------------------------------------------
+    # -- RelayEndpoint (called by the other side) -------------------------------------------------
     def send(self, data: bytes) -> bool:
         if self.closed or self.eof_out or self.transport is None:
             return True  # nowhere to write; drop and keep the peer's window moving

@@ -30,11 +30,11 @@ from ztunnel import connect, hbone, podnet
 from ztunnel.events import (
     Cause,
     ConnectionEvent,
-    Direction,
     EventHook,
-    Flag,
     Phase,
     ResponseFlag,
+    TransportFlag,
+    TunnelDirection,
     emit,
 )
 from ztunnel.lograte import RepeatLimiter
@@ -65,7 +65,7 @@ class Mode(enum.Enum):
 
 
 @dataclass(frozen=True)
-class Workload:
+class TunnelWorkload:
     """What the resolver knows about a destination IP. identity None = not in the mesh."""
 
     ip: str
@@ -85,13 +85,10 @@ class PodSpec:
     mode: Mode = Mode.STRICT
 
 
-Resolver = Callable[[str], Workload | None]
+Resolver = Callable[[str], TunnelWorkload | None]
 OriginalDst = Callable[[socket.socket], tuple[ipaddress.IPv4Address, int]]
 ServiceDst = Callable[[socket.socket], "tuple[ipaddress.IPv4Address, int] | None"]
 IdentityIds = Callable[[Identity | None], int]
-# Called right before an upstream connect, where the kernel's policy program would run; raising
-# PermissionError is handled exactly like EPERM from connect(). Lets tests stand in for the kernel.
-UpstreamGate = Callable[[PodSpec, Identity | None, tuple[str, int], int], None]
 
 
 def _no_ids(_: Identity | None) -> int:
@@ -109,7 +106,6 @@ class TunnelConfig:
     inbound_original_dst: OriginalDst = podnet.local_address
     service_dst: ServiceDst = podnet.service_dst  # the VIP an outbound destination came from
     outside_mesh: Literal["passthrough", "refuse"] = "passthrough"
-    upstream_gate: UpstreamGate | None = None
     on_event: EventHook | None = None
     hbone_port: int = abi.HBONE_PORT
     outbound_port: int = abi.OUTBOUND_PORT
@@ -127,7 +123,8 @@ class TunnelConfig:
 class DialError(ConnectionError):
     """No HBONE connection to the destination; `flag`, `response` and `cause` say why."""
 
-    def __init__(self, message: str, flag: Flag, response: ResponseFlag = ResponseFlag.CONNECT,
+    def __init__(self, message: str, flag: TransportFlag,
+        response: ResponseFlag = ResponseFlag.CONNECT,
                  cause: Cause = Cause.UPSTREAM) -> None:
         super().__init__(message)
         self.flag = flag
@@ -345,8 +342,8 @@ class Tunnel:
         dst_ip = str(dst_ip_a)
         wl = self.config.resolver(dst_ip)
         svc = self.config.service_dst(conn)
-        ev = ConnectionEvent(Phase.OPEN, Direction.OUTBOUND, spec.ip, addr[1], dst_ip, dst_port,
-                             src_workload=spec.name, src_identity=spec.identity,
+        ev = ConnectionEvent(Phase.OPEN, TunnelDirection.OUTBOUND, spec.ip, addr[1], dst_ip,
+                             dst_port, src_workload=spec.name, src_identity=spec.identity,
                              dst_workload=wl.name if wl else "",
                              dst_identity=wl.identity if wl else None,
                              svc_ip=str(svc[0]) if svc else "", svc_port=svc[1] if svc else 0)
@@ -355,7 +352,7 @@ class Tunnel:
                         "a target (redirect loop?)", spec.name, dst_ip, dst_port)
             _reset(conn)
             emit(self.config.on_event, ev.refused(ResponseFlag.NO_ROUTE, Cause.ILLEGAL_PORT,
-                                                  Flag.BAD_REQUEST))
+                                                  TransportFlag.BAD_REQUEST))
             return
         _, app = await loop.connect_accepted_socket(lambda: PlainSide(start_paused=True), conn)
         if wl is None or wl.identity is None:
@@ -380,7 +377,7 @@ class Tunnel:
                 session.stream_reset(sid)  # do not leave the stream open on the connection
             app.reset()
             emit(self.config.on_event, ev.refused(ResponseFlag.CONNECT, Cause.UPSTREAM,
-                                                  Flag.UPSTREAM_FAILURE, why))
+                                                  TransportFlag.UPSTREAM_FAILURE, why))
             return
         if status != connect.OK:
             flag, response, cause, why = _status_meaning(status)
@@ -388,7 +385,7 @@ class Tunnel:
                         spec.identity, dst_ip, dst_port, wl.identity, status, why)
             app.reset()
             # Refused by the destination over an established mTLS connection.
-            emit(self.config.on_event, ev.refused(response, cause, flag | Flag.HBONE,
+            emit(self.config.on_event, ev.refused(response, cause, flag | TransportFlag.HBONE,
                                                   f"{status}: {why}"))
             return
         await self._carry(ev, session, sid, app, source_side=True)
@@ -397,7 +394,7 @@ class Tunnel:
                      plain: PlainSide, *, source_side: bool) -> None:
         """An accepted HBONE stream: report it open, relay until both halves end, report it
         closed. `plain` is the source app's socket (source_side) or the destination app's."""
-        ev.flags = Flag.CONNECT | Flag.HBONE
+        ev.flags = TransportFlag.CONNECT | TransportFlag.HBONE
         emit(self.config.on_event, ev)
         if session.attach(sid, plain):
             await _wait(plain)
@@ -405,7 +402,7 @@ class Tunnel:
                           else (plain.bytes_written, plain.bytes_read))
         emit(self.config.on_event, ev.closed(
             bytes_sent=sent, bytes_received=received,
-            flags=ev.flags | (Flag.RESET if plain.reset_seen else Flag.NONE)))
+            flags=ev.flags | (TransportFlag.RESET if plain.reset_seen else TransportFlag.NONE)))
 
     async def _passthrough(self, spec: PodSpec, app: PlainSide, ev: ConnectionEvent) -> None:
         if self.config.outside_mesh == "refuse":
@@ -413,15 +410,15 @@ class Tunnel:
                         "the mesh and passthrough is off", spec.name, ev.dst_ip, ev.dst_port)
             app.reset()
             emit(self.config.on_event, ev.refused(ResponseFlag.NO_ROUTE, Cause.OUTSIDE_MESH,
-                                                  Flag.NO_ROUTE))
+                                                  TransportFlag.NO_ROUTE))
             return
         up = await self._connect_plain(spec, (ev.dst_ip, ev.dst_port), podnet.TUNNEL_MARK, None)
         if isinstance(up, str):
             app.reset()
             emit(self.config.on_event, ev.refused(ResponseFlag.CONNECT, Cause.UPSTREAM,
-                                                  Flag.UPSTREAM_FAILURE, up))
+                                                  TransportFlag.UPSTREAM_FAILURE, up))
             return
-        ev.flags = Flag.CONNECT | Flag.PASSTHROUGH
+        ev.flags = TransportFlag.CONNECT | TransportFlag.PASSTHROUGH
         emit(self.config.on_event, ev)
         await self._splice(app, up, ev)
 
@@ -436,13 +433,15 @@ class Tunnel:
             raise
         emit(self.config.on_event, ev.closed(
             bytes_sent=a.bytes_read, bytes_received=a.bytes_written,
-            flags=ev.flags | (Flag.RESET if a.reset_seen or b.reset_seen else Flag.NONE)))
+            flags=ev.flags | (TransportFlag.RESET if a.reset_seen or b.reset_seen
+                              else TransportFlag.NONE)))
 
     async def _dial(self, key: PoolKey) -> HboneSession:
         loop = asyncio.get_running_loop()
         pod = self._by_ip.get(key.src_ip)
         if pod is None:
-            raise DialError(f"source pod {key.src_ip} is no longer enrolled", Flag.UPSTREAM_FAILURE)
+            raise DialError(f"source pod {key.src_ip} is no longer enrolled",
+                TransportFlag.UPSTREAM_FAILURE)
         cfg = self.config
         target = (key.dst_ip, cfg.hbone_port)
         where = f"{key.dst_ip}:{cfg.hbone_port}"
@@ -454,18 +453,18 @@ class Tunnel:
             msg = (f"connection to {where} timed out: maybe a NetworkPolicy is blocking HBONE "
                    f"port {cfg.hbone_port}")
             log.warning("%s", msg)
-            raise DialError(msg, Flag.UPSTREAM_FAILURE) from None
+            raise DialError(msg, TransportFlag.UPSTREAM_FAILURE) from None
         except ConnectionRefusedError:
             sock.close()
             msg = (f"connection to {where} refused: no tunnel listens there (destination pod not "
                    "enrolled, or its node's tunnel is down)")
             log.warning("%s", msg)
-            raise DialError(msg, Flag.UPSTREAM_FAILURE) from None
+            raise DialError(msg, TransportFlag.UPSTREAM_FAILURE) from None
         except OSError as exc:
             sock.close()
             msg = f"connection to {where} failed: {exc.strerror or exc}"
             log.warning("%s", msg)
-            raise DialError(msg, Flag.UPSTREAM_FAILURE) from None
+            raise DialError(msg, TransportFlag.UPSTREAM_FAILURE) from None
         expected = key.dst_identity
         try:
             _, session = await loop.create_connection(
@@ -477,7 +476,7 @@ class Tunnel:
             await asyncio.wait_for(session.ready, cfg.handshake_timeout)
         except PeerIdentityError as exc:
             sock.close()
-            raise DialError(f"mTLS to {where} rejected: {exc}", Flag.TLS_FAILURE,
+            raise DialError(f"mTLS to {where} rejected: {exc}", TransportFlag.TLS_FAILURE,
                             ResponseFlag.IDENTITY_ERROR, Cause.PEER_IDENTITY) from None
         except (ssl.SSLError, ConnectionError, TimeoutError, OSError) as exc:
             sock.close()
@@ -488,7 +487,7 @@ class Tunnel:
                          "rejected our client certificate (see its logs)")
             msg = f"mTLS handshake with {where} (expecting {expected}) failed: {cause}"
             log.warning("%s", msg)
-            raise DialError(msg, Flag.TLS_FAILURE, ResponseFlag.TLS_FAILURE,
+            raise DialError(msg, TransportFlag.TLS_FAILURE, ResponseFlag.TLS_FAILURE,
                             Cause.TLS_HANDSHAKE) from None
         return session
 
@@ -513,15 +512,17 @@ class Tunnel:
                         spec.name, describe_handshake_error(exc))
             conn.close()
             emit(self.config.on_event, ConnectionEvent(
-                Phase.CLOSE, Direction.INBOUND, addr[0], addr[1], spec.ip, self.config.hbone_port,
-                dst_workload=spec.name, dst_identity=spec.identity, flags=Flag.TLS_FAILURE,
+                Phase.CLOSE, TunnelDirection.INBOUND, addr[0], addr[1], spec.ip,
+                self.config.hbone_port,
+                dst_workload=spec.name, dst_identity=spec.identity, flags=TransportFlag.TLS_FAILURE,
                 reason=describe_handshake_error(exc), response=ResponseFlag.TLS_FAILURE,
                 cause=Cause.TLS_HANDSHAKE))
             return
         if session.failure is not None:
             emit(self.config.on_event, ConnectionEvent(
-                Phase.CLOSE, Direction.INBOUND, addr[0], addr[1], spec.ip, self.config.hbone_port,
-                dst_workload=spec.name, dst_identity=spec.identity, flags=Flag.TLS_FAILURE,
+                Phase.CLOSE, TunnelDirection.INBOUND, addr[0], addr[1], spec.ip,
+                self.config.hbone_port,
+                dst_workload=spec.name, dst_identity=spec.identity, flags=TransportFlag.TLS_FAILURE,
                 reason=str(session.failure), response=ResponseFlag.IDENTITY_ERROR,
                 cause=Cause.PEER_IDENTITY))
             return
@@ -541,13 +542,14 @@ class Tunnel:
         verdict = connect.validate_request(headers, ipaddress.ip_address(session.local_addr[0]))
         dst_ip, dst_port = (str(verdict.target[0]), verdict.target[1]) if verdict.target else (
             spec.ip, 0)
-        ev = ConnectionEvent(Phase.OPEN, Direction.INBOUND, src_ip, src_port, dst_ip, dst_port,
-                             src_workload=src_wl.name if src_wl else "", src_identity=session.peer,
+        ev = ConnectionEvent(Phase.OPEN, TunnelDirection.INBOUND, src_ip, src_port, dst_ip,
+                             dst_port, src_workload=src_wl.name if src_wl else "",
+                             src_identity=session.peer,
                              dst_workload=spec.name, dst_identity=spec.identity)
         if self.draining:
             session.respond(sid, connect.UNAVAILABLE)
             emit(self.config.on_event, ev.refused(ResponseFlag.CONNECT, Cause.DRAINING,
-                                                  Flag.UPSTREAM_FAILURE, "draining"))
+                                                  TransportFlag.UPSTREAM_FAILURE, "draining"))
             return
         if not verdict.ok:
             log.warning("HBONE request from %s (%s) to pod %s rejected with %d: %s", src_ip,
@@ -555,7 +557,7 @@ class Tunnel:
             session.respond(sid, verdict.status)
             emit(self.config.on_event, ev.refused(
                 ResponseFlag.DOWNSTREAM_PROTOCOL_ERROR, verdict.cause or Cause.BAD_AUTHORITY,
-                Flag.BAD_REQUEST, verdict.reason))
+                TransportFlag.BAD_REQUEST, verdict.reason))
             return
         up = await self._upstream(spec, session.peer, src_ip, (dst_ip, dst_port))
         if isinstance(up, int):
@@ -575,6 +577,14 @@ class Tunnel:
             return connect.UNAUTHORIZED if up == "deny" else connect.UNAVAILABLE
         return up
 
+    async def _upstream_connect(self, spec: PodSpec, peer: Identity | None,
+                                sock: socket.socket, target: tuple[str, int], mark: int) -> None:
+        """connect() of a marked upstream socket: the kernel's policy program decides here
+        (EPERM/EACCES raise PermissionError). `spec`, `peer` and `mark` say who is connecting."""
+        del spec, peer, mark  # the kernel reads the socket's mark itself
+        loop = asyncio.get_running_loop()
+        await asyncio.wait_for(loop.sock_connect(sock, target), self.config.connect_timeout)
+
     async def _connect_plain(self, spec: PodSpec, target: tuple[str, int], mark: int,
                              source_ip: str | None, peer: Identity | None = None,
                              ) -> PlainSide | str:
@@ -586,9 +596,7 @@ class Tunnel:
             log.warning("cannot create upstream socket in pod %s: %s", spec.name, exc)
             return "error"
         try:
-            if self.config.upstream_gate is not None:
-                self.config.upstream_gate(spec, peer, target, mark)
-            await asyncio.wait_for(loop.sock_connect(sock, target), self.config.connect_timeout)
+            await self._upstream_connect(spec, peer, sock, target, mark)
         except PermissionError as exc:
             sock.close()
             log.warning("upstream connect to %s:%d in pod %s for %s denied by policy (%s)",
@@ -610,7 +618,7 @@ class Tunnel:
         spec = pod.spec
         dst_ip_a, dst_port = self.config.inbound_original_dst(conn)
         src_wl = self.config.resolver(addr[0])
-        ev = ConnectionEvent(Phase.OPEN, Direction.INBOUND_PLAINTEXT, addr[0], addr[1],
+        ev = ConnectionEvent(Phase.OPEN, TunnelDirection.INBOUND_PLAINTEXT, addr[0], addr[1],
                              str(dst_ip_a), dst_port, src_workload=src_wl.name if src_wl else "",
                              dst_workload=spec.name, dst_identity=spec.identity)
         if spec.mode is Mode.STRICT:
@@ -618,13 +626,14 @@ class Tunnel:
                         "STRICT (mTLS required); is the client outside the mesh?", addr[0],
                         addr[1], spec.name, dst_port)
             _reset(conn)
-            emit(self.config.on_event, ev.refused(ResponseFlag.DENY, Cause.STRICT_MTLS, Flag.DENY,
+            emit(self.config.on_event, ev.refused(ResponseFlag.DENY, Cause.STRICT_MTLS,
+                TransportFlag.DENY,
                                                   "STRICT mode"))
             return
         if dst_port in connect.ILLEGAL_PORTS:
             _reset(conn)
             emit(self.config.on_event, ev.refused(ResponseFlag.NO_ROUTE, Cause.ILLEGAL_PORT,
-                                                  Flag.BAD_REQUEST, "illegal port"))
+                                                  TransportFlag.BAD_REQUEST, "illegal port"))
             return
         up = await self._upstream(spec, None, addr[0], (str(dst_ip_a), dst_port))
         if isinstance(up, int):
@@ -632,31 +641,32 @@ class Tunnel:
             emit(self.config.on_event, _upstream_refusal(ev, up))
             return
         _, app = await loop.connect_accepted_socket(lambda: PlainSide(start_paused=True), conn)
-        ev.flags = Flag.CONNECT
+        ev.flags = TransportFlag.CONNECT
         emit(self.config.on_event, ev)
         await self._splice(app, up, ev)
 
 
-def _status_meaning(status: int) -> tuple[Flag, ResponseFlag, Cause, str]:
+def _status_meaning(status: int) -> tuple[TransportFlag, ResponseFlag, Cause, str]:
     """What a non-200 CONNECT answer means for the source side."""
     if status == connect.UNAUTHORIZED:
-        return (Flag.DENY, ResponseFlag.DENY, Cause.REMOTE_DENY,
+        return (TransportFlag.DENY, ResponseFlag.DENY, Cause.REMOTE_DENY,
                 "denied by the destination's policy")
     if status == connect.BAD_REQUEST:
-        return (Flag.BAD_REQUEST, ResponseFlag.CONNECT, Cause.REMOTE_BAD_REQUEST,
+        return (TransportFlag.BAD_REQUEST, ResponseFlag.CONNECT, Cause.REMOTE_BAD_REQUEST,
                 "the destination rejected the request (wrong pod for that IP?)")
     if status == connect.UNAVAILABLE:
-        return (Flag.UPSTREAM_FAILURE, ResponseFlag.CONNECT, Cause.UPSTREAM,
+        return (TransportFlag.UPSTREAM_FAILURE, ResponseFlag.CONNECT, Cause.UPSTREAM,
                 "the destination could not reach the app (not listening?)")
-    return Flag.UPSTREAM_FAILURE, ResponseFlag.CONNECT, Cause.UPSTREAM, "unexpected status"
+    return TransportFlag.UPSTREAM_FAILURE, ResponseFlag.CONNECT, Cause.UPSTREAM, "unexpected status"
 
 
 def _upstream_refusal(ev: ConnectionEvent, status: int) -> ConnectionEvent:
     """The destination side's event for a failed upstream connect: 401 is the policy program's
     EPERM, anything else a connection failure."""
     if status == connect.UNAUTHORIZED:
-        return ev.refused(ResponseFlag.DENY, Cause.POLICY_DENY, Flag.DENY, str(status))
-    return ev.refused(ResponseFlag.CONNECT, Cause.UPSTREAM, Flag.UPSTREAM_FAILURE, str(status))
+        return ev.refused(ResponseFlag.DENY, Cause.POLICY_DENY, TransportFlag.DENY, str(status))
+    return ev.refused(ResponseFlag.CONNECT, Cause.UPSTREAM, TransportFlag.UPSTREAM_FAILURE,
+        str(status))
 
 
 def _reset(conn: socket.socket) -> None:

@@ -28,17 +28,17 @@ from agent.policy.connection import Connection
 from agent.policy.evaluator import Decision, evaluate
 from agent.state.snapshot import MeshState
 from agent.telemetry.flow import (
-    EventKind,
+    FlowEventKind,
     FlowRecord,
     FlowRecordError,
+    FlowVerdict,
     Reporter,
     SecurityPolicy,
-    Verdict,
     rfc3339,
 )
 
 SCHEMA_ID: Final = "nodemesh.simulation/v1"
-REPLAYED_KINDS: Final = frozenset({EventKind.CLOSE, EventKind.DENY})
+REPLAYED_KINDS: Final = frozenset({FlowEventKind.CLOSE, FlowEventKind.DENY})
 # The largest flow-log line accepted; records are a few hundred bytes.
 MAX_LINE: Final = 64 * 1024
 
@@ -164,7 +164,7 @@ def _source_label(rec: FlowRecord) -> str:
 
 
 def _today(rec: FlowRecord) -> Outcome:
-    if rec.verdict is Verdict.ALLOWED:
+    if rec.verdict is FlowVerdict.ALLOWED:
         return Outcome("allow", None, None, "allowed when recorded")
     return Outcome("deny", rec.policy or None, rec.rule or None,
                    f"denied when recorded ({rec.reason or rec.response_flags})")

@@ -28,7 +28,7 @@ import aiohttp
 import jwt
 
 from agent.caauth.podindex import PodCacheNotReadyError, PodIndex
-from agent.identity.ca import Caller, Rejection, Status
+from agent.identity.ca import Caller, CaRejection, Status
 from agent.identity.metrics import CaMetrics
 from agent.identity.spiffe import Identity, IdentityError
 from agent.sources.kube.config import ClusterConfig, auth_headers
@@ -57,17 +57,17 @@ class CheckedToken:
         return f"{_SA_PREFIX}{self.namespace}:{self.service_account}"
 
 
-def _unauthenticated(message: str, reason: str) -> Rejection:
-    return Rejection(Status.UNAUTHENTICATED, message, reason)
+def _unauthenticated(message: str, reason: str) -> CaRejection:
+    return CaRejection(Status.UNAUTHENTICATED, message, reason)
 
 
-def _unavailable(message: str) -> Rejection:
-    return Rejection(Status.UNAVAILABLE, message, "token_check_unavailable")
+def _unavailable(message: str) -> CaRejection:
+    return CaRejection(Status.UNAVAILABLE, message, "token_check_unavailable")
 
 
 class TokenChecker(Protocol):
     async def check(self, token: str) -> CheckedToken:
-        """The token's holder, or Rejection (UNAUTHENTICATED: a bad token; UNAVAILABLE: the
+        """The token's holder, or CaRejection (UNAUTHENTICATED: a bad token; UNAVAILABLE: the
         CA cannot check tokens right now)."""
         ...
 
@@ -253,14 +253,14 @@ class KubeTokenAuthenticator:
     async def authenticate(self, token: str) -> Caller:
         try:
             checked = await self.checker.check(token)
-        except Rejection as r:
+        except CaRejection as r:
             self.metrics.token_reviews.labels(r.reason).inc()
             raise
         self.metrics.token_reviews.labels("authenticated").inc()
         who = checked.username
         if (checked.namespace, checked.service_account) not in self.agent_accounts:
             allowed = ", ".join(sorted(f"{n}/{s}" for n, s in self.agent_accounts))
-            raise Rejection(Status.PERMISSION_DENIED,
+            raise CaRejection(Status.PERMISSION_DENIED,
                             f"caller {who} is not a node agent ServiceAccount (this CA accepts "
                             f"{allowed})", "not_agent_account")
         if not checked.pod_name:
@@ -279,7 +279,7 @@ class KubeTokenAuthenticator:
         try:
             pod = self.pods.pod(checked.namespace, checked.pod_name)
         except PodCacheNotReadyError as e:
-            raise Rejection(Status.UNAVAILABLE, str(e), "pod_cache_not_ready") from e
+            raise CaRejection(Status.UNAVAILABLE, str(e), "pod_cache_not_ready") from e
         where = f"{checked.namespace}/{checked.pod_name}"
         if pod is None:
             raise _unauthenticated(f"caller pod {where} is not running on any node",

@@ -232,7 +232,7 @@ def _kube_parts(args: argparse.Namespace, registry: CollectorRegistry, metrics: 
                 ) -> tuple[PodIndex, ClusterPodSource, KubeTokenAuthenticator]:
     try:
         config = kubeconfig.load(args.kubeconfig)
-    except kubeconfig.ConfigError as e:
+    except kubeconfig.KubeConfigError as e:
         raise SystemExit(f"--kube: {e}") from None
     accounts = []
     for text in args.agent_service_account or ["nodemesh-system/nodemesh"]:

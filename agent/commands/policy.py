@@ -20,7 +20,7 @@ from agent.model.mesh import Service, Workload
 from agent.policy.connection import Connection
 from agent.policy.evaluator import Decision, applicable, evaluate
 from agent.policy.ratelimit import limit_for
-from agent.sources.file import ConfigError, load_path
+from agent.sources.file import MeshConfigError, load_path
 from agent.state.snapshot import MeshState
 
 EXIT_ALLOW, EXIT_DENY, EXIT_ERROR = 0, 1, 2
@@ -135,7 +135,7 @@ def _service(state: MeshState, text: str, port: int, forced: bool) -> Service | 
 def _load(args: argparse.Namespace) -> MeshState | None:
     try:
         return load_path(args.config, args.root_namespace)
-    except ConfigError as e:
+    except MeshConfigError as e:
         print(f"nodemesh policy: invalid configuration: {e}", file=sys.stderr)
         return None
 

@@ -23,7 +23,7 @@ from agent.config import DEFAULT_ROOT_NAMESPACE
 from agent.posture import render
 from agent.posture.certs import CertificateFileError, from_files
 from agent.posture.checks import DEFAULT_CERT_WARNING, Inputs, Severity, build_report
-from agent.sources.file import ConfigError, load_path
+from agent.sources.file import MeshConfigError, load_path
 
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
 PROG: Final = "nodemesh posture"
@@ -88,7 +88,7 @@ def _guarded(args: argparse.Namespace) -> int:
 def _from_config(args: argparse.Namespace) -> dict[str, Any]:
     try:
         state = load_path(args.config, args.root_namespace)
-    except ConfigError as e:
+    except MeshConfigError as e:
         raise PostureError(f"invalid configuration: {e}") from None
     try:
         certs = tuple(from_files(args.certs))

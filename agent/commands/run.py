@@ -23,8 +23,7 @@ from agent.posture.live import live_report
 from agent.runtime import admin
 from agent.runtime.node import NodeAgent
 from agent.runtime.readiness import Readiness
-from agent.sources.file import ConfigError as MeshConfigError
-from agent.sources.file import FileSource
+from agent.sources.file import FileSource, MeshConfigError
 from agent.sources.k8sstate import KubernetesStateSink
 from agent.sources.kube import config as kubeconfig
 from agent.sources.kubernetes import KubernetesSource

@@ -15,7 +15,7 @@ from typing import Any, Final
 from agent.analysis.simulate import FlowLogError, Simulation, simulate
 from agent.commands.telemetry import parse_time
 from agent.config import DEFAULT_ROOT_NAMESPACE
-from agent.sources.file import ConfigError, load_path
+from agent.sources.file import MeshConfigError, load_path
 
 EXIT_SAME, EXIT_CHANGED, EXIT_ERROR = 0, 1, 2
 PROG: Final = "nodemesh policy simulate"
@@ -68,7 +68,7 @@ def _simulate(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     try:
         state = load_path(args.config, args.root_namespace)
-    except ConfigError as e:
+    except MeshConfigError as e:
         print(f"{PROG}: invalid configuration: {e}", file=sys.stderr)
         return EXIT_ERROR
     try:

@@ -16,10 +16,10 @@ import aiohttp
 
 from agent.telemetry.flow import (
     NO_FLAGS,
-    EventKind,
+    FlowEventKind,
     FlowRecord,
     FlowRecordError,
-    Verdict,
+    FlowVerdict,
     parse_rfc3339,
 )
 from agent.telemetry.stream import FlowFilter
@@ -73,7 +73,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="only flows at or after TIME (RFC 3339 or an age like 10m)")
     p.add_argument("--to", dest="until", type=parse_time, metavar="TIME",
                    help="only flows at or before TIME")
-    p.add_argument("--verdict", choices=[v.value for v in Verdict])
+    p.add_argument("--verdict", choices=[v.value for v in FlowVerdict])
     p.add_argument("-n", "--namespace", help="only flows with a side in this namespace")
     p.add_argument("-f", "--follow", action="store_true", help="keep streaming new flows")
     p.add_argument("--json", action="store_true", help="print records as JSON lines")
@@ -82,7 +82,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def filter_from_args(args: argparse.Namespace) -> FlowFilter:
-    verdict = Verdict(args.verdict) if args.verdict else None
+    verdict = FlowVerdict(args.verdict) if args.verdict else None
     return FlowFilter(args.since, args.until, verdict, args.namespace)
 
 
@@ -159,8 +159,9 @@ def _flows(args: argparse.Namespace) -> int:
 # Table: TIME(8) KIND(5) SOURCE(18) DESTINATION(20) BYTES(10) INFO(rest, 13), one space between.
 _COLUMNS: Final = (("TIME", 8), ("KIND", 5), ("SOURCE", 18), ("DESTINATION", 20),
                    ("SENT/RCVD", 10))
-_KIND: Final = {EventKind.OPEN: "open", EventKind.CLOSE: "close", EventKind.DENY: "DENY",
-                EventKind.AUTH_FAILURE: "AUTHF", EventKind.REJECT: "REJ"}
+_KIND: Final = {FlowEventKind.OPEN: "open", FlowEventKind.CLOSE: "close",
+                FlowEventKind.DENY: "DENY", FlowEventKind.AUTH_FAILURE: "AUTHF",
+                FlowEventKind.REJECT: "REJ"}
 
 
 def _fit(text: str, width: int) -> str:
@@ -190,12 +191,12 @@ def _line(cells: list[str], info: str) -> str:
 def table_row(rec: FlowRecord) -> str:
     dst = rec.destination
     where = dst.label() if not dst.workload or not dst.port else f"{dst.label()}:{dst.port}"
-    if rec.kind is EventKind.OPEN:
+    if rec.kind is FlowEventKind.OPEN:
         info = "mtls" if rec.tunneled else ""
         sizes = ""
     else:
         flags = rec.response_flags if rec.response_flags != NO_FLAGS else ""
-        if rec.kind is EventKind.CLOSE:
+        if rec.kind is FlowEventKind.CLOSE:
             info = f"{rec.duration:.1f}s {flags}"
         else:  # refusals: the reason says more than the flag (always DENY or a TLS one)
             info = rec.reason or flags

@@ -13,6 +13,7 @@ import errno
 import os
 import platform
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 # __NR_bpf differs per architecture (arch/*/include/uapi/asm/unistd*.h; arm64 and riscv64 use
@@ -204,6 +205,15 @@ def map_keys(fd: int, key_size: int) -> list[bytes]:
             raise
         keys.append(nxt.raw)
         cur = ctypes.create_string_buffer(nxt.raw, key_size)
+
+
+def map_items(fd: int, key_size: int, value_size: int) -> Iterator[tuple[bytes, bytes]]:
+    """(key, value) of every entry; an entry deleted between the key walk and its lookup is
+    skipped."""
+    for key in map_keys(fd, key_size):
+        raw = map_lookup(fd, key, value_size)
+        if raw is not None:
+            yield key, raw
 
 
 def map_update_batch(fd: int, keys: bytes, values: bytes, count: int) -> None:

@@ -48,7 +48,7 @@ from agent.datapath.options import BuildOptions
 from agent.datapath.pinned import PinnedObjects
 from agent.datapath.programs import CGROUP_PROGRAMS, PROGS_DIR, SK_LOOKUP
 from agent.datapath.ringbuf import RingBuffer
-from agent.datapath.verdicts import COUNTER_SLOTS, Counter, EventKind, RateLimitCounter
+from agent.datapath.verdicts import COUNTER_SLOTS, Counter, KernelEventKind, RateLimitCounter
 from agent.host import netns
 
 log = logging.getLogger(__name__)
@@ -255,10 +255,8 @@ class Datapath:
     def trusted_cgroups(self) -> dict[int, TrustedEntry]:
         fd = self.module.map_fd("nm_trusted_cg_v1")
         out: dict[int, TrustedEntry] = {}
-        for key in bpfsys.map_keys(fd, layouts.CGROUP_ID.size):
-            raw = bpfsys.map_lookup(fd, key, layouts.TRUSTED_ENTRY.size)
-            if raw is not None:
-                out[layouts.CGROUP_ID.unpack(key)[0]] = TrustedEntry.unpack(raw)
+        for key, raw in bpfsys.map_items(fd, layouts.CGROUP_ID.size, layouts.TRUSTED_ENTRY.size):
+            out[layouts.CGROUP_ID.unpack(key)[0]] = TrustedEntry.unpack(raw)
         return out
 
     def _attach(self, pin: Path, prog_fd: int, target_fd: int, attach: AttachType) -> str:
@@ -372,11 +370,9 @@ class Datapath:
     def enrolled(self) -> dict[int, tuple[int, ipaddress.IPv4Address]]:
         fd = self.module.map_fd("nm_enrolled_v1")
         out: dict[int, tuple[int, ipaddress.IPv4Address]] = {}
-        for key in bpfsys.map_keys(fd, 8):
-            raw = bpfsys.map_lookup(fd, key, layouts.ENROLL.size)
-            if raw is not None:
-                ident, ip, _f, _p = layouts.ENROLL.unpack(raw)
-                out[int.from_bytes(key, "little")] = (ident, ipaddress.IPv4Address(ip))
+        for key, raw in bpfsys.map_items(fd, 8, layouts.ENROLL.size):
+            ident, ip, _f, _p = layouts.ENROLL.unpack(raw)
+            out[int.from_bytes(key, "little")] = (ident, ipaddress.IPv4Address(ip))
         return out
 
     def set_inbound_listener(self, pod_ip: ipaddress.IPv4Address, listener: socket.socket) -> None:
@@ -512,19 +508,15 @@ class Datapath:
         """The limits in force as the kernel holds them."""
         fd = self.module.map_fd("nm_rl_cfg_v1")
         out: dict[RateLimitKey, RateLimitEntry] = {}
-        for key in bpfsys.map_keys(fd, layouts.RL_CFG_KEY.size):
-            raw = bpfsys.map_lookup(fd, key, layouts.RL_CFG.size)
-            if raw is not None:
-                out[RateLimitKey.unpack(key)] = RateLimitEntry.unpack(raw)
+        for key, raw in bpfsys.map_items(fd, layouts.RL_CFG_KEY.size, layouts.RL_CFG.size):
+            out[RateLimitKey.unpack(key)] = RateLimitEntry.unpack(raw)
         return out
 
     def rate_limit_buckets(self) -> list[RateLimitState]:
         fd = self.module.map_fd("nm_rl_state_v1")
         out = []
-        for key in bpfsys.map_keys(fd, layouts.RL_KEY.size):
-            raw = bpfsys.map_lookup(fd, key, layouts.RL_STATE.size)
-            if raw is not None:
-                out.append(RateLimitState.unpack(key, raw))
+        for key, raw in bpfsys.map_items(fd, layouts.RL_KEY.size, layouts.RL_STATE.size):
+            out.append(RateLimitState.unpack(key, raw))
         return out
 
     def rate_limit_refusals(self) -> dict[str, int]:
@@ -606,11 +598,9 @@ class Datapath:
         svc_fd = self.module.map_fd("nm_lb4_svc_v1")
         be_fd = self.module.map_fd("nm_lb4_backend_v1")
         out: dict[Frontend, tuple[int, int, tuple[Backend, ...] | None]] = {}
-        for key in bpfsys.map_keys(svc_fd, layouts.LB4_KEY.size):
-            raw = bpfsys.map_lookup(svc_fd, key, layouts.LB4_SERVICE.size)
-            if raw is not None:
-                svc_id, count, _flags = layouts.LB4_SERVICE.unpack(raw)
-                out[Frontend.unpack(key)] = (svc_id, count, None)
+        for key, raw in bpfsys.map_items(svc_fd, layouts.LB4_KEY.size, layouts.LB4_SERVICE.size):
+            svc_id, count, _flags = layouts.LB4_SERVICE.unpack(raw)
+            out[Frontend.unpack(key)] = (svc_id, count, None)
         live = {i for i, _, _ in out.values()}
         stale: dict[int, int] = {}
         for key in bpfsys.map_keys(be_fd, layouts.LB4_BACKEND_KEY.size):
@@ -627,11 +617,9 @@ class Datapath:
         """Per frontend: (connections open through it now, connects its cap refused so far)."""
         fd = self.module.map_fd("nm_lb4_active_v1")
         out: dict[Frontend, tuple[int, int]] = {}
-        for key in bpfsys.map_keys(fd, layouts.LB4_KEY.size):
-            raw = bpfsys.map_lookup(fd, key, layouts.LB4_ACTIVE.size)
-            if raw is not None:
-                conns, overflows = layouts.LB4_ACTIVE.unpack(raw)
-                out[Frontend.unpack(key)] = (max(conns, 0), overflows)
+        for key, raw in bpfsys.map_items(fd, layouts.LB4_KEY.size, layouts.LB4_ACTIVE.size):
+            conns, overflows = layouts.LB4_ACTIVE.unpack(raw)
+            out[Frontend.unpack(key)] = (max(conns, 0), overflows)
         return out
 
     def written_services(self) -> dict[str, list[str]]:
@@ -646,10 +634,7 @@ class Datapath:
         svc_fd = self.module.map_fd("nm_lb4_svc_v1")
         be_fd = self.module.map_fd("nm_lb4_backend_v1")
         out: dict[Frontend, tuple[Backend, ...]] = {}
-        for key in bpfsys.map_keys(svc_fd, layouts.LB4_KEY.size):
-            raw = bpfsys.map_lookup(svc_fd, key, layouts.LB4_SERVICE.size)
-            if raw is None:
-                continue
+        for key, raw in bpfsys.map_items(svc_fd, layouts.LB4_KEY.size, layouts.LB4_SERVICE.size):
             svc_id, count, _flags = layouts.LB4_SERVICE.unpack(raw)
             bes = []
             for slot in range(count):
@@ -687,10 +672,9 @@ class Datapath:
         """The agent's live upstream connects sk_lookup lets through, with their socket cookie."""
         fd = self.module.map_fd("nm_upstream_v2")
         out: dict[UpstreamKey, int] = {}
-        for key in bpfsys.map_keys(fd, layouts.UPSTREAM_KEY.size):
-            raw = bpfsys.map_lookup(fd, key, layouts.UPSTREAM_ENTRY.size)
-            if raw is not None:
-                out[UpstreamKey.unpack(key)] = layouts.UPSTREAM_ENTRY.unpack(raw)[0]
+        entry = layouts.UPSTREAM_ENTRY
+        for key, raw in bpfsys.map_items(fd, layouts.UPSTREAM_KEY.size, entry.size):
+            out[UpstreamKey.unpack(key)] = entry.unpack(raw)[0]
         return out
 
     def map_fill(self) -> dict[str, tuple[int, int]]:
@@ -715,7 +699,7 @@ class Datapath:
         }
 
     def open_events(self, callback: Callable[[FlowEvent], None],
-                    kinds: Iterable[EventKind] | None = None) -> None:
+                    kinds: Iterable[KernelEventKind] | None = None) -> None:
         """Subscribe to flow events; delivered from poll_events()/drain_events().
 
         `kinds` names the events the subscriber needs (None: all): records of other kinds are

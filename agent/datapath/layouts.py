@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import TypeVar
 
-from agent.datapath.verdicts import Direction, EventKind, Reason, Verdict
+from agent.datapath.verdicts import KernelDirection, KernelEventKind, KernelVerdict, Reason
 
 ANY = 0xFFFFFFFF
 ANY_PORT = 0
@@ -72,7 +72,7 @@ class PolicyKey:
 
 @dataclass(frozen=True)
 class PolicyEntry:
-    verdict: Verdict
+    verdict: KernelVerdict
     reason: Reason = Reason.NONE
     policy: int = 0
     rule: int = 0
@@ -83,7 +83,7 @@ class PolicyEntry:
     @classmethod
     def unpack(cls, raw: bytes) -> PolicyEntry:
         verdict, reason, rule, policy = POLICY_VALUE.unpack(raw)
-        return cls(_member(Verdict, verdict), _member(Reason, reason), policy, rule)
+        return cls(_member(KernelVerdict, verdict), _member(Reason, reason), policy, rule)
 
 
 def ipcache_key(net: ipaddress.IPv4Network) -> bytes:
@@ -163,10 +163,10 @@ class FlowEvent:
     src_id: int
     policy: int
     rule: int
-    kind: EventKind
-    verdict: Verdict
+    kind: KernelEventKind
+    verdict: KernelVerdict
     reason: Reason
-    direction: Direction
+    direction: KernelDirection
     svc_ip: Ip | None = None  # the Service VIP the app connected to (load-balanced connects)
     svc_port: int = 0
 
@@ -215,10 +215,10 @@ class FlowEvent:
             sid,
             policy,
             rule,
-            _member(EventKind, kind),
-            _member(Verdict, verdict),
+            _member(KernelEventKind, kind),
+            _member(KernelVerdict, verdict),
             _member(Reason, reason),
-            _member(Direction, direction),
+            _member(KernelDirection, direction),
             Ip(svc_ip) if svc_port else None,
             svc_port,
         )
@@ -296,7 +296,7 @@ class RateLimitState:
 
     dst: Ip
     src_id: int
-    direction: Direction
+    direction: KernelDirection
     tat: int
     active: int
 
@@ -304,7 +304,7 @@ class RateLimitState:
     def unpack(cls, key: bytes, value: bytes) -> RateLimitState:
         dst, src_id, direction = RL_KEY.unpack(key[: RL_KEY.size])
         tat, active = RL_STATE.unpack(value[: RL_STATE.size])
-        return cls(Ip(dst), src_id, _member(Direction, direction), tat, active)
+        return cls(Ip(dst), src_id, _member(KernelDirection, direction), tat, active)
 
 
 def _member(enum: type[_E], value: int) -> _E:

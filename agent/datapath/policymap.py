@@ -23,13 +23,14 @@ from dataclasses import dataclass, field
 from agent.abi import ID_PLAINTEXT
 from agent.datapath.identities import ID_OTHER, IdentityTable
 from agent.datapath.layouts import ANY, ANY_PORT, PolicyEntry, PolicyKey
-from agent.datapath.verdicts import Reason, Verdict
+from agent.datapath.verdicts import KernelVerdict, Reason
 from agent.identity.spiffe import Identity
 from agent.model.mesh import Workload
 from agent.policy.connection import Connection
 from agent.policy.evaluator import (
     Decision,
     PolicySet,
+    PolicyVerdict,
     applicable,
     depends_on_source_ip,
     evaluate,
@@ -37,7 +38,6 @@ from agent.policy.evaluator import (
     referenced_identities,
     referenced_ports,
 )
-from agent.policy.evaluator import Verdict as RefVerdict
 from agent.policy.peerauth import MtlsMode
 
 V4 = ipaddress.IPv4Network
@@ -167,15 +167,15 @@ class PolicyCompiler:
     def _entry(self, d: Decision) -> PolicyEntry:
         pid = self._policy_ids.setdefault(d.policy, len(self._policy_ids) + 1) if d.policy else 0
         rule = d.rule if d.rule is not None and d.rule < 0xFFFF else 0
-        if d.verdict is RefVerdict.ALLOW:
-            return PolicyEntry(Verdict.ALLOW, Reason.NONE, pid, rule)
+        if d.verdict is PolicyVerdict.ALLOW:
+            return PolicyEntry(KernelVerdict.ALLOW, Reason.NONE, pid, rule)
         if d.policy_kind == "PeerAuthentication":
             reason = Reason.MTLS_REQUIRED
         elif d.policy is not None:
             reason = Reason.POLICY_DENY
         else:
             reason = Reason.POLICY_NOT_ALLOWED
-        return PolicyEntry(Verdict.DENY, reason, pid, rule)
+        return PolicyEntry(KernelVerdict.DENY, reason, pid, rule)
 
 
 def _v4(ips: Sequence[object]) -> list[ipaddress.IPv4Address]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import enum
 
 
-class Verdict(enum.IntEnum):
+class KernelVerdict(enum.IntEnum):
     ALLOW = 1
     DENY = 2
 
@@ -28,13 +28,13 @@ class Reason(enum.IntEnum):
         return self.name.lower()
 
 
-class EventKind(enum.IntEnum):
+class KernelEventKind(enum.IntEnum):
     OPEN = 1
     CLOSE = 2
     DENY = 3
 
 
-class Direction(enum.IntEnum):
+class KernelDirection(enum.IntEnum):
     EGRESS = 1
     INGRESS = 2
 

@@ -13,8 +13,6 @@ retried on the next pass; `run` makes that pass soon even when the state does no
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import inspect
 import logging
 import time
@@ -26,7 +24,6 @@ from agent.identity.spiffe import Identity
 from agent.model.fields import IPAddress
 from agent.model.mesh import Workload
 from agent.state.snapshot import MeshState
-from agent.state.store import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -152,28 +149,3 @@ class Enroller:
         log.info("enrolled %s (netns %s, cgroup %s)", w.ref, placement.netns_path,
                  placement.cgroup_path)
         return None
-
-    async def run(self, store: StateStore, retry_interval: float = 1.0,
-                  on_pass: Callable[[Pass], None] | None = None) -> None:
-        """Reconcile now, on every store change, and every `retry_interval` seconds while
-        something is pending; until cancelled. `on_pass` sees each pass (readiness, metrics)."""
-        loop = asyncio.get_running_loop()
-        wake = asyncio.Event()
-
-        def changed(_old: MeshState, _new: MeshState) -> None:
-            loop.call_soon_threadsafe(wake.set)  # writers may run in other threads
-
-        unsubscribe = store.subscribe(changed)
-        try:
-            while True:
-                wake.clear()
-                result = await self.reconcile(store.current)
-                if on_pass is not None:
-                    on_pass(result)
-                if result.settled:
-                    await wake.wait()
-                else:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(wake.wait(), retry_interval)
-        finally:
-            unsubscribe()

@@ -2,7 +2,7 @@
 
 Two layers:
 - `CertificateAuthority.sign` is the policy core (no I/O): it validates a CSR against the
-  caller's node and returns the PEM chain or raises `Rejection` with a gRPC status and a message
+  caller's node and returns the PEM chain or raises `CaRejection` with a gRPC status and a message
   naming the cause.
 - `CaServer` (agent/identity/caserver.py, the only part that imports grpc) serves it with
   grpc.aio over TLS (server certificate issued by the same root for the
@@ -16,7 +16,7 @@ Two layers:
     whose bound pod runs on a node, and it gets what istiod's node authorizer grants: its own
     identity, or with metadata.ImpersonatedIdentity an identity a pod on its node runs as.
 
-Every refusal is a `Rejection` with a gRPC status (`Status`), a message naming the cause and a
+Every refusal is a `CaRejection` with a gRPC status (`Status`), a message naming the cause and a
 short reason label; CaServer counts it (CaMetrics) and writes one audit line (CaAudit).
 """
 
@@ -100,7 +100,7 @@ class Status(enum.Enum):
 
 
 @dataclass
-class Rejection(Exception):  # noqa: N818  # a rejected request, not an error of the CA itself
+class CaRejection(Exception):  # noqa: N818  # a rejected request, not an error of the CA itself
     """A request the CA refuses; code and message go back to the caller as the gRPC status.
     `reason` is a short label for metrics and the audit log (default: the code's name)."""
 
@@ -115,8 +115,8 @@ class Rejection(Exception):  # noqa: N818  # a rejected request, not an error of
         return f"{self.code.name}: {self.message}"
 
 
-def _invalid(message: str, reason: str = "invalid_csr") -> Rejection:
-    return Rejection(Status.INVALID_ARGUMENT, message, reason)
+def _invalid(message: str, reason: str = "invalid_csr") -> CaRejection:
+    return CaRejection(Status.INVALID_ARGUMENT, message, reason)
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,7 @@ class Caller:
 
 
 class TokenAuthenticator(Protocol):
-    """Turns a bearer token into a Caller or raises Rejection (agent/caauth implements it)."""
+    """Turns a bearer token into a Caller or raises CaRejection (agent/caauth implements it)."""
 
     async def authenticate(self, token: str) -> Caller: ...
 
@@ -158,7 +158,7 @@ class CertificateAuthority:
     def sign(self, node: str, csr_pem: str, ttl_seconds: int = 0,
              metadata: struct_pb2.Struct | None = None, *,
              own_identity: Identity | None = None) -> list[str]:
-        """PEM chain (leaf first, root last) for the CSR, or Rejection saying why not.
+        """PEM chain (leaf first, root last) for the CSR, or CaRejection saying why not.
 
         own_identity (ServiceAccount-token callers): as istiod, a request without
         metadata.ImpersonatedIdentity gets only the caller's own identity; with it, the
@@ -173,7 +173,7 @@ class CertificateAuthority:
         ttl = self._ttl(ttl_seconds)
         if own_identity is not None and requested is None:
             if identity != own_identity:
-                raise Rejection(Status.PERMISSION_DENIED,
+                raise CaRejection(Status.PERMISSION_DENIED,
                                 f"without metadata.{IMPERSONATED_IDENTITY} a caller gets only "
                                 f"its own identity {own_identity}; the CSR asks for {identity}",
                                 "not_own_identity")
@@ -182,11 +182,11 @@ class CertificateAuthority:
             scheduled = self.locator.identities_on_node(node)
         except Exception as e:  # the state store is a separate component; say so to the caller
             log.exception("workload locator failed for node %s", node)
-            raise Rejection(Status.UNAVAILABLE,
+            raise CaRejection(Status.UNAVAILABLE,
                             f"CA cannot tell which workloads run on node {node} right now: "
                             f"{type(e).__name__}: {e}", "locator_unavailable") from e
         if identity not in scheduled:
-            raise Rejection(Status.PERMISSION_DENIED,
+            raise CaRejection(Status.PERMISSION_DENIED,
                             f"identity {identity} is not scheduled on node {node}",
                             "not_on_node")
         return self._issue(identity, public_key, ttl, node)
@@ -269,7 +269,7 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
     value = values[0] if isinstance(values[0], str) else values[0].decode(errors="replace")
     scheme, _, token = value.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise Rejection(Status.UNAUTHENTICATED,
+        raise CaRejection(Status.UNAUTHENTICATED,
                         "authorization metadata is not of the form 'Bearer <token>'",
                         "malformed_authorization")
     return token.strip()
@@ -304,12 +304,12 @@ class NodeAuthenticator:
         cert_node = self._node_from_cert(peer_cert_pem) if peer_cert_pem else None
         token_node = self._node_from_token(metadata)
         if cert_node and token_node and cert_node != token_node:
-            raise Rejection(Status.UNAUTHENTICATED,
+            raise CaRejection(Status.UNAUTHENTICATED,
                             f"bearer token is for node {token_node} but the client certificate "
                             f"is for node {cert_node}")
         node = cert_node or token_node
         if node is None:
-            raise Rejection(Status.UNAUTHENTICATED,
+            raise CaRejection(Status.UNAUTHENTICATED,
                             "no caller credentials: send 'authorization: Bearer <token>' "
                             "metadata or a node client certificate")
         return node
@@ -324,7 +324,7 @@ class NodeAuthenticator:
             return None
         node = self._by_digest.get(_token_digest(token))
         if node is None:
-            raise Rejection(Status.UNAUTHENTICATED,
+            raise CaRejection(Status.UNAUTHENTICATED,
                             "bearer token is not recognised (not in the CA's token file)")
         return node
 
@@ -332,10 +332,10 @@ class NodeAuthenticator:
         cert = x509.load_pem_x509_certificate(pem)
         sans = uri_sans(cert)
         if len(sans) != 1:
-            raise Rejection(Status.UNAUTHENTICATED,
+            raise CaRejection(Status.UNAUTHENTICATED,
                             f"client certificate has {len(sans)} URI SANs; want one node id")
         try:
             return node_from_uri(sans[0], self.trust_domain)
         except IdentityError as e:
-            raise Rejection(Status.UNAUTHENTICATED,
+            raise CaRejection(Status.UNAUTHENTICATED,
                             f"client certificate is not a node certificate: {e}") from e

@@ -18,9 +18,9 @@ from google.protobuf import struct_pb2
 from agent.identity import pki
 from agent.identity.ca import (
     Caller,
+    CaRejection,
     CertificateAuthority,
     NodeAuthenticator,
-    Rejection,
     Status,
     TokenAuthenticator,
     _impersonated,
@@ -121,7 +121,7 @@ class CaServer:
             caller = await self._authenticate(metadata, peer_pem)
             chain = self.ca.sign(caller.node, request.csr, request.validity_duration, md,
                                  own_identity=caller.identity)
-        except Rejection as r:
+        except CaRejection as r:
             self.metrics.refusals.labels(r.code.name, r.reason).inc()
             requested = _requested_identity(md)
             log.warning("CSR refused (%s, %s): %s", context.peer(),
@@ -142,7 +142,7 @@ class CaServer:
         if self.cluster_id and cluster is not None:
             cluster = cluster if isinstance(cluster, str) else cluster.decode(errors="replace")
             if cluster != self.cluster_id:
-                raise Rejection(Status.UNAUTHENTICATED,
+                raise CaRejection(Status.UNAUTHENTICATED,
                                 f"caller is in cluster {cluster[:64]!r}; this CA authorizes the "
                                 f"nodes of cluster {self.cluster_id!r}", "other_cluster")
         token = bearer_token(metadata)
@@ -153,7 +153,7 @@ class CaServer:
         if peer_pem is not None:  # require_node_cert: both credentials must agree
             cert_node = self.auth.authenticate((), peer_pem)
             if cert_node != caller.node:
-                raise Rejection(Status.UNAUTHENTICATED,
+                raise CaRejection(Status.UNAUTHENTICATED,
                                 f"ServiceAccount token is for node {caller.node} but the client "
                                 f"certificate is for node {cert_node}", "credentials_disagree")
         return caller
@@ -164,7 +164,7 @@ class CaServer:
 def _requested_identity(md: struct_pb2.Struct | None) -> str | None:
     try:
         return _impersonated(md)
-    except Rejection:
+    except CaRejection:
         return None
 
 

@@ -26,6 +26,7 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry
 
+from agent.backoff import Backoff
 from agent.host.files import write_private
 from agent.identity import pki
 from agent.identity.caerror import CaError
@@ -37,15 +38,15 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "Backoff",
+    "CertificateIssuer",
     "CertificateManager",
-    "CertificateSource",
     "CertificateUnavailable",
     "Rotation",
     "WorkloadCertificate",
 ]
 
 
-class CertificateSource(Protocol):
+class CertificateIssuer(Protocol):
     """Issues a certificate for an identity (CaClient implements it)."""
 
     async def issue(self, identity: Identity) -> WorkloadCertificate: ...
@@ -53,20 +54,6 @@ class CertificateSource(Protocol):
 
 class CertificateUnavailable(Exception):  # noqa: N818  # reads as a state, like TimeoutError
     """No valid certificate for an identity; the cause is chained and in the message."""
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Retry delays: initial * factor**(n-1), capped, +-jitter (fraction). Istio's defaults."""
-
-    initial: float = 0.5
-    factor: float = 2.0
-    jitter: float = 0.2
-    cap: float = 150.0
-
-    def delay(self, failures: int, rng: random.Random) -> float:
-        base = min(self.cap, self.initial * self.factor ** max(0, failures - 1))
-        return base * (1 + rng.uniform(-self.jitter, self.jitter))
 
 
 @dataclass(frozen=True)
@@ -106,7 +93,7 @@ class _Entry:
 
 
 class CertificateManager:
-    def __init__(self, source: CertificateSource, *, max_in_flight: int = 8,
+    def __init__(self, source: CertificateIssuer, *, max_in_flight: int = 8,
                  backoff: Backoff | None = None, registry: CollectorRegistry | None = None,
                  key_dir: Path | None = None, trust_bundle: Sequence[str] = (),
                  rng: random.Random | None = None) -> None:
@@ -256,7 +243,7 @@ class CertificateManager:
                 entry.failures += 1
                 reason = e.reason if isinstance(e, CaError) else "internal"
                 self.metrics.failures.labels(identity.uri, reason).inc()
-                delay = self.backoff.delay(entry.failures, self._rng)
+                delay = self.backoff.delay(entry.failures, self._rng.random())
                 still = entry.valid()
                 log.warning("certificate for %s failed (attempt %d, %s): %s; retrying in %.1fs%s",
                             identity, entry.failures, reason, e, delay,

@@ -12,7 +12,7 @@ Algorithm (reference/ztunnel.md section 5), for the policies that apply to the d
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -20,7 +20,7 @@ from agent.config import DEFAULT_ROOT_NAMESPACE
 from agent.identity.spiffe import Identity
 from agent.model.fields import IPNetwork
 from agent.model.mesh import Workload
-from agent.policy.authz import Action, AuthorizationPolicy
+from agent.policy.authz import Action, AuthorizationPolicy, Match
 from agent.policy.connection import Connection
 from agent.policy.peerauth import MtlsMode, MtlsResolver, PeerAuthentication
 
@@ -43,7 +43,7 @@ def _as_set(policies: Policies) -> PolicySet:
     return policies if isinstance(policies, PolicySet) else PolicySet(tuple(policies))
 
 
-class Verdict(enum.Enum):
+class PolicyVerdict(enum.Enum):
     ALLOW = "allow"
     DENY = "deny"
 
@@ -57,7 +57,7 @@ class PolicyMatch:
 
 @dataclass(frozen=True)
 class Decision:
-    verdict: Verdict
+    verdict: PolicyVerdict
     policy: str | None  # namespace/name of the deciding policy; None for a default verdict
     rule: int | None  # index in the deciding policy's spec.rules
     reason: str
@@ -67,7 +67,7 @@ class Decision:
 
     @property
     def allowed(self) -> bool:
-        return self.verdict is Verdict.ALLOW
+        return self.verdict is PolicyVerdict.ALLOW
 
 
 def applicable(policies: Policies, workload: Workload) -> tuple[AuthorizationPolicy, ...]:
@@ -93,26 +93,26 @@ def evaluate(policies: Policies, conn: Connection) -> Decision:
     mode, peer_auth = ps.mtls.resolve(conn.dst, conn.dst_port)
     if mode is MtlsMode.STRICT and conn.src_identity is None:
         key = peer_auth.key if peer_auth else None
-        return Decision(Verdict.DENY, key, None,
+        return Decision(PolicyVerdict.DENY, key, None,
                         f"plaintext rejected: PeerAuthentication {key} requires mTLS (STRICT) on "
                         f"port {conn.dst_port}", dry_run, "PeerAuthentication")
 
     live = [p for p in pols if not p.dry_run]
     for p in live:
         if p.action is Action.DENY and (rule := p.matching_rule(conn)) is not None:
-            return Decision(Verdict.DENY, p.key, rule,
+            return Decision(PolicyVerdict.DENY, p.key, rule,
                             f"explicitly denied by {p.key} rule {rule}", dry_run,
                             "AuthorizationPolicy")
     allows = [p for p in live if p.action is Action.ALLOW]
     if not allows:
-        return Decision(Verdict.ALLOW, None, None,
+        return Decision(PolicyVerdict.ALLOW, None, None,
                         f"no ALLOW policy applies to {conn.dst.ref}: allowed by default", dry_run)
     for p in allows:
         if (rule := p.matching_rule(conn)) is not None:
-            return Decision(Verdict.ALLOW, p.key, rule, f"allowed by {p.key} rule {rule}",
+            return Decision(PolicyVerdict.ALLOW, p.key, rule, f"allowed by {p.key} rule {rule}",
                             dry_run, "AuthorizationPolicy")
     names = ", ".join(p.key for p in allows)
-    return Decision(Verdict.DENY, None, None,
+    return Decision(PolicyVerdict.DENY, None, None,
                     f"ALLOW policies exist ({names}), but none allowed this connection", dry_run)
 
 
@@ -128,16 +128,20 @@ class CidrRefs:
     destination: frozenset[IPNetwork]
 
 
+def _live_matches(policies: Policies, workload: Workload) -> Iterator[Match]:
+    """Every match of the rules enforced on `workload` that can match at all."""
+    for p in enforced(policies, workload):
+        for r in p.rules:
+            if not r.never_matches:
+                yield from r.all_matches()
+
+
 def referenced_ports(policies: Policies, workload: Workload) -> frozenset[int]:
     """Ports named by the workload's policies (ports, notPorts, destination.port, portLevelMtls)."""
     ps = _as_set(policies)
     ports: set[int] = set()
-    for p in enforced(ps, workload):
-        for r in p.rules:
-            if r.never_matches:
-                continue
-            for m in r.all_matches():
-                ports.update(m.destination_ports, m.not_destination_ports)
+    for m in _live_matches(ps, workload):
+        ports.update(m.destination_ports, m.not_destination_ports)
     ports.update(ps.mtls.strict_ports(workload)[1])
     return frozenset(ports)
 
@@ -154,13 +158,9 @@ def referenced_identities(policies: Policies) -> frozenset[Identity]:
 def referenced_cidrs(policies: Policies, workload: Workload) -> CidrRefs:
     src: set[IPNetwork] = set()
     dst: set[IPNetwork] = set()
-    for p in enforced(policies, workload):
-        for r in p.rules:
-            if r.never_matches:
-                continue
-            for m in r.all_matches():
-                src.update(m.source_ips, m.not_source_ips)
-                dst.update(m.destination_ips, m.not_destination_ips)
+    for m in _live_matches(policies, workload):
+        src.update(m.source_ips, m.not_source_ips)
+        dst.update(m.destination_ips, m.not_destination_ips)
     return CidrRefs(frozenset(src), frozenset(dst))
 
 

@@ -19,7 +19,7 @@ from agent.policy.authz import Action, AuthorizationPolicy
 from agent.policy.evaluator import enforced
 from agent.policy.peerauth import MtlsMode
 from agent.state.snapshot import MeshState
-from agent.telemetry.flow import EventKind, FlowRecord, SecurityPolicy, rfc3339
+from agent.telemetry.flow import FlowEventKind, FlowRecord, SecurityPolicy, rfc3339
 
 SCHEMA_ID: Final = "nodemesh.posture/v1"
 DEFAULT_CERT_WARNING: Final = timedelta(days=30)
@@ -226,9 +226,9 @@ def flow_findings(records: Iterable[FlowRecord]) -> list[Finding]:
     plaintext: dict[str, int] = {}
     denies: dict[tuple[str, str], int] = {}
     for r in records:
-        if r.kind is EventKind.CLOSE and r.connection_security_policy is SecurityPolicy.NONE:
+        if r.kind is FlowEventKind.CLOSE and r.connection_security_policy is SecurityPolicy.NONE:
             plaintext[_conn(r)] = plaintext.get(_conn(r), 0) + 1
-        elif r.kind in (EventKind.DENY, EventKind.AUTH_FAILURE):
+        elif r.kind in (FlowEventKind.DENY, FlowEventKind.AUTH_FAILURE):
             why = r.policy or r.reason or r.response_flags
             denies[(_conn(r), why)] = denies.get((_conn(r), why), 0) + 1
     out = [Finding("plaintext-connections", Severity.MEDIUM, conn,

@@ -7,19 +7,25 @@ from collections.abc import Callable
 
 from agent.abi import ID_PLAINTEXT
 from agent.datapath.layouts import FlowEvent
-from agent.datapath.verdicts import Direction, EventKind, Reason
+from agent.datapath.verdicts import KernelDirection, KernelEventKind, Reason
 from agent.model.mesh import Workload
 from agent.telemetry.flow import (
     REFUSAL_KINDS,
-    Endpoint,
+    FlowEndpoint,
+    FlowEventKind,
     FlowRecord,
+    FlowVerdict,
     Reporter,
     SecurityPolicy,
-    Verdict,
 )
-from agent.telemetry.flow import EventKind as Kind
-from ztunnel.events import Cause, ConnectionEvent, Flag, Phase, ResponseFlag
-from ztunnel.events import Direction as TunnelDirection
+from ztunnel.events import (
+    Cause,
+    ConnectionEvent,
+    Phase,
+    ResponseFlag,
+    TransportFlag,
+    TunnelDirection,
+)
 
 WorkloadByIp = Callable[[str], Workload | None]
 ServiceHost = Callable[[str], str]  # a VIP -> its Service's host (name.ns.svc.cluster.local)
@@ -31,14 +37,15 @@ def _no_service(_ip: str, _port: int = 0) -> str:
     return ""
 
 
-def _endpoint(ip: str, port: int, by_ip: WorkloadByIp, principal: str | None = None) -> Endpoint:
+def _endpoint(ip: str, port: int, by_ip: WorkloadByIp,
+    principal: str | None = None) -> FlowEndpoint:
     """`principal` None: the workload's own identity (an enrolled local pod, whose identity the
     agent assigned). A string, even empty: what was authenticated; an address never vouches for
     a peer's identity."""
     w = by_ip(ip)
     if w is None:
-        return Endpoint(ip=ip, port=port, principal=principal or "")
-    return Endpoint(
+        return FlowEndpoint(ip=ip, port=port, principal=principal or "")
+    return FlowEndpoint(
         workload=w.name,
         namespace=w.namespace,
         principal=w.identity.uri if principal is None else principal,
@@ -51,7 +58,7 @@ def _kernel_security(ev: FlowEvent) -> SecurityPolicy:
     """At the tunnel's upstream connect (ingress) the kernel knows whether the peer was
     authenticated: the plaintext id means no mTLS (Istio's `none`). At the source pod's own
     connect (egress) nothing has been encrypted yet: `unknown`, as Istio's source reporter."""
-    if ev.direction != Direction.INGRESS:
+    if ev.direction != KernelDirection.INGRESS:
         return SecurityPolicy.UNKNOWN
     return SecurityPolicy.NONE if ev.src_id == ID_PLAINTEXT else SecurityPolicy.MUTUAL_TLS
 
@@ -66,25 +73,24 @@ def from_kernel(
     Service VIP names the Service (`service_host` of the VIP) on the destination and the VIP in
     `service_address`; the address is the endpoint chosen (none when no endpoint was ready:
     then the VIP)."""
-    kind = {EventKind.OPEN: Kind.OPEN, EventKind.CLOSE: Kind.CLOSE, EventKind.DENY: Kind.DENY}[
-        ev.kind
-    ]
-    plaintext_peer = ev.direction == Direction.INGRESS and ev.src_id == ID_PLAINTEXT
+    kind = {KernelEventKind.OPEN: FlowEventKind.OPEN, KernelEventKind.CLOSE: FlowEventKind.CLOSE,
+            KernelEventKind.DENY: FlowEventKind.DENY}[ev.kind]
+    plaintext_peer = ev.direction == KernelDirection.INGRESS and ev.src_id == ID_PLAINTEXT
     src = _endpoint(str(ev.src_ip), ev.src_port, by_ip, "" if plaintext_peer else None)
     dst = _endpoint(str(ev.dst_ip), ev.dst_port, by_ip)
     svc_address = ""
     if ev.svc_ip is not None:
         dst = dataclasses.replace(dst, service=service_host(str(ev.svc_ip)))
         svc_address = f"{ev.svc_ip}:{ev.svc_port}"
-    denied = ev.kind == EventKind.DENY
+    denied = ev.kind == KernelEventKind.DENY
     flag = _KERNEL_FLAGS.get(Reason(ev.reason), ResponseFlag.DENY) if denied else ResponseFlag.NONE
-    reporter = Reporter.DESTINATION if ev.direction == Direction.INGRESS else Reporter.SOURCE
+    reporter = Reporter.DESTINATION if ev.direction == KernelDirection.INGRESS else Reporter.SOURCE
     return FlowRecord(
         kind,
         reporter,
         src,
         dst,
-        verdict=Verdict.DENIED if denied else Verdict.ALLOWED,
+        verdict=FlowVerdict.DENIED if denied else FlowVerdict.ALLOWED,
         reason=Reason(ev.reason).label if denied else "",
         reason_code=int(ev.reason) if denied else None,
         response_flags=flag.value,
@@ -111,12 +117,12 @@ _KERNEL_FLAGS = {
 # The tunnel's response flag decides the record's kind; flags not listed are failures of a
 # connection that was allowed (CONNECT) or none at all.
 _TUNNEL_KINDS = {
-    ResponseFlag.DENY: Kind.DENY,
-    ResponseFlag.TLS_FAILURE: Kind.AUTH_FAILURE,
-    ResponseFlag.IDENTITY_ERROR: Kind.AUTH_FAILURE,
-    ResponseFlag.CERT_REVOKED: Kind.AUTH_FAILURE,
-    ResponseFlag.DOWNSTREAM_PROTOCOL_ERROR: Kind.REJECT,
-    ResponseFlag.NO_ROUTE: Kind.REJECT,
+    ResponseFlag.DENY: FlowEventKind.DENY,
+    ResponseFlag.TLS_FAILURE: FlowEventKind.AUTH_FAILURE,
+    ResponseFlag.IDENTITY_ERROR: FlowEventKind.AUTH_FAILURE,
+    ResponseFlag.CERT_REVOKED: FlowEventKind.AUTH_FAILURE,
+    ResponseFlag.DOWNSTREAM_PROTOCOL_ERROR: FlowEventKind.REJECT,
+    ResponseFlag.NO_ROUTE: FlowEventKind.REJECT,
 }
 
 
@@ -126,7 +132,7 @@ def _tunnel_security(ev: ConnectionEvent) -> SecurityPolicy:
     if ev.direction is TunnelDirection.INBOUND:
         # A peer that passed the identity check spoke mTLS, whatever happened next.
         return SecurityPolicy.MUTUAL_TLS if ev.src_identity else SecurityPolicy.UNKNOWN
-    return SecurityPolicy.MUTUAL_TLS if ev.flags & Flag.HBONE else SecurityPolicy.UNKNOWN
+    return SecurityPolicy.MUTUAL_TLS if ev.flags & TransportFlag.HBONE else SecurityPolicy.UNKNOWN
 
 
 def reported_by_kernel(ev: ConnectionEvent) -> bool:
@@ -145,7 +151,7 @@ def from_tunnel(ev: ConnectionEvent, by_ip: WorkloadByIp, service_host: ServiceH
     side cannot know which VIP the source asked for: ztunnel infers it the same way)."""
     kind = _TUNNEL_KINDS.get(ev.response)
     if kind is None:
-        kind = Kind.OPEN if ev.phase is Phase.OPEN else Kind.CLOSE
+        kind = FlowEventKind.OPEN if ev.phase is Phase.OPEN else FlowEventKind.CLOSE
     # Inbound, the source is a peer: only what its certificate proved names it.
     outbound = ev.direction is TunnelDirection.OUTBOUND
     src_principal = ev.src_identity.uri if ev.src_identity else (None if outbound else "")
@@ -159,13 +165,13 @@ def from_tunnel(ev: ConnectionEvent, by_ip: WorkloadByIp, service_host: ServiceH
         Reporter.SOURCE if ev.direction is TunnelDirection.OUTBOUND else Reporter.DESTINATION,
         src,
         dst,
-        verdict=Verdict.DENIED if kind in REFUSAL_KINDS else Verdict.ALLOWED,
+        verdict=FlowVerdict.DENIED if kind in REFUSAL_KINDS else FlowVerdict.ALLOWED,
         reason=ev.cause.value if ev.cause else "",
         response_flags=ev.response.value,
         bytes_sent=ev.bytes_sent,
         bytes_received=ev.bytes_received,
         duration=ev.duration,
-        tunneled=bool(ev.flags & Flag.HBONE),
+        tunneled=bool(ev.flags & TransportFlag.HBONE),
         connection_security_policy=_tunnel_security(ev),
         service_address=f"{ev.svc_ip}:{ev.svc_port}" if ev.svc_ip else "",
         ejected=ejected,

@@ -29,7 +29,7 @@ from agent.datapath.options import BuildOptions
 from agent.datapath.policymap import CompiledPolicy, PolicyCompiler
 from agent.datapath.ratelimitmap import CompiledLimits, RateLimitCompiler
 from agent.datapath.servicemap import CompiledServices, compile_service_set
-from agent.datapath.verdicts import Counter, EventKind, Reason
+from agent.datapath.verdicts import Counter, KernelEventKind, Reason
 from agent.enroll import Enroller, PodLocator, PodPlacement
 from agent.host import cgroup
 from agent.identity import pki
@@ -51,11 +51,9 @@ from agent.state.snapshot import MeshState
 from agent.state.store import StateStore
 from agent.telemetry.metrics import ScrapeValue
 from agent.telemetry.pipeline import Telemetry, TelemetryConfig
-from ztunnel.events import Cause, ConnectionEvent, Phase
-from ztunnel.events import Direction as TunnelDirection
+from ztunnel.events import Cause, ConnectionEvent, Phase, TunnelDirection
 from ztunnel.lograte import RepeatLimiter
-from ztunnel.tunnel import Mode, PodSpec, Tunnel, TunnelConfig
-from ztunnel.tunnel import Workload as TunnelWorkload
+from ztunnel.tunnel import Mode, PodSpec, Tunnel, TunnelConfig, TunnelWorkload
 
 if TYPE_CHECKING:  # grpc (~20 MiB resident) is imported only when an external CA is configured
     from agent.identity.caclient import CaClient
@@ -110,6 +108,7 @@ class NodeAgent:
                 trust_domain=cfg.trust_domain,
                 trust=self.trust if configured else None,
                 identity_id=self.identities.id_of,
+                outside_mesh=cfg.outside_mesh,
                 on_event=self._tunnel_event,
             )
         )
@@ -251,7 +250,7 @@ class NodeAgent:
         # The tunnel reports every connection it carries (with identities, both reporters), so
         # the kernel's open/close events would count them twice; only connect-time denies,
         # which never reach the tunnel, go to telemetry.
-        if ev.kind == EventKind.DENY:
+        if ev.kind == KernelEventKind.DENY:
             # A rate-limited deny names its ConnectionRateLimit where others name a policy.
             names = self._limit_name if ev.reason == Reason.RATE_LIMITED else self._policy_name
             self.telemetry.emit(flows.from_kernel(ev, self._workload_by_ip, names,
@@ -287,7 +286,7 @@ class NodeAgent:
     def start_datapath(self) -> list[str]:
         actions = self.datapath.install()
         self.datapath.set_exclusions(self.config.exclude_ports, self.config.exclude_cidrs)
-        self.datapath.open_events(self._kernel_event, kinds=(EventKind.DENY,))
+        self.datapath.open_events(self._kernel_event, kinds=(KernelEventKind.DENY,))
         self._events_thread = threading.Thread(
             target=self._poll_events, name="bpf-events", daemon=True
         )
@@ -305,6 +304,10 @@ class NodeAgent:
         am.service_overflows.set_reader(lambda: self._per_frontend(1))
         am.endpoint_ejections.set_reader(self._ejection_counts)
         am.endpoints_ejected.set_reader(self._ejected_counts)
+        pool = self.tunnel.pool
+        am.hbone_connections.set_reader(lambda: pool.connections_opened)
+        am.hbone_streams.set_reader(lambda: pool.streams_opened)
+        am.hbone_dial_failures.set_reader(lambda: pool.dial_failures)
         self.store.subscribe(lambda _old, _new: self._dirty.set())
         return actions
 

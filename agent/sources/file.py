@@ -9,7 +9,7 @@ half-written file is an error (`kind: Empty` clears a file on purpose), YAML is 
 loop (`run`) changes are detected with inotify on the containing directory: a write is read once
 its writer closes the file (CLOSE_WRITE), a rename or a ConfigMap's `..data` swap when it lands,
 and a slow rescan catches what inotify cannot see (a writer that never closes, network
-filesystems). `start` (a thread, for callers without a loop) polls. Content is compared, not
+filesystems); `poll` reloads once, now. Content is compared, not
 mtimes, so a rewrite within the filesystem's timestamp granularity is still seen. See
 docs/policy.md, "Bad files never weaken enforcement".
 """
@@ -39,29 +39,39 @@ from agent.sources.documents import API_VERSION, parse_document
 from agent.sources.meshyaml import (
     DEFAULT_LIMITS,
     Budget,
-    ConfigError,
     LimitError,
     Limits,
+    MeshConfigError,
     YamlDocument,
     documents,
 )
 from agent.state.snapshot import KIND_OF, KINDS, MeshObject, MeshState, key_of
 from agent.state.store import StateStore
 
-__all__ = ["DEFAULT_LIMITS", "EMPTY_KIND", "ConfigError", "DocumentCache", "FileSource",
-           "LimitError", "Limits", "config_files", "load_path", "merge_own", "parse_files"]
+__all__ = [
+    "DEFAULT_LIMITS",
+    "EMPTY_KIND",
+    "DocumentCache",
+    "FileSource",
+    "LimitError",
+    "Limits",
+    "MeshConfigError",
+    "config_files",
+    "load_path",
+    "merge_own",
+    "parse_files",
+]
 
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".yaml", ".yml")
-POLL_INTERVAL = 0.25  # the thread watcher (`start`)
 RESCAN_INTERVAL = 10.0  # the inotify watcher's safety net
 # A write counts when its writer closes the file: a half-written file is not read mid-write.
 WATCH_MASK = (Mask.CLOSE_WRITE | Mask.MOVED_TO | Mask.MOVED_FROM | Mask.CREATE | Mask.DELETE
               | Mask.DELETE_SELF | Mask.MOVE_SELF)
 
 
-ErrorHandler = Callable[[ConfigError], None]
+ErrorHandler = Callable[[MeshConfigError], None]
 
 # A document saying "this file defines nothing, on purpose": a file without objects is what a
 # watcher sees while an editor rewrites it in place, so it never clears the mesh by itself.
@@ -89,10 +99,10 @@ def _read(path: Path, limits: Limits = DEFAULT_LIMITS) -> list[tuple[Path, bytes
             left -= len(raw)
             out.append((p, raw))
     except OSError as e:
-        raise ConfigError(f"{e.filename or path}: cannot read: {e.strerror}") from e
+        raise MeshConfigError(f"{e.filename or path}: cannot read: {e.strerror}") from e
     if not out:  # an emptied directory would clear the mesh like an empty file
-        raise ConfigError(f"{path}: no mesh files (*.yaml, *.yml); to define nothing on "
-                          f"purpose, write a file with `kind: {EMPTY_KIND}`")
+        raise MeshConfigError(f"{path}: no mesh files (*.yaml, *.yml); to define nothing on "
+                              f"purpose, write a file with `kind: {EMPTY_KIND}`")
     return out
 
 
@@ -112,8 +122,8 @@ def _check_empty_marker(doc: YamlDocument, name: str, others: int) -> None:
     if "apiVersion" in data and f.string(data, "apiVersion", ()) != API_VERSION:
         f.fail(("apiVersion",), f"{EMPTY_KIND} wants {API_VERSION} (or no apiVersion)")
     if others:
-        raise ConfigError(f"{name}:{doc.start}: kind: {EMPTY_KIND} says the file defines "
-                          "nothing, so it must be the file's only document")
+        raise MeshConfigError(f"{name}:{doc.start}: kind: {EMPTY_KIND} says the file defines "
+                              "nothing, so it must be the file's only document")
 
 
 # A line that starts a YAML document. YAML forbids `---` at the start of a line inside any
@@ -217,17 +227,18 @@ def _file_documents(name: str, raw: bytes, budget: Budget,
 
     A file that is empty, or does not end with a newline, may be half-written: an error."""
     if not raw.strip():
-        raise ConfigError(f"{name}:1: the file is empty, which is also what a half-written file "
-                          f"looks like; to define nothing on purpose, write `kind: {EMPTY_KIND}`")
+        raise MeshConfigError(f"{name}:1: the file is empty, which is also what a half-written "
+                              "file looks like; to define nothing on purpose, write "
+                              f"`kind: {EMPTY_KIND}`")
     if not raw.endswith(b"\n"):
         last_line = raw.count(b"\n") + 1
-        raise ConfigError(f"{name}:{last_line}: the file does not end with a "
-                          "newline: it may be truncated (half-written); end it with a newline")
+        raise MeshConfigError(f"{name}:{last_line}: the file does not end with a "
+                              "newline: it may be truncated (half-written); end it with a newline")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
-        raise ConfigError(f"{name}:{line}: not UTF-8 text (byte {e.start})") from e
+        raise MeshConfigError(f"{name}:{line}: not UTF-8 text (byte {e.start})") from e
     docs = cache.items(name, text, budget)
     # A parsed item is an object, never a marker (markers are never parsed).
     markers = [d.shifted(shift) for shift, it in docs
@@ -236,10 +247,10 @@ def _file_documents(name: str, raw: bytes, budget: Budget,
         try:
             _check_empty_marker(marker, name, len(docs) - 1)
         except FieldError as e:
-            raise ConfigError(str(e.at(f"{name}:{marker.line_of(e.path)}"))) from e
+            raise MeshConfigError(str(e.at(f"{name}:{marker.line_of(e.path)}"))) from e
     if not docs:
-        raise ConfigError(f"{name}:1: the file has no documents (only comments or `---`); to "
-                          f"define nothing on purpose, write `kind: {EMPTY_KIND}`")
+        raise MeshConfigError(f"{name}:1: the file has no documents (only comments or `---`); to "
+                              f"define nothing on purpose, write `kind: {EMPTY_KIND}`")
     return [] if markers else docs
 
 
@@ -247,7 +258,7 @@ def parse_files(contents: list[tuple[Path, bytes]],
                 root_namespace: str = DEFAULT_ROOT_NAMESPACE,
                 limits: Limits = DEFAULT_LIMITS,
                 cache: DocumentCache | None = None) -> MeshState:
-    """Parse file contents into a MeshState; any problem is a ConfigError naming file:line.
+    """Parse file contents into a MeshState; any problem is a MeshConfigError naming file:line.
 
     With a cache (FileSource keeps one), documents parsed by an earlier load are reused."""
     if cache is None or cache.limits != limits:
@@ -279,20 +290,20 @@ def _parse_files(contents: list[tuple[Path, bytes]], root_namespace: str, limits
                 try:
                     obj = parse_document(doc.data)
                 except FieldError as e:
-                    raise ConfigError(str(e.at(f"{name}:{doc.line_of(e.path) + shift}"))) from e
+                    raise MeshConfigError(str(e.at(f"{name}:{doc.line_of(e.path) + shift}"))) from e
                 item.obj, item.doc = obj, None
             where = f"{name}:{item.start + shift}"
             ident = (KIND_OF[type(obj)], key_of(obj))
             if ident in objects:
-                raise ConfigError(f"{where}: {ident[0]} {ident[1]} is defined twice (first at "
-                                  f"{objects[ident][1]})")
+                raise MeshConfigError(f"{where}: {ident[0]} {ident[1]} is defined twice (first at "
+                                      f"{objects[ident][1]})")
             objects[ident] = (obj, where)
             if isinstance(obj, Workload):
                 for ip in obj.ips:
                     if ip in ip_owner:
                         other = ip_owner[ip]
-                        raise ConfigError(f"{where}: IP {ip} of workload {obj.ref} is already "
-                                          f"used by {other[0]} ({other[1]})")
+                        raise MeshConfigError(f"{where}: IP {ip} of workload {obj.ref} is already "
+                                              f"used by {other[0]} ({other[1]})")
                     ip_owner[ip] = (obj.ref, where)
             for warning in getattr(obj, "warnings", ()):
                 log.warning("%s: %s", where, warning)
@@ -301,14 +312,14 @@ def _parse_files(contents: list[tuple[Path, bytes]], root_namespace: str, limits
 
 def load_path(path: str | Path, root_namespace: str = DEFAULT_ROOT_NAMESPACE,
               limits: Limits = DEFAULT_LIMITS) -> MeshState:
-    """Parse a file or directory into a MeshState, or raise ConfigError."""
+    """Parse a file or directory into a MeshState, or raise MeshConfigError."""
     return parse_files(_read(Path(path), limits), root_namespace, limits)
 
 
 # -- the source --------------------------------------------------------------------------------
 
 # What one attempt produced: nothing new (None), a state to apply, or the error to report.
-_Outcome = MeshState | ConfigError | None
+_Outcome = MeshState | MeshConfigError | None
 
 
 class FileSource:
@@ -318,13 +329,12 @@ class FileSource:
 
     def __init__(self, path: str | Path, store: StateStore, on_error: ErrorHandler | None = None,
                  *, root_namespace: str = DEFAULT_ROOT_NAMESPACE,
-                 poll_interval: float = POLL_INTERVAL, limits: Limits = DEFAULT_LIMITS,
+                 limits: Limits = DEFAULT_LIMITS,
                  rescan_interval: float = RESCAN_INTERVAL) -> None:
         self.path = Path(path)
         self.store = store
         self.on_error = on_error
         self.root_namespace = root_namespace
-        self.poll_interval = poll_interval
         self.rescan_interval = rescan_interval
         self.limits = limits
         self.cache = DocumentCache(limits)  # a reload re-parses only the documents that changed
@@ -337,13 +347,12 @@ class FileSource:
         self._stop = threading.Event()
         self._stopped = asyncio.Event()  # run()'s view of _stop, set from any thread
         self._wake_stop: Callable[[], object] = lambda: None
-        self._thread: threading.Thread | None = None
 
     def load_once(self) -> MeshState:
-        """Load now and replace the store's state; raises ConfigError (state unchanged)."""
+        """Load now and replace the store's state; raises MeshConfigError (state unchanged)."""
         self._digest = None
         outcome = self._attempt()
-        if isinstance(outcome, ConfigError):
+        if isinstance(outcome, MeshConfigError):
             raise outcome
         assert outcome is not None  # a forced attempt always has an outcome
         self._apply(outcome)
@@ -362,35 +371,35 @@ class FileSource:
         the event loop (it touches no shared state but the digest and the document cache, which
         only one attempt at a time uses). Never raises Exception."""
         try:
-            error: ConfigError | None = None
+            error: MeshConfigError | None = None
             try:
                 contents = _read(self.path, self.limits)
                 digest = _digest(contents)
-            except ConfigError as e:
+            except MeshConfigError as e:
                 contents, error, digest = [], e, b"error\0" + str(e).encode()
             if digest == self._digest:
                 return None
             self._digest = digest
             return error or parse_files(contents, self.root_namespace, self.limits, self.cache)
-        except ConfigError as e:
+        except MeshConfigError as e:
             return e
         except Exception as e:  # MemoryError, RecursionError, a bug: bad config all the same
             log.debug("loading %s failed unexpectedly", self.path, exc_info=True)
-            return ConfigError(f"{self.path}: loading failed unexpectedly: "
-                               f"{type(e).__name__}: {e}")
+            return MeshConfigError(f"{self.path}: loading failed unexpectedly: "
+                                   f"{type(e).__name__}: {e}")
 
     def _finish(self, outcome: _Outcome) -> bool:
         if outcome is None:
             return False
-        if isinstance(outcome, ConfigError):
+        if isinstance(outcome, MeshConfigError):
             self._report(outcome)
             return False
         try:
             self._apply(outcome)
         except Exception as e:
             log.debug("applying %s failed unexpectedly", self.path, exc_info=True)
-            self._report(ConfigError(f"{self.path}: applying the new state failed "
-                                     f"unexpectedly: {type(e).__name__}: {e}"))
+            self._report(MeshConfigError(f"{self.path}: applying the new state failed "
+                                         f"unexpectedly: {type(e).__name__}: {e}"))
             return False
         log.info("reloaded %s: %d objects", self.path, len(outcome.all_objects()))
         return True
@@ -404,7 +413,7 @@ class FileSource:
         self.last_error = None
         self.last_load_time = time.time()
 
-    def _report(self, error: ConfigError) -> None:
+    def _report(self, error: MeshConfigError) -> None:
         self.errors += 1
         self.last_error = str(error)
         self.last_error_time = time.time()
@@ -497,30 +506,10 @@ class FileSource:
             return Path(name).suffix in SUFFIXES
         return name == self.path.name
 
-    def start(self) -> None:
-        """Watch in a background thread (for callers without an event loop)."""
-        if self._thread is not None:
-            raise RuntimeError("FileSource already started")
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name=f"file-source {self.path}",
-                                        daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.poll()
-            except Exception:
-                log.exception("file source %s: unexpected error while polling", self.path)
-            self._stop.wait(self.poll_interval)
-
     def stop(self) -> None:
         self._stop.set()
         with contextlib.suppress(RuntimeError):  # the loop may be closed already
             self._wake_stop()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
 
 
 def merge_own(current: MeshState, previous: MeshState, new: MeshState, source: str) -> MeshState:

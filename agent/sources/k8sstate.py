@@ -31,16 +31,6 @@ log = logging.getLogger(__name__)
 
 _Op = tuple[str, str, "MeshObject | None"]  # (kind, key, object to write or None to remove)
 
-# The source's resource names and the mesh kind each becomes.
-KIND_OF_RESOURCE: Mapping[str, str] = {
-    "pods": "Workload",
-    "namespaces": "Namespace",
-    "services": "Service",
-    "endpointslices": "EndpointSlice",
-    "authorizationpolicies": "AuthorizationPolicy",
-    "peerauthentications": "PeerAuthentication",
-    "connectionratelimits": "ConnectionRateLimit",
-}
 # The Kubernetes kind each resource's objects carry.
 API_KIND_OF_RESOURCE: Mapping[str, str] = {
     "pods": "Pod",
@@ -51,10 +41,12 @@ API_KIND_OF_RESOURCE: Mapping[str, str] = {
     "peerauthentications": "PeerAuthentication",
     "connectionratelimits": "ConnectionRateLimit",
 }
+# The source's resource names and the mesh kind each becomes: the same but for pods.
+KIND_OF_RESOURCE: Mapping[str, str] = {**API_KIND_OF_RESOURCE, "pods": "Workload"}
 
 
 @dataclass(frozen=True)
-class Rejection:
+class ObjectRejection:
     """An object version the store did not take, and why (`error` names the field)."""
 
     resource: str
@@ -74,13 +66,13 @@ class KubernetesStateSink:
     """The `EventSink` that `KubernetesSource` feeds: Kubernetes changes into a StateStore."""
 
     def __init__(self, store: StateStore, *, trust_domain: str = DEFAULT_TRUST_DOMAIN,
-                 on_reject: Callable[[Rejection], None] | None = None) -> None:
+                 on_reject: Callable[[ObjectRejection], None] | None = None) -> None:
         self.store = store
         self.trust_domain = trust_domain
         self.on_reject = on_reject
         # kind -> key -> what we wrote (per kind, not by (kind, key): one pair fewer per pod)
         self._mine: dict[str, dict[str, MeshObject]] = {k: {} for k in KIND_OF_RESOURCE.values()}
-        self._rejected: dict[tuple[str, str], Rejection] = {}
+        self._rejected: dict[tuple[str, str], ObjectRejection] = {}
         self._synced = asyncio.Event()
         self._batch: list[_Op] | None = None  # inside on_events: edits collected, not applied
         # The pods of a ReplicaSet carry equal labels: they share one Labels, kept while in use.
@@ -98,7 +90,7 @@ class KubernetesStateSink:
         await self._synced.wait()
 
     @property
-    def rejected(self) -> Mapping[tuple[str, str], Rejection]:
+    def rejected(self) -> Mapping[tuple[str, str], ObjectRejection]:
         """Objects whose current version is invalid, by (kind, store key)."""
         return dict(self._rejected)
 
@@ -130,7 +122,8 @@ class KubernetesStateSink:
             converted = object_from_k8s(obj, trust_domain=self.trust_domain)
         except ValueError as e:  # FieldError names the field; others come from value checks
             kept = key in self._mine[kind]
-            self._reject(kind, key, Rejection(resource, ref, meta["resourceVersion"], str(e), kept))
+            self._reject(kind, key, ObjectRejection(resource, ref, meta["resourceVersion"], str(e),
+                kept))
             return
         self._rejected.pop((kind, key), None)
         if converted is None:  # a finished pod: its IP may already belong to a new one
@@ -201,7 +194,7 @@ class KubernetesStateSink:
 
         self.store.update(change)
 
-    def _reject(self, kind: str, key: str, rejection: Rejection) -> None:
+    def _reject(self, kind: str, key: str, rejection: ObjectRejection) -> None:
         self._rejected[(kind, key)] = rejection
         log.error("%s", rejection)
         if self.on_reject is not None:

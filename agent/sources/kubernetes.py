@@ -30,9 +30,9 @@ from typing import Any, Protocol, runtime_checkable
 import aiohttp
 from prometheus_client import CollectorRegistry
 
-from agent.sources.kube.backoff import Backoff
+from agent.backoff import Backoff, Retries
 from agent.sources.kube.cache import Change, InvalidObjectError, ObjectCache, meta_of
-from agent.sources.kube.config import ClusterConfig, ConfigError, auth_headers
+from agent.sources.kube.config import ClusterConfig, KubeConfigError, auth_headers
 from agent.sources.kube.metrics import KubeMetrics
 from agent.sources.kube.project import Projection, project_endpoint_slice, project_pod
 from agent.sources.kube.stream import WatchDecoder, WatchEvent, WatchProtocolError
@@ -126,7 +126,7 @@ class ResourceExpiredError(ApiStatusError):
 _DROPPED = (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
             aiohttp.ClientConnectionError)
 _RETRYABLE = (aiohttp.ClientError, TimeoutError, ApiStatusError, WatchProtocolError,
-              InvalidObjectError, ConfigError)
+              InvalidObjectError, KubeConfigError)
 
 
 class _Reflector:
@@ -136,7 +136,7 @@ class _Reflector:
         self.rv: str | None = None  # where the next watch starts; None: list first
         self.listed = False
         self.fresh_list = False  # no watch event since the last list
-        self.backoff = Backoff(initial, cap)
+        self.backoff = Retries(Backoff(initial, cap=cap, equal_jitter=True))
         self.last_error: Exception | None = None
         self.failing_since: float | None = None  # first failure since the last success
         self.forbidden_since: float | None = None  # first of a run of 403s

@@ -18,11 +18,11 @@ import yaml
 from agent.model.fields import FieldError, FieldPath
 
 
-class ConfigError(ValueError):
+class MeshConfigError(ValueError):
     """A configuration file is unreadable or invalid; the message says file:line: field."""
 
 
-class LimitError(ConfigError):
+class LimitError(MeshConfigError):
     """The configuration crosses one of the `Limits`; the message names the bound."""
 
 
@@ -196,7 +196,7 @@ def _line_at(text: str, offset: int) -> int:
 def documents(text: str, name: str, budget: Budget, first_line: int = 1
               ) -> Iterator[YamlDocument]:
     """The documents of one file (or of the part of it that starts on `first_line`), checked
-    against the budget first; raises ConfigError."""
+    against the budget first; raises MeshConfigError."""
     base = first_line - 1
     try:
         _check_bounds(text, name, budget, base)
@@ -211,21 +211,22 @@ def documents(text: str, name: str, budget: Budget, first_line: int = 1
                     data = loader.construct_document(node)
                 except (ValueError, TypeError, OverflowError) as e:
                     # e.g. a date like 2024-13-45 or an integer of more than 4300 digits
-                    raise ConfigError(f"{name}:{base + start}: cannot read a value: {e}") from e
+                    raise MeshConfigError(f"{name}:{base + start}: cannot read a value: {e}") from e
                 lines: dict[FieldPath, int] = {}
                 try:
                     _walk(node, data, (), lines, name, base=base)
                 except FieldError as e:
-                    raise ConfigError(str(e)) from e
+                    raise MeshConfigError(str(e)) from e
                 yield YamlDocument(data, lines, start, base)
         finally:
             loader.dispose()
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = base + (mark.line + 1 if mark else 1)
-        raise ConfigError(f"{name}:{line}: invalid YAML: {e.problem or e.context}") from e
+        raise MeshConfigError(f"{name}:{line}: invalid YAML: {e.problem or e.context}") from e
     except yaml.reader.ReaderError as e:
-        raise ConfigError(f"{name}:{base + _line_at(text, e.position)}: invalid YAML: {e.reason} "
-                          f"(character {e.character!r})") from e
+        where = f"{name}:{base + _line_at(text, e.position)}"
+        raise MeshConfigError(f"{where}: invalid YAML: {e.reason} "
+                              f"(character {e.character!r})") from e
     except yaml.YAMLError as e:
-        raise ConfigError(f"{name}:{first_line}: invalid YAML: {e}") from e
+        raise MeshConfigError(f"{name}:{first_line}: invalid YAML: {e}") from e

@@ -19,13 +19,13 @@ from agent.state.snapshot import MeshState
 
 
 @dataclass(frozen=True)
-class Endpoint:
+class ServiceEndpoint:
     workload: Workload | None  # None: an address that is no workload (outside the mesh)
     ip: ipaddress.IPv4Address
     port: int  # the resolved target port
 
 
-def endpoints(state: MeshState, service: Service, port: ServicePort) -> list[Endpoint]:
+def endpoints(state: MeshState, service: Service, port: ServicePort) -> list[ServiceEndpoint]:
     """The ready endpoints of one service port, ordered by address. A named targetPort is
     looked up in each endpoint's named ports; an endpoint without it is not an endpoint of this
     port (as in Kubernetes)."""
@@ -39,17 +39,17 @@ def endpoints(state: MeshState, service: Service, port: ServicePort) -> list[End
         target = w.resolve_target_port(port.target_port)
         ip = next((a for a in w.ips if isinstance(a, ipaddress.IPv4Address)), None)
         if target is not None and ip is not None:
-            out.append(Endpoint(w, ip, target))
+            out.append(ServiceEndpoint(w, ip, target))
     return sorted(out, key=lambda e: (e.ip, e.port))
 
 
 def _from_slices(state: MeshState, slices: tuple[EndpointSlice, ...],
-                 port: ServicePort) -> list[Endpoint]:
+                 port: ServicePort) -> list[ServiceEndpoint]:
     """kube-proxy's choice: the `ready` endpoints; if there is none, the ones that are
     `serving` and `terminating` (a rollout's last old pods still finish their work) rather than
     nothing. An address in two slices counts once."""
-    ready: dict[tuple[ipaddress.IPv4Address, int], Endpoint] = {}
-    fallback: dict[tuple[ipaddress.IPv4Address, int], Endpoint] = {}
+    ready: dict[tuple[ipaddress.IPv4Address, int], ServiceEndpoint] = {}
+    fallback: dict[tuple[ipaddress.IPv4Address, int], ServiceEndpoint] = {}
     for s in slices:
         target = s.port_for(port)
         if target is None or s.address_type != "IPv4":
@@ -58,7 +58,7 @@ def _from_slices(state: MeshState, slices: tuple[EndpointSlice, ...],
             for ip in e.ips:
                 if not isinstance(ip, ipaddress.IPv4Address):
                     continue
-                ep = Endpoint(state.workload_by_ip(ip), ip, target)
+                ep = ServiceEndpoint(state.workload_by_ip(ip), ip, target)
                 if e.ready:
                     ready[(ip, target)] = ep
                 elif e.serving and e.terminating:

@@ -6,6 +6,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from types import MappingProxyType
+from typing import TypeVar
 
 from agent.config import DEFAULT_ROOT_NAMESPACE
 from agent.identity.spiffe import Identity
@@ -30,6 +31,8 @@ KIND_OF: Mapping[type, str] = MappingProxyType({
     EndpointSlice: "EndpointSlice", ConnectionRateLimit: "ConnectionRateLimit",
 })
 KINDS = tuple(KIND_OF.values())
+
+_T = TypeVar("_T")
 
 
 def key_of(obj: MeshObject) -> str:
@@ -93,37 +96,36 @@ class MeshState:
 
     # -- typed views ---------------------------------------------------------------------------
 
+    def _of_kind(self, cls: type[_T]) -> list[_T]:
+        return [o for o in self.objects[KIND_OF[cls]].values() if isinstance(o, cls)]
+
     @property
     def workloads(self) -> list[Workload]:
-        return [o for o in self.objects["Workload"].values() if isinstance(o, Workload)]
+        return self._of_kind(Workload)
 
     @property
     def namespaces(self) -> list[Namespace]:
-        return [o for o in self.objects["Namespace"].values() if isinstance(o, Namespace)]
+        return self._of_kind(Namespace)
 
     @property
     def services(self) -> list[Service]:
-        return [o for o in self.objects["Service"].values() if isinstance(o, Service)]
+        return self._of_kind(Service)
 
     @property
     def endpoint_slices(self) -> list[EndpointSlice]:
-        return [o for o in self.objects["EndpointSlice"].values()
-                if isinstance(o, EndpointSlice)]
+        return self._of_kind(EndpointSlice)
 
     @property
     def authorization_policies(self) -> list[AuthorizationPolicy]:
-        return [o for o in self.objects["AuthorizationPolicy"].values()
-                if isinstance(o, AuthorizationPolicy)]
+        return self._of_kind(AuthorizationPolicy)
 
     @property
     def peer_authentications(self) -> list[PeerAuthentication]:
-        return [o for o in self.objects["PeerAuthentication"].values()
-                if isinstance(o, PeerAuthentication)]
+        return self._of_kind(PeerAuthentication)
 
     @property
     def rate_limits(self) -> list[ConnectionRateLimit]:
-        return [o for o in self.objects["ConnectionRateLimit"].values()
-                if isinstance(o, ConnectionRateLimit)]
+        return self._of_kind(ConnectionRateLimit)
 
     # -- lookups (indexes are built on first use, once per snapshot) ---------------------------
 

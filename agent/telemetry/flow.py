@@ -34,7 +34,7 @@ class Reporter(StrEnum):
     DESTINATION = "destination"
 
 
-class EventKind(StrEnum):
+class FlowEventKind(StrEnum):
     """open: connection established. close: it ended (bytes and duration final). deny: refused by
     policy (or STRICT mTLS) before carrying data. auth_failure: the peer failed mTLS/identity
     checks. reject: refused as malformed or unroutable (a bad CONNECT request, no route)."""
@@ -46,7 +46,7 @@ class EventKind(StrEnum):
     REJECT = "reject"
 
 
-class Verdict(StrEnum):
+class FlowVerdict(StrEnum):
     ALLOWED = "allowed"
     DENIED = "denied"
 
@@ -71,11 +71,13 @@ RESPONSE_FLAGS: Final = frozenset({
     "IDENTITY_ERROR", "CERT_REVOKED", "DPE", "NR", "UH", "UO", "RL",
 })
 # Terminal events end a connection attempt; they carry the final bytes and duration.
-TERMINAL_KINDS: Final = frozenset({EventKind.CLOSE, EventKind.DENY, EventKind.AUTH_FAILURE,
-                                   EventKind.REJECT})
-REFUSAL_KINDS: Final = frozenset({EventKind.DENY, EventKind.AUTH_FAILURE, EventKind.REJECT})
-_DEFAULT_FLAGS: Final = {EventKind.DENY: "DENY", EventKind.AUTH_FAILURE: "TLS_FAILURE",
-                         EventKind.REJECT: "DPE"}
+TERMINAL_KINDS: Final = frozenset({FlowEventKind.CLOSE, FlowEventKind.DENY,
+    FlowEventKind.AUTH_FAILURE,
+                                   FlowEventKind.REJECT})
+REFUSAL_KINDS: Final = frozenset({FlowEventKind.DENY, FlowEventKind.AUTH_FAILURE,
+    FlowEventKind.REJECT})
+_DEFAULT_FLAGS: Final = {FlowEventKind.DENY: "DENY", FlowEventKind.AUTH_FAILURE: "TLS_FAILURE",
+                         FlowEventKind.REJECT: "DPE"}
 # Reason strings come from the kernel verdict table (bpf/lib/verdicts.h, mirrored in Python by the
 # datapath, e.g. Reason.POLICY_DENY.label) or from the tunnel; telemetry treats them as opaque
 # tokens.
@@ -84,7 +86,7 @@ _SERVICE_ADDRESS = re.compile(r"\d{1,3}(\.\d{1,3}){3}:\d{1,5}")
 
 
 @dataclass(frozen=True)
-class Endpoint:
+class FlowEndpoint:
     """One side of a connection. Empty strings (and port 0) mean unknown.
 
     `principal` is the SPIFFE URI (spiffe://td/ns/x/sa/y), as in Istio's `*_principal` labels.
@@ -121,7 +123,7 @@ class Endpoint:
         return {name: getattr(self, name) for name in _ENDPOINT_FIELDS}
 
     @classmethod
-    def from_dict(cls, data: Any, where: str) -> Endpoint:
+    def from_dict(cls, data: Any, where: str) -> FlowEndpoint:
         if not isinstance(data, dict):
             raise FlowRecordError(f"{where}: want an object, got {type(data).__name__}")
         unknown = set(data) - set(_ENDPOINT_FIELDS)
@@ -170,13 +172,13 @@ class FlowRecord:
     marks the failed connect that ejected that endpoint from the Service (outlier detection).
     """
 
-    kind: EventKind
+    kind: FlowEventKind
     reporter: Reporter
-    source: Endpoint
-    destination: Endpoint
+    source: FlowEndpoint
+    destination: FlowEndpoint
     time: datetime = field(default_factory=_now)
     protocol: str = "tcp"
-    verdict: Verdict = Verdict.ALLOWED
+    verdict: FlowVerdict = FlowVerdict.ALLOWED
     reason: str = ""
     reason_code: int | None = None
     response_flags: str = NO_FLAGS
@@ -193,7 +195,8 @@ class FlowRecord:
     def __post_init__(self) -> None:
         # Accept plain strings for the enums (producers often have them from a table) but store
         # the enum, so equality and serialisation do not depend on how a record was built.
-        for name, enum in (("kind", EventKind), ("reporter", Reporter), ("verdict", Verdict),
+        for name, enum in (("kind", FlowEventKind), ("reporter", Reporter), ("verdict",
+            FlowVerdict),
                            ("connection_security_policy", SecurityPolicy)):
             value = getattr(self, name)
             try:
@@ -218,9 +221,9 @@ class FlowRecord:
             raise FlowRecordError("bytes and duration must not be negative")
         if not math.isfinite(self.duration):  # JSON has no NaN or Infinity
             raise FlowRecordError(f"duration must be a finite number, not {self.duration}")
-        if self.kind in REFUSAL_KINDS and self.verdict is not Verdict.DENIED:
+        if self.kind in REFUSAL_KINDS and self.verdict is not FlowVerdict.DENIED:
             raise FlowRecordError(f"a {self.kind} event must have verdict denied")
-        if self.kind not in REFUSAL_KINDS and self.verdict is Verdict.DENIED:
+        if self.kind not in REFUSAL_KINDS and self.verdict is FlowVerdict.DENIED:
             raise FlowRecordError(
                 f"verdict denied needs kind deny, auth_failure or reject, not {self.kind}")
         if not self.protocol:
@@ -278,8 +281,8 @@ class FlowRecord:
         _check_types(data)
         return cls(
             kind=data["kind"], reporter=data["reporter"],
-            source=Endpoint.from_dict(data["source"], "source"),
-            destination=Endpoint.from_dict(data["destination"], "destination"),
+            source=FlowEndpoint.from_dict(data["source"], "source"),
+            destination=FlowEndpoint.from_dict(data["destination"], "destination"),
             time=parse_rfc3339(data["time"]), protocol=data["protocol"],
             verdict=data["verdict"], reason=data["reason"], reason_code=data["reason_code"],
             response_flags=data["response_flags"], bytes_sent=data["bytes_sent"],
@@ -369,12 +372,12 @@ FLOW_SCHEMA: Final[dict[str, Any]] = {
         "schema": {"const": SCHEMA_ID},
         "time": {"type": "string", "format": "date-time",
                  "pattern": r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$"},
-        "kind": {"enum": [k.value for k in EventKind]},
+        "kind": {"enum": [k.value for k in FlowEventKind]},
         "reporter": {"enum": [r.value for r in Reporter]},
         "source": _ENDPOINT_SCHEMA,
         "destination": _ENDPOINT_SCHEMA,
         "protocol": {"type": "string", "minLength": 1},
-        "verdict": {"enum": [v.value for v in Verdict]},
+        "verdict": {"enum": [v.value for v in FlowVerdict]},
         "reason": {"type": "string", "pattern": "^[A-Za-z0-9_]{0,64}$"},
         "reason_code": {"type": ["integer", "null"]},
         "response_flags": {"enum": sorted(RESPONSE_FLAGS)},

@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 from typing import IO, Any, Final
 
-from agent.telemetry.flow import EventKind, FlowRecord, rfc3339
+from agent.telemetry.flow import FlowEventKind, FlowRecord, rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +29,12 @@ FILE_MODE: Final = 0o640
 
 # event name and severity per refusal kind
 _AUDIT_EVENTS: Final = {
-    EventKind.DENY: ("policy_deny", "warning"),
+    FlowEventKind.DENY: ("policy_deny", "warning"),
     # No identity could be established (or it was not acceptable): more serious than a deny of a
     # known identity, which is policy working as written.
-    EventKind.AUTH_FAILURE: ("auth_failure", "error"),
+    FlowEventKind.AUTH_FAILURE: ("auth_failure", "error"),
     # Malformed or unroutable requests: probing or a broken client, not a policy decision.
-    EventKind.REJECT: ("rejected", "warning"),
+    FlowEventKind.REJECT: ("rejected", "warning"),
 }
 
 

@@ -1,32 +1,28 @@
 """Prometheus metrics: Istio's L4 traffic metrics fed by flow records, plus the agent's own.
 
-All metrics are custom collectors rather than prometheus_client's Counter/Histogram, for two
-reasons: the exposed names must be exactly Istio's (`istio_tcp_sent_bytes_total`, no extra
-`*_created` series), and counters that live in BPF maps are read at scrape time (ScrapeCollector)
-instead of being copied into the process on a timer.
+Values held in Python are prometheus_client's own Counter and Histogram; counters that live in
+BPF maps are read at scrape time (ScrapeCollector) instead of being copied into the process on a
+timer. The exposed names must be exactly Istio's (`istio_tcp_sent_bytes_total`, no extra
+`*_created` series): importing this module turns prometheus_client's `_created` samples off for
+the whole process (`disable_created_metrics`), so every metric of the agent exposes the same way.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import platform
-import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Final, Generic, Literal, TypeVar
 
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
+from prometheus_client import Counter, Histogram, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from agent import __version__
-from agent.telemetry.flow import NO_FLAGS, EventKind, FlowRecord
+from agent.telemetry.flow import NO_FLAGS, FlowEventKind, FlowRecord
 
 log = logging.getLogger(__name__)
+disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus_client
 
 UNKNOWN: Final = "unknown"
 
@@ -71,25 +67,6 @@ POLICY_UPDATE_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                                 1.0, 2.5, 5.0, 10.0)
 
 Labels = tuple[str, ...]
-
-
-class _CounterStore:
-    """Thread-safe labelled counters (the ring-buffer reader may run in its own thread)."""
-
-    def __init__(self, labelnames: Sequence[str]) -> None:
-        self.labelnames = tuple(labelnames)
-        self._values: dict[Labels, float] = {}
-        self._lock = threading.Lock()
-
-    def inc(self, labels: Labels, amount: float = 1.0) -> None:
-        if len(labels) != len(self.labelnames):
-            raise ValueError(f"BUG: {len(labels)} label values for {len(self.labelnames)} labels")
-        with self._lock:
-            self._values[labels] = self._values.get(labels, 0.0) + amount
-
-    def items(self) -> list[tuple[Labels, float]]:
-        with self._lock:
-            return list(self._values.items())
 
 
 def _known(value: str) -> str:
@@ -137,7 +114,7 @@ def rate_limit_labels(rec: FlowRecord) -> Labels:
             _known(rec.destination.workload), _known(rec.destination.namespace))
 
 
-class FlowMetrics(Collector):
+class FlowMetrics:
     """Counters fed by flow records (`record`), exposed under Istio's names.
 
     open → connections_opened. Terminal events (close, deny, auth_failure, reject) →
@@ -149,45 +126,33 @@ class FlowMetrics(Collector):
     """
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self._traffic = {name: _CounterStore(TRAFFIC_LABELS)
+        def counter(name: str, labelnames: Sequence[str]) -> Counter:
+            return Counter(name, _HELP[name], labelnames, registry=registry)
+
+        self._traffic = {name: counter(name, TRAFFIC_LABELS)
                          for name in (OPENED, CLOSED, FAILED, SENT, RECEIVED)}
-        self._security = {name: _CounterStore(SECURITY_LABELS) for name in (DENIES, AUTH_FAILURES)}
-        self._security[RATE_LIMITED] = _CounterStore(RATE_LIMIT_LABELS)
-        registry.register(self)
+        self._security = {name: counter(name, SECURITY_LABELS) for name in (DENIES, AUTH_FAILURES)}
+        self._security[RATE_LIMITED] = counter(RATE_LIMITED, RATE_LIMIT_LABELS)
 
     def record(self, rec: FlowRecord) -> None:
         labels = traffic_labels(rec)
-        if rec.kind is EventKind.OPEN:
-            self._traffic[OPENED].inc(labels)
+        if rec.kind is FlowEventKind.OPEN:
+            self._traffic[OPENED].labels(*labels).inc()
             return
-        if rec.kind is EventKind.CLOSE:
-            self._traffic[CLOSED].inc(labels)
+        if rec.kind is FlowEventKind.CLOSE:
+            self._traffic[CLOSED].labels(*labels).inc()
         if rec.bytes_sent:
-            self._traffic[RECEIVED].inc(labels, rec.bytes_sent)
+            self._traffic[RECEIVED].labels(*labels).inc(rec.bytes_sent)
         if rec.bytes_received:
-            self._traffic[SENT].inc(labels, rec.bytes_received)
+            self._traffic[SENT].labels(*labels).inc(rec.bytes_received)
         if rec.response_flags != NO_FLAGS:
-            self._traffic[FAILED].inc(labels)
-        if rec.kind is EventKind.DENY:
-            self._security[DENIES].inc(security_labels(rec))
+            self._traffic[FAILED].labels(*labels).inc()
+        if rec.kind is FlowEventKind.DENY:
+            self._security[DENIES].labels(*security_labels(rec)).inc()
             if rec.reason == RATE_LIMITED_REASON:
-                self._security[RATE_LIMITED].inc(rate_limit_labels(rec))
-        elif rec.kind is EventKind.AUTH_FAILURE:
-            self._security[AUTH_FAILURES].inc(security_labels(rec))
-
-    def _families(self, with_samples: bool) -> Iterator[Metric]:
-        for name, store in (*self._traffic.items(), *self._security.items()):
-            fam = CounterMetricFamily(name, _HELP[name], labels=store.labelnames)
-            if with_samples:
-                for labels, value in store.items():
-                    fam.add_metric(labels, value)
-            yield fam
-
-    def collect(self) -> Iterator[Metric]:
-        return self._families(with_samples=True)
-
-    def describe(self) -> Iterator[Metric]:
-        return self._families(with_samples=False)
+                self._security[RATE_LIMITED].labels(*rate_limit_labels(rec)).inc()
+        elif rec.kind is FlowEventKind.AUTH_FAILURE:
+            self._security[AUTH_FAILURES].labels(*security_labels(rec)).inc()
 
 
 _HELP: Final = {
@@ -291,47 +256,6 @@ class ScrapeLabelled(ScrapeCollector[LabelledValues]):
         super().__init__(registry, name, documentation, kind, labelnames, read=read)
 
 
-class HistogramCollector(Collector):
-    """A label-less histogram without prometheus_client's `_created` series."""
-
-    def __init__(self, registry: CollectorRegistry, name: str, documentation: str,
-                 buckets: Sequence[float]) -> None:
-        if list(buckets) != sorted(buckets) or not buckets:
-            raise ValueError(f"BUG: {name} buckets must be sorted and non-empty")
-        self.name, self.documentation = name, documentation
-        self._bounds = (*buckets, math.inf)
-        self._counts = [0] * len(self._bounds)
-        self._sum = 0.0
-        self._lock = threading.Lock()
-        registry.register(self)
-
-    def observe(self, value: float) -> None:
-        with self._lock:
-            self._sum += value
-            for i, bound in enumerate(self._bounds):
-                if value <= bound:
-                    self._counts[i] += 1
-                    break
-
-    def _family(self, with_samples: bool) -> HistogramMetricFamily:
-        if not with_samples:
-            return HistogramMetricFamily(self.name, self.documentation, labels=())
-        with self._lock:
-            counts, total = list(self._counts), self._sum
-        cumulative, buckets = 0, []
-        for bound, n in zip(self._bounds, counts, strict=True):
-            cumulative += n
-            buckets.append(("+Inf" if math.isinf(bound) else repr(bound), float(cumulative)))
-        return HistogramMetricFamily(self.name, self.documentation, buckets=buckets,
-                                     sum_value=total)
-
-    def collect(self) -> Iterator[Metric]:
-        yield self._family(with_samples=True)
-
-    def describe(self) -> Iterator[Metric]:
-        yield self._family(with_samples=False)
-
-
 class _BuildInfo(Collector):
     def __init__(self, registry: CollectorRegistry, version: str, tag: str) -> None:
         self.version, self.tag = version, tag
@@ -362,6 +286,7 @@ class AgentMetrics:
       kernel's open-connection count and cap refusals per Service port
     - `endpoint_ejections.set_reader(lambda: {(svc, endpoint): n})`, `endpoints_ejected` — outlier
       detection
+    - `hbone_connections`, `hbone_streams`, `hbone_dial_failures` — the tunnel's connection pool
     and `policy_update_seconds.observe(seconds)` after each policy map update. Certificate
     metrics belong to the identity subsystem (agent/identity/metrics.py).
     """
@@ -396,9 +321,18 @@ class AgentMetrics:
         self.endpoints_ejected = ScrapeLabelled(
             registry, "nodemesh_endpoints_ejected", "Service endpoints ejected now", "gauge",
             ("service", "port"))
-        self.policy_update_seconds = HistogramCollector(
-            registry, "nodemesh_policy_update_duration_seconds", "Time from a policy change to "
-            "its BPF maps being updated", POLICY_UPDATE_BUCKETS)
+        self.hbone_connections = ScrapeValue(
+            registry, "nodemesh_hbone_connections_opened", "HBONE (mTLS) connections the "
+            "tunnel's pool dialed", "counter")
+        self.hbone_streams = ScrapeValue(
+            registry, "nodemesh_hbone_streams_opened", "CONNECT streams opened on pooled HBONE "
+            "connections", "counter")
+        self.hbone_dial_failures = ScrapeValue(
+            registry, "nodemesh_hbone_dial_failures", "HBONE connections the tunnel's pool "
+            "could not dial", "counter")
+        self.policy_update_seconds = Histogram(
+            "nodemesh_policy_update_duration_seconds", "Time from a policy change to its BPF "
+            "maps being updated", buckets=POLICY_UPDATE_BUCKETS, registry=registry)
         self.build = _BuildInfo(registry, version, tag or version)
 
 

@@ -27,7 +27,7 @@ from typing import Final
 
 from aiohttp import web
 
-from agent.telemetry.flow import FlowRecord, FlowRecordError, Verdict, parse_rfc3339, rfc3339
+from agent.telemetry.flow import FlowRecord, FlowRecordError, FlowVerdict, parse_rfc3339, rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class FlowFilter:
 
     since: datetime | None = None
     until: datetime | None = None
-    verdict: Verdict | None = None
+    verdict: FlowVerdict | None = None
     namespace: str | None = None
 
     def matches(self, rec: FlowRecord) -> bool:
@@ -85,7 +85,7 @@ class FlowFilter:
         verdict = None
         if "verdict" in query:
             try:
-                verdict = Verdict(query["verdict"])
+                verdict = FlowVerdict(query["verdict"])
             except ValueError:
                 raise FilterError(f"verdict {query['verdict']!r}: want allowed or denied") from None
         namespace = query.get("namespace") or None

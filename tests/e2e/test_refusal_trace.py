@@ -35,7 +35,7 @@ from ztunnel import connect, podnet
 from ztunnel.events import ConnectionEvent, ResponseFlag
 from ztunnel.lograte import RepeatLimiter
 from ztunnel.pool import PoolKey
-from ztunnel.tunnel import PodSpec, Workload
+from ztunnel.tunnel import PodSpec, TunnelWorkload
 
 SMALL = 16 * 1024
 
@@ -147,9 +147,9 @@ def test_each_tunnel_refusal_is_in_the_flow_log_the_metrics_and_the_audit_log(
         assert through_tunnel(m, src, dst)["ok"] == 0
         # 3. Wrong peer identity: the server is not who the client expects at that address.
         m.ca.install(m.identity(src), m.ca.leaf(m.identity(src).uri))
-        m.workloads[str(dst.ip)] = Workload(str(dst.ip), identity("impostor"), dst.name)
+        m.workloads[str(dst.ip)] = TunnelWorkload(str(dst.ip), identity("impostor"), dst.name)
         assert through_tunnel(m, src, dst)["ok"] == 0
-        m.workloads[str(dst.ip)] = Workload(str(dst.ip), m.identity(dst), dst.name)
+        m.workloads[str(dst.ip)] = TunnelWorkload(str(dst.ip), m.identity(dst), dst.name)
         # 4. STRICT refusal of plaintext (sk_lookup would deliver it to 15006).
         m.inbound_routes[dst.cookie()] = 8080
         assert m.run_clients(src, str(dst.ip), 15006, SMALL, 1)["ok"] == 0

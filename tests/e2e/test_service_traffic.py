@@ -191,6 +191,14 @@ def destination_opens(c: Cluster) -> dict[str, float]:
     return out
 
 
+def pool_counts(c: Cluster) -> dict[str, float]:
+    """The client node's tunnel pool counters, as scraped."""
+    text = http_get(c.nodes[0].netns, 15020, "/metrics")
+    assert text is not None
+    return {name: samples(text, f"nodemesh_hbone_{name}_total")
+            for name in ("connections_opened", "streams_opened", "dial_failures")}
+
+
 def lb_table(c: Cluster) -> list[str]:
     dump = http_get(c.nodes[0].netns, 15000, "/config_dump")
     assert dump is not None
@@ -209,6 +217,7 @@ def test_service_traffic_is_balanced_over_three_endpoints_on_two_nodes_over_hbon
     c, _mesh, _work = service_mesh
     client = c.pod(0, 0)
     before = destination_opens(c)
+    pool_before = pool_counts(c)
     sniffers = [Sniffer(n.netns) for n in c.nodes]
     try:
         results = connects(c, 300)
@@ -227,6 +236,12 @@ def test_service_traffic_is_balanced_over_three_endpoints_on_two_nodes_over_hbon
     assert {k: after[k] - before[k] for k in ENDPOINTS} == {k: float(per[k]) for k in ENDPOINTS}
     assert sum(s.frames for s in sniffers) > 0
     assert sum(s.seen for s in sniffers) == 0  # no plaintext on the underlay
+    # the client node's pool carried (at least) every connection to the other node as a stream
+    pool_after = pool_counts(c)
+    remote = sum(per[k] for k, (n, _j, _p) in ENDPOINTS.items() if n != 0)
+    assert remote > 0 and pool_after["streams_opened"] - pool_before["streams_opened"] >= remote
+    assert pool_after["connections_opened"] >= 1
+    assert pool_after["dial_failures"] == pool_before["dial_failures"]
 
 
 def test_an_unready_endpoint_gets_no_new_connections_while_an_established_one_completes(

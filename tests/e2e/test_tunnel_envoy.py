@@ -13,7 +13,7 @@ from support.mesh import mesh, read_peers
 from agent.testbed import Cluster
 from agent.testbed.cluster import Place
 from benchmarks import envoy
-from ztunnel.events import Direction, Flag
+from ztunnel.events import TransportFlag, TunnelDirection
 
 CONFIGS = Path(__file__).with_name("envoy")
 SIZE = 1024 * 1024
@@ -71,7 +71,8 @@ def test_interop_with_envoy_both_directions(tmp_path: Path) -> None:
             cli.proc.stop()
         # Source IP preserved through Envoy's tunnel too: the app sees the Envoy pod's address.
         assert {ip for ip, _ in read_peers(app_d, 4)} == {str(envoy_out.ip)}
-        inbound = [e for e in m.closed_events(Direction.INBOUND) if e.flags & Flag.CONNECT]
+        inbound = [e for e in m.closed_events(TunnelDirection.INBOUND)
+                   if e.flags & TransportFlag.CONNECT]
         assert len(inbound) == 4
         assert {e.src_identity for e in inbound} == {m.identity(envoy_out)}
         assert all(e.bytes_sent == SIZE for e in inbound)

@@ -18,8 +18,8 @@ from support.testca import identity
 
 from agent.testbed import Cluster
 from ztunnel import podnet
-from ztunnel.events import Direction, Flag
-from ztunnel.tunnel import Mode, Workload
+from ztunnel.events import TransportFlag, TunnelDirection
+from ztunnel.tunnel import Mode, TunnelWorkload
 
 SMALL = 16 * 1024
 
@@ -67,8 +67,8 @@ def test_plaintext_strict_refuses_permissive_forwards(
         assert m.run_clients(client, "127.0.0.1", 15001, SMALL, 1) == {"ok": 1, "errors": []}
         assert read_peers(strict_srv, 1)[0][0] == str(client.ip)
         assert unread_output(strict_srv) == b""
-        flags = [e.flags for e in m.closed_events(Direction.INBOUND_PLAINTEXT)]
-        assert flags == [Flag.DENY, Flag.CONNECT]
+        flags = [e.flags for e in m.closed_events(TunnelDirection.INBOUND_PLAINTEXT)]
+        assert flags == [TransportFlag.DENY, TransportFlag.CONNECT]
 
 
 def test_destinations_outside_the_mesh_pass_through_or_are_refused(
@@ -81,23 +81,23 @@ def test_destinations_outside_the_mesh_pass_through_or_are_refused(
         m.route(src, str(outside.ip), 8080)
         assert m.run_clients(src, "127.0.0.1", 15001, SMALL, 1) == {"ok": 1, "errors": []}
         assert read_peers(srv, 1) == [(str(src.ip), 0)]  # plain TCP from the pod itself
-        assert [e.flags for e in m.closed_events(Direction.OUTBOUND)] == [
-            Flag.CONNECT | Flag.PASSTHROUGH]
+        assert [e.flags for e in m.closed_events(TunnelDirection.OUTBOUND)] == [
+            TransportFlag.CONNECT | TransportFlag.PASSTHROUGH]
         assert m.tunnel_of(src).pool.connections_opened == 0
 
         # In the mesh by the resolver's account, but no tunnel listens at that pod.
-        m.workloads[str(outside.ip)] = Workload(str(outside.ip), identity("ghost"), "ghost")
+        m.workloads[str(outside.ip)] = TunnelWorkload(str(outside.ip), identity("ghost"), "ghost")
         m.loop.run(m.tunnel_of(outside).remove_pod(outside.name))
         assert m.run_clients(src, "127.0.0.1", 15001, SMALL, 1)["ok"] == 0
         assert logged(caplog, rf"connection to {re.escape(str(outside.ip))}:15008 refused: no "
                               r"tunnel listens there")
-        assert m.closed_events(Direction.OUTBOUND)[-1].flags == Flag.UPSTREAM_FAILURE
+        assert m.closed_events(TunnelDirection.OUTBOUND)[-1].flags == TransportFlag.UPSTREAM_FAILURE
         del m.workloads[str(outside.ip)]
 
         m.tunnel_of(src).config.outside_mesh = "refuse"
         assert m.run_clients(src, "127.0.0.1", 15001, SMALL, 1)["ok"] == 0
         assert logged(caplog, r"not in the mesh and passthrough is off")
-        assert m.closed_events(Direction.OUTBOUND)[-1].flags == Flag.NO_ROUTE
+        assert m.closed_events(TunnelDirection.OUTBOUND)[-1].flags == TransportFlag.NO_ROUTE
         assert unread_output(srv) == b""
 
 
@@ -157,7 +157,8 @@ def test_drain_finishes_open_connections_then_stops(small_cluster: Cluster) -> N
             finally:
                 t.join(60)
         assert drained.is_set()
-        assert [e.flags for e in m.closed_events(Direction.OUTBOUND)] == [Flag.CONNECT | Flag.HBONE]
+        assert [e.flags for e in m.closed_events(TunnelDirection.OUTBOUND)] == [
+            TransportFlag.CONNECT | TransportFlag.HBONE]
 
 
 
@@ -209,9 +210,9 @@ def test_resets_propagate_both_ways_and_half_close_keeps_the_other_direction(
             while chunk := client.recv(100):
                 got += chunk
             assert got == b"answer after your EOF"
-        m.wait_until(lambda: len(m.closed_events(Direction.OUTBOUND)) == 3, "close events")
-        flags = [e.flags & Flag.RESET for e in m.closed_events(Direction.OUTBOUND)]
-        assert flags == [Flag.RESET, Flag.RESET, Flag.NONE]
+        m.wait_until(lambda: len(m.closed_events(TunnelDirection.OUTBOUND)) == 3, "close events")
+        flags = [e.flags & TransportFlag.RESET for e in m.closed_events(TunnelDirection.OUTBOUND)]
+        assert flags == [TransportFlag.RESET, TransportFlag.RESET, TransportFlag.NONE]
 
 
 def test_draining_destination_sends_goaway_and_finishes_open_streams(
@@ -225,7 +226,7 @@ def test_draining_destination_sends_goaway_and_finishes_open_streams(
         with src.socket() as app:
             app.connect(("127.0.0.1", 15001))
             app.sendall(b"x" * SMALL)
-            m.wait_until(lambda: any(e.phase == "open" and e.direction is Direction.INBOUND
+            m.wait_until(lambda: any(e.phase == "open" and e.direction is TunnelDirection.INBOUND
                                      for e in m.events), "tunnel to open")
             done = threading.Event()
 
@@ -246,4 +247,5 @@ def test_draining_destination_sends_goaway_and_finishes_open_streams(
             finally:
                 t.join(60)
         assert done.is_set()
-        assert [e.flags for e in m.closed_events(Direction.OUTBOUND)] == [Flag.CONNECT | Flag.HBONE]
+        assert [e.flags for e in m.closed_events(TunnelDirection.OUTBOUND)] == [
+            TransportFlag.CONNECT | TransportFlag.HBONE]

@@ -18,9 +18,9 @@ from agent.identity.spiffe import Identity
 from agent.testbed import Cluster
 from agent.testbed.cluster import Pod
 from ztunnel import connect, podnet
-from ztunnel.events import Direction, Flag
+from ztunnel.events import TransportFlag, TunnelDirection
 from ztunnel.pool import PoolKey
-from ztunnel.tunnel import PodSpec, Workload
+from ztunnel.tunnel import PodSpec, TunnelWorkload
 
 SMALL = 16 * 1024
 
@@ -83,25 +83,26 @@ def test_impersonation_is_rejected_with_the_cause_logged(
         # that address: the client aborts.
         src = c.pod(0, 0)
         ca.install(m.identity(src), ca.leaf(m.identity(src).uri))
-        m.workloads[str(dst.ip)] = Workload(str(dst.ip), identity("impostor"), dst.name)
+        m.workloads[str(dst.ip)] = TunnelWorkload(str(dst.ip), identity("impostor"), dst.name)
         assert failed(through_tunnel(m, src, dst))
         assert logged(caplog, r"server certificate identity "
                               r"spiffe://cluster\.local/ns/default/sa/n1p0 is not the expected "
                               r"destination identity "
                               r"spiffe://cluster\.local/ns/default/sa/impostor")
 
-        failures = [e for e in m.closed_events(Direction.OUTBOUND) if e.flags & Flag.TLS_FAILURE]
+        failures = [e for e in m.closed_events(TunnelDirection.OUTBOUND)
+                    if e.flags & TransportFlag.TLS_FAILURE]
         assert len(failures) == 4
         # The server recorded each certificate it refused, with the cause. (The client's own
         # abort in the fourth case may land during or after the server's handshake.)
-        reasons = [e.reason for e in m.closed_events(Direction.INBOUND)
-                   if e.flags & Flag.TLS_FAILURE]
+        reasons = [e.reason for e in m.closed_events(TunnelDirection.INBOUND)
+                   if e.flags & TransportFlag.TLS_FAILURE]
         for cause in ("trust domain 'other.domain'", "certificate has expired",
                       "self-signed certificate"):
             assert sum(cause in r for r in reasons) == 1, (cause, reasons)
 
         # No impersonation attempt reached the app; with sane certificates the same path works.
-        m.workloads[str(dst.ip)] = Workload(str(dst.ip), m.identity(dst), dst.name)
+        m.workloads[str(dst.ip)] = TunnelWorkload(str(dst.ip), m.identity(dst), dst.name)
         assert through_tunnel(m, src, dst) == {"ok": 1, "errors": []}
         assert read_peers(server, 1) == [(str(src.ip), podnet.mark_for_identity(
             m.identity_ids[m.identity(src)]))]
@@ -128,9 +129,10 @@ def test_destination_policy_deny_is_401_and_reaches_no_app(
         assert logged(caplog, r"upstream connect to .*:8080 in pod n1p0 for "
                               r"spiffe://cluster\.local/ns/default/sa/n0p0 denied by policy")
         assert logged(caplog, r"answered 401: denied by the destination's policy")
-        out = [e for e in m.closed_events(Direction.OUTBOUND) if e.flags & Flag.DENY]
+        out = [e for e in m.closed_events(TunnelDirection.OUTBOUND) if e.flags & TransportFlag.DENY]
         assert len(out) == 1 and out[0].reason.startswith("401")
-        m.wait_until(lambda: any(e.flags & Flag.DENY for e in m.closed_events(Direction.INBOUND)),
+        m.wait_until(lambda: any(e.flags & TransportFlag.DENY
+                                 for e in m.closed_events(TunnelDirection.INBOUND)),
                      "inbound deny event")
 
         assert through_tunnel(m, allowed, dst) == {"ok": 1, "errors": []}

@@ -8,7 +8,7 @@ from support.mesh import Capture, mesh, read_peers
 
 from agent.testbed import Cluster
 from ztunnel import podnet
-from ztunnel.events import Direction, Flag
+from ztunnel.events import TransportFlag, TunnelDirection
 
 SIZE = 512 * 1024  # per connection and direction: 100 connections = 50 MiB each way
 CONNS = 100
@@ -47,12 +47,12 @@ def test_bulk_transfer_is_intact_pooled_encrypted_and_source_preserving() -> Non
         peers = read_peers(server, CONNS)
         assert set(peers) == {(str(a.ip), podnet.mark_for_identity(a_id))}
 
-        m.wait_until(lambda: len(m.closed_events(Direction.OUTBOUND)) == CONNS
-                     and len(m.closed_events(Direction.INBOUND)) == CONNS, "close events")
-        out_closed = m.closed_events(Direction.OUTBOUND)
-        in_closed = m.closed_events(Direction.INBOUND)
+        m.wait_until(lambda: len(m.closed_events(TunnelDirection.OUTBOUND)) == CONNS
+                     and len(m.closed_events(TunnelDirection.INBOUND)) == CONNS, "close events")
+        out_closed = m.closed_events(TunnelDirection.OUTBOUND)
+        in_closed = m.closed_events(TunnelDirection.INBOUND)
         for e in out_closed:
-            assert e.flags == Flag.CONNECT | Flag.HBONE
+            assert e.flags == TransportFlag.CONNECT | TransportFlag.HBONE
             assert e.bytes_sent == SIZE and e.bytes_received == SIZE + 32
             assert e.src_identity == m.identity(a) and e.dst_identity == m.identity(b)
         for e in in_closed:

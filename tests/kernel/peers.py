@@ -129,12 +129,12 @@ from pathlib import Path
 from agent.datapath.datapath import Datapath
 from agent.datapath.layouts import PolicyEntry, PolicyKey
 from agent.datapath.options import BuildOptions
-from agent.datapath.verdicts import Reason, Verdict
+from agent.datapath.verdicts import Reason, KernelVerdict
 cg, pin, ns, pod_ip, deny_ip = sys.argv[1:6]
 dp = Datapath(Path(cg), BuildOptions(pin_dir=Path(pin)))
 actions = dp.install()
 dp.enroll(ns, 42, ipaddress.IPv4Address(pod_ip))
-dp.apply_policy({PolicyKey(ipaddress.IPv4Address(deny_ip)): PolicyEntry(Verdict.DENY,
+dp.apply_policy({PolicyKey(ipaddress.IPv4Address(deny_ip)): PolicyEntry(KernelVerdict.DENY,
                  Reason.POLICY_DENY)}, {})
 print(",".join(actions), flush=True)
 time.sleep(600)

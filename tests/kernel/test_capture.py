@@ -16,7 +16,7 @@ from peers import CLIENT, FAKE_TUNNEL, MARKED_CONNECT, SERVER, TRANSPARENT_CONNE
 from agent.abi import ID_PLAINTEXT, ID_TUNNEL, MARK_MAGIC
 from agent.datapath.datapath import Datapath
 from agent.datapath.layouts import PolicyEntry, PolicyKey
-from agent.datapath.verdicts import Counter, EventKind, Reason, Verdict
+from agent.datapath.verdicts import Counter, KernelEventKind, KernelVerdict, Reason
 from agent.testbed import Cluster, Pod, PodProcess
 
 A_ID, B_ID = 100, 101
@@ -103,12 +103,12 @@ def test_egress_deny_is_eperm_at_once_and_emits_a_deny_event(
     clean_policy.enroll(a.netns, A_ID, a.ip)
     events: list[object] = []
     clean_policy.open_events(events.append)
-    deny = PolicyEntry(Verdict.DENY, Reason.POLICY_DENY, policy=7, rule=2)
+    deny = PolicyEntry(KernelVerdict.DENY, Reason.POLICY_DENY, policy=7, rule=2)
     clean_policy.apply_policy({PolicyKey(b.ip, A_ID, 0, 8080): deny}, {})
     assert connect_from(a, b.ip, 8080) == {"errno": "EPERM"}
     # another port of the same destination has no entry: allowed (captured)
     clean_policy.drain_events()
-    denies = [e for e in events if getattr(e, "kind", None) == EventKind.DENY]
+    denies = [e for e in events if getattr(e, "kind", None) == KernelEventKind.DENY]
     assert len(denies) == 1
     d = denies[0]
     assert (d.dst_ip, d.dst_port, d.src_id, d.policy, d.rule, d.reason) == (  # type: ignore[attr-defined]
@@ -126,8 +126,8 @@ def test_policy_change_is_enforced_right_after_the_update_returns(
 ) -> None:
     a, b = kcluster.pod(0, 0), kcluster.pod(0, 1)
     clean_policy.enroll(a.netns, A_ID, a.ip)
-    deny = {PolicyKey(b.ip): PolicyEntry(Verdict.DENY, Reason.POLICY_NOT_ALLOWED)}
-    allow = {PolicyKey(b.ip, port=8080): PolicyEntry(Verdict.ALLOW, policy=1), **deny}
+    deny = {PolicyKey(b.ip): PolicyEntry(KernelVerdict.DENY, Reason.POLICY_NOT_ALLOWED)}
+    allow = {PolicyKey(b.ip, port=8080): PolicyEntry(KernelVerdict.ALLOW, policy=1), **deny}
     for _ in range(3):
         clean_policy.apply_policy(deny, {})
         assert connect_from(a, b.ip, 8080) == {"errno": "EPERM"}
@@ -143,9 +143,9 @@ def test_destination_side_deny_follows_the_identity_in_the_socket_mark(
     world = 0  # the upstream socket is unbound: source 0.0.0.0 is in no policy CIDR
     clean_policy.apply_policy(
         {
-            PolicyKey(p1.ip, 55, world, 8080): PolicyEntry(Verdict.DENY, Reason.POLICY_DENY),
+            PolicyKey(p1.ip, 55, world, 8080): PolicyEntry(KernelVerdict.DENY, Reason.POLICY_DENY),
             PolicyKey(p1.ip, ID_PLAINTEXT, world, ANY_PORT_): PolicyEntry(
-                Verdict.DENY, Reason.MTLS_REQUIRED
+                KernelVerdict.DENY, Reason.MTLS_REQUIRED
             ),
         },
         {},
@@ -245,8 +245,8 @@ def test_flow_events_match_the_traffic(
         replies.append(len(connect_from(a, b.ip, 8080, "y" * n)["reply"]))
     clean_policy.drain_events(0.2)
     mine = [e for e in events if getattr(e, "netns", None) == cookie]
-    opens = [e for e in mine if e.kind == EventKind.OPEN]  # type: ignore[attr-defined]
-    closes = [e for e in mine if e.kind == EventKind.CLOSE]  # type: ignore[attr-defined]
+    opens = [e for e in mine if e.kind == KernelEventKind.OPEN]  # type: ignore[attr-defined]
+    closes = [e for e in mine if e.kind == KernelEventKind.CLOSE]  # type: ignore[attr-defined]
     assert len(opens) == len(closes) == len(sizes)
     assert sorted(e.bytes_sent for e in closes) == sorted(sizes)  # type: ignore[attr-defined]
     assert sorted(e.bytes_received for e in closes) == sorted(replies)  # type: ignore[attr-defined]

@@ -25,7 +25,7 @@ from agent.abi import ID_TUNNEL, MARK_MAGIC
 from agent.datapath import bpfsys, layouts, trust
 from agent.datapath.datapath import Datapath
 from agent.datapath.layouts import FlowEvent, PolicyEntry, PolicyKey, TrustedEntry, UpstreamKey
-from agent.datapath.verdicts import Counter, Direction, EventKind, Reason, Verdict
+from agent.datapath.verdicts import Counter, KernelDirection, KernelEventKind, KernelVerdict, Reason
 from agent.testbed import Cluster, PodProcess
 from agent.testbed.cluster import Place
 
@@ -106,17 +106,17 @@ def test_a_forged_mark_is_judged_with_the_pods_real_identity(
     a, p1 = kcluster.pod(0, 0), kcluster.pod(0, 1)
     clean_policy.enroll(a.netns, A_ID, a.ip)
     clean_policy.apply_policy({
-        PolicyKey(p1.ip): PolicyEntry(Verdict.DENY, Reason.POLICY_NOT_ALLOWED, policy=3),
-        PolicyKey(p1.ip, DB_ID, WORLD, 8080): PolicyEntry(Verdict.ALLOW, policy=3, rule=1),
+        PolicyKey(p1.ip): PolicyEntry(KernelVerdict.DENY, Reason.POLICY_NOT_ALLOWED, policy=3),
+        PolicyKey(p1.ip, DB_ID, WORLD, 8080): PolicyEntry(KernelVerdict.ALLOW, policy=3, rule=1),
     }, {})
     before = counter(clean_policy, Counter.UNTRUSTED_MARK)
     out = forged(a, p1.ip, 8080, identity, bind=str(a.ip) if bind else "", rule=rule)
     assert out == {"errno": "EPERM"}
     assert counter(clean_policy, Counter.UNTRUSTED_MARK) == before + 1
     clean_policy.drain_events()
-    denies = [e for e in events if e.kind == EventKind.DENY and e.dst_ip == p1.ip]
+    denies = [e for e in events if e.kind == KernelEventKind.DENY and e.dst_ip == p1.ip]
     assert [(e.src_id, e.src_ip, e.direction, e.reason) for e in denies] == [
-        (A_ID, a.ip, Direction.EGRESS, Reason.POLICY_NOT_ALLOWED)]
+        (A_ID, a.ip, KernelDirection.EGRESS, Reason.POLICY_NOT_ALLOWED)]
     # The same connect from the tunnel's stand-in (a trusted node process) is db: allowed.
     node = kcluster.nodes[0]
     assert forged(node, p1.ip, 8080, DB_ID)["reply"].startswith("p1|")
@@ -169,7 +169,7 @@ def test_inbound_plaintext_to_an_enrolled_pod_without_its_tunnel_is_dropped_and_
     drops = [e for e in events if e.reason == Reason.NO_TUNNEL]
     assert drops, "no NO_TUNNEL event"
     assert {(e.kind, e.verdict, e.direction, e.dst_ip, e.dst_port) for e in drops} == {
-        (EventKind.DENY, Verdict.DENY, Direction.INGRESS, b.ip, 8080)}
+        (KernelEventKind.DENY, KernelVerdict.DENY, KernelDirection.INGRESS, b.ip, 8080)}
     sources = {e.src_ip for e in drops}  # the pod, and the node (from its gateway address)
     assert c.ip in sources and len(sources) == 2
     assert {e.netns for e in drops} == {b.cookie()}
@@ -244,8 +244,8 @@ def test_trust_of_a_gone_agent_is_dropped_and_a_live_one_kept(
     a, p1 = kcluster.pod(0, 0), kcluster.pod(0, 1)
     clean_policy.enroll(a.netns, A_ID, a.ip)
     clean_policy.apply_policy({
-        PolicyKey(p1.ip): PolicyEntry(Verdict.DENY, Reason.POLICY_NOT_ALLOWED),
-        PolicyKey(p1.ip, DB_ID, WORLD, 8080): PolicyEntry(Verdict.ALLOW),
+        PolicyKey(p1.ip): PolicyEntry(KernelVerdict.DENY, Reason.POLICY_NOT_ALLOWED),
+        PolicyKey(p1.ip, DB_ID, WORLD, 8080): PolicyEntry(KernelVerdict.ALLOW),
     }, {})
     dead = subprocess.Popen(["true"])
     dead.wait()

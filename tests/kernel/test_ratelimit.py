@@ -18,7 +18,7 @@ from peers import CONNECT_BATCH, FAKE_TUNNEL, HOLDER
 from agent.abi import MARK_ID_SHIFT, MARK_MAGIC
 from agent.datapath.datapath import Datapath
 from agent.datapath.layouts import FlowEvent, RateLimitEntry, RateLimitKey, RateLimitState
-from agent.datapath.verdicts import Direction, EventKind, Reason, Verdict
+from agent.datapath.verdicts import KernelDirection, KernelEventKind, KernelVerdict, Reason
 from agent.testbed import Cluster, Pod, PodProcess
 
 A_ID, B_ID = 100, 102
@@ -79,7 +79,7 @@ def holder(dp: Datapath, pod: Pod) -> Holder:
     return h
 
 
-def bucket(dp: Datapath, key: RateLimitKey, direction: Direction) -> RateLimitState:
+def bucket(dp: Datapath, key: RateLimitKey, direction: KernelDirection) -> RateLimitState:
     (st,) = [b for b in dp.rate_limit_buckets()
              if (b.dst, b.src_id, b.direction) == (key.dst, key.src_id, direction)]
     return st
@@ -87,8 +87,8 @@ def bucket(dp: Datapath, key: RateLimitKey, direction: Direction) -> RateLimitSt
 
 def wait_active(dp: Datapath, key: RateLimitKey, want: int) -> None:
     deadline = time.monotonic() + 30
-    while bucket(dp, key, Direction.EGRESS).active != want:
-        assert time.monotonic() < deadline, bucket(dp, key, Direction.EGRESS)
+    while bucket(dp, key, KernelDirection.EGRESS).active != want:
+        assert time.monotonic() < deadline, bucket(dp, key, KernelDirection.EGRESS)
         time.sleep(0.05)
 
 
@@ -111,12 +111,12 @@ def test_burst_admits_exactly_the_bucket_then_refuses_with_econnrefused_and_a_de
     assert [other.connect(db.ip, 5432) for _ in range(5)] == ["ok"] * 5
     assert [app.connect(kcluster.pod(0, 3).ip, 5432) for _ in range(5)] == ["ok"] * 5
     rl.drain_events()
-    denies = [e for e in events if e.kind == EventKind.DENY and e.dst_ip == db.ip]
+    denies = [e for e in events if e.kind == KernelEventKind.DENY and e.dst_ip == db.ip]
     assert len(denies) == 7
     for d in denies:
         assert (d.reason, d.verdict, d.policy, d.src_id, d.direction, d.dst_port) == (
-            Reason.RATE_LIMITED, Verdict.DENY, LIMIT_ID, A_ID, Direction.EGRESS, 5432)
-    assert bucket(rl, key, Direction.EGRESS).active == 0  # no cap: no slots taken
+            Reason.RATE_LIMITED, KernelVerdict.DENY, LIMIT_ID, A_ID, KernelDirection.EGRESS, 5432)
+    assert bucket(rl, key, KernelDirection.EGRESS).active == 0  # no cap: no slots taken
 
 
 def test_the_bucket_refills_with_kernel_time(kcluster: Cluster, rl: Datapath) -> None:
@@ -127,7 +127,7 @@ def test_the_bucket_refills_with_kernel_time(kcluster: Cluster, rl: Datapath) ->
     app = holder(rl, a)
     assert app.connect(db.ip, 5432) == "ok"
     assert app.connect(db.ip, 5432) == "ECONNREFUSED"  # microseconds later: still empty
-    tat = bucket(rl, key, Direction.EGRESS).tat  # CLOCK_MONOTONIC, as bpf_ktime_get_ns
+    tat = bucket(rl, key, KernelDirection.EGRESS).tat  # CLOCK_MONOTONIC, as bpf_ktime_get_ns
     while time.monotonic_ns() < tat:  # the next token is due at tat
         time.sleep(0.1)
     assert app.connect(db.ip, 5432) == "ok"
@@ -201,6 +201,6 @@ def test_the_tunnels_upstream_connect_has_its_own_bucket_and_gets_eperm(
         upstream.stop()
     rl.drain_events()
     denies = [(e.direction, e.reason, e.src_id, e.policy) for e in events
-              if e.kind == EventKind.DENY and e.dst_ip == db.ip]
-    assert denies == [(Direction.EGRESS, Reason.RATE_LIMITED, A_ID, LIMIT_ID),
-                      (Direction.INGRESS, Reason.RATE_LIMITED, A_ID, LIMIT_ID)]
+              if e.kind == KernelEventKind.DENY and e.dst_ip == db.ip]
+    assert denies == [(KernelDirection.EGRESS, Reason.RATE_LIMITED, A_ID, LIMIT_ID),
+                      (KernelDirection.INGRESS, Reason.RATE_LIMITED, A_ID, LIMIT_ID)]

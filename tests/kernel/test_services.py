@@ -21,7 +21,7 @@ from peers import FAKE_TUNNEL, MANY_CONNECTS, SERVER
 from agent.datapath import bpfsys, layouts
 from agent.datapath.datapath import Datapath
 from agent.datapath.layouts import Backend, FlowEvent, Frontend, PolicyEntry, PolicyKey
-from agent.datapath.verdicts import Counter, EventKind, Reason, Verdict
+from agent.datapath.verdicts import Counter, KernelEventKind, KernelVerdict, Reason
 from agent.testbed import Cluster, Pod, PodProcess
 
 A_ID = 100
@@ -153,7 +153,7 @@ def test_a_service_port_cap_refuses_connects_beyond_it_until_connections_close(
     again = connects(a, VIP, 80, 2)
     assert [list(r) for r in again] == [["peer", "local", "reply"]] * 2, again
     lb.drain_events()
-    denies = [e for e in events if e.kind == EventKind.DENY]
+    denies = [e for e in events if e.kind == KernelEventKind.DENY]
     assert [(d.reason, d.svc_ip, d.svc_port, d.dst_ip, d.dst_port) for d in denies] == [
         (Reason.UPSTREAM_OVERFLOW, VIP, 80, p1.ip, 8080)] * 2
     # Lifting the cap rewrites the frontend; removing the Service drops its counter.
@@ -188,11 +188,11 @@ def test_a_service_without_ready_endpoints_is_refused_at_once_with_a_reason(
     assert after[Counter.NO_HEALTHY_UPSTREAM] == before[Counter.NO_HEALTHY_UPSTREAM] + 3
     assert after[Counter.CAPTURED] == before[Counter.CAPTURED]
     lb.drain_events()
-    denies = [e for e in events if e.kind == EventKind.DENY]
+    denies = [e for e in events if e.kind == KernelEventKind.DENY]
     assert len(denies) == 3
     for d in denies:
         assert (d.reason, d.verdict, d.svc_ip, d.svc_port, d.src_id) == (
-            Reason.NO_HEALTHY_UPSTREAM, Verdict.DENY, VIP, 80, A_ID)
+            Reason.NO_HEALTHY_UPSTREAM, KernelVerdict.DENY, VIP, 80, A_ID)
 
 
 def test_a_port_the_service_does_not_declare_goes_to_the_vip(
@@ -222,14 +222,15 @@ def test_policy_is_decided_for_the_endpoint_not_the_vip(kcluster: Cluster, lb: D
     events: list[FlowEvent] = []
     lb.open_events(events.append)
     lb.apply_policy(
-        {PolicyKey(p1.ip, A_ID, 0, 8080): PolicyEntry(Verdict.DENY, Reason.POLICY_DENY, 3, 1)}, {}
+        {PolicyKey(p1.ip, A_ID, 0, 8080): PolicyEntry(KernelVerdict.DENY, Reason.POLICY_DENY, 3,
+            1)}, {}
     )
     lb.apply_services({Frontend(VIP, 80): (Backend(p1.ip, 8080),),
                        Frontend(VIP, 90): (Backend(p2.ip, 8080),)})
     assert connects(a, VIP, 80, 2) == [{"errno": "EPERM"}] * 2
     assert orig(connects(a, VIP, 90, 1)[0]) == f"{p2.ip}:8080"
     lb.drain_events()
-    (d, _) = [e for e in events if e.kind == EventKind.DENY]
+    (d, _) = [e for e in events if e.kind == KernelEventKind.DENY]
     assert (d.dst_ip, d.dst_port, d.svc_ip, d.svc_port, d.reason, d.policy) == (
         p1.ip, 8080, VIP, 80, Reason.POLICY_DENY, 3)
 

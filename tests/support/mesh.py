@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,7 +27,7 @@ from agent.testbed import Cluster
 from agent.testbed.cluster import Pod, PodProcess
 from support.testca import TestCA
 from ztunnel.events import ConnectionEvent
-from ztunnel.tunnel import Mode, PodSpec, Tunnel, TunnelConfig, Workload
+from ztunnel.tunnel import Mode, PodSpec, Tunnel, TunnelConfig, TunnelWorkload
 
 T = TypeVar("T")
 APPS = str(Path(__file__).with_name("apps.py"))
@@ -82,7 +83,7 @@ class Mesh:
     routes: dict[int, tuple[str, int]] = field(default_factory=dict)  # netns cookie -> orig dst
     inbound_routes: dict[int, int] = field(default_factory=dict)  # netns cookie -> real port
     identity_ids: dict[Identity, int] = field(default_factory=dict)
-    workloads: dict[str, Workload] = field(default_factory=dict)  # by IP
+    workloads: dict[str, TunnelWorkload] = field(default_factory=dict)  # by IP
 
     def identity(self, pod: Pod) -> Identity:
         return self.specs[pod.name].identity
@@ -175,17 +176,41 @@ def _inbound_dst_from(routes: dict[int, int]) -> Callable[[socket.socket], Any]:
     return lookup
 
 
+# Called right before an upstream connect, where the kernel's policy program would run; raising
+# PermissionError is handled exactly like EPERM from connect(). Stands in for the kernel in
+# tests that run the tunnel without the datapath.
+UpstreamGate = Callable[[PodSpec, Identity | None, tuple[str, int], int], None]
+
+
+class GatedTunnel(Tunnel):
+    """A Tunnel whose upstream connects pass `gate` first (the testing seam for policy)."""
+
+    def __init__(self, config: TunnelConfig, gate: UpstreamGate) -> None:
+        super().__init__(config)
+        self.gate = gate
+
+    async def _upstream_connect(self, spec: PodSpec, peer: Identity | None,
+                                sock: socket.socket, target: tuple[str, int], mark: int) -> None:
+        self.gate(spec, peer, target, mark)
+        await super()._upstream_connect(spec, peer, sock, target, mark)
+
+
+def _tunnel(cfg: TunnelConfig, gate: UpstreamGate | None) -> Tunnel:
+    return Tunnel(cfg) if gate is None else GatedTunnel(cfg, gate)
+
+
 @contextmanager
 def mesh(cluster: Cluster, mode: Mode = Mode.STRICT, enroll: bool = True,
-         **config: Any) -> Iterator[Mesh]:
-    """Tunnels for every node of `cluster`, pods enrolled with identity sa=<pod name>."""
+         upstream_gate: UpstreamGate | None = None, **config: Any) -> Iterator[Mesh]:
+    """Tunnels for every node of `cluster`, pods enrolled with identity sa=<pod name>;
+    `upstream_gate` stands in for the kernel's policy on upstream connects."""
     m = Mesh(cluster=cluster, ca=TestCA(), loop=LoopThread())
     try:
         for i, pod in enumerate(cluster.pods, start=1):
             ident = Identity("cluster.local", "default", pod.name)
             m.specs[pod.name] = PodSpec(uid=pod.name, netns=pod.netns, ip=str(pod.ip),
                                         identity=ident, name=pod.name, mode=mode)
-            m.workloads[str(pod.ip)] = Workload(str(pod.ip), ident, pod.name)
+            m.workloads[str(pod.ip)] = TunnelWorkload(str(pod.ip), ident, pod.name)
             m.identity_ids[ident] = i
         for _ in cluster.nodes:
             cfg = TunnelConfig(
@@ -194,7 +219,7 @@ def mesh(cluster: Cluster, mode: Mode = Mode.STRICT, enroll: bool = True,
                 original_dst=_original_dst_from(m.routes),
                 inbound_original_dst=_inbound_dst_from(m.inbound_routes),
                 on_event=m.events.append, **config)
-            m.tunnels.append(m.loop.call(lambda cfg=cfg: Tunnel(cfg)))  # type: ignore[misc]  # default-arg capture
+            m.tunnels.append(m.loop.call(partial(_tunnel, cfg, upstream_gate)))
         if enroll:
             for pod in cluster.pods:
                 m.loop.run(m.tunnels[pod.node_index].add_pod(m.specs[pod.name]))

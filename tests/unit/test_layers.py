@@ -18,7 +18,7 @@ pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("agent", "agent.abi", "agent.config", "agent.host"),  # the root holds only __version__
+    ("agent", "agent.abi", "agent.backoff", "agent.config", "agent.host"),  # root: __version__
     ("agent.telemetry",),                          # flow records, metrics, rotating logs
     ("agent.identity",),                           # SPIFFE ids, CA, certificates
     ("agent.model", "ztunnel"),                    # the mesh's values; the HBONE tunnel

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from agent.sources.kube.config import ConfigError, from_kubeconfig, in_cluster
+from agent.sources.kube.config import KubeConfigError, from_kubeconfig, in_cluster
 from agent.sources.kubernetes import RESOURCES, KubernetesSource
 
 
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                       args.context)
         source = KubernetesSource(config, args.node, _Printer(args.full),
                                   resources=args.resources.split(","))
-    except (ConfigError, ValueError) as e:
+    except (KubeConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is the way to stop it

@@ -33,7 +33,7 @@ TOKEN_REFRESH = 60.0  # client-go re-reads the token file at this period too
 EXEC_EARLY = 10.0  # run the exec plugin again this long before its token expires
 
 
-class ConfigError(Exception):
+class KubeConfigError(Exception):
     """No usable cluster configuration: the message says what is missing and where."""
 
 
@@ -91,10 +91,11 @@ class TokenFile:
                 value = self.path.read_text().strip()
             except OSError as e:
                 if self._value is None:
-                    raise ConfigError(f"cannot read the bearer token file {self.path}: {e}") from e
+                    raise KubeConfigError(
+                        f"cannot read the bearer token file {self.path}: {e}") from e
                 value = self._value  # keep the last token over a transient read failure
             if not value:
-                raise ConfigError(f"the bearer token file {self.path} is empty")
+                raise KubeConfigError(f"the bearer token file {self.path} is empty")
             self._value, self._read_at = value, now
         return self._value
 
@@ -114,7 +115,7 @@ class ExecCredentials:
     def __init__(self, spec: Any, base: Path, where: str,
                  clock: Callable[[], float] = time.time) -> None:
         if not isinstance(spec, dict):
-            raise ConfigError(f"{where}: exec plugin: want a mapping, got {spec!r}")
+            raise KubeConfigError(f"{where}: exec plugin: want a mapping, got {spec!r}")
         spec = dict(spec)
         command = str(spec.get("command", ""))
         if os.sep in command and not os.path.isabs(command):
@@ -130,7 +131,7 @@ class ExecCredentials:
         try:
             self._provider = ExecProvider(ConfigNode("exec", spec))
         except (ConfigException, KeyError, TypeError) as e:
-            raise ConfigError(f"{where}: exec plugin {command!r}: {e}") from e
+            raise KubeConfigError(f"{where}: exec plugin {command!r}: {e}") from e
         self._token: str | None = None
         self._expiry: float | None = None
         self._running = asyncio.Lock()  # the reflectors ask together: run the plugin once
@@ -152,12 +153,12 @@ class ExecCredentials:
         try:
             status = await self._provider.run()
         except (ConfigException, OSError) as e:
-            raise ConfigError(f"{self.where}: exec plugin {self.command!r} failed: {e}") from e
+            raise KubeConfigError(f"{self.where}: exec plugin {self.command!r} failed: {e}") from e
         token = status.get("token") if isinstance(status, dict) else None
         if not isinstance(token, str) or not token:
-            raise ConfigError(f"{self.where}: exec plugin {self.command!r} printed no "
-                              "status.token (plugins that return a client certificate are not "
-                              "supported)")
+            raise KubeConfigError(f"{self.where}: exec plugin {self.command!r} printed no "
+                                  "status.token (plugins that return a client certificate are not "
+                                  "supported)")
         self._expiry = _rfc3339(status.get("expirationTimestamp"), self.where)
         self._token = token
 
@@ -187,7 +188,7 @@ def _rfc3339(value: Any, where: str) -> float | None:
     try:
         return datetime.datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
     except ValueError as e:
-        raise ConfigError(f"{where}: exec plugin expirationTimestamp {value!r}: {e}") from e
+        raise KubeConfigError(f"{where}: exec plugin expirationTimestamp {value!r}: {e}") from e
 
 
 @dataclass(frozen=True)
@@ -209,7 +210,7 @@ def explicit(
 ) -> ClusterConfig:
     creds: Credentials | None = None
     if token is not None and token_file is not None:
-        raise ConfigError("give a token or a token file, not both")
+        raise KubeConfigError("give a token or a token file, not both")
     if token is not None:
         creds = StaticToken(token)
     elif token_file is not None:
@@ -224,8 +225,8 @@ def in_cluster(
 ) -> ClusterConfig:
     host, port = env.get("KUBERNETES_SERVICE_HOST"), env.get("KUBERNETES_SERVICE_PORT")
     if not host or not port:
-        raise ConfigError("not running in a pod: KUBERNETES_SERVICE_HOST/PORT are not set "
-                          "(outside a cluster, give a kubeconfig)")
+        raise KubeConfigError("not running in a pod: KUBERNETES_SERVICE_HOST/PORT are not set "
+                              "(outside a cluster, give a kubeconfig)")
     try:
         if ipaddress.ip_address(host).version == 6:
             host = f"[{host}]"
@@ -234,8 +235,8 @@ def in_cluster(
     token, ca = directory / "token", directory / "ca.crt"
     for path in (token, ca):
         if not path.is_file():
-            raise ConfigError(f"{path} is missing: is the service account token mounted "
-                              "(automountServiceAccountToken)?")
+            raise KubeConfigError(f"{path} is missing: is the service account token mounted "
+                                  "(automountServiceAccountToken)?")
     ns_file = directory / "namespace"
     namespace = ns_file.read_text().strip() if ns_file.is_file() else None
     server = f"https://{host}:{port}"
@@ -257,20 +258,20 @@ def from_kubeconfig(path: Path | None = None, context: str | None = None) -> Clu
 
     Supported: server, certificate-authority(-data), insecure-skip-tls-verify, tls-server-name;
     token, tokenFile, client-certificate(-data) + client-key(-data), exec plugins. The removed
-    auth-provider plugins (gcp, azure, oidc) are refused: a ConfigError says so.
+    auth-provider plugins (gcp, azure, oidc) are refused: a KubeConfigError says so.
     """
     path = path or default_kubeconfig()
     try:
         doc = yaml.safe_load(path.read_text())
     except OSError as e:
-        raise ConfigError(f"cannot read kubeconfig {path}: {e}") from e
+        raise KubeConfigError(f"cannot read kubeconfig {path}: {e}") from e
     except yaml.YAMLError as e:
-        raise ConfigError(f"kubeconfig {path} is not valid YAML: {e}") from e
+        raise KubeConfigError(f"kubeconfig {path} is not valid YAML: {e}") from e
     if not isinstance(doc, dict):
-        raise ConfigError(f"kubeconfig {path} is not a mapping")
+        raise KubeConfigError(f"kubeconfig {path} is not a mapping")
     name = context or doc.get("current-context")
     if not name:
-        raise ConfigError(f"kubeconfig {path} has no current-context; name a context")
+        raise KubeConfigError(f"kubeconfig {path} has no current-context; name a context")
     ctx = _named(doc, "contexts", "context", name, path)
     cluster = _named(doc, "clusters", "cluster", ctx.get("cluster"), path)
     user = _named(doc, "users", "user", ctx.get("user"), path) if ctx.get("user") else {}
@@ -279,11 +280,11 @@ def from_kubeconfig(path: Path | None = None, context: str | None = None) -> Clu
 
     server = cluster.get("server")
     if not isinstance(server, str) or not server.startswith(("https://", "http://")):
-        raise ConfigError(f"{where}: cluster server {server!r} is not an http(s) URL")
+        raise KubeConfigError(f"{where}: cluster server {server!r} is not an http(s) URL")
     if "auth-provider" in user:
-        raise ConfigError(f"{where}: user authenticates with an auth-provider plugin, which "
-                          "Kubernetes removed in 1.26; use its exec plugin replacement, a "
-                          "token or a client certificate")
+        raise KubeConfigError(f"{where}: user authenticates with an auth-provider plugin, which "
+                              "Kubernetes removed in 1.26; use its exec plugin replacement, a "
+                              "token or a client certificate")
     ca_file = _path(cluster.get("certificate-authority"), base)
     ca_data = _b64(cluster.get("certificate-authority-data"), where, "certificate-authority-data")
     ctx_ssl = _tls(server, ca_file, ca_data, insecure=bool(cluster.get("insecure-skip-tls-verify")))
@@ -316,9 +317,9 @@ def _named(doc: dict[str, Any], section: str, field: str, name: Any, path: Path)
         if isinstance(entry, dict) and entry.get("name") == name:
             value = entry.get(field)
             if not isinstance(value, dict):
-                raise ConfigError(f"kubeconfig {path}: {section} entry {name!r} has no {field}")
+                raise KubeConfigError(f"kubeconfig {path}: {section} entry {name!r} has no {field}")
             return value
-    raise ConfigError(f"kubeconfig {path}: no {section} entry named {name!r}")
+    raise KubeConfigError(f"kubeconfig {path}: no {section} entry named {name!r}")
 
 
 def _path(value: Any, base: Path) -> Path | None:
@@ -334,7 +335,7 @@ def _b64(value: Any, where: str, field: str) -> str | None:
     try:
         return base64.b64decode(str(value), validate=True).decode()
     except (binascii.Error, UnicodeDecodeError) as e:
-        raise ConfigError(f"{where}: {field} is not base64 PEM: {e}") from e
+        raise KubeConfigError(f"{where}: {field} is not base64 PEM: {e}") from e
 
 
 def _tls(
@@ -347,7 +348,8 @@ def _tls(
             cafile=str(ca_file) if ca_file else None, cadata=ca_data or None
         )
     except (OSError, ssl.SSLError) as e:
-        raise ConfigError(f"cannot load the API server CA ({ca_file or 'inline data'}): {e}") from e
+        raise KubeConfigError(
+            f"cannot load the API server CA ({ca_file or 'inline data'}): {e}") from e
     if insecure:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
@@ -363,11 +365,11 @@ def _client_cert(ctx: ssl.SSLContext, user: dict[str, Any], base: Path, where: s
     if not (cert_file or cert_data):
         return
     if not (key_file or key_data):
-        raise ConfigError(f"{where}: a client certificate without a client key")
+        raise KubeConfigError(f"{where}: a client certificate without a client key")
     try:
         # Inline data never touches a filesystem (tlsmem loads it through memory files).
         chain = cert_data.encode() if cert_data else Path(str(cert_file)).read_bytes()
         key = key_data.encode() if key_data else Path(str(key_file)).read_bytes()
         tlsmem.load_cert_chain(ctx, chain, key)
     except (OSError, ssl.SSLError) as e:
-        raise ConfigError(f"{where}: cannot load the client certificate/key: {e}") from e
+        raise KubeConfigError(f"{where}: cannot load the client certificate/key: {e}") from e

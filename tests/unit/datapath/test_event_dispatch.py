@@ -11,7 +11,7 @@ import pytest
 from agent.datapath.datapath import Datapath
 from agent.datapath.layouts import FLOW_EVENT, FLOW_EVENT_SIZE, FlowEvent
 from agent.datapath.options import BuildOptions
-from agent.datapath.verdicts import Direction, EventKind, Reason, Verdict
+from agent.datapath.verdicts import KernelDirection, KernelEventKind, KernelVerdict, Reason
 
 pytestmark = pytest.mark.unit
 
@@ -43,8 +43,8 @@ def test_a_bad_record_does_not_cost_the_rest_of_its_batch(tmp_path: Path) -> Non
     got: list[FlowEvent] = []
     dp._subscribers.append(got.append)
     good = FLOW_EVENT.pack(1, 42, 7, 0, 0, 0, bytes(4), bytes(4), 1, 2, 3, 0, 0,
-                           int(EventKind.OPEN), int(Verdict.ALLOW), int(Reason.NONE),
-                           int(Direction.EGRESS), bytes(4), 0)
+                           int(KernelEventKind.OPEN), int(KernelVerdict.ALLOW), int(Reason.NONE),
+                           int(KernelDirection.EGRESS), bytes(4), 0)
     good += bytes(FLOW_EVENT_SIZE - len(good))  # the C struct is padded to 8 bytes
     buf = bytes(8) + good + good
     dp._dispatch(buf, [0, 8, 8 + FLOW_EVENT_SIZE], [3, FLOW_EVENT_SIZE, FLOW_EVENT_SIZE])  # type: ignore[arg-type]

@@ -12,7 +12,7 @@ from agent.datapath.layouts import Backend, Frontend
 from agent.datapath.servicemap import compile_service_set, compile_services
 from agent.model.fields import FieldError
 from agent.model.mesh import Service, ServicePort, Workload
-from agent.sources.file import ConfigError, parse_files
+from agent.sources.file import MeshConfigError, parse_files
 from agent.sources.k8sconvert import service_from_k8s
 from agent.state.snapshot import MeshState
 
@@ -93,14 +93,15 @@ def test_readiness_change_removes_the_endpoint() -> None:
 ])
 def test_workload_port_and_readiness_errors(spec: str, error: str) -> None:
     text = f"kind: Workload\nmetadata: {{name: w, namespace: n}}\nspec: {spec}\n"
-    with pytest.raises(ConfigError, match=error):
+    with pytest.raises(MeshConfigError, match=error):
         parse_files([(Path("m.yaml"), text.encode())])
 
 
 def test_bad_named_target_port_is_an_error() -> None:
     text = ("kind: Service\nmetadata: {name: s, namespace: n}\n"
             "spec: {vips: [10.96.0.1], ports: [{port: 80, targetPort: Not_A_Name}]}\n")
-    with pytest.raises(ConfigError, match=r"m.yaml:3: spec.ports\[0\].targetPort: 'Not_A_Name'"):
+    with pytest.raises(MeshConfigError,
+        match=r"m.yaml:3: spec.ports\[0\].targetPort: 'Not_A_Name'"):
         parse_files([(Path("m.yaml"), text.encode())])
 
 
@@ -120,7 +121,8 @@ def test_a_connection_cap_applies_to_each_port_of_the_service() -> None:
 def test_a_bad_connection_cap_names_the_field(cap: str) -> None:
     text = ("kind: Service\nmetadata: {name: s, namespace: n}\n"
             f"spec: {{vips: [10.96.0.1], ports: [{{port: 80}}], maxConnections: {cap}}}\n")
-    with pytest.raises(ConfigError, match=r"m.yaml:3: spec.maxConnections: .* want 0 \(no cap\)"):
+    with pytest.raises(MeshConfigError,
+        match=r"m.yaml:3: spec.maxConnections: .* want 0 \(no cap\)"):
         parse_files([(Path("m.yaml"), text.encode())])
 
 

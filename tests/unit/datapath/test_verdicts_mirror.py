@@ -9,10 +9,10 @@ from agent.datapath import verdicts
 from agent.datapath.source import bpf_dir
 
 GROUPS: dict[str, type[enum.IntEnum]] = {
-    "NM_VERDICT_": verdicts.Verdict,
+    "NM_VERDICT_": verdicts.KernelVerdict,
     "NM_REASON_": verdicts.Reason,
-    "NM_EVENT_": verdicts.EventKind,
-    "NM_DIR_": verdicts.Direction,
+    "NM_EVENT_": verdicts.KernelEventKind,
+    "NM_DIR_": verdicts.KernelDirection,
     "NM_CTR_": verdicts.Counter,
 }
 

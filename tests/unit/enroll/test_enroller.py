@@ -16,7 +16,6 @@ from fakeproc import FakeProc
 from agent.enroll import Enroller, KubernetesLocator, Pass, PodPlacement
 from agent.model.mesh import Labels, Namespace, Workload
 from agent.state.snapshot import MeshObject, MeshState
-from agent.state.store import StateStore
 
 NODE = "node-a"
 TIMEOUT = 20.0
@@ -186,42 +185,5 @@ def test_failed_callbacks_are_retried(proc: FakeProc, tmp_path: Path,
         done = await e.reconcile(state(pod("a", 1, "10.1.0.1"), pod("b", 7, "10.1.0.7")))
         assert agent.take() == [("unenroll", "b"), ("enroll", "b")] and done.settled
         assert agent.placements["b"].pid == 300
-
-    run(body())
-
-
-def test_run_follows_the_store_and_retries_pending(proc: FakeProc, tmp_path: Path) -> None:
-    async def body() -> None:
-        agent = Agent()
-        e = enroller(proc, agent, tmp_path)
-        store = StateStore(state())
-        passes: list[Pass] = []
-        changed = asyncio.Event()
-
-        def on_pass(p: Pass) -> None:
-            passes.append(p)
-            changed.set()
-
-        async def until(cond: Any) -> None:
-            while not cond():
-                changed.clear()
-                await changed.wait()
-
-        task = asyncio.create_task(e.run(store, retry_interval=0.01, on_pass=on_pass))
-        try:
-            await until(lambda: len(passes) == 1)
-            assert passes[0].settled
-            store.upsert(pod("a", 1, "10.1.0.1"))  # no process yet: pending, retried
-            await until(lambda: len(passes) >= 3 and passes[-1].pending)
-            start(proc, 101, 1)  # found by a retry, with no store change
-            await until(lambda: bool(passes[-1].enrolled))
-            assert agent.take() == [("enroll", "a")]
-            store.delete("Workload", "Kubernetes//Pod/shop/a")
-            await until(lambda: bool(passes[-1].unenrolled))
-            assert agent.take() == [("unenroll", "a")] and passes[-1].settled
-        finally:
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
 
     run(body())

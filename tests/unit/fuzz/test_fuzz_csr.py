@@ -1,7 +1,7 @@
 """Fuzz: CSRs into the embedded CA (`CertificateAuthority.sign`, CreateCertificate's core).
 
 Whatever the CSR (text, mutated PEM/DER, mutated but correctly re-signed request info, any key
-type, any SANs, huge), the CA either refuses with a Rejection whose message says why, or returns
+type, any SANs, huge), the CA either refuses with a CaRejection whose message says why, or returns
 a chain whose leaf carries exactly the one identity the CSR asked for, that identity is scheduled
 on the calling node, and the key is the CSR's own.
 """
@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 from agent.identity import pki
 from agent.identity.ca import (
     MAX_CSR_BYTES,
+    CaRejection,
     CertificateAuthority,
-    Rejection,
     StaticWorkloadLocator,
     Status,
 )
@@ -99,7 +99,7 @@ def sign(csr: str, ttl: int = 0, metadata: struct_pb2.Struct | None = None) -> N
     """The property every test checks."""
     try:
         chain = ca().sign(NODE, csr, ttl, metadata)
-    except Rejection as r:
+    except CaRejection as r:
         assert r.message.strip(), "a refusal says why"
         assert r.code in (Status.INVALID_ARGUMENT, Status.PERMISSION_DENIED)
         return
@@ -230,7 +230,7 @@ def test_huge_csrs_are_refused_by_size() -> None:
         body = pem(VALID + b"\x00" * size)
         try:
             ca().sign(NODE, body)
-        except Rejection as r:
+        except CaRejection as r:
             assert f"at most {MAX_CSR_BYTES}" in r.message
         else:
             raise AssertionError("a huge CSR was signed")
@@ -239,7 +239,7 @@ def test_huge_csrs_are_refused_by_size() -> None:
     assert len(pem(many)) < MAX_CSR_BYTES
     try:
         ca().sign(NODE, pem(many))
-    except Rejection as r:
+    except CaRejection as r:
         assert "300 URI SANs" in r.message
     else:
         raise AssertionError("a CSR with 300 SANs was signed")

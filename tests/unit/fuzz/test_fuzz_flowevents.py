@@ -18,11 +18,10 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from agent.datapath.layouts import FLOW_EVENT, FlowEvent
-from agent.datapath.verdicts import Direction, EventKind, Reason, Verdict
+from agent.datapath.verdicts import KernelDirection, KernelEventKind, KernelVerdict, Reason
 from agent.model.mesh import Labels, Workload
 from agent.runtime import flows
-from agent.telemetry.flow import Endpoint, FlowRecord, FlowRecordError
-from agent.telemetry.flow import EventKind as Kind
+from agent.telemetry.flow import FlowEndpoint, FlowEventKind, FlowRecord, FlowRecordError
 from agent.telemetry.stream import FilterError, FlowFilter
 
 FIELDS = ("ts", "cookie", "netns", "sent", "recv", "dur", "sip", "dip", "sport", "dport", "sid",
@@ -44,7 +43,7 @@ def _decode(raw: bytes) -> FlowEvent | None:
         assert str(e).strip()
         return None
     rec = flows.from_kernel(ev, by_ip, lambda i: f"shop/policy-{i}")
-    assert rec.kind in (Kind.OPEN, Kind.CLOSE, Kind.DENY)
+    assert rec.kind in (FlowEventKind.OPEN, FlowEventKind.CLOSE, FlowEventKind.DENY)
     assert FlowRecord.from_json(rec.to_json()) == rec
     return ev
 
@@ -64,10 +63,10 @@ def _fields(draw: st.DrawFn) -> tuple[int, ...]:
         draw(st.binary(min_size=4, max_size=4)), draw(st.binary(min_size=4, max_size=4)),
         draw(st.integers(0, U16)), draw(st.integers(0, U16)), draw(st.integers(0, U32)),
         draw(st.integers(0, U32)), draw(st.integers(0, U16)),
-        draw(small([*map(int, EventKind), 0, 4, U8])),
-        draw(small([*map(int, Verdict), 0, 3, U8])),
+        draw(small([*map(int, KernelEventKind), 0, 4, U8])),
+        draw(small([*map(int, KernelVerdict), 0, 3, U8])),
         draw(small([*map(int, Reason), 99, U8])),
-        draw(small([*map(int, Direction), 0, 3, U8])),
+        draw(small([*map(int, KernelDirection), 0, 3, U8])),
         draw(st.binary(min_size=4, max_size=4)), draw(st.integers(0, U16)),  # Service VIP:port
     )
 
@@ -79,7 +78,8 @@ def packed_events(draw: st.DrawFn) -> bytes:
 
 @given(packed_events())
 @example(FLOW_EVENT.pack(1, 2, 3, U64, U64, U64, b"\n\0\0\1", b"\n\0\0\2", 1, 2, 3, 0, 0,
-                         EventKind.DENY, Verdict.DENY, Reason.POLICY_DENY, Direction.EGRESS,
+                         KernelEventKind.DENY, KernelVerdict.DENY, Reason.POLICY_DENY,
+                             KernelDirection.EGRESS,
                          b"\n\x60\0\x14", 80))
 def test_well_formed_events_decode_to_valid_flow_records(raw: bytes) -> None:
     _decode(raw)
@@ -89,8 +89,10 @@ def test_well_formed_events_decode_to_valid_flow_records(raw: bytes) -> None:
 def test_every_decoded_event_is_the_kernel_record(raw: bytes) -> None:
     values = dict(zip(FIELDS, FLOW_EVENT.unpack(raw[: FLOW_EVENT.size]), strict=True))
     ev = _decode(raw)
-    enums_known = (values["kind"] in set(EventKind) and values["verdict"] in set(Verdict)
-                   and values["reason"] in set(Reason) and values["direction"] in set(Direction))
+    enums_known = (values["kind"] in set(KernelEventKind)
+                   and values["verdict"] in set(KernelVerdict)
+                   and values["reason"] in set(Reason)
+                   and values["direction"] in set(KernelDirection))
     assert (ev is not None) == enums_known
     if ev is not None:
         assert (ev.bytes_sent, ev.src_port, ev.kind) == (values["sent"], values["sport"],
@@ -98,9 +100,10 @@ def test_every_decoded_event_is_the_kernel_record(raw: bytes) -> None:
 
 
 RECORD = FlowRecord(
-    Kind.DENY, "destination", Endpoint(workload="web", namespace="shop", ip="10.0.0.1", port=80,
+    FlowEventKind.DENY, "destination", FlowEndpoint(workload="web", namespace="shop",
+        ip="10.0.0.1", port=80,
                                        principal="spiffe://cluster.local/ns/shop/sa/web"),
-    Endpoint(ip="fd00::1", port=443), verdict="denied", reason="policy_deny", reason_code=1,
+    FlowEndpoint(ip="fd00::1", port=443), verdict="denied", reason="policy_deny", reason_code=1,
     bytes_sent=10, duration=1.5, policy="shop/p", rule="0").to_dict()
 
 scalars = (st.none() | st.booleans() | st.integers(-2**70, 2**70)

@@ -1,5 +1,5 @@
-"""Property tests for the mesh-file parser: whatever the bytes, a MeshState or a ConfigError that
-names file:line -- never another exception, never unbounded work or memory.
+"""Property tests for the mesh-file parser: whatever the bytes, a MeshState or a MeshConfigError
+that names file:line -- never another exception, never unbounded work or memory.
 
 Runs with hypothesis' default settings (deadline off: the guest clock is slow); a profile loaded
 by a conftest (`make fuzz`) may raise the number of examples.
@@ -16,7 +16,7 @@ import yaml
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from agent.sources.file import ConfigError, LimitError, Limits, parse_files
+from agent.sources.file import LimitError, Limits, MeshConfigError, parse_files
 from agent.state.snapshot import MeshState
 
 EXAMPLE = (Path(__file__).resolve().parents[3] / "examples" / "demo-mesh.yaml").read_bytes()
@@ -31,17 +31,17 @@ def memory_bound(limits: Limits) -> int:
     return 16 * 1024 * 1024 + 400 * limits.max_nodes
 
 
-def load(raw: bytes, limits: Limits | None = None) -> MeshState | ConfigError:
-    """The parser's outcome; any exception other than ConfigError fails the test."""
+def load(raw: bytes, limits: Limits | None = None) -> MeshState | MeshConfigError:
+    """The parser's outcome; any exception other than MeshConfigError fails the test."""
     try:
         return parse_files([(Path(NAME), raw)], limits=limits or Limits())
-    except ConfigError as e:
+    except MeshConfigError as e:
         assert WHERE.match(str(e)), f"not file:line: {e}"
         assert "\n" not in str(e) or str(e).count("\n") < 5, f"not one clear line: {e}"
         return e
 
 
-def load_bounded_memory(raw: bytes, limits: Limits | None = None) -> MeshState | ConfigError:
+def load_bounded_memory(raw: bytes, limits: Limits | None = None) -> MeshState | MeshConfigError:
     limits = limits or Limits()
     tracemalloc.start()
     try:
@@ -99,7 +99,7 @@ def mutated_example(draw: st.DrawFn) -> bytes:
 def test_mutated_example_file(raw: bytes) -> None:
     outcome = load(raw)
     if not raw.endswith(b"\n") or not raw.strip():
-        assert isinstance(outcome, ConfigError)  # truncated or empty is never a valid state
+        assert isinstance(outcome, MeshConfigError)  # truncated or empty is never a valid state
 
 
 @settings(deadline=None)
@@ -108,7 +108,7 @@ def test_every_truncation_keeps_nothing_half(cut: int) -> None:
     """A prefix of a valid file cut inside a line is always rejected."""
     raw = EXAMPLE[:cut]
     assume(not raw.endswith(b"\n"))
-    assert isinstance(load(raw), ConfigError)
+    assert isinstance(load(raw), MeshConfigError)
 
 
 # -- the bounds --------------------------------------------------------------------------------
@@ -134,7 +134,7 @@ def test_alias_expansion_is_counted_exactly_and_bounded(chain: tuple[str, int],
                                                         max_nodes: int) -> None:
     text, expanded = chain
     outcome = load_bounded_memory(text.encode(), Limits(max_nodes=max_nodes))
-    assert isinstance(outcome, ConfigError)  # not a mesh document either way
+    assert isinstance(outcome, MeshConfigError)  # not a mesh document either way
     assert isinstance(outcome, LimitError) == (expanded > max_nodes), (expanded, outcome)
 
 
@@ -155,7 +155,7 @@ def nested(draw: st.DrawFn) -> tuple[str, int]:
 def test_nesting_depth_is_bounded(case: tuple[str, int]) -> None:
     text, depth = case
     outcome = load_bounded_memory(text.encode())
-    assert isinstance(outcome, ConfigError)
+    assert isinstance(outcome, MeshConfigError)
     assert isinstance(outcome, LimitError) == (depth > Limits().max_depth), (depth, outcome)
 
 
@@ -176,7 +176,7 @@ def test_document_count_is_bounded(documents: int, limit: int) -> None:
 def test_size_is_bounded(size: int, limit: int) -> None:
     raw = b"#" * max(size - 1, 0) + b"\n"
     outcome = load(raw, Limits(max_bytes=limit))
-    assert isinstance(outcome, ConfigError)  # comments only: never a state
+    assert isinstance(outcome, MeshConfigError)  # comments only: never a state
     assert isinstance(outcome, LimitError) == (len(raw) > limit)
 
 

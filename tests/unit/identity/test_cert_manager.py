@@ -243,7 +243,7 @@ def test_ca_outage_backs_off_serves_old_cert_and_recovers() -> None:
 def test_backoff_follows_istio_schedule() -> None:
     b = Backoff()
     rng = random.Random(7)
-    delays = [b.delay(n, rng) for n in range(1, 12)]
+    delays = [b.delay(n, rng.random()) for n in range(1, 12)]
     bases = [min(150.0, 0.5 * 2 ** (n - 1)) for n in range(1, 12)]
     for d, base in zip(delays, bases, strict=True):
         assert base * 0.8 <= d <= base * 1.2

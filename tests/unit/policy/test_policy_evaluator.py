@@ -12,7 +12,7 @@ from agent.identity.spiffe import Identity
 from agent.model.mesh import Labels, Workload
 from agent.policy.authz import AuthorizationPolicy, parse_authorization_policy
 from agent.policy.connection import Connection
-from agent.policy.evaluator import PolicySet, Verdict, evaluate
+from agent.policy.evaluator import PolicySet, PolicyVerdict, evaluate
 from agent.policy.peerauth import PeerAuthentication, parse_peer_authentication
 
 DB = Workload("db", "shop", "db", (ipaddress.ip_address("10.251.1.10"),), "node1",
@@ -78,7 +78,7 @@ def when(*conds: dict[str, Any]) -> dict[str, Any]:
 class Case:
     name: str
     policies: list[AuthorizationPolicy]
-    verdict: Verdict
+    verdict: PolicyVerdict
     decided_by: str | None = None
     rule: int | None = None
     identity: Identity | None = FRONTEND
@@ -91,7 +91,7 @@ class Case:
     dry_run: list[str] = field(default_factory=list)
 
 
-A, D = Verdict.ALLOW, Verdict.DENY
+A, D = PolicyVerdict.ALLOW, PolicyVerdict.DENY
 FE = "cluster.local/ns/shop/sa/frontend"
 
 CASES = [
@@ -294,7 +294,7 @@ def test_scenario(case: Case) -> None:
 
 def test_plain_policy_list_is_accepted() -> None:
     conn = Connection(ip("10.251.0.10"), FRONTEND, DB, ip("10.251.1.10"), 5432)
-    assert evaluate([ap("p", to(ports=["1"]))], conn).verdict is Verdict.DENY
+    assert evaluate([ap("p", to(ports=["1"]))], conn).verdict is PolicyVerdict.DENY
 
 
 def test_reasons_name_the_outcome() -> None:

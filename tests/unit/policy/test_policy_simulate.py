@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from agent.cli import main
-from agent.telemetry.flow import Endpoint, EventKind, FlowRecord, Reporter, SecurityPolicy, Verdict
+from agent.telemetry.flow import (
+    FlowEndpoint,
+    FlowEventKind,
+    FlowRecord,
+    FlowVerdict,
+    Reporter,
+    SecurityPolicy,
+)
 from agent.telemetry.flowlog import FlowLog
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "demo-mesh.yaml"
@@ -20,21 +27,21 @@ SA = {"shop/frontend": "frontend", "shop/backend": "backend", "shop/db": "db",
       "tools/debug": "default"}
 
 
-def ep(ref: str, port: int = 0, *, principal: bool = True) -> Endpoint:
+def ep(ref: str, port: int = 0, *, principal: bool = True) -> FlowEndpoint:
     if "/" not in ref:
-        return Endpoint(ip=ref, port=port)
+        return FlowEndpoint(ip=ref, port=port)
     ns, name = ref.split("/")
     uri = f"spiffe://cluster.local/ns/{ns}/sa/{SA[ref]}" if principal else ""
-    return Endpoint(workload=name, namespace=ns, principal=uri, ip=WL[ref], port=port)
+    return FlowEndpoint(workload=name, namespace=ns, principal=uri, ip=WL[ref], port=port)
 
 
 def record(src: str, dst: str, port: int, *, denied: bool = False, t: int = 0,
            reporter: Reporter = Reporter.SOURCE, policy: str = "",
            plaintext: bool = False) -> FlowRecord:
     return FlowRecord(
-        EventKind.DENY if denied else EventKind.CLOSE, reporter,
+        FlowEventKind.DENY if denied else FlowEventKind.CLOSE, reporter,
         ep(src, 40000 + t, principal=not plaintext), ep(dst, port), time=T0 + timedelta(seconds=t),
-        verdict=Verdict.DENIED if denied else Verdict.ALLOWED,
+        verdict=FlowVerdict.DENIED if denied else FlowVerdict.ALLOWED,
         reason="policy_deny" if denied else "", policy=policy, rule="0" if policy else "",
         tunneled=not denied,
         connection_security_policy=SecurityPolicy.NONE if plaintext else
@@ -56,8 +63,8 @@ def demo_traffic() -> list[FlowRecord]:
         record("192.168.7.7", "shop/frontend", 80, denied=True, t=7,
                reporter=Reporter.DESTINATION, plaintext=True, policy="shop/default"),
         # Not policy decisions: never replayed.
-        FlowRecord(EventKind.AUTH_FAILURE, Reporter.DESTINATION, ep("192.168.7.8", 1),
-                   ep("shop/db", 5432), time=T0, verdict=Verdict.DENIED),
+        FlowRecord(FlowEventKind.AUTH_FAILURE, Reporter.DESTINATION, ep("192.168.7.8", 1),
+                   ep("shop/db", 5432), time=T0, verdict=FlowVerdict.DENIED),
     ]
 
 

@@ -16,7 +16,7 @@ from agent.cli import main
 from agent.datapath.identities import IdentityTable
 from agent.datapath.layouts import FlowEvent, RateLimitEntry, RateLimitKey
 from agent.datapath.ratelimitmap import RateLimitCompiler
-from agent.datapath.verdicts import Direction, EventKind, Reason, Verdict
+from agent.datapath.verdicts import KernelDirection, KernelEventKind, KernelVerdict, Reason
 from agent.identity.spiffe import Identity
 from agent.model.mesh import Labels, Workload
 from agent.policy.ratelimit import (
@@ -26,7 +26,7 @@ from agent.policy.ratelimit import (
     limit_for,
 )
 from agent.runtime import flows
-from agent.sources.file import ConfigError, parse_files
+from agent.sources.file import MeshConfigError, parse_files
 from agent.sources.k8sconvert import object_from_k8s
 from agent.telemetry.metrics import FlowMetrics
 
@@ -104,7 +104,7 @@ def test_the_mesh_file_kind_parses_into_rules() -> None:
 def test_bad_limits_name_file_line_and_field(body: str, where: str) -> None:
     doc = ("---\napiVersion: nodemesh.io/v1alpha1\nkind: ConnectionRateLimit\n"
            "metadata: {name: l, namespace: shop}\nspec:\n  limits:\n" + body)
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(MeshConfigError) as e:
         load(HEAD + doc)
     assert str(e.value).startswith(where), str(e.value)
 
@@ -177,8 +177,8 @@ def test_a_rate_limited_deny_becomes_an_rl_record_and_counts_in_its_metric() -> 
     db = Workload("db", "shop", "db", (ipaddress.ip_address("10.251.1.10"),))
     debug = Workload("debug", "tools", "debug", (ipaddress.ip_address("10.251.0.10"),))
     ev = FlowEvent(1, 2, 3, 0, 0, 0, ipaddress.IPv4Address("10.251.0.10"),
-                   ipaddress.IPv4Address("10.251.1.10"), 0, 5432, 100, 1, 0, EventKind.DENY,
-                   Verdict.DENY, Reason.RATE_LIMITED, Direction.EGRESS)
+                   ipaddress.IPv4Address("10.251.1.10"), 0, 5432, 100, 1, 0, KernelEventKind.DENY,
+                   KernelVerdict.DENY, Reason.RATE_LIMITED, KernelDirection.EGRESS)
     by_ip = {"10.251.1.10": db, "10.251.0.10": debug}.get
     rec = flows.from_kernel(ev, by_ip, {1: "shop/db-limits"}.__getitem__)
     assert (rec.kind.value, rec.reason, rec.response_flags, rec.policy) == (

@@ -17,7 +17,14 @@ from cryptography.x509.oid import NameOID
 
 from agent.cli import main
 from agent.posture.checks import CertificateInfo, certificate_findings
-from agent.telemetry.flow import Endpoint, EventKind, FlowRecord, Reporter, SecurityPolicy, Verdict
+from agent.telemetry.flow import (
+    FlowEndpoint,
+    FlowEventKind,
+    FlowRecord,
+    FlowVerdict,
+    Reporter,
+    SecurityPolicy,
+)
 from agent.telemetry.flowlog import FlowLog
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -176,15 +183,15 @@ spec:
     log = FlowLog(flows)
     t = dt.datetime.now(dt.UTC)
     for _ in range(2):
-        log.write(FlowRecord(EventKind.CLOSE, Reporter.DESTINATION,
-                             Endpoint(ip="192.168.1.5", port=4000),
-                             Endpoint(workload="debug", namespace="tools", ip="10.251.1.11",
-                                      port=80), time=t,
+        log.write(FlowRecord(FlowEventKind.CLOSE, Reporter.DESTINATION,
+                             FlowEndpoint(ip="192.168.1.5", port=4000),
+                             FlowEndpoint(workload="debug", namespace="tools", ip="10.251.1.11",
+                                          port=80), time=t,
                              connection_security_policy=SecurityPolicy.NONE))
-    log.write(FlowRecord(EventKind.DENY, Reporter.SOURCE,
-                         Endpoint(workload="debug", namespace="tools", ip="10.251.1.11"),
-                         Endpoint(workload="db", namespace="shop", ip="10.251.1.10", port=5432),
-                         time=t, verdict=Verdict.DENIED, reason="policy_deny",
+    log.write(FlowRecord(FlowEventKind.DENY, Reporter.SOURCE,
+                         FlowEndpoint(workload="debug", namespace="tools", ip="10.251.1.11"),
+                         FlowEndpoint(workload="db", namespace="shop", ip="10.251.1.10", port=5432),
+                         time=t, verdict=FlowVerdict.DENIED, reason="policy_deny",
                          policy="shop/db-deny-tools", rule="0"))
     log.close()
     r = report(capsys, "--config", str(mesh(tmp_path, extra)), "--flows", str(flows))

@@ -112,3 +112,13 @@ def test_the_agent_settings_reach_the_detector_and_are_checked() -> None:
         config.build({"NODEMESH_CONFIG": "m.yaml", "NODEMESH_OUTLIER_FAILURES": "0"})
     with pytest.raises(config.ConfigError, match="want 0 < ejection <= max"):
         config.build({"NODEMESH_CONFIG": "m.yaml"}, {"outlier_ejection_seconds": "400"})
+
+
+def test_outside_mesh_is_a_setting_with_two_values() -> None:
+    base = {"NODEMESH_CONFIG": "m.yaml"}
+    assert config.build(base).outside_mesh == "passthrough"
+    assert config.build({**base, "NODEMESH_OUTSIDE_MESH": "refuse"}).outside_mesh == "refuse"
+    cfg = config.build(base, {"outside_mesh": "refuse"})
+    assert cfg.outside_mesh == "refuse" and cfg.origins["outside_mesh"] == "flag --outside-mesh"
+    with pytest.raises(config.ConfigError, match="outside_mesh: 'drop' is not one of"):
+        config.build({**base, "NODEMESH_OUTSIDE_MESH": "drop"})

@@ -14,10 +14,10 @@ import pytest
 from agent.sources import file as file_source
 from agent.sources.file import (
     DEFAULT_LIMITS,
-    ConfigError,
     FileSource,
     LimitError,
     Limits,
+    MeshConfigError,
     load_path,
 )
 from agent.state.snapshot import MeshState
@@ -64,7 +64,7 @@ def write(path: Path, text: str) -> Path:
 
 
 def error_for(tmp_path: Path, text: str) -> str:
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(MeshConfigError) as info:
         load_path(write(tmp_path / "mesh.yaml", text))
     return str(info.value)
 
@@ -124,14 +124,14 @@ def test_directory_of_files(tmp_path: Path) -> None:
     state = load_path(tmp_path)
     assert len(state.all_objects()) == 3
     write(tmp_path / "c.yaml", "kind: Namespace\nmetadata:\n  name: shop\n")
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(MeshConfigError) as info:
         load_path(tmp_path)
     assert str(info.value) == (f"{tmp_path / 'c.yaml'}:1: Namespace shop is defined twice "
                                f"(first at {tmp_path / 'a.yaml'}:1)")
 
 
 def test_missing_path(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="cannot read"):
+    with pytest.raises(MeshConfigError, match="cannot read"):
         load_path(tmp_path / "nope.yaml")
 
 
@@ -140,7 +140,7 @@ class Recorder:
 
     def __init__(self, store: StateStore) -> None:
         self.states: list[MeshState] = []
-        self.errors: list[ConfigError] = []
+        self.errors: list[MeshConfigError] = []
         self.event = threading.Event()
         store.subscribe(self._state)
 
@@ -148,7 +148,7 @@ class Recorder:
         self.states.append(new)
         self.event.set()
 
-    def error(self, e: ConfigError) -> None:
+    def error(self, e: MeshConfigError) -> None:
         self.errors.append(e)
         self.event.set()
 
@@ -157,15 +157,29 @@ class Recorder:
         self.event.clear()
 
 
+def start_watching(source: FileSource) -> Callable[[], None]:
+    """`source.run()` in a thread of its own with its own event loop; returns what stops it."""
+    thread = threading.Thread(target=asyncio.run, args=(source.run(),), name="file-source",
+                              daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        source.stop()
+        thread.join(WAIT)
+        assert not thread.is_alive(), "the file source did not stop"
+
+    return stop
+
+
 def test_watcher_applies_good_changes_and_keeps_last_good_state(tmp_path: Path) -> None:
     path = write(tmp_path / "mesh.yaml", GOOD)
     store = StateStore()
     rec = Recorder(store)
-    source = FileSource(path, store, on_error=rec.error, poll_interval=0.02)
+    source = FileSource(path, store, on_error=rec.error)
     first = source.load_once()
     assert store.current is first
     rec.event.clear()
-    source.start()
+    stop = start_watching(source)
     try:
         # an invalid edit: reported with file:line:field, state unchanged
         write(path, GOOD.replace("[10.251.0.10]", "[10.251.0.999]"))
@@ -187,15 +201,15 @@ def test_watcher_applies_good_changes_and_keeps_last_good_state(tmp_path: Path) 
         rec.wait()
         assert store.current is not good and len(rec.errors) == 2
     finally:
-        source.stop()
+        stop()
 
 
 def test_invalid_start_then_fixed_with_async_run(tmp_path: Path) -> None:
     path = write(tmp_path / "mesh.yaml", "kind: Workload\n")
     store = StateStore()
     rec = Recorder(store)
-    source = FileSource(path, store, on_error=rec.error, poll_interval=0.02)
-    with pytest.raises(ConfigError, match=":1: metadata: want a mapping, got null"):
+    source = FileSource(path, store, on_error=rec.error)
+    with pytest.raises(MeshConfigError, match=":1: metadata: want a mapping, got null"):
         source.load_once()
 
     async def scenario() -> None:
@@ -248,12 +262,12 @@ def test_kind_empty_defines_nothing_on_purpose(tmp_path: Path) -> None:
     write(d / "b.yaml", "kind: Empty\n")
     assert len(load_path(d).all_objects()) == 3
     write(d / "c.yaml", "")
-    with pytest.raises(ConfigError, match=r"c\.yaml:1: the file is empty"):
+    with pytest.raises(MeshConfigError, match=r"c\.yaml:1: the file is empty"):
         load_path(d)
 
 
 def test_a_directory_without_mesh_files_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="no mesh files"):
+    with pytest.raises(MeshConfigError, match="no mesh files"):
         load_path(tmp_path)
 
 
@@ -309,7 +323,7 @@ def test_each_bound(tmp_path: Path, limits: Limits, text: str, expected: str | N
     path = write(tmp_path / "mesh.yaml", text)
     if expected is None:
         # within the bound: the YAML is fine, the (non-mesh) content is what fails
-        with pytest.raises(ConfigError) as info:
+        with pytest.raises(MeshConfigError) as info:
             load_path(path, limits=limits)
         assert not isinstance(info.value, LimitError), info.value
         return
@@ -357,10 +371,10 @@ def test_watcher_keeps_last_good_state_through_bad_writes(tmp_path: Path) -> Non
     path = write(tmp_path / "mesh.yaml", GOOD)
     store = StateStore()
     rec = Recorder(store)
-    source = FileSource(path, store, on_error=rec.error, poll_interval=0.02)
+    source = FileSource(path, store, on_error=rec.error)
     first = source.load_once()
     rec.event.clear()
-    source.start()
+    stop = start_watching(source)
     try:
         bad = ["", GOOD[: GOOD.index("spec:")], "---\n# nothing\n", _alias_bomb(),
                GOOD.replace("name: allow-a", "name: ../../etc/Bad_Name!")]
@@ -378,7 +392,7 @@ def test_watcher_keeps_last_good_state_through_bad_writes(tmp_path: Path) -> Non
         rec.wait()
         assert store.current.all_objects() == [] and source.errors == len(bad)
     finally:
-        source.stop()
+        stop()
 
 
 @pytest.mark.parametrize("exc", [MemoryError(), RecursionError("maximum recursion depth"),
@@ -389,7 +403,7 @@ def test_any_exception_while_loading_is_reported_and_the_watcher_lives(
     path = write(tmp_path / "mesh.yaml", GOOD)
     store = StateStore()
     rec = Recorder(store)
-    source = FileSource(path, store, on_error=rec.error, poll_interval=0.02)
+    source = FileSource(path, store, on_error=rec.error)
     first = source.load_once()
     rec.states.clear()
     real = file_source.parse_files
@@ -558,14 +572,14 @@ def test_a_cached_document_reports_errors_at_its_new_line() -> None:
     text = moved + "---\nkind: Workload\nmetadata: {name: web2, namespace: shop}\n" \
                    "spec: {ips: [10.251.0.10]}\n"
     parses = cache.parses
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(MeshConfigError) as err:
         _parse(cache, text)
     # new: the extra Namespace, shop's (now after a `---` line) and web2
     assert cache.parses == parses + 3
     assert str(err.value).startswith("mesh.yaml:28: IP 10.251.0.10 of workload shop/web2 is "
                                      "already used by shop/web (mesh.yaml:7)"), err.value
     # the same error as without a cache
-    with pytest.raises(ConfigError) as fresh:
+    with pytest.raises(MeshConfigError) as fresh:
         _parse(file_source.DocumentCache(), text)
     assert str(fresh.value) == str(err.value)
 
@@ -600,7 +614,7 @@ def test_cached_documents_still_count_against_the_bounds_of_the_whole_load() -> 
 def test_a_failed_load_keeps_the_last_good_documents_cached() -> None:
     cache = file_source.DocumentCache()
     _parse(cache, GOOD)
-    with pytest.raises(ConfigError):
+    with pytest.raises(MeshConfigError):
         _parse(cache, GOOD + "---\nkind: Nope\n")
     parses = cache.parses
     _parse(cache, GOOD)

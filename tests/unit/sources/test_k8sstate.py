@@ -19,7 +19,7 @@ from agent.model.mesh import Workload
 from agent.policy.authz import Action, AuthorizationPolicy
 from agent.policy.peerauth import MtlsMode
 from agent.sources.file import FileSource
-from agent.sources.k8sstate import KubernetesStateSink, Rejection
+from agent.sources.k8sstate import KubernetesStateSink, ObjectRejection
 from agent.sources.kube.config import explicit
 from agent.sources.kubernetes import KubernetesSource
 from agent.state.snapshot import MeshState
@@ -60,7 +60,7 @@ class Changes:
 
 @asynccontextmanager
 async def feeding(server: ApiServer, store: StateStore,
-                  rejections: list[Rejection] | None = None,
+                  rejections: list[ObjectRejection] | None = None,
                   ) -> AsyncIterator[KubernetesStateSink]:
     on_reject = rejections.append if rejections is not None else None
     sink = KubernetesStateSink(store, on_reject=on_reject)
@@ -156,7 +156,7 @@ def test_policy_updates_and_a_bad_update_keeps_the_last_good_version(
             await k.authorization_policy("shop", "p1", {"action": "ALLOW", "rules": [{}]})
             store = StateStore()
             changes = Changes(store)
-            rejections: list[Rejection] = []
+            rejections: list[ObjectRejection] = []
             async with feeding(server, store, rejections) as sink:
                 await sink.wait_synced()
                 p1 = policy(store, "shop/p1")
@@ -290,7 +290,7 @@ def test_follows_connection_rate_limits_and_rejects_a_bad_one_alone() -> None:
             await k.create(CRL, {"metadata": {"namespace": "shop", "name": "db"}, "spec": good})
             store = StateStore()
             changes = Changes(store)
-            rejections: list[Rejection] = []
+            rejections: list[ObjectRejection] = []
             async with feeding(server, store, rejections) as sink:
                 await sink.wait_synced()
                 (lim,) = store.current.rate_limits

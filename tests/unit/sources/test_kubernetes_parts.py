@@ -16,10 +16,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from support.apiserver import make_tls
 
-from agent.sources.kube.backoff import Backoff
+from agent.backoff import Backoff, Retries
 from agent.sources.kube.cache import InvalidObjectError, ObjectCache
 from agent.sources.kube.config import (
-    ConfigError,
+    KubeConfigError,
     TokenFile,
     default_kubeconfig,
     explicit,
@@ -142,15 +142,15 @@ def test_decoder_notices_a_stream_cut_mid_event_and_oversized_events() -> None:
 
 
 def test_backoff_doubles_to_the_cap_with_jitter_and_resets() -> None:
-    low = Backoff(0.1, 30.0, rand=lambda: 0.0)
-    high = Backoff(0.1, 30.0, rand=lambda: 0.999999)
+    low = Retries(Backoff(0.1, cap=30.0, equal_jitter=True), rand=lambda: 0.0)
+    high = Retries(Backoff(0.1, cap=30.0, equal_jitter=True), rand=lambda: 0.999999)
     nominal = [min(30.0, 0.1 * 2**n) for n in range(12)]
     assert [round(low.next_delay(), 6) for _ in nominal] == [round(d / 2, 6) for d in nominal]
     assert [round(high.next_delay(), 4) for _ in nominal] == [round(d, 4) for d in nominal]
     low.reset()
     assert low.next_delay() == pytest.approx(0.05)
     with pytest.raises(ValueError):
-        Backoff(0.0, 1.0)
+        Backoff(0.0, cap=1.0)
 
 
 # -- configuration -------------------------------------------------------------------------
@@ -173,7 +173,7 @@ def test_token_file_is_reread_after_its_period_and_after_invalidate(tmp_path: Pa
     path.unlink()
     now[0] = 500.0
     assert t.token() == "three"  # a transient read failure keeps the last token
-    with pytest.raises(ConfigError, match="cannot read"):
+    with pytest.raises(KubeConfigError, match="cannot read"):
         TokenFile(tmp_path / "missing").token()
 
 
@@ -186,10 +186,10 @@ def test_in_cluster_reads_the_service_account_mount(tmp_path: Path) -> None:
     assert cfg.credentials is not None and cfg.credentials.token() == "tok"
     assert isinstance(cfg.ssl_context, ssl.SSLContext)
     assert cfg.namespace is None
-    with pytest.raises(ConfigError, match="KUBERNETES_SERVICE_HOST"):
+    with pytest.raises(KubeConfigError, match="KUBERNETES_SERVICE_HOST"):
         in_cluster({}, tmp_path)
     (tmp_path / "ca.crt").unlink()
-    with pytest.raises(ConfigError, match=r"ca\.crt is missing"):
+    with pytest.raises(KubeConfigError, match=r"ca\.crt is missing"):
         in_cluster(env, tmp_path)
     assert tls.ca_file.name == "ca.crt"
 
@@ -229,7 +229,7 @@ def test_kubeconfig_relative_paths_token_file_and_client_certificate(tmp_path: P
         "client-certificate-data": base64.b64encode(tls.ca_pem).decode(),
         "client-key-data": base64.b64encode(key_pem).decode(),
     }, {"server": "https://127.0.0.1:6443", "certificate-authority": "ca.crt"})
-    with pytest.raises(ConfigError, match="client certificate/key"):
+    with pytest.raises(KubeConfigError, match="client certificate/key"):
         from_kubeconfig(mismatched)  # the key does not belong to the certificate
 
     path = _kubeconfig(tmp_path, {"tokenFile": "token"},
@@ -240,7 +240,7 @@ def test_kubeconfig_relative_paths_token_file_and_client_certificate(tmp_path: P
     assert cfg.server_hostname == "kubernetes"
     assert cfg.credentials is not None and cfg.credentials.token() == "from-file"
     assert "context main" in cfg.origin
-    with pytest.raises(ConfigError, match="no clusters entry named 'nope'"):
+    with pytest.raises(KubeConfigError, match="no clusters entry named 'nope'"):
         from_kubeconfig(path, context="other")
 
 
@@ -253,7 +253,7 @@ def test_kubeconfig_relative_paths_token_file_and_client_certificate(tmp_path: P
 def test_kubeconfig_errors_say_what_is_wrong(
     tmp_path: Path, user: dict[str, Any], cluster: dict[str, Any], error: str
 ) -> None:
-    with pytest.raises(ConfigError, match=error):
+    with pytest.raises(KubeConfigError, match=error):
         from_kubeconfig(_kubeconfig(tmp_path, user, cluster))
 
 
@@ -263,9 +263,9 @@ def test_kubeconfig_location_and_unreadable_files(tmp_path: Path) -> None:
     env = {"KUBECONFIG": f"{tmp_path / 'absent'}:{real}", "HOME": str(tmp_path)}
     assert default_kubeconfig(env) == real
     assert default_kubeconfig({"HOME": str(tmp_path)}) == tmp_path / ".kube" / "config"
-    with pytest.raises(ConfigError, match="cannot read kubeconfig"):
+    with pytest.raises(KubeConfigError, match="cannot read kubeconfig"):
         from_kubeconfig(tmp_path / "absent")
-    with pytest.raises(ConfigError, match="no current-context"):
+    with pytest.raises(KubeConfigError, match="no current-context"):
         from_kubeconfig(real)
-    with pytest.raises(ConfigError, match="token or a token file"):
+    with pytest.raises(KubeConfigError, match="token or a token file"):
         explicit("https://h", token="a", token_file=real)

@@ -21,13 +21,13 @@ from agent.telemetry.flow import (
     FLOW_SCHEMA,
     REFUSAL_KINDS,
     RESPONSE_FLAGS,
-    Endpoint,
-    EventKind,
+    FlowEndpoint,
+    FlowEventKind,
     FlowRecord,
     FlowRecordError,
+    FlowVerdict,
     Reporter,
     SecurityPolicy,
-    Verdict,
 )
 from agent.telemetry.flowlog import AUDIT_SCHEMA, AuditLog, RotatingFile
 from agent.telemetry.pipeline import Telemetry, TelemetryConfig
@@ -80,7 +80,7 @@ def test_flow_and_audit_logs_validate_against_the_schemas(
         tel.close()
 
     flows = read_lines(tmp_path / "flows.log")
-    terminal = [r for r in records if r.kind is not EventKind.OPEN]
+    terminal = [r for r in records if r.kind is not FlowEventKind.OPEN]
     assert len(flows) == len(terminal) == 5
     for line, rec in zip(flows, terminal, strict=True):
         FLOW.validate(line)
@@ -116,8 +116,8 @@ def test_schema_catches_what_a_sloppy_writer_would_get_wrong(records: list[FlowR
 def test_logs_rotate_by_size_keeping_whole_lines(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
     log = AuditLog(path, node="node-1", max_bytes=2000, backups=2)
-    deny = FlowRecord(EventKind.DENY, Reporter.DESTINATION, SLEEP, REVIEWS, time=T0,
-                      verdict=Verdict.DENIED, reason="policy_deny")
+    deny = FlowRecord(FlowEventKind.DENY, Reporter.DESTINATION, SLEEP, REVIEWS, time=T0,
+                      verdict=FlowVerdict.DENIED, reason="policy_deny")
     try:
         for i in range(40):
             log.write(replace(deny, time=T0 + timedelta(seconds=i)))
@@ -176,26 +176,26 @@ def test_malformed_json_records_name_the_problem(
 
 def test_endpoint_and_record_invariants() -> None:
     with pytest.raises(FlowRecordError, match="SPIFFE URI"):
-        Endpoint(principal="cluster.local/ns/a/sa/b")
+        FlowEndpoint(principal="cluster.local/ns/a/sa/b")
     with pytest.raises(FlowRecordError, match="not an IPv4/IPv6 address"):
-        Endpoint(ip="10.0.0.300")
+        FlowEndpoint(ip="10.0.0.300")
     with pytest.raises(FlowRecordError, match="port 70000"):
-        Endpoint(port=70000)
+        FlowEndpoint(port=70000)
     with pytest.raises(FlowRecordError, match="timezone-aware"):
-        FlowRecord(EventKind.OPEN, Reporter.SOURCE, SLEEP, REVIEWS, time=datetime(2026, 1, 1))
+        FlowRecord(FlowEventKind.OPEN, Reporter.SOURCE, SLEEP, REVIEWS, time=datetime(2026, 1, 1))
     with pytest.raises(FlowRecordError, match="must have verdict denied"):
-        FlowRecord(EventKind.DENY, Reporter.SOURCE, SLEEP, REVIEWS)
+        FlowRecord(FlowEventKind.DENY, Reporter.SOURCE, SLEEP, REVIEWS)
     # Enums given as strings are stored as enums; other time zones are normalised to UTC.
     plus2 = timezone(timedelta(hours=2))
     rec = FlowRecord("close", "source", OUTSIDER, REVIEWS,  # type: ignore[arg-type]  # producers may pass table strings
                      time=T0.astimezone(plus2))
-    assert rec.kind is EventKind.CLOSE and rec.reporter is Reporter.SOURCE
+    assert rec.kind is FlowEventKind.CLOSE and rec.reporter is Reporter.SOURCE
     assert rec.time == T0 and rec.time.tzinfo == UTC
 
 
 _names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", max_size=20)
 _endpoints = st.builds(
-    Endpoint, workload=_names, namespace=_names,
+    FlowEndpoint, workload=_names, namespace=_names,
     principal=st.sampled_from(["", "spiffe://cluster.local/ns/a/sa/b"]),
     ip=st.ip_addresses().map(str) | st.just(""), port=st.integers(0, 65535), service=_names,
     canonical_service=_names, canonical_revision=_names, app=_names, version=_names,
@@ -204,12 +204,12 @@ _endpoints = st.builds(
 
 @st.composite
 def _records(draw: st.DrawFn) -> FlowRecord:
-    kind = draw(st.sampled_from(list(EventKind)))
+    kind = draw(st.sampled_from(list(FlowEventKind)))
     refused = kind in REFUSAL_KINDS
     return FlowRecord(
         kind, draw(st.sampled_from(list(Reporter))), draw(_endpoints), draw(_endpoints),
         time=draw(st.datetimes(timezones=st.just(UTC))),
-        verdict=Verdict.DENIED if refused else Verdict.ALLOWED,
+        verdict=FlowVerdict.DENIED if refused else FlowVerdict.ALLOWED,
         reason=draw(st.from_regex(r"[A-Za-z0-9_]{0,64}", fullmatch=True)),
         reason_code=draw(st.none() | st.integers(0, 2**31)),
         response_flags=draw(st.sampled_from(sorted(RESPONSE_FLAGS))),

@@ -19,7 +19,7 @@ from telemetry_samples import OUTSIDER, REVIEWS, SLEEP, T0
 
 from agent.cli import build_parser
 from agent.commands import telemetry as cli
-from agent.telemetry.flow import Endpoint, EventKind, FlowRecord, Reporter, Verdict
+from agent.telemetry.flow import FlowEndpoint, FlowEventKind, FlowRecord, FlowVerdict, Reporter
 from agent.telemetry.stream import FlowFilter, FlowHub, FlowsEndpoint, add_routes
 
 
@@ -47,13 +47,13 @@ def flows_args(*argv: str) -> argparse.Namespace:
     return build_parser().parse_args(["flows", *argv])
 
 
-def deny(src: Endpoint, dst: Endpoint, **kw: object) -> FlowRecord:
-    return FlowRecord(EventKind.DENY, Reporter.DESTINATION, src, dst, time=T0,
-                      verdict=Verdict.DENIED, reason="policy_deny", **kw)  # type: ignore[arg-type]  # test kwargs are FlowRecord fields
+def deny(src: FlowEndpoint, dst: FlowEndpoint, **kw: object) -> FlowRecord:
+    return FlowRecord(FlowEventKind.DENY, Reporter.DESTINATION, src, dst, time=T0,
+                      verdict=FlowVerdict.DENIED, reason="policy_deny", **kw)  # type: ignore[arg-type]  # test kwargs are FlowRecord fields
 
 
-def opened(src: Endpoint, dst: Endpoint, **kw: object) -> FlowRecord:
-    return FlowRecord(EventKind.OPEN, Reporter.SOURCE, src, dst, time=T0, **kw)  # type: ignore[arg-type]  # test kwargs are FlowRecord fields
+def opened(src: FlowEndpoint, dst: FlowEndpoint, **kw: object) -> FlowRecord:
+    return FlowRecord(FlowEventKind.OPEN, Reporter.SOURCE, src, dst, time=T0, **kw)  # type: ignore[arg-type]  # test kwargs are FlowRecord fields
 
 
 def lines(out: io.StringIO) -> list[str]:
@@ -82,7 +82,7 @@ def test_follow_json_receives_records_published_after_subscribing() -> None:
 
 
 def test_follow_from_another_thread_and_namespace_filter() -> None:
-    other_ns = Endpoint(workload="db", namespace="data", ip="10.0.3.3", port=5432)
+    other_ns = FlowEndpoint(workload="db", namespace="data", ip="10.0.3.3", port=5432)
 
     async def go() -> list[FlowRecord]:
         hub = FlowHub()
@@ -131,7 +131,7 @@ def test_recent_ring_with_time_and_verdict_filters() -> None:
     assert [r.time for r in asyncio.run(go(hub, FlowFilter()))] == times[2:]
     window = FlowFilter(since=times[3], until=times[4])
     assert [r.time for r in asyncio.run(go(hub, window))] == times[3:5]
-    denied = FlowFilter(verdict=Verdict.DENIED)
+    denied = FlowFilter(verdict=FlowVerdict.DENIED)
     assert [r.time for r in asyncio.run(go(hub, denied))] == [times[3], times[5]]
     assert asyncio.run(go(hub, FlowFilter(namespace="nowhere"))) == []
 
@@ -239,9 +239,9 @@ def table_for(records: Sequence[FlowRecord]) -> list[str]:
 
 
 def test_table_is_readable_and_under_80_columns() -> None:
-    long = Endpoint(workload="a-very-long-workload-name-that-goes-on", namespace="namespace-x",
-                    ip="10.9.9.9", port=8443)
-    closed = FlowRecord(EventKind.CLOSE, Reporter.DESTINATION, long, REVIEWS, time=T0,
+    long = FlowEndpoint(workload="a-very-long-workload-name-that-goes-on", namespace="namespace-x",
+                        ip="10.9.9.9", port=8443)
+    closed = FlowRecord(FlowEventKind.CLOSE, Reporter.DESTINATION, long, REVIEWS, time=T0,
                         bytes_sent=5 * 1024 * 1024, bytes_received=1500, duration=12.5,
                         response_flags="CONNECT")
     rows = table_for([closed, deny(OUTSIDER, REVIEWS), opened(SLEEP, REVIEWS, tunneled=True)])

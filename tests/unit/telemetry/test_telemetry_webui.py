@@ -14,7 +14,7 @@ from aiohttp import web
 from telemetry_samples import OUTSIDER, REVIEWS, SLEEP, T0
 
 from agent.runtime.admin import admin_app
-from agent.telemetry.flow import EventKind, FlowRecord, Reporter, Verdict
+from agent.telemetry.flow import FlowEventKind, FlowRecord, FlowVerdict, Reporter
 from agent.telemetry.stream import FlowHub
 
 
@@ -29,10 +29,10 @@ async def serve(hub: FlowHub) -> AsyncIterator[str]:
         await runner.cleanup()
 
 
-def record(kind: EventKind = EventKind.CLOSE) -> FlowRecord:
-    denied = kind is EventKind.DENY
+def record(kind: FlowEventKind = FlowEventKind.CLOSE) -> FlowRecord:
+    denied = kind is FlowEventKind.DENY
     return FlowRecord(kind, Reporter.DESTINATION, OUTSIDER if denied else SLEEP, REVIEWS,
-                      time=T0, verdict=Verdict.DENIED if denied else Verdict.ALLOWED)
+                      time=T0, verdict=FlowVerdict.DENIED if denied else FlowVerdict.ALLOWED)
 
 
 async def events(resp: aiohttp.ClientResponse, n: int) -> list[tuple[str, dict[str, object]]]:
@@ -86,10 +86,10 @@ def test_event_stream_sends_backlog_then_live_records_with_filters() -> None:
                 assert r.headers["Content-Type"] == "text/event-stream"
                 [(_, first)] = await events(r, 1)  # the backlog
                 assert first["kind"] == "close"
-                hub.publish(record(EventKind.DENY))
+                hub.publish(record(FlowEventKind.DENY))
                 [(name, live)] = await events(r, 1)
                 assert name == "message" and live["verdict"] == "denied"
-                assert FlowRecord.from_dict(live) == record(EventKind.DENY)
+                assert FlowRecord.from_dict(live) == record(FlowEventKind.DENY)
             async with s.get(f"{base}/flows/events", params={"verdict": "denied"}) as r:
                 [(_, only)] = await events(r, 1)
                 assert only["kind"] == "deny"

@@ -44,7 +44,7 @@ def test_request_headers_as_ztunnel_sends_them() -> None:
 
 
 def test_validation_order_and_statuses() -> None:
-    def v(method: str, authority: str) -> connect.Verdict:
+    def v(method: str, authority: str) -> connect.ConnectVerdict:
         return connect.validate_request({":method": method, ":authority": authority}, LOCAL)
 
     # Method first: even a bad authority is reported as a bad method.
