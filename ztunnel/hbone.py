@@ -291,6 +291,12 @@ class Core:
             code = getattr(exc, "error_code", ErrorCodes.PROTOCOL_ERROR)
             self.close(code)
             return [ConnectionFailed(0, f"HTTP/2 protocol error from peer: {exc}")]
+        except UnicodeDecodeError as exc:
+            # h2 decodes header fields as UTF-8 and raises mid-frame on other bytes; its state is
+            # not to be trusted after that, so the whole connection goes (found by fuzzing).
+            self.close(ErrorCodes.PROTOCOL_ERROR)
+            return [ConnectionFailed(0, f"HTTP/2 header field is not UTF-8: {exc.reason} at "
+                                        f"byte {exc.start}")]
         out: list[Event] = []
         for ev in h2_events:
             self._translate(ev, out)

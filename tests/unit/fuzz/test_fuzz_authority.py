@@ -113,6 +113,7 @@ def test_validate_request_gives_a_status_and_a_cause(
 @example(authority="10.251.0.11:8080", extra=[])  # accepted: 200
 @example(authority="10.251.0.11:\u0668\u0660\u0668\u0660", extra=[])  # 400
 @example(authority="10.251.0.11:8080", extra=[("Bad Name", "x")])  # h2 refuses the block
+@example(authority="\ud800", extra=[])  # a lone surrogate: not UTF-8 on the wire
 def test_requests_over_hbone_are_answered_or_refused_cleanly(
         authority: str, extra: list[tuple[str, str]]) -> None:
     """The whole server path without sockets: a client that validates nothing (a raw h2
@@ -128,7 +129,10 @@ def test_requests_over_hbone_are_answered_or_refused_cleanly(
     server.receive(raw.data_to_send())
     raw.receive_data(server.outbound())
     sid = raw.get_next_available_stream_id()
-    raw.send_headers(sid, [(":method", "CONNECT"), (":authority", authority), *extra])
+    # As bytes: a lone surrogate is still some bytes on the wire for the server to refuse.
+    block = [(":method", "CONNECT"), (":authority", authority), *extra]
+    raw.send_headers(sid, [(k.encode("utf-8", "surrogatepass"), v.encode("utf-8", "surrogatepass"))
+                           for k, v in block])
     events = server.receive(raw.data_to_send())
     requests = [e for e in events if isinstance(e, hbone.Request)]
     if not requests:
