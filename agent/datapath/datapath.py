@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.abi import ID_TUNNEL
-from agent.datapath import bpfsys, layouts, trust
+from agent.datapath import bpfsys, bypass, layouts, trust
 from agent.datapath.bpfsys import AttachType, MapType
 from agent.datapath.layouts import (
     Backend,
@@ -46,7 +46,7 @@ from agent.datapath.layouts import (
 from agent.datapath.loader import pin_programs, release, run_loader
 from agent.datapath.options import BuildOptions
 from agent.datapath.pinned import PinnedObjects
-from agent.datapath.programs import CGROUP_PROGRAMS, PROGS_DIR, SK_LOOKUP
+from agent.datapath.programs import BYPASS_MSG, BYPASS_SOCKS, CGROUP_PROGRAMS, PROGS_DIR, SK_LOOKUP
 from agent.datapath.ringbuf import RingBuffer
 from agent.datapath.verdicts import COUNTER_SLOTS, Counter, EventKind, RateLimitCounter
 from agent.host import netns
@@ -213,6 +213,8 @@ class Datapath:
                 done.append(self._attach(self.links_dir / prog.name, fd, cg_fd, prog.attach_type))
         finally:
             os.close(cg_fd)
+        done.append(self._attach(self.links_dir / BYPASS_MSG.name, self.module.prog_fd(BYPASS_MSG),
+                                 self.module.map_fd(BYPASS_SOCKS), BYPASS_MSG.attach_type))
         lookup_fd = self.module.prog_fd(SK_LOOKUP)
         for pin in sorted(self.links_dir.glob("sklookup-*")):
             done.append(self._adopt(pin, lookup_fd) or f"dropped defunct {pin.name}")
@@ -693,6 +695,13 @@ class Datapath:
                 out[UpstreamKey.unpack(key)] = layouts.UPSTREAM_ENTRY.unpack(raw)[0]
         return out
 
+    def set_same_node_bypass(self, on: bool) -> None:
+        """The same-node bypass switch (agent/datapath/bypass.py); applies to new connects."""
+        bypass.set_enabled(self.module, on)
+
+    def bypass_counters(self) -> dict[bypass.BypassCounter, int]:
+        return bypass.counters(self.module, _possible_cpus())
+
     def map_fill(self) -> dict[str, tuple[int, int]]:
         """Entries used and capacity of the maps that grow with the cluster."""
         o = self.options
@@ -701,6 +710,7 @@ class Datapath:
             "nm_conn_cookie_v1": (8, o.max_conns),
             "nm_conn_tuple_v1": (layouts.CONN_TUPLE.size, o.max_conns),
             "nm_upstream_v2": (layouts.UPSTREAM_KEY.size, o.max_conns),
+            "nm_bypass_v1": (layouts.UPSTREAM_KEY.size, o.max_conns),
             "nm_svc_conn_v1": (8, o.max_conns),
             "nm_svc_tuple_v1": (layouts.CONN_TUPLE.size, o.max_conns),
             "nm_lb4_active_v1": (layouts.LB4_KEY.size, o.max_services),
