@@ -53,6 +53,7 @@ from agent.host import netns
 
 log = logging.getLogger(__name__)
 KIND_AT = layouts.FLOW_EVENT_KIND_OFFSET
+FLAGS_AT = layouts.FLOW_EVENT_FLAGS_OFFSET
 
 
 # Counters that record a refusal (or a forged tunnel mark, ignored and counted).
@@ -175,6 +176,7 @@ class Datapath:
         self.event_errors = 0  # flow events that failed to decode or deliver
         self.events_read = 0  # records taken from the ring (delivered or filtered out)
         self._kinds: set[int] | None = None  # event kinds any subscriber wants; None: all
+        self._bypassed = False  # a subscriber wants bypassed connections' records too
         # (VIP, port) -> (service id, slots, backends) as this process wrote them; None until
         # read from the kernel (backends None: written by a previous agent)
         self._services: dict[Frontend, tuple[int, int, tuple[Backend, ...] | None]] | None = None
@@ -725,12 +727,14 @@ class Datapath:
         }
 
     def open_events(self, callback: Callable[[FlowEvent], None],
-                    kinds: Iterable[EventKind] | None = None) -> None:
+                    kinds: Iterable[EventKind] | None = None, *, bypassed: bool = False) -> None:
         """Subscribe to flow events; delivered from poll_events()/drain_events().
 
         `kinds` names the events the subscriber needs (None: all): records of other kinds are
         skipped before they are decoded, which is most of the cost of a busy ring. It is a
-        filter for the whole ring, so a subscriber still checks the kind it is handed."""
+        filter for the whole ring, so a subscriber still checks the kind it is handed.
+        `bypassed`: also every record of a same-node bypassed connection, whatever its kind."""
+        self._bypassed = self._bypassed or bypassed
         if not self._events_open:
             self._ring = RingBuffer(self.module.map_fd("nm_events_v1"))
             self._events_open = True
@@ -749,7 +753,8 @@ class Datapath:
         subs, kinds = list(self._subscribers), self._kinds
         unpack = FlowEvent.unpack_from
         for off, length in zip(offsets, lengths, strict=True):
-            if kinds is not None and length > KIND_AT and buf[off + KIND_AT] not in kinds:
+            if (kinds is not None and length > FLAGS_AT and buf[off + KIND_AT] not in kinds
+                    and not (self._bypassed and buf[off + FLAGS_AT] & layouts.CONN_BYPASS)):
                 continue
             try:
                 event = unpack(buf, off, length)
