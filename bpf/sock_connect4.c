@@ -17,7 +17,8 @@
  *      EPERM at once); otherwise the endpoint is recorded as the original destination by
  *      socket cookie (and the VIP, for getpeername4) and the connect goes to 127.0.0.1:15001;
  *   4. same-node bypass (switch on, lib/bypass.h): when that endpoint is another pod enrolled
- *      on this node, no rate limit names the pair, and the verdict above allowed it, the
+ *      on this node whose tunnel listener is up (the agent is serving it), no rate limit names
+ *      the pair, and the verdict above allowed it, the
  *      connect is left to go to the pod directly (recorded with NM_CONN_BYPASS; sockops and
  *      sk_msg take it from there). The verdict is the destination's own: the policy map is
  *      keyed by destination and source identity, the lookup the destination-side check of a
@@ -34,6 +35,7 @@
 #include "lib/lb.h"
 #include "lib/ratelimit.h"
 #include "lib/bypass.h"
+#include "lib/inbound.h"
 
 #define NM_ECONNREFUSED 111
 
@@ -91,6 +93,13 @@ static __always_inline int nm_bypass_eligible(struct enroll_entry *pod, struct n
 		return 0; /* to itself it goes over loopback, the tunnel's plain path */
 	if (!nm_pod_addr_v1.lookup(&ip))
 		return 0;
+	/* Only while the agent serves the destination (its inbound listener is in the sockhash
+	 * exactly while open): with the agent down no flow could be reported nor policy updated,
+	 * so the connect takes the old path and fails closed there. */
+	struct bpf_sock *lst = (struct bpf_sock *)nm_inbound_v1.lookup(&ip);
+	if (!lst)
+		return 0;
+	bpf_sk_release(lst);
 	/* A rate limit keeps one bucket per side; the tunnel's upstream takes the ingress one. */
 	struct rl_cfg_key ck = { .dst_ip = ip, .src_id = pod->identity };
 	if (nm_rl_cfg_v1.lookup(&ck))

@@ -1,11 +1,13 @@
 """Same-node bypass in the real kernel: an allowed connect between two pods enrolled on this
 node goes socket to socket (connect4 leaves it direct, sk_lookup lets its SYN through on the
 strength of a kernel-recorded tuple, sk_msg moves the bytes); a denied one is EPERM; with the
-switch off the old path (the in-pod tunnel on 15001) is taken."""
+switch off, or with no tunnel serving the destination (agent down), the old path (the in-pod
+tunnel on 15001) is taken."""
 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 from collections.abc import Iterator
 
@@ -16,7 +18,7 @@ from agent.datapath import bypass
 from agent.datapath.bypass import BypassCounter
 from agent.datapath.datapath import Datapath
 from agent.datapath.layouts import FlowEvent, PolicyEntry, PolicyKey
-from agent.datapath.verdicts import Counter, EventKind, Reason, Verdict
+from agent.datapath.verdicts import EventKind, Reason, Verdict
 from agent.testbed import Cluster, PodProcess
 
 A_ID, B_ID = 200, 201
@@ -66,9 +68,33 @@ def server_b(kcluster: Cluster) -> Iterator[None]:
 
 
 @pytest.fixture
-def bypass_on(clean_policy: Datapath) -> Iterator[Datapath]:
+def inbound_b(kcluster: Cluster, clean_policy: Datapath) -> Iterator[socket.socket]:
+    """b's tunnel inbound listener (127.0.0.1:15006 in b), registered as the agent does."""
+    b = kcluster.pod(0, 1)
+    with b.socket() as lst:
+        lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lst.bind(("127.0.0.1", 15006))
+        lst.listen(16)
+        lst.settimeout(10)
+        clean_policy.set_inbound_listener(b.ip, lst)
+        yield lst
+        clean_policy.remove_inbound_listener(b.ip)
+
+
+@pytest.fixture
+def bypass_on(kcluster: Cluster, clean_policy: Datapath,
+              inbound_b: socket.socket) -> Iterator[Datapath]:
+    """Switch on; a and b enrolled; b's tunnel listener registered (the agent serving b) but
+    never accepting a bypassed connection, and nothing listening on 15001 in a: only the bypass
+    can carry a connection from a to b."""
+    a, b = kcluster.pod(0, 0), kcluster.pod(0, 1)
     clean_policy.set_same_node_bypass(True)
+    clean_policy.enroll(a.netns, A_ID, a.ip)
+    clean_policy.enroll(b.netns, B_ID, b.ip)
     yield clean_policy
+    inbound_b.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        inbound_b.accept()  # nothing is left waiting for the tunnel
     clean_policy.set_same_node_bypass(False)
 
 
@@ -84,10 +110,7 @@ def test_same_node_allowed_connect_goes_socket_to_socket(
     kcluster: Cluster, bypass_on: Datapath, server_b: None
 ) -> None:
     a, b = kcluster.pod(0, 0), kcluster.pod(0, 1)
-    cookie = bypass_on.enroll(a.netns, A_ID, a.ip)
-    # b enrolled without an inbound listener: sk_lookup drops any plaintext it cannot steer,
-    # and nothing listens on 15001 in a: only the bypass can carry this connection.
-    bypass_on.enroll(b.netns, B_ID, b.ip)
+    cookie = a.cookie()
     assert bypass.enabled(bypass_on.module)
     allow = PolicyEntry(Verdict.ALLOW, policy=3, rule=1)
     bypass_on.apply_policy({PolicyKey(b.ip, A_ID, 0, 8080): allow}, {})
@@ -133,8 +156,7 @@ def test_early_send_falls_back_to_tcp_without_losing_order(
 ) -> None:
     """A client sending at once may beat the server's establishment: still correct bytes."""
     a, b = kcluster.pod(0, 0), kcluster.pod(0, 1)
-    cookie = bypass_on.enroll(a.netns, A_ID, a.ip)
-    bypass_on.enroll(b.netns, B_ID, b.ip)
+    cookie = a.cookie()
     events = _events(bypass_on)
     for n in (1, 70000):
         out = run_json(a.python(CLIENT, str(b.ip), "8080", "q" * n, stdout=subprocess.PIPE))
@@ -150,8 +172,6 @@ def test_same_node_denied_connect_is_eperm(
     kcluster: Cluster, bypass_on: Datapath, server_b: None
 ) -> None:
     a, b = kcluster.pod(0, 0), kcluster.pod(0, 1)
-    bypass_on.enroll(a.netns, A_ID, a.ip)
-    bypass_on.enroll(b.netns, B_ID, b.ip)
     deny = PolicyEntry(Verdict.DENY, Reason.POLICY_DENY, policy=9, rule=4)
     bypass_on.apply_policy({PolicyKey(b.ip, A_ID, 0, 8080): deny}, {})
     events = _events(bypass_on)
@@ -164,29 +184,44 @@ def test_same_node_denied_connect_is_eperm(
     assert (d.dst_ip, d.src_id, d.policy, d.reason) == (b.ip, A_ID, 9, Reason.POLICY_DENY)
 
 
-def test_plaintext_from_elsewhere_is_not_let_through_by_the_bypass(
-    kcluster: Cluster, bypass_on: Datapath, server_b: None
+def test_plaintext_from_elsewhere_is_steered_not_let_through(
+    kcluster: Cluster, bypass_on: Datapath, server_b: None, inbound_b: socket.socket
 ) -> None:
-    """An unenrolled pod reaching an enrolled one is still dropped (no tunnel listener), even
-    while a bypassed connection to the same port is live: only the recorded tuple passes."""
+    """An unenrolled pod reaching an enrolled one still lands on the tunnel's inbound listener
+    (which enforces STRICT), even while a bypassed connection to the same port is live: only the
+    kernel-recorded tuple passes sk_lookup."""
     a, b, c = kcluster.pod(0, 0), kcluster.pod(0, 1), kcluster.pod(0, 3)
-    bypass_on.enroll(a.netns, A_ID, a.ip)
-    bypass_on.enroll(b.netns, B_ID, b.ip)
     proc = a.python(HOLDING_CLIENT, str(b.ip), "8080", "hold", stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE)
     assert proc.popen is not None and proc.popen.stdout is not None
     assert json.loads(proc.popen.stdout.readline())["reply"].startswith("p1|")
-    events = _events(bypass_on)
-    dropped = bypass_on.counters()[Counter.INBOUND_NO_TUNNEL]
-    out = run_json(c.python(CLIENT, str(b.ip), "8080", "sneak", stdout=subprocess.PIPE))
-    assert out == {"errno": "ECONNREFUSED"}  # sk_lookup dropped the SYN: refused
-    assert bypass_on.counters()[Counter.INBOUND_NO_TUNNEL] == dropped + 1
-    bypass_on.drain_events()
-    [d] = [e for e in events if e.kind == EventKind.DENY]  # the refusal leaves its trace
-    assert (d.src_ip, d.dst_ip, d.reason) == (c.ip, b.ip, Reason.NO_TUNNEL)
+    client = c.python(CLIENT, str(b.ip), "8080", "sneak", stdout=subprocess.PIPE)
+    conn, peer = inbound_b.accept()
+    with conn:
+        assert conn.getsockname() == (str(b.ip), 8080) and peer[0] == str(c.ip)
+        conn.sendall(b"tunnel")
+        conn.shutdown(socket.SHUT_WR)
+        conn.recv(100)
+    assert run_json(client)["reply"] == "tunnel"
     proc.popen.stdin.close()  # type: ignore[union-attr]
     proc.popen.wait(timeout=10)
     proc.stop()
+
+
+def test_no_bypass_while_no_tunnel_serves_the_destination(
+    kcluster: Cluster, bypass_on: Datapath, server_b: None, inbound_b: socket.socket
+) -> None:
+    """The agent down (b's tunnel listener gone from the sockhash): the connect takes the old
+    path, finds no tunnel on 15001 in a, and is refused; it does not reach b's app."""
+    a, b = kcluster.pod(0, 0), kcluster.pod(0, 1)
+    bypass_on.remove_inbound_listener(b.ip)
+    try:
+        before = bypass_on.bypass_counters()[BypassCounter.CONNECTS]
+        out = run_json(a.python(CLIENT, str(b.ip), "8080", "x", stdout=subprocess.PIPE))
+        assert out == {"errno": "ECONNREFUSED"}
+        assert bypass_on.bypass_counters()[BypassCounter.CONNECTS] == before
+    finally:
+        bypass_on.set_inbound_listener(b.ip, inbound_b)
 
 
 def test_switch_off_takes_the_tunnel(
