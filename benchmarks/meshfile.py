@@ -76,3 +76,8 @@ def with_rules(rules: int, deny_client: bool) -> str:
 def many_pods(pods: int) -> str:
     """`pods` workloads on node0, each with its own service account (so its own certificate)."""
     return "---\n".join([_namespace()] + [_workload(f"pod-{j}", 0, j) for j in range(pods)])
+
+
+def same_node_pair() -> str:
+    """client (node0 pod0) and server (node0 pod1) on one node, no policy: all allowed."""
+    return "---\n".join([_namespace(), _workload("client", 0, 0), _workload("server", 0, 1)])
