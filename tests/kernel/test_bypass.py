@@ -48,6 +48,38 @@ s.close()
 """
 
 
+# An echo server and a client that pushes `size` seeded random bytes through it (after the
+# server side is established) and compares SHA-256 of what went and what came back; it holds
+# the socket open until stdin closes.
+ECHO = """
+import socket, sys, threading
+s = socket.create_server(("0.0.0.0", int(sys.argv[1])))
+print("ready", flush=True)
+def serve(c):
+    while d := c.recv(1 << 16):
+        c.sendall(d)
+    c.close()
+while True:
+    threading.Thread(target=serve, args=(s.accept()[0],), daemon=True).start()
+"""
+PUSH = """
+import hashlib, json, random, socket, sys, threading, time
+ip, port, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+data = random.Random(size).randbytes(size)
+s = socket.create_connection((ip, port), timeout=20)
+time.sleep(0.3)
+t = threading.Thread(target=s.sendall, args=(data,))
+t.start()
+h, n = hashlib.sha256(), 0
+while n < size and (chunk := s.recv(1 << 20)):
+    h.update(chunk); n += len(chunk)
+t.join()
+print(json.dumps({"echoed": n, "same": h.digest() == hashlib.sha256(data).digest()}), flush=True)
+sys.stdin.read()
+s.close()
+"""
+
+
 def run_json(proc: PodProcess) -> dict[str, str]:
     assert proc.popen is not None
     out, _ = proc.popen.communicate(timeout=20)
@@ -149,6 +181,26 @@ def test_same_node_allowed_connect_goes_socket_to_socket(
         b.ip, 8080, a.ip, sport, A_ID)
     assert (close.bytes_sent, close.bytes_received) == (len(payload), len(out["reply"]))
     assert bypass_on.map_fill()["nm_conn_cookie_v1"][0] == 0
+
+
+def test_bulk_through_the_redirect_arrives_intact(
+    kcluster: Cluster, bypass_on: Datapath
+) -> None:
+    a, b = kcluster.pod(0, 0), kcluster.pod(0, 1)
+    echo = ready(b.python(ECHO, "7000", stdout=subprocess.PIPE))
+    try:
+        size = 4 << 20
+        proc = a.python(PUSH, str(b.ip), "7000", str(size), stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE)
+        assert proc.popen is not None and proc.popen.stdout is not None
+        assert json.loads(proc.popen.stdout.readline()) == {"echoed": size, "same": True}
+        [(_owner, c2s, s2c)] = bypass.live(bypass_on.module).values()
+        assert (c2s, s2c) == (size, size)  # every byte both ways went by sk_msg redirect
+        proc.popen.stdin.close()  # type: ignore[union-attr]
+        proc.popen.wait(timeout=10)
+        proc.stop()
+    finally:
+        echo.stop()
 
 
 def test_early_send_falls_back_to_tcp_without_losing_order(
