@@ -78,7 +78,7 @@ def test_a_service_vip_with_its_endpoint_on_the_other_node_is_carried_over_hbone
         for i in (0, 1):
             bed.wait_status(i, 200)
         # One watch per resource type per agent, EndpointSlices among them.
-        wait_for(lambda: bed.loop.call(lambda: bed.server.open_watches) == 12, "12 watches")
+        wait_for(lambda: bed.loop.call(lambda: bed.server.open_watches) == 14, "14 watches")
         watched = bed.loop.call(lambda: list(bed.server.watch_log))
         assert sorted(w.resource for w in watched).count("endpointslices") == 2
         endpoint = f"{c.pod(1, 0).ip}:8080"
