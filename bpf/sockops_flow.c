@@ -144,7 +144,12 @@ int nm_sockops(struct bpf_sock_ops *skops)
 			.src_port = (__u16)bpf_ntohl(skops->remote_port),
 			.dst_port = (__u16)skops->local_port,
 		};
-		if (!nm_bypass_v1.lookup(&ck))
+		be = nm_bypass_v1.lookup(&ck);
+		if (!be)
+			return 1;
+		/* The client already sent by TCP (before this moment): both directions stay on
+		 * TCP, and this socket keeps the plain TCP receive and send paths. */
+		if (be->fallback & 1)
 			return 1;
 		nm_upstream_key_of(skops, &uk);
 		err = nm_bypass_socks_v1.sock_hash_update(skops, &uk, BPF_ANY);
