@@ -134,6 +134,13 @@ SETTINGS: tuple[Setting, ...] = (
         True,
     ),
     Setting(
+        "same_node_bypass",
+        "NODEMESH_SAME_NODE_BYPASS",
+        "--same-node-bypass",
+        "on|off: allowed connections between two pods of this node go socket to socket in the "
+        "kernel instead of through the tunnel (default on)",
+    ),
+    Setting(
         "testbed_run",
         "NODEMESH_TESTBED_RUN",
         "--testbed-run",
@@ -213,6 +220,7 @@ class Config:
     audit_log: Path | None = None
     exclude_ports: tuple[int, ...] = ()
     exclude_cidrs: tuple[ipaddress.IPv4Network, ...] = ()
+    same_node_bypass: bool = True
     testbed_run: str = ""
     outside_mesh: Literal["passthrough", "refuse"] = DEFAULT_OUTSIDE_MESH
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
@@ -246,6 +254,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(s.flag, **kw)
 
 
+def _on_off(raw: str) -> bool:
+    word = raw.strip().lower()
+    if word not in ("on", "off"):
+        raise ValueError("want on or off")
+    return word == "on"
+
+
 def _convert(s: Setting, raw: object, origin: str) -> object:
     try:
         if s.multiple:
@@ -253,6 +268,8 @@ def _convert(s: Setting, raw: object, origin: str) -> object:
             if s.name == "exclude_cidrs":
                 return tuple(ipaddress.IPv4Network(str(x).strip()) for x in items)
             return tuple(s.kind(str(x).strip()) for x in items)
+        if s.name == "same_node_bypass":
+            return _on_off(str(raw))
         default = Config.__dataclass_fields__[s.name].default
         if isinstance(default, Path) or s.name.endswith(
             ("_path", "_root", "_dir", "_log", "_cert", "kubeconfig")

@@ -78,3 +78,8 @@ def many_pods(pods: int, without: int | None = None) -> str:
     pod `without` left out."""
     return "---\n".join([_namespace()] + [_workload(f"pod-{j}", 0, j) for j in range(pods)
                                            if j != without])
+
+
+def same_node_pair() -> str:
+    """client (node0 pod0) and server (node0 pod1) on one node, no policy: all allowed."""
+    return "---\n".join([_namespace(), _workload("client", 0, 0), _workload("server", 0, 1)])

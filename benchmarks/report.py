@@ -158,7 +158,28 @@ def table(results: dict[str, Any]) -> str:
             f"decode errors {f['decode_errors']}; verified: {'yes' if f['verified'] else 'NO'}."
         )
         lines.append("")
+    if "same_node" in sec and "error" not in sec["same_node"]:
+        lines.extend(_same_node(sec["same_node"]))
     return "\n".join(lines)
+
+
+def _same_node(sn: dict[str, Any]) -> list[str]:
+    """The same-node table: no mesh, bypass, bypass off (median (min-max) of the reps)."""
+    lines = ["Same node (both pods on node0): no mesh vs nodemesh with the same-node bypass, and "
+             "with it switched off (the tunnel path).", "",
+             "| workload | no mesh | nodemesh bypass | nodemesh bypass off | bypass / no mesh "
+             "| off / no mesh | verified |", "|---|---|---|---|---|---|---|"]
+    for name in ("latency", "bulk"):
+        w = sn[name]
+        cells = " | ".join(_cell(w["summary"][m]) for m in ("no-mesh", "bypass", "tunnel"))
+        r = w["ratios"]
+        lines.append(f"| {name} ({w['unit']}) | {cells} | {_fmt(r['bypass/no-mesh'])}x "
+                     f"| {_fmt(r['tunnel/no-mesh'])}x | {'yes' if w['verified'] else 'NO'} |")
+    before, after = sn["load_before"][0], sn["load_after"][0]
+    lines += ["", f"Targets (latency <= 1.5x, bulk >= 0.7x no mesh): "
+              f"{'met' if sn['targets_met'] else 'NOT met'}; load average (1 min) "
+              f"{before:.2f} before, {after:.2f} after.", ""]
+    return lines
 
 
 def chart(results: dict[str, Any], path: Path) -> None:

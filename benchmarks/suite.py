@@ -8,6 +8,7 @@ Run as root (make bench, or .venv/bin/python -m benchmarks.suite). Sections:
   scale         agent + tunnel RSS/CPU with 100 enrolled pods (scale.py)
   connect_cost  the kernel connect() cost (connect_cost.py, its own test beds)
   flow_events   kernel flow events through the agent's ring-buffer reader (flow_events.py)
+  same_node     two pods of one node: no mesh vs same-node bypass vs bypass off (same_node.py)
   profile       with --profile: py-spy on both agents during a bulk transfer (profile.py)
 Writes <out>/latest.json, latest.md and latest.png (out defaults to benchmarks/results/).
 """
@@ -29,11 +30,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks import connect_cost, envoy, flow_events, policy_update, profile, report, scale
+from benchmarks import (
+    connect_cost,
+    envoy,
+    flow_events,
+    policy_update,
+    profile,
+    report,
+    same_node,
+    scale,
+)
 from benchmarks.bed import MODES, Bed, bring_up
 from benchmarks.workloads import TINY, WARMUP, WORKLOADS, Settings
 
-SECTIONS = ("paths", "policy_update", "scale", "connect_cost", "flow_events")
+SECTIONS = ("paths", "policy_update", "scale", "connect_cost", "flow_events", "same_node")
 RESULTS = Path(__file__).with_name("results")
 
 
@@ -155,6 +165,9 @@ def run(
             print(f"flow events at {s.flow_events_rate:,}/s", flush=True)
             sec["flow_events"] = _guarded(lambda: flow_events.measure(
                 s.flow_events_rate, s.flow_events_seconds))
+        if "same_node" in sections:
+            print("same node: no mesh, bypass, bypass off", flush=True)
+            sec["same_node"] = _guarded(lambda: same_node.measure(s))
     results["duration_s"] = time.monotonic() - started
     # Both tunnels must have used the same TLS 1.3 suite (bed.start_agents sees to it).
     ciphers = results["ciphers"]
@@ -183,7 +196,8 @@ def _guarded(section: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 
 def _all_verified(sec: dict[str, Any]) -> bool:
     checks = [w["verified"] for w in sec.get("paths", {}).values()]
-    checks += [sec[k]["verified"] for k in ("policy_update", "scale", "flow_events") if k in sec]
+    checks += [sec[k]["verified"]
+               for k in ("policy_update", "scale", "flow_events", "same_node") if k in sec]
     checks += [sec[k].get("verified", True) for k in ("connect_cost", "profile") if k in sec]
     return all(checks)
 

@@ -11,7 +11,9 @@
  * This holds for PERMISSIVE pods too: without the tunnel nothing can authorize the connection.
  *
  * Traffic arriving on loopback is local and never steered; neither are the agent's live
- * upstream connects to the app (recorded by connect4 in nm_upstream_v2). IPv6 is not steered
+ * upstream connects to the app (recorded by connect4 in nm_upstream_v2), nor a same-node bypassed
+ * connection's SYN (its tuple recorded by sockops, from connect4's decision, in nm_bypass_v1,
+ * bound to the client socket and gone when it closes). IPv6 is not steered
  * yet and is dropped, so it cannot bypass STRICT.
  */
 #include "lib/common.h"
@@ -20,6 +22,7 @@
 #include "lib/inbound.h"
 #include "lib/conn.h"
 #include "lib/events.h"
+#include "lib/bypass.h"
 
 static __always_inline int nm_drop_no_tunnel(struct bpf_sk_lookup *ctx, __u64 netns)
 {
@@ -73,6 +76,10 @@ int nm_sk_lookup(struct bpf_sk_lookup *ctx)
 	};
 	if (nm_upstream_v2.lookup(&uk))
 		return SK_PASS; /* the agent's own live upstream to this pod's app */
+	if (nm_bypass_v1.lookup(&uk)) {
+		nm_bypass_count(NM_BYPASS_CTR_INBOUND);
+		return SK_PASS; /* a same-node connect the kernel allowed at connect4 */
+	}
 	sk = (struct bpf_sock *)nm_inbound_v1.lookup(&ip); /* sockhash lookup yields the socket */
 	if (!sk)
 		return nm_drop_no_tunnel(ctx, *netns);

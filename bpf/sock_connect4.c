@@ -15,7 +15,14 @@
  *      max_conns reached: ECONNREFUSED + DENY event);
  *      the egress policy is checked for that endpoint with the pod's own identity (deny ->
  *      EPERM at once); otherwise the endpoint is recorded as the original destination by
- *      socket cookie (and the VIP, for getpeername4) and the connect goes to 127.0.0.1:15001.
+ *      socket cookie (and the VIP, for getpeername4) and the connect goes to 127.0.0.1:15001;
+ *   4. same-node bypass (switch on, lib/bypass.h): when that endpoint is another pod enrolled
+ *      on this node whose tunnel listener is up (the agent is serving it), no rate limit names
+ *      the pair, and the verdict above allowed it, the
+ *      connect is left to go to the pod directly (recorded with NM_CONN_BYPASS; sockops and
+ *      sk_msg take it from there). The verdict is the destination's own: the policy map is
+ *      keyed by destination and source identity, the lookup the destination-side check of a
+ *      tunnelled connection makes with the identity the tunnel proved.
  * UDP is not captured.
  */
 #include "lib/common.h"
@@ -27,6 +34,8 @@
 #include "lib/trust.h"
 #include "lib/lb.h"
 #include "lib/ratelimit.h"
+#include "lib/bypass.h"
+#include "lib/inbound.h"
 
 #define NM_ECONNREFUSED 111
 
@@ -73,6 +82,28 @@ static __always_inline int nm_rate_limited(struct bpf_sock_addr *ctx, __u64 netn
 		return 0;
 	pe.policy = limit_id;
 	nm_emit_deny(ctx, netns, src_ip, src_id, &pe, dir, d);
+	return 1;
+}
+
+/* Same-node bypass for an allowed connect to endpoint d (see the header comment, 4.). */
+static __always_inline int nm_bypass_eligible(struct enroll_entry *pod, struct nm_dest *d)
+{
+	__u32 ip = d->ip;
+	if (!nm_bypass_on() || ip == pod->pod_ip)
+		return 0; /* to itself it goes over loopback, the tunnel's plain path */
+	if (!nm_pod_addr_v1.lookup(&ip))
+		return 0;
+	/* Only while the agent serves the destination (its inbound listener is in the sockhash
+	 * exactly while open): with the agent down no flow could be reported nor policy updated,
+	 * so the connect takes the old path and fails closed there. */
+	struct bpf_sock *lst = (struct bpf_sock *)nm_inbound_v1.lookup(&ip);
+	if (!lst)
+		return 0;
+	bpf_sk_release(lst);
+	/* A rate limit keeps one bucket per side; the tunnel's upstream takes the ingress one. */
+	struct rl_cfg_key ck = { .dst_ip = ip, .src_id = pod->identity };
+	if (nm_rl_cfg_v1.lookup(&ck))
+		return 0;
 	return 1;
 }
 
@@ -194,6 +225,7 @@ int nm_connect4(struct bpf_sock_addr *ctx)
 	}
 
 	cookie = bpf_get_socket_cookie(ctx);
+	__u16 flags = nm_bypass_eligible(pod, &d) ? NM_CONN_BYPASS : 0;
 	if (d.svc_port) {
 		struct svc_conn sc = { .vip = d.svc_ip, .port = bpf_htons(d.svc_port),
 				       .counted = active ? 1 : 0, .svc_id = svc ? svc->svc_id : 0 };
@@ -204,8 +236,15 @@ int nm_connect4(struct bpf_sock_addr *ctx)
 	struct conn_entry c = {
 		.orig_ip = dst, .orig_port = bpf_htons(dport), .src_ip = pod->pod_ip,
 		.src_id = pod->identity, .start_ns = bpf_ktime_get_ns(), .netns = netns,
+		.flags = flags,
 	};
 	nm_conn_cookie_v1.update(&cookie, &c);
+	if (flags) {
+		nm_bypass_count(NM_BYPASS_CTR_CONNECTS);
+		ctx->user_ip4 = dst; /* a Service connect goes to the endpoint connect4 picked */
+		ctx->user_port = bpf_htons(dport);
+		return 1;
+	}
 	nm_count(NM_CTR_CAPTURED);
 	ctx->user_ip4 = bpf_htonl(0x7f000001);
 	ctx->user_port = bpf_htons(NM_OUTBOUND_PORT);

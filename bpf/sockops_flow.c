@@ -12,12 +12,19 @@
  * use the same 4-tuple.
  *
  * A socket holding a connection rate limit slot (lib/ratelimit.h) gives it back at TCP_CLOSE.
+ *
+ * Same-node bypass (lib/bypass.h): a connection connect4 marked NM_CONN_BYPASS is recorded in
+ * nm_bypass_v1 by its tuple at TCP connect (before the SYN, so sk_lookup finds it), enters
+ * nm_bypass_socks_v1 when established, and the server's socket joins at its passive
+ * establishment if (and only if) its tuple is in nm_bypass_v1. Its flow events carry the flag
+ * and, at close, the bytes sk_msg redirected; no tunnel sees it, so nothing else reports it.
  */
 #include "lib/common.h"
 #include "lib/conn.h"
 #include "lib/events.h"
 #include "lib/lb.h"
 #include "lib/ratelimit.h"
+#include "lib/bypass.h"
 
 /* TCP states (include/net/tcp_states.h) seen as the old state of the move to TCP_CLOSE. */
 #define NM_TCP_FIN_WAIT2 5
@@ -49,7 +56,7 @@ static __always_inline __u64 nm_payload_received(struct bpf_sock_ops *skops, __u
 }
 
 static __always_inline void nm_flow_event(struct bpf_sock_ops *skops, struct conn_entry *c,
-					  __u64 cookie, __u8 kind)
+					  __u64 cookie, __u8 kind, struct bypass_entry *be)
 {
 	struct flow_event *ev = nm_event_reserve();
 	if (!ev)
@@ -69,10 +76,15 @@ static __always_inline void nm_flow_event(struct bpf_sock_ops *skops, struct con
 		ev->svc_ip = sc->vip;
 		ev->svc_port = bpf_ntohs(sc->port);
 	}
+	ev->flags = (__u8)c->flags;
 	if (kind == NM_EVENT_CLOSE) {
 		ev->bytes_sent = nm_payload_sent(skops, skops->args[0]);
 		ev->bytes_received = nm_payload_received(skops, skops->args[0]);
 		ev->duration_ns = ev->ts_ns - c->start_ns;
+		if (be) { /* redirected payload never touched TCP's counters */
+			ev->bytes_sent += be->bytes_c2s;
+			ev->bytes_received += be->bytes_s2c;
+		}
 	}
 	nm_event_submit(ev);
 }
@@ -94,15 +106,57 @@ static __always_inline struct upstream_entry *nm_own_upstream(struct bpf_sock_op
 	return ue && ue->cookie == cookie ? ue : NULL;
 }
 
+/* The bypass entry of this (client) socket, if it is its owner's. */
+static __always_inline struct bypass_entry *nm_own_bypass(struct bpf_sock_ops *skops,
+							  struct upstream_key *k, __u64 cookie)
+{
+	nm_upstream_key_of(skops, k);
+	struct bypass_entry *be = nm_bypass_v1.lookup(k);
+	return be && be->cookie == cookie ? be : NULL;
+}
+
 int nm_sockops(struct bpf_sock_ops *skops)
 {
 	struct upstream_key uk;
 	struct conn_entry *c;
+	struct bypass_entry *be;
 	__u64 cookie;
+	long err;
 
 	if (skops->family != AF_INET)
 		return 1;
 	switch (skops->op) {
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: {
+		cookie = bpf_get_socket_cookie(skops);
+		c = nm_conn_cookie_v1.lookup(&cookie);
+		if (!c || !(c->flags & NM_CONN_BYPASS) || !nm_own_bypass(skops, &uk, cookie))
+			return 1;
+		err = nm_bypass_socks_v1.sock_hash_update(skops, &uk, BPF_ANY);
+		if (err)
+			nm_bypass_count(NM_BYPASS_CTR_NO_SOCKHASH);
+		break;
+	}
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB: {
+		/* The server side: only a tuple a bypassed client recorded (the client is the
+		 * remote end here). */
+		struct upstream_key ck = {
+			.src_ip = skops->remote_ip4, .dst_ip = skops->local_ip4,
+			.src_port = (__u16)bpf_ntohl(skops->remote_port),
+			.dst_port = (__u16)skops->local_port,
+		};
+		be = nm_bypass_v1.lookup(&ck);
+		if (!be)
+			return 1;
+		/* The client already sent by TCP (before this moment): both directions stay on
+		 * TCP, and this socket keeps the plain TCP receive and send paths. */
+		if (be->fallback & 1)
+			return 1;
+		nm_upstream_key_of(skops, &uk);
+		err = nm_bypass_socks_v1.sock_hash_update(skops, &uk, BPF_ANY);
+		if (err)
+			nm_bypass_count(NM_BYPASS_CTR_NO_SOCKHASH);
+		break;
+	}
 	case BPF_SOCK_OPS_TCP_CONNECT_CB: {
 		cookie = bpf_get_socket_cookie(skops);
 		if (nm_rl_tracked(cookie)) /* holds a rate-limit slot: release it at TCP_CLOSE */
@@ -113,6 +167,15 @@ int nm_sockops(struct bpf_sock_ops *skops)
 				bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
 			return 1;
 		}
+		if (c->flags & NM_CONN_BYPASS) {
+			/* No tunnel will ask for SO_ORIGINAL_DST: record the tuple for sk_lookup. */
+			nm_upstream_key_of(skops, &uk);
+			struct bypass_entry fresh = { .cookie = cookie };
+			nm_bypass_v1.update(&uk, &fresh);
+			bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+			nm_flow_event(skops, c, cookie, NM_EVENT_OPEN, NULL);
+			break;
+		}
 		struct conn_tuple k = {
 			.netns = bpf_get_netns_cookie(skops), .ip = skops->local_ip4,
 			.port = skops->local_port,
@@ -122,7 +185,7 @@ int nm_sockops(struct bpf_sock_ops *skops)
 		if (sc)
 			nm_svc_tuple_v1.update(&k, sc);
 		bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
-		nm_flow_event(skops, c, cookie, NM_EVENT_OPEN);
+		nm_flow_event(skops, c, cookie, NM_EVENT_OPEN, NULL);
 		break;
 	}
 	case BPF_SOCK_OPS_STATE_CB: {
@@ -136,7 +199,12 @@ int nm_sockops(struct bpf_sock_ops *skops)
 				nm_upstream_v2.delete(&uk);
 			return 1;
 		}
-		nm_flow_event(skops, c, cookie, NM_EVENT_CLOSE);
+		be = NULL;
+		if (c->flags & NM_CONN_BYPASS)
+			be = nm_own_bypass(skops, &uk, cookie);
+		nm_flow_event(skops, c, cookie, NM_EVENT_CLOSE, be);
+		if (be)
+			nm_bypass_v1.delete(&uk);
 		struct conn_tuple k = {
 			.netns = c->netns, .ip = skops->local_ip4, .port = skops->local_port,
 		};

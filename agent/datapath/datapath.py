@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.abi import ID_TUNNEL
-from agent.datapath import bpfsys, layouts, trust
+from agent.datapath import bpfsys, bypass, layouts, trust
 from agent.datapath.bpfsys import AttachType, MapType
 from agent.datapath.layouts import (
     Backend,
@@ -46,13 +46,14 @@ from agent.datapath.layouts import (
 from agent.datapath.loader import pin_programs, release, run_loader
 from agent.datapath.options import BuildOptions
 from agent.datapath.pinned import PinnedObjects
-from agent.datapath.programs import CGROUP_PROGRAMS, PROGS_DIR, SK_LOOKUP
+from agent.datapath.programs import BYPASS_MSG, BYPASS_SOCKS, CGROUP_PROGRAMS, PROGS_DIR, SK_LOOKUP
 from agent.datapath.ringbuf import RingBuffer
 from agent.datapath.verdicts import COUNTER_SLOTS, Counter, KernelEventKind, RateLimitCounter
 from agent.host import netns
 
 log = logging.getLogger(__name__)
 KIND_AT = layouts.FLOW_EVENT_KIND_OFFSET
+FLAGS_AT = layouts.FLOW_EVENT_FLAGS_OFFSET
 
 
 # Counters that record a refusal (or a forged tunnel mark, ignored and counted).
@@ -175,6 +176,7 @@ class Datapath:
         self.event_errors = 0  # flow events that failed to decode or deliver
         self.events_read = 0  # records taken from the ring (delivered or filtered out)
         self._kinds: set[int] | None = None  # event kinds any subscriber wants; None: all
+        self._bypassed = False  # a subscriber wants bypassed connections' records too
         # (VIP, port) -> (service id, slots, backends) as this process wrote them; None until
         # read from the kernel (backends None: written by a previous agent)
         self._services: dict[Frontend, tuple[int, int, tuple[Backend, ...] | None]] | None = None
@@ -213,6 +215,8 @@ class Datapath:
                 done.append(self._attach(self.links_dir / prog.name, fd, cg_fd, prog.attach_type))
         finally:
             os.close(cg_fd)
+        done.append(self._attach(self.links_dir / BYPASS_MSG.name, self.module.prog_fd(BYPASS_MSG),
+                                 self.module.map_fd(BYPASS_SOCKS), BYPASS_MSG.attach_type))
         lookup_fd = self.module.prog_fd(SK_LOOKUP)
         for pin in sorted(self.links_dir.glob("sklookup-*")):
             done.append(self._adopt(pin, lookup_fd) or f"dropped defunct {pin.name}")
@@ -677,6 +681,13 @@ class Datapath:
             out[UpstreamKey.unpack(key)] = entry.unpack(raw)[0]
         return out
 
+    def set_same_node_bypass(self, on: bool) -> None:
+        """The same-node bypass switch (agent/datapath/bypass.py); applies to new connects."""
+        bypass.set_enabled(self.module, on)
+
+    def bypass_counters(self) -> dict[bypass.BypassCounter, int]:
+        return bypass.counters(self.module, _possible_cpus())
+
     def map_fill(self) -> dict[str, tuple[int, int]]:
         """Entries used and capacity of the maps that grow with the cluster."""
         o = self.options
@@ -685,6 +696,7 @@ class Datapath:
             "nm_conn_cookie_v1": (8, o.max_conns),
             "nm_conn_tuple_v1": (layouts.CONN_TUPLE.size, o.max_conns),
             "nm_upstream_v2": (layouts.UPSTREAM_KEY.size, o.max_conns),
+            "nm_bypass_v1": (layouts.UPSTREAM_KEY.size, o.max_conns),
             "nm_svc_conn_v1": (8, o.max_conns),
             "nm_svc_tuple_v1": (layouts.CONN_TUPLE.size, o.max_conns),
             "nm_lb4_active_v1": (layouts.LB4_KEY.size, o.max_services),
@@ -699,12 +711,15 @@ class Datapath:
         }
 
     def open_events(self, callback: Callable[[FlowEvent], None],
-                    kinds: Iterable[KernelEventKind] | None = None) -> None:
+                    kinds: Iterable[KernelEventKind] | None = None, *,
+                    bypassed: bool = False) -> None:
         """Subscribe to flow events; delivered from poll_events()/drain_events().
 
         `kinds` names the events the subscriber needs (None: all): records of other kinds are
         skipped before they are decoded, which is most of the cost of a busy ring. It is a
-        filter for the whole ring, so a subscriber still checks the kind it is handed."""
+        filter for the whole ring, so a subscriber still checks the kind it is handed.
+        `bypassed`: also every record of a same-node bypassed connection, whatever its kind."""
+        self._bypassed = self._bypassed or bypassed
         if not self._events_open:
             self._ring = RingBuffer(self.module.map_fd("nm_events_v1"))
             self._events_open = True
@@ -723,7 +738,8 @@ class Datapath:
         subs, kinds = list(self._subscribers), self._kinds
         unpack = FlowEvent.unpack_from
         for off, length in zip(offsets, lengths, strict=True):
-            if kinds is not None and length > KIND_AT and buf[off + KIND_AT] not in kinds:
+            if (kinds is not None and length > FLAGS_AT and buf[off + KIND_AT] not in kinds
+                    and not (self._bypassed and buf[off + FLAGS_AT] & layouts.CONN_BYPASS)):
                 continue
             try:
                 event = unpack(buf, off, length)

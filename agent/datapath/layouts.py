@@ -34,8 +34,11 @@ UPSTREAM_ENTRY = struct.Struct("=Q")
 TRUSTED_ENTRY = struct.Struct("=IIQ")
 CGROUP_ID = struct.Struct("=Q")
 FLOW_EVENT = struct.Struct("=QQQQQQ4s4sHHIIHBBBB2x4sH2x")
+CONN_BYPASS = 1  # NM_CONN_BYPASS (bpf/lib/bypass.h) in conn_entry.flags and flow_event.flags
+BYPASS_ENTRY = struct.Struct("=QQQII")  # struct bypass_entry
 FLOW_EVENT_SIZE = 88  # sizeof(struct flow_event), 8-byte aligned
 FLOW_EVENT_KIND_OFFSET = struct.calcsize("=QQQQQQ4s4sHHIIH")  # offsetof(struct flow_event, kind)
+FLOW_EVENT_FLAGS_OFFSET = FLOW_EVENT_KIND_OFFSET + 4  # the u8 flags after kind..direction
 LB4_KEY = struct.Struct("=4sHBB")
 LB4_SERVICE = struct.Struct("=IHH")
 LB4_BACKEND_KEY = struct.Struct("=II")
@@ -169,6 +172,7 @@ class FlowEvent:
     direction: KernelDirection
     svc_ip: Ip | None = None  # the Service VIP the app connected to (load-balanced connects)
     svc_port: int = 0
+    bypass: bool = False  # same-node bypass: socket to socket, no tunnel (flags bit 0)
 
     @classmethod
     def unpack(cls, raw: bytes) -> FlowEvent:
@@ -201,6 +205,7 @@ class FlowEvent:
             svc_ip,
             svc_port,
         ) = FLOW_EVENT.unpack_from(buf, offset)
+        flags = buf[offset + FLOW_EVENT_FLAGS_OFFSET]
         return cls(
             ts,
             cookie,
@@ -221,6 +226,7 @@ class FlowEvent:
             _member(KernelDirection, direction),
             Ip(svc_ip) if svc_port else None,
             svc_port,
+            bool(flags & CONN_BYPASS),
         )
 
 

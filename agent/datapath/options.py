@@ -22,6 +22,7 @@ ATTACH_POINTS = (
     "sockops_flow.c",
     "sk_lookup_inbound.c",
     "sock_release.c",
+    "sk_msg_bypass.c",
 )
 
 

@@ -13,6 +13,7 @@ class ProgType(enum.IntEnum):
     SOCKET_FILTER = 1  # benchmarks' event generator (runs under BPF_PROG_TEST_RUN)
     CGROUP_SOCK = 9
     SOCK_OPS = 13
+    SK_MSG = 16
     CGROUP_SOCK_ADDR = 18
     CGROUP_SOCKOPT = 25
     SK_LOOKUP = 30
@@ -35,5 +36,8 @@ CGROUP_PROGRAMS = (
     Program("nm_sock_release", ProgType.CGROUP_SOCK, AttachType.CGROUP_INET_SOCK_RELEASE),
 )
 SK_LOOKUP = Program("nm_sk_lookup", ProgType.SK_LOOKUP, AttachType.SK_LOOKUP)
-ALL_PROGRAMS = (*CGROUP_PROGRAMS, SK_LOOKUP)
+# Attached to the sockhash BYPASS_SOCKS (same-node bypass), not to a cgroup.
+BYPASS_MSG = Program("nm_bypass_msg", ProgType.SK_MSG, AttachType.SK_MSG_VERDICT)
+BYPASS_SOCKS = "nm_bypass_socks_v1"
+ALL_PROGRAMS = (*CGROUP_PROGRAMS, SK_LOOKUP, BYPASS_MSG)
 PROGS_DIR = "progs"  # under the pin directory

@@ -97,8 +97,11 @@ def from_kernel(
         bytes_sent=ev.bytes_sent,
         bytes_received=ev.bytes_received,
         duration=ev.duration_ns / 1e9,
-        tunneled=not denied,
-        connection_security_policy=_kernel_security(ev) if denied else SecurityPolicy.MUTUAL_TLS,
+        # A same-node bypassed connection (reported once, by the source, from the kernel) was
+        # never tunnelled nor encrypted: no wire was crossed.
+        tunneled=not denied and not ev.bypass,
+        connection_security_policy=_kernel_security(ev) if denied or ev.bypass
+        else SecurityPolicy.MUTUAL_TLS,
         policy=policy_name(ev.policy) if ev.policy else "",
         rule=str(ev.rule) if denied else "",
         service_address=svc_address,

@@ -250,7 +250,11 @@ class NodeAgent:
         # The tunnel reports every connection it carries (with identities, both reporters), so
         # the kernel's open/close events would count them twice; only connect-time denies,
         # which never reach the tunnel, go to telemetry.
-        if ev.kind == KernelEventKind.DENY:
+        if ev.bypass and ev.kind in (KernelEventKind.OPEN, KernelEventKind.CLOSE):
+            # Same-node bypass: no tunnel carried it, so the kernel's record is the only one.
+            self.telemetry.emit(flows.from_kernel(ev, self._workload_by_ip, self._policy_name,
+                                                  self._service_host))
+        elif ev.kind == KernelEventKind.DENY:
             # A rate-limited deny names its ConnectionRateLimit where others name a policy.
             names = self._limit_name if ev.reason == Reason.RATE_LIMITED else self._policy_name
             self.telemetry.emit(flows.from_kernel(ev, self._workload_by_ip, names,
@@ -286,7 +290,8 @@ class NodeAgent:
     def start_datapath(self) -> list[str]:
         actions = self.datapath.install()
         self.datapath.set_exclusions(self.config.exclude_ports, self.config.exclude_cidrs)
-        self.datapath.open_events(self._kernel_event, kinds=(KernelEventKind.DENY,))
+        self.datapath.set_same_node_bypass(self.config.same_node_bypass)
+        self.datapath.open_events(self._kernel_event, kinds=(KernelEventKind.DENY,), bypassed=True)
         self._events_thread = threading.Thread(
             target=self._poll_events, name="bpf-events", daemon=True
         )

@@ -7,7 +7,7 @@
 struct conn_entry {
 	__u32 orig_ip;   /* original destination, network order */
 	__u16 orig_port; /* network order */
-	__u16 pad;
+	__u16 flags;     /* NM_CONN_BYPASS (lib/bypass.h) */
 	__u32 src_ip;    /* the pod's address, network order */
 	__u32 src_id;    /* the pod's identity id */
 	__u64 start_ns;

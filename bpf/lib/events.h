@@ -22,7 +22,8 @@ struct flow_event {
 	__u8 verdict;         /* NM_VERDICT_* */
 	__u8 reason;          /* NM_REASON_* */
 	__u8 direction;       /* NM_DIR_* */
-	__u8 pad[2];
+	__u8 flags;           /* NM_CONN_BYPASS: went socket to socket on this node */
+	__u8 pad;
 	__u32 svc_ip;         /* the Service VIP the app connected to, or 0; network order */
 	__u16 svc_port;       /* its service port, host order */
 	__u16 pad2;

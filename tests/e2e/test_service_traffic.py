@@ -166,7 +166,9 @@ def running_mesh(tmp_path: Path, extra: tuple[str, ...] = ()
 
 @pytest.fixture
 def service_mesh(tmp_path: Path) -> Iterator[tuple[Cluster, Path, Path]]:
-    with running_mesh(tmp_path) as (c, mesh, work, _servers):
+    # These tests follow each connection to its endpoint's tunnel over HBONE; web-0 shares the
+    # client's node, where the same-node bypass would carry it (test_same_node_bypass.py).
+    with running_mesh(tmp_path, ("--same-node-bypass", "off")) as (c, mesh, work, _servers):
         yield c, mesh, work
 
 

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.unit
 ASSERT = re.compile(r'_Static_assert\(sizeof\(struct (\w+)\) == (\d+), "layouts\.py (\w+)"\);')
 EXPECTED = {"conn_entry", "conn_tuple", "upstream_key", "upstream_entry", "enroll_entry",
             "flow_event", "ipcache_key", "ipcache_entry", "policy_key", "policy_entry",
-            "trusted_entry", "lb4_active", "rl_cfg_key", "rl_cfg", "rl_key", "rl_state"}
+            "trusted_entry", "lb4_active", "rl_cfg_key", "rl_cfg", "rl_key", "rl_state",
+            "bypass_entry"}
 
 
 def _asserts() -> dict[str, tuple[int, str]]:
