@@ -164,9 +164,13 @@ class Bed:
     servers: dict[str, PodProcess]
     ciphers: dict[str, list[str]]
 
+    def server_pod(self, route: Route) -> Pod:
+        """Where the route's servers run: node1, pod0 meshed, pod1 for the other modes."""
+        return self.cluster.pod(1, 0 if route.mode == "nodemesh" else 1)
+
     def iperf_server(self, route: Route) -> PodProcess:
         """A one-off iperf3 server (-1) in the route's server pod: every run starts clean."""
-        pod = self.cluster.pod(1, 0 if route.mode == "nodemesh" else 1)
+        pod = self.server_pod(route)
         log = self.work / f"iperf3-server-{route.mode}.log"
         with log.open("ab") as out:
             proc = pod.spawn(["iperf3", "-s", "-1", "-p", str(BULK_PORT)],

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,18 +21,17 @@ from agent.datapath.bypass import BypassCounter
 from agent.datapath.datapath import Datapath
 from agent.datapath.options import BuildOptions
 from agent.testbed import Cluster
+from agent.testbed.cluster import Pod
 from benchmarks import meshfile, programs, report
 from benchmarks.bed import (
     BULK_PORT,
     CONN_SYSCTLS,
     ECHO_PORT,
     Bed,
-    BedError,
     Route,
     start_agents,
     stop_agents,
     sysctls,
-    wait_listening,
 )
 from benchmarks.workloads import WARMUP, Settings, bulk, latency
 
@@ -44,18 +42,8 @@ WORKLOADS = {"latency": (latency, "us p50", False), "bulk": (bulk, "Gbit/s", Tru
 class SameNodeBed(Bed):
     """Bed whose servers are on node0: pod1 (enrolled) and pod3 (not)."""
 
-    def iperf_server(self, route: Route) -> Any:
-        pod = self.cluster.pod(0, 3 if route.mode == "no-mesh" else 1)
-        log = self.work / f"iperf3-server-{route.mode}.log"
-        with log.open("ab") as out:
-            proc = pod.spawn(["iperf3", "-s", "-1", "-p", str(BULK_PORT)],
-                             stdout=out, stderr=subprocess.STDOUT)
-        try:
-            wait_listening(pod, BULK_PORT, proc)
-        except BedError:
-            proc.stop()
-            raise
-        return proc
+    def server_pod(self, route: Route) -> Pod:
+        return self.cluster.pod(0, 3 if route.mode == "no-mesh" else 1)
 
 
 @contextlib.contextmanager
