@@ -153,6 +153,9 @@ def wait_listening(pod: Pod, port: int, proc: PodProcess | None = None,
     raise BedError(f"nothing listens on port {port} in {pod.netns}")
 
 
+IPERF_BIND_TRIES = 5
+
+
 @dataclass
 class Bed:
     cluster: Cluster
@@ -169,19 +172,29 @@ class Bed:
         return self.cluster.pod(1, 0 if route.mode == "nodemesh" else 1)
 
     def iperf_server(self, route: Route) -> PodProcess:
-        """A one-off iperf3 server (-1) in the route's server pod: every run starts clean."""
+        """A one-off iperf3 server (-1) in the route's server pod: every run starts clean.
+
+        The previous run's accepted sockets can still hold the port for a moment after a 100-
+        stream run (seen: "Address already in use"), so a server that fails on that is started
+        again, a bounded number of times."""
         pod = self.server_pod(route)
         log = self.work / f"iperf3-server-{route.mode}.log"
-        with log.open("ab") as out:
-            proc = pod.spawn(["iperf3", "-s", "-1", "-p", str(BULK_PORT)],
-                             stdout=out, stderr=subprocess.STDOUT)
-        try:
-            wait_listening(pod, BULK_PORT, proc)
-        except BedError as e:
-            proc.stop()
-            tail = log.read_text(errors="replace")[-800:]
-            raise BedError(f"{e}; iperf3 server output:\n{tail}") from e
-        return proc
+        for attempt in range(IPERF_BIND_TRIES):
+            start = log.stat().st_size if log.exists() else 0
+            with log.open("ab") as out:
+                proc = pod.spawn(["iperf3", "-s", "-1", "-p", str(BULK_PORT)],
+                                 stdout=out, stderr=subprocess.STDOUT)
+            try:
+                wait_listening(pod, BULK_PORT, proc)
+                return proc
+            except BedError as e:
+                proc.stop()
+                output = log.read_bytes()[start:].decode(errors="replace")
+                if "Address already in use" in output and attempt + 1 < IPERF_BIND_TRIES:
+                    time.sleep(1.0)
+                    continue
+                raise BedError(f"{e}; iperf3 server output:\n{output[-800:]}") from e
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def cpu_seconds(procs: list[PodProcess]) -> float:
