@@ -70,7 +70,8 @@ STEPS = (
     Step("shop/frontend", "shop/db", 5432, "denied", "no ALLOW rule for frontend->db"),
     Step("shop/db", "shop/backend", 9999, "denied", "backend accepts only frontend on 8080"),
     Step("shop/frontend", "shop/backend", 80, "allowed",
-         "backend Service VIP:80 -> a ready endpoint, backend:8080, over HBONE", "10.96.0.20"),
+         "backend Service VIP:80 -> a ready endpoint, backend:8080 (same node: kernel bypass)",
+         "10.96.0.20"),
     Step("tools/debug", "shop/db", 5432, "denied",
          "db Service VIP -> endpoint db:5432, whose policy denies tools", "10.96.0.30"),
 )
