@@ -34,6 +34,7 @@ from agent.sources.kube.config import explicit
 from agent.sources.kubernetes import KubernetesSource
 from agent.state.snapshot import MeshState
 from agent.state.store import StateStore
+from benchmarks.kube_sync import api_server_process
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENT = "cluster.local/ns/shop/sa/client"
@@ -96,7 +97,11 @@ async def _run(server: subprocess.Popen[str], url: str, reps: int) -> list[float
     compiler = PolicyCompiler(IdentityTable())
     loop = asyncio.get_running_loop()
     dirty = asyncio.Event()
-    store.subscribe(lambda _o, _n: loop.call_soon_threadsafe(dirty.set))
+
+    def changed(_old: MeshState, _new: MeshState) -> None:
+        loop.call_soon_threadsafe(dirty.set)
+
+    store.subscribe(changed)
     compiled: asyncio.Queue[tuple[float, str | None]] = asyncio.Queue()
 
     async def compile_loop() -> None:  # what NodeAgent.run does on each store change
@@ -139,15 +144,8 @@ async def _change(server: subprocess.Popen[str],
 
 
 def measure(rules: int, reps: int) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
-    server = subprocess.Popen([sys.executable, "-c", SERVER, str(rules)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, env=env, text=True)
-    try:
-        assert server.stdout is not None
-        info = json.loads(server.stdout.readline())
+    with api_server_process(SERVER, rules) as (server, info):
         secs = asyncio.run(_run(server, info["url"], reps))
-    finally:
-        server.communicate(timeout=30)  # closes stdin: the server stops
     return {"rules": rules, "changes": len(secs), "median_s": statistics.median(secs),
             "min_s": min(secs), "max_s": max(secs), "load_average": os.getloadavg()}
 

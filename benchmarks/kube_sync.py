@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -146,13 +146,24 @@ async def _sync(url: str) -> tuple[float, float, StateStore, KubernetesSource]:
     return sink.at - start, indexed - start, store, source
 
 
-def measure(pods: int) -> dict[str, Any]:
+@contextlib.contextmanager
+def api_server_process(script: str, arg: int
+                       ) -> Iterator[tuple[subprocess.Popen[str], dict[str, Any]]]:
+    """The test API server in a process of its own (its work is not the agent's to measure),
+    running `script` with `arg`; yields it and the JSON line it prints first (its URL, ...).
+    Leaving closes its stdin, which stops it."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
-    server = subprocess.Popen([sys.executable, "-c", SERVER, str(pods)], stdin=subprocess.PIPE,
+    server = subprocess.Popen([sys.executable, "-c", script, str(arg)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, env=env, text=True)
     try:
         assert server.stdout is not None
-        info = json.loads(server.stdout.readline())
+        yield server, json.loads(server.stdout.readline())
+    finally:
+        server.communicate(timeout=30)
+
+
+def measure(pods: int) -> dict[str, Any]:
+    with api_server_process(SERVER, pods) as (_server, info):
         synced, indexed, store, _source = asyncio.run(_sync(info["url"]))
         assert len(store.current.workloads) == pods, len(store.current.workloads)
         # A traced warm-up run first: one-time growth (the interned-string table, type caches)
@@ -178,8 +189,6 @@ def measure(pods: int) -> dict[str, Any]:
             "rss_growth_bytes_per_pod": round(rss / pods),
             "watches_per_resource": 1,
         }
-    finally:
-        server.communicate(timeout=30)  # closes stdin: the server stops
 
 
 def main(argv: list[str] | None = None) -> int:
