@@ -79,8 +79,11 @@ def prepare_pod_netns(target: str | Path) -> None:
     # tcp_fwmark_accept: the app's accepted socket inherits our SYN's mark. fwmark_reflect: the
     # kernel's own replies (RST for a closed port, ICMP) carry it too, so a refused upstream
     # connect fails at once instead of its RST being routed away to the spoofed client address.
+    # tcp_migrate_req: when an agent closes its listener during an upgrade, the connections in
+    # its accept queue (and half-open ones) move to the new agent's listener in the same
+    # SO_REUSEPORT group instead of being reset (Linux 5.14).
     with netns.entered(target):
-        for key in ("tcp_fwmark_accept", "fwmark_reflect"):
+        for key in ("tcp_fwmark_accept", "fwmark_reflect", "tcp_migrate_req"):
             _set_net_sysctl(f"ipv4/{key}", target)
     # IPRoute(netns=...) forks a helper to open its socket, and a fork in this multi-threaded
     # process can inherit a held lock and hang; a socket opened in the entered netns needs none.
@@ -127,6 +130,9 @@ def listener(target: str | Path, ip: str, port: int, backlog: int = 1024) -> soc
 
     def configure(s: socket.socket) -> None:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # An upgraded agent (or a worker process) listens beside this one on the same port;
+        # only the agent's cgroups may bind these ports in a pod (bpf/lib/portguard.h).
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         set_mark(s, TUNNEL_MARK)
         s.bind((ip, port))
         s.listen(backlog)

@@ -58,6 +58,8 @@ class Cmd(enum.IntEnum):
 class AttachType(enum.IntEnum):
     CGROUP_SOCK_OPS = 3
     SK_MSG_VERDICT = 7
+    CGROUP_INET4_BIND = 8
+    CGROUP_INET6_BIND = 9
     CGROUP_INET4_CONNECT = 10
     CGROUP_INET6_CONNECT = 11
     CGROUP_GETSOCKOPT = 21
@@ -76,6 +78,7 @@ class MapType(enum.IntEnum):
 
 
 BPF_ANY = 0
+BPF_NOEXIST = 1
 BPF_F_NO_PREALLOC = 1
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.abi import ID_TUNNEL
-from agent.datapath import bpfsys, bypass, layouts, trust
+from agent.datapath import bpfsys, bypass, identities, layouts, trust
 from agent.datapath.bpfsys import AttachType, MapType
 from agent.datapath.layouts import (
     Backend,
@@ -670,7 +670,17 @@ class Datapath:
         c = self.counters()
         out = {k.name.lower(): c[k] for k in DROP_COUNTERS}
         out["rate_limited"] = sum(self.rate_limit_refusals().values())
+        out["tunnel_port_bind"] = self.tunnel_port_refusals()
         return out
+
+    def tunnel_port_refusals(self) -> int:
+        """Binds of a tunnel port in an enrolled pod by a task outside the agent's cgroups
+        (bpf/lib/portguard.h), refused with EPERM."""
+        cpus = _possible_cpus()
+        raw = bpfsys.map_lookup(self.module.map_fd("nm_port_guard_v1"), layouts.U32.pack(0),
+                                8 * cpus)
+        return (sum(int.from_bytes(raw[i : i + 8], "little") for i in range(0, 8 * cpus, 8))
+                if raw else 0)
 
     def upstreams(self) -> dict[UpstreamKey, int]:
         """The agent's live upstream connects sk_lookup lets through, with their socket cookie."""
@@ -705,6 +715,8 @@ class Datapath:
             "nm_rl_state_v1": (layouts.RL_KEY.size, o.max_ratelimits),
             "nm_rl_sock_v1": (8, o.max_conns),
         }
+        if (self.pin_dir / identities.NAMES_MAP).exists():  # once an agent shared its ids
+            sizes[identities.NAMES_MAP] = (layouts.U32.size, identities.CAPACITY)
         return {
             name: (len(bpfsys.map_keys(self.module.map_fd(name), ks)), cap)
             for name, (ks, cap) in sizes.items()

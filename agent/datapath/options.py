@@ -23,6 +23,7 @@ ATTACH_POINTS = (
     "sk_lookup_inbound.c",
     "sock_release.c",
     "sk_msg_bypass.c",
+    "sock_bind.c",
 )
 
 

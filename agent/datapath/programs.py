@@ -34,6 +34,8 @@ CGROUP_PROGRAMS = (
     Program("nm_getsockopt", ProgType.CGROUP_SOCKOPT, AttachType.CGROUP_GETSOCKOPT),
     Program("nm_sockops", ProgType.SOCK_OPS, AttachType.CGROUP_SOCK_OPS),
     Program("nm_sock_release", ProgType.CGROUP_SOCK, AttachType.CGROUP_INET_SOCK_RELEASE),
+    Program("nm_bind4", ProgType.CGROUP_SOCK_ADDR, AttachType.CGROUP_INET4_BIND),
+    Program("nm_bind6", ProgType.CGROUP_SOCK_ADDR, AttachType.CGROUP_INET6_BIND),
 )
 SK_LOOKUP = Program("nm_sk_lookup", ProgType.SK_LOOKUP, AttachType.SK_LOOKUP)
 # Attached to the sockhash BYPASS_SOCKS (same-node bypass), not to a cgroup.

@@ -21,6 +21,7 @@ class Reason(enum.IntEnum):
     NO_HEALTHY_UPSTREAM = 6
     UPSTREAM_OVERFLOW = 7
     RATE_LIMITED = 8
+    TUNNEL_PORT = 9
 
     @property
     def label(self) -> str:

@@ -289,6 +289,9 @@ class NodeAgent:
     # -- lifecycle ---------------------------------------------------------------------------
     def start_datapath(self) -> list[str]:
         actions = self.datapath.install()
+        # Before any policy is compiled: ids come from the node's pinned table, the same an
+        # agent running beside this one (surge upgrade) or before it uses.
+        self.identities.share(self.datapath.pin_dir)
         self.datapath.set_exclusions(self.config.exclude_ports, self.config.exclude_cidrs)
         self.datapath.set_same_node_bypass(self.config.same_node_bypass)
         self.datapath.open_events(self._kernel_event, kinds=(KernelEventKind.DENY,), bypassed=True)

@@ -21,6 +21,7 @@
 #define NM_REASON_NO_HEALTHY_UPSTREAM 6   /* connect to a Service VIP with no ready endpoint */
 #define NM_REASON_UPSTREAM_OVERFLOW 7     /* a Service port's max_conns reached (Envoy's UO) */
 #define NM_REASON_RATE_LIMITED 8          /* a ConnectionRateLimit's bucket or cap refused */
+#define NM_REASON_TUNNEL_PORT 9           /* a pod's task bound a tunnel port (lib/portguard.h) */
 
 /* Flow event kinds (flow_event.kind). */
 #define NM_EVENT_OPEN 1
