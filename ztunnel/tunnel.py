@@ -361,10 +361,8 @@ class Tunnel:
         key = PoolKey(spec.identity, wl.identity, dst_ip, spec.ip)
         headers = connect.request_headers(dst_ip_a, dst_port, ipaddress.ip_address(spec.ip),
                                           addr[1])
-        sid = 0
         try:
-            session, sid = await self.pool.open_stream(key, headers)
-            status, _ = await asyncio.wait_for(session.response(sid), self.config.connect_timeout)
+            session, sid, status = await self._connect_stream(key, headers)
         except DialError as exc:
             app.reset()
             emit(self.config.on_event, ev.refused(exc.response, exc.cause, exc.flag, str(exc)))
@@ -373,8 +371,6 @@ class Tunnel:
             why = str(exc) or "no response in time (destination tunnel overloaded or hung?)"
             log.warning("HBONE CONNECT from pod %s to %s:%d failed: %s", spec.name, dst_ip,
                         dst_port, why)
-            if sid:
-                session.stream_reset(sid)  # do not leave the stream open on the connection
             app.reset()
             emit(self.config.on_event, ev.refused(ResponseFlag.CONNECT, Cause.UPSTREAM,
                                                   TransportFlag.UPSTREAM_FAILURE, why))
@@ -389,6 +385,35 @@ class Tunnel:
                                                   f"{status}: {why}"))
             return
         await self._carry(ev, session, sid, app, source_side=True)
+
+    async def _connect_stream(self, key: PoolKey, headers: list[tuple[str, str]],
+                              attempts: int = 3) -> tuple[HboneSession, int, int]:
+        """CONNECT on a pooled connection: (session, stream id, status). A stream that failed
+        before its response on a connection the peer sent GOAWAY on (its tunnel is draining:
+        an agent being replaced) is opened again on another connection; the peer refused it
+        unprocessed (RFC 9113 8.7), and the app's bytes wait until a stream is answered."""
+        for attempt in range(attempts):
+            session: HboneSession | None = None
+            sid = 0
+            try:
+                session, sid = await self.pool.open_stream(key, headers)
+                status, _ = await asyncio.wait_for(session.response(sid),
+                                                   self.config.connect_timeout)
+                return session, sid, status
+            except (TunnelClosedError, hbone.StreamError):
+                if (session is not None and session.core.goaway_received
+                        and attempt + 1 < attempts):
+                    log.debug("HBONE stream to %s refused by a draining peer: retrying",
+                              key.dst_ip)
+                    continue
+                if session is not None and sid:
+                    session.stream_reset(sid)  # do not leave the stream open on the connection
+                raise
+            except BaseException:
+                if session is not None and sid:
+                    session.stream_reset(sid)
+                raise
+        raise AssertionError("unreachable")
 
     async def _carry(self, ev: ConnectionEvent, session: HboneSession, sid: int,
                      plain: PlainSide, *, source_side: bool) -> None:
@@ -527,6 +552,8 @@ class Tunnel:
                 cause=Cause.PEER_IDENTITY))
             return
         pod.sessions.add(session)
+        if self.draining:
+            session.goaway()  # handshake done after drain() sent its GOAWAYs
         try:
             await session.closed
         finally:
@@ -547,10 +574,9 @@ class Tunnel:
                              src_identity=session.peer,
                              dst_workload=spec.name, dst_identity=spec.identity)
         if self.draining:
-            session.respond(sid, connect.UNAVAILABLE)
-            emit(self.config.on_event, ev.refused(ResponseFlag.CONNECT, Cause.DRAINING,
-                                                  TransportFlag.UPSTREAM_FAILURE, "draining"))
-            return
+            # The stream arrived before this connection's GOAWAY: it is served (the peer retries
+            # only streams above the GOAWAY's last stream id, elsewhere).
+            session.goaway()
         if not verdict.ok:
             log.warning("HBONE request from %s (%s) to pod %s rejected with %d: %s", src_ip,
                         session.peer, spec.name, verdict.status, verdict.reason)
