@@ -244,6 +244,13 @@ def prog_id(prog_fd: int) -> int:
     return int(struct.unpack_from("=I", info.raw, 4)[0])
 
 
+def map_id(map_fd: int) -> int:
+    """The kernel id of a map (bpf_map_info.id is at offset 4)."""
+    info = ctypes.create_string_buffer(128)
+    _call(Cmd.OBJ_GET_INFO_BY_FD, struct.pack("=IIQ", map_fd, 128, _ptr(info)))
+    return int(struct.unpack_from("=I", info.raw, 4)[0])
+
+
 def map_max_entries(map_fd: int) -> int:
     """A map's max_entries (bpf_map_info: type, id, key_size, value_size, max_entries)."""
     info = ctypes.create_string_buffer(128)

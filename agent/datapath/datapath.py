@@ -425,6 +425,11 @@ class Datapath:
         raw = bpfsys.map_lookup(gen_fd, layouts.U32.pack(0), 4)
         nxt = 1 - (layouts.U32.unpack(raw)[0] & 1 if raw else 0)
         held = self._generations.get(nxt)
+        if held is not None and not self._installed(nxt, held):
+            # Another agent on this node (a surge upgrade) wrote that slot since: build anew.
+            held.close()
+            del self._generations[nxt]
+            held = None
         if groups is not None and held is not None:
             update = _patch(held, entries, cidrs, groups)
         else:
@@ -432,6 +437,15 @@ class Datapath:
         bpfsys.map_update(gen_fd, layouts.U32.pack(0), layouts.U32.pack(nxt))
         self.last_policy_update = update
         return update
+
+    def _installed(self, slot: int, gen: _Generation) -> bool:
+        """The slot's inner maps are still the ones this process wrote."""
+        key = layouts.U32.pack(slot)
+        for outer, fd in (("nm_policy_v1", gen.pol), ("nm_ipcache_v1", gen.ipc)):
+            raw = bpfsys.map_lookup(self.module.map_fd(outer), key, 4)
+            if raw is None or layouts.U32.unpack(raw)[0] != bpfsys.map_id(fd):
+                return False
+        return True
 
     def _rebuild(self, slot: int, entries: Mapping[PolicyKey, PolicyEntry],
                  cidrs: Mapping[ipaddress.IPv4Network, int],

@@ -20,10 +20,10 @@ from prereq import require_tool
 from agent.datapath import bpfsys, identities
 from agent.datapath.datapath import Datapath
 from agent.datapath.identities import FIRST_ID, IdentityTable, SharedIds
-from agent.datapath.layouts import FlowEvent
+from agent.datapath.layouts import FlowEvent, PolicyEntry, PolicyKey
 from agent.datapath.options import DEFAULT_PIN_ROOT
 from agent.datapath.programs import CGROUP_PROGRAMS
-from agent.datapath.verdicts import KernelEventKind, Reason
+from agent.datapath.verdicts import KernelEventKind, KernelVerdict, Reason
 from agent.host import netns
 from agent.identity.spiffe import Identity
 from agent.testbed import Cluster
@@ -275,3 +275,36 @@ def _links_in(netns_inode: int) -> int:
                          check=True).stdout
     return sum(1 for link in json.loads(out or "[]")
                if link.get("type") == "netns" and link.get("netns_ino") == netns_inode)
+
+
+def _entries(n: int, verdict: KernelVerdict) -> dict[PolicyKey, PolicyEntry]:
+    return {PolicyKey(ipaddress.IPv4Address(f"10.9.0.{i}")): PolicyEntry(verdict,
+            Reason.POLICY_DENY if verdict == KernelVerdict.DENY else Reason.NONE)
+            for i in range(1, n + 1)}
+
+
+def test_an_agent_does_not_patch_a_policy_slot_another_agent_rewrote(
+        clean_policy: Datapath) -> None:
+    old = clean_policy
+    a, b, c = (_entries(4, KernelVerdict.DENY), _entries(5, KernelVerdict.ALLOW),
+               _entries(3, KernelVerdict.ALLOW))
+    for _ in range(2):  # the old agent holds its own generation in both slots
+        old.apply_policy(a, {}, {"p": a})
+    assert old.apply_policy(a, {}, {"p": a}).mode == "incremental"
+    new = Datapath(old.cgroup_root, old.options)
+    new.open_pins()
+    try:
+        assert new.apply_policy(b, {}, {"p": b}).mode == "full"  # replaces the inactive slot
+        assert old.policy_entries() == b
+        # The old agent's next write goes to the other slot, still its own: patched.
+        assert old.apply_policy(c, {}, {"p": c}).mode == "incremental"
+        assert old.policy_entries() == c
+        # The one after targets the slot the new agent rewrote: the old agent's copy is no
+        # longer installed, so it builds the slot anew instead of patching a map nothing reads.
+        assert old.apply_policy(a, {}, {"p": a}).mode == "full"
+        assert old.policy_entries() == a
+    finally:
+        for gen in new._generations.values():
+            gen.close()
+        assert new._module is not None
+        new._module.close()
