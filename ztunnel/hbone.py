@@ -142,6 +142,22 @@ class StreamError(RuntimeError):
     """An operation on a stream this core does not know (already closed or never opened)."""
 
 
+_OPEN = (h2.connection.ConnectionState.CLIENT_OPEN, h2.connection.ConnectionState.SERVER_OPEN)
+_GOAWAY = (h2.connection.ConnectionInputs.SEND_GOAWAY, h2.connection.ConnectionInputs.RECV_GOAWAY)
+
+
+class _GoawayKeepsOpen(h2.connection.H2ConnectionStateMachine):
+    """h2 closes the connection at a GOAWAY sent or received, then rejects every frame, even the
+    ones that came in the same read as the GOAWAY; HTTP/2 lets the streams up to its last stream
+    id finish (RFC 9113 6.8). Here a GOAWAY leaves the connection open: Core refuses new streams
+    itself and ends the connection with close()."""
+
+    def process_input(self, input_: h2.connection.ConnectionInputs) -> list[h2.events.Event]:
+        if input_ in _GOAWAY and self.state in _OPEN:
+            return []
+        return super().process_input(input_)
+
+
 class Core:
     """One HTTP/2 connection carrying HBONE tunnels, as client or server."""
 
@@ -151,6 +167,7 @@ class Core:
         cfg = h2.config.H2Configuration(client_side=client, header_encoding="utf-8",
                                         validate_inbound_headers=True)
         self._h2 = h2.connection.H2Connection(cfg)
+        self._h2.state_machine = _GoawayKeepsOpen()
         initial: dict[h2.settings.SettingCodes, int] = {
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: self.settings.stream_window,
             h2.settings.SettingCodes.MAX_FRAME_SIZE: self.settings.max_frame,

@@ -26,6 +26,7 @@ run in the node's namespace here, so the surge agent serves readiness and metric
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -158,7 +159,8 @@ class Load:
     lines: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def _read(self) -> None:
         assert self.proc.popen is not None and self.proc.popen.stdout is not None
@@ -173,9 +175,16 @@ class Load:
 
     def stop(self) -> None:
         assert self.proc.popen is not None and self.proc.popen.stdin is not None
-        self.proc.popen.stdin.write(b"stop\n")
-        self.proc.popen.stdin.flush()
-        wait_for(lambda: "done" in self.lines, f"{self.what} to stop", 120)
+        try:
+            self.proc.popen.stdin.write(b"stop\n")
+            self.proc.popen.stdin.flush()
+        except BrokenPipeError:  # it died: what it printed says why (failures() below)
+            self.lines.append(f"err 0 generator exited with {self.proc.popen.wait()}")
+        else:
+            wait_for(lambda: "done" in self.lines, f"{self.what} to stop", 120)
+        self.proc.wait(60)
+        self._reader.join(10)
+        self.proc.stop()  # closes its pipes
 
 
 def wait_for(cond: object, what: str, timeout: float = 180) -> None:
@@ -204,8 +213,9 @@ class Transfer:
         """Ask for the end; the transfer's result once both sides are done."""
         cli, srv = self.client.popen, self.server.popen
         assert cli is not None and cli.stdin is not None and srv is not None
-        cli.stdin.write(b"finish\n")
-        cli.stdin.flush()
+        with contextlib.suppress(BrokenPipeError):  # it ended on its own: its output says why
+            cli.stdin.write(b"finish\n")
+            cli.stdin.flush()
         out, _ = cli.communicate(timeout=180)
         sent, _ = srv.communicate(timeout=60)
         result = dict(json.loads(out.decode().strip().splitlines()[-1]))

@@ -227,6 +227,26 @@ def test_graceful_goaway_lets_open_streams_finish() -> None:
     assert of(se, hbone.End)
 
 
+def test_data_in_the_same_read_as_a_graceful_goaway_is_delivered() -> None:
+    # A draining tunnel (an agent being replaced) sends GOAWAY while a stream streams on: the
+    # frames after it often arrive in the same read, and h2 alone would fail the connection.
+    client, server = connected()
+    sid = tunnel(client, server)
+    server.send(sid, b"before")
+    server.goaway()
+    server.send(sid, b"after")
+    ce = client.receive(server.outbound())  # one read: DATA, GOAWAY, DATA
+    assert not of(ce, hbone.ConnectionFailed) and not client.terminated
+    assert of(ce, hbone.GoAway) and client.goaway_received
+    assert [e.data for e in ce if isinstance(e, hbone.Data)] == [b"before", b"after"]
+    client.send(sid, b"reply")
+    client.end(sid)
+    server.end(sid)
+    ce, se = pump(client, server)
+    assert [e.data for e in se if isinstance(e, hbone.Data)] == [b"reply"]
+    assert of(se, hbone.End) and of(ce, hbone.End)
+
+
 def test_error_goaway_fails_open_streams() -> None:
     client, server = connected()
     sid = tunnel(client, server)
