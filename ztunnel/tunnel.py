@@ -110,6 +110,7 @@ class Tunnel:
                 pod.accept_tasks.append(asyncio.create_task(self._accept_loop(pod, lsock, handler)))
         except BaseException:
             self._close_listeners(pod)
+            podnet.forget_netns(spec.netns)
             raise
         self._pods[spec.uid] = pod
         self._by_ip[spec.ip] = pod
@@ -123,6 +124,7 @@ class Tunnel:
             return
         self._by_ip.pop(pod.spec.ip, None)
         self._close_listeners(pod)
+        podnet.forget_netns(pod.spec.netns)
         for s in list(pod.sessions):
             s.close()
         log.info("pod %s removed: listeners closed", pod.spec.name or uid)
@@ -202,6 +204,7 @@ class Tunnel:
         self.draining = True
         for pod in list(self._pods.values()):
             self._close_listeners(pod)
+            podnet.forget_netns(pod.spec.netns)
             for s in list(pod.sessions):
                 s.close()
         self._pods.clear()
@@ -242,8 +245,10 @@ class Tunnel:
                             pod.spec.name, exc)
                 await asyncio.sleep(0.1)
                 continue
-            # No per-socket setup here: sock_accept returns it non-blocking, the accepted socket
-            # inherits the listener's TUNNEL_MARK (the kernel copies the listener's mark into
-            # the request), and the asyncio transport sets TCP_NODELAY.
+            # Small writes (HTTP/2 frames, CONNECT replies) must not wait for delayed ACKs, and
+            # asyncio skips TCP_NODELAY for accepted sockets (their proto is 0). Not repeated:
+            # O_NONBLOCK (sock_accept sets it) and the mark (an accepted socket inherits the
+            # listener's TUNNEL_MARK; tests/e2e/test_tunnel_abuse.py checks it).
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             guard = ConnectionGuard(self.config, conn)
             self._spawn(guard.run(handler(pod, conn, addr, guard)))

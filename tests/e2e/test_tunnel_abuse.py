@@ -9,7 +9,9 @@ attacked agent succeed during the attack (their latencies are printed, not asser
 from __future__ import annotations
 
 import json
+import socket
 import ssl
+import struct
 import subprocess
 import threading
 import time
@@ -24,6 +26,7 @@ from support.hostile_h2 import HostileH2, client_context, idle_connections
 
 from agent.commands.demo import http_get
 from agent.testbed import PodProcess
+from ztunnel import podnet
 
 ENHANCE_YOUR_CALM = 0xB
 PAIRS = 10_000
@@ -290,3 +293,17 @@ def test_idle_handshake_flood_is_capped_and_its_memory_returned(bed: Bed) -> Non
     probes.report("handshake flood")
     assert peak_pending <= 64
     assert refused >= len(socks) - 64 * 4, refused  # the cap holds; a few slots free up meanwhile
+
+
+def test_accepted_sockets_inherit_the_listeners_tunnel_mark(bed: Bed) -> None:
+    """The accept loop does not set TUNNEL_MARK again: the kernel copies the listener's mark
+    into each accepted socket (with tcp_fwmark_accept on, as prepare_pod_netns sets it)."""
+    pod = bed.live.cluster.pod(0, 0)
+    lsock = podnet.listener(pod.netns, "127.0.0.1", 0)
+    with lsock, pod.socket() as client:
+        client.connect(lsock.getsockname())
+        lsock.setblocking(True)
+        conn, _ = lsock.accept()
+        with conn:
+            mark = struct.unpack("I", conn.getsockopt(socket.SOL_SOCKET, socket.SO_MARK, 4))[0]
+    assert mark == podnet.TUNNEL_MARK, hex(mark)
