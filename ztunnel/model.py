@@ -69,9 +69,11 @@ def _no_ids(_: Identity | None) -> int:
 # pending handshake holds buffers (~100-300 KiB) before the peer has proved anything.
 DEFAULT_MAX_PENDING_HANDSHAKES = 1024
 DEFAULT_MAX_PENDING_HANDSHAKES_PER_IP = 64
-# Upstream connects to a pod's app in flight for one HBONE connection: a client opening
-# streams faster than the app accepts cannot make the tunnel hold thousands of half-open sockets.
-DEFAULT_MAX_UPSTREAM_CONNECTS_PER_CONNECTION = 32
+# Upstream connects to a pod's app in flight for one HBONE connection. As many as a client may
+# have streams open (our SETTINGS_MAX_CONCURRENT_STREAMS, 200), so a legitimate burst never trips
+# it; a stream reset while its connect runs frees its HTTP/2 slot at once but not this one, so a
+# reset flood is held to this many half-open upstream sockets instead of one per reset.
+DEFAULT_MAX_UPSTREAM_CONNECTS_PER_CONNECTION = 200
 # Pre-warming: keep one spare idle HBONE connection to this many recently used destinations,
 # for this long after their last use.
 DEFAULT_PREWARM_DESTINATIONS = 64
