@@ -36,6 +36,12 @@ DEFAULT_SOURCE_GRACE_SECONDS = 30.0
 DEFAULT_OUTLIER_FAILURES = 5
 DEFAULT_OUTLIER_EJECTION_SECONDS = 30.0
 DEFAULT_OUTLIER_MAX_EJECTION_SECONDS = 300.0
+# Tunnel budgets: the ztunnel defaults (ztunnel/model.py), repeated so config stays import-light.
+DEFAULT_MAX_PENDING_HANDSHAKES = 1024
+DEFAULT_MAX_PENDING_HANDSHAKES_PER_IP = 64
+DEFAULT_MAX_UPSTREAM_CONNECTS_PER_CONNECTION = 200
+DEFAULT_PREWARM_DESTINATIONS = 64
+DEFAULT_PREWARM_TTL = 60.0
 
 
 @dataclass(frozen=True)
@@ -188,7 +194,21 @@ SETTINGS: tuple[Setting, ...] = (
         "--outlier-max-ejection",
         "longest ejection of a Service endpoint, seconds",
         float,
-    ),
+    ),    # Tunnel budgets (docs/architecture.md, "Budgets"); defaults in ztunnel/model.py.
+    Setting("max_pending_handshakes", "NODEMESH_MAX_PENDING_HANDSHAKES",
+            "--max-pending-handshakes",
+            "TLS handshakes pending at the HBONE port, all pods; more are reset at accept", int),
+    Setting("max_pending_handshakes_per_ip", "NODEMESH_MAX_PENDING_HANDSHAKES_PER_IP",
+            "--max-pending-handshakes-per-ip",
+            "TLS handshakes pending at the HBONE port from one source IP", int),
+    Setting("max_upstream_connects_per_connection", "NODEMESH_MAX_UPSTREAM_CONNECTS",
+            "--max-upstream-connects-per-connection",
+            "upstream connects to apps in flight for one HBONE connection; more get 503", int),
+    Setting("prewarm_destinations", "NODEMESH_PREWARM_DESTINATIONS", "--prewarm-destinations",
+            "recently used HBONE destinations kept with one spare idle connection (0: off)", int),
+    Setting("prewarm_ttl", "NODEMESH_PREWARM_TTL", "--prewarm-ttl",
+            "how long after its last use a destination keeps its spare connection, seconds",
+            float),
 )
 
 
@@ -228,6 +248,11 @@ class Config:
     outlier_failures: int = DEFAULT_OUTLIER_FAILURES
     outlier_ejection_seconds: float = DEFAULT_OUTLIER_EJECTION_SECONDS
     outlier_max_ejection_seconds: float = DEFAULT_OUTLIER_MAX_EJECTION_SECONDS
+    max_pending_handshakes: int = DEFAULT_MAX_PENDING_HANDSHAKES
+    max_pending_handshakes_per_ip: int = DEFAULT_MAX_PENDING_HANDSHAKES_PER_IP
+    max_upstream_connects_per_connection: int = DEFAULT_MAX_UPSTREAM_CONNECTS_PER_CONNECTION
+    prewarm_destinations: int = DEFAULT_PREWARM_DESTINATIONS
+    prewarm_ttl: float = DEFAULT_PREWARM_TTL
     origins: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def dump(self) -> dict[str, Any]:
@@ -305,6 +330,13 @@ def build(env: Mapping[str, str], flags: Mapping[str, object] | None = None) -> 
     if not 0 < cfg.outlier_ejection_seconds <= cfg.outlier_max_ejection_seconds:
         raise ConfigError(f"outlier ejection {cfg.outlier_ejection_seconds} s / max "
                           f"{cfg.outlier_max_ejection_seconds} s: want 0 < ejection <= max")
+    for name in ("max_pending_handshakes", "max_pending_handshakes_per_ip",
+                 "max_upstream_connects_per_connection"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} {getattr(cfg, name)}: want at least 1")
+    if cfg.prewarm_destinations < 0 or cfg.prewarm_ttl <= 0:
+        raise ConfigError(f"prewarm_destinations {cfg.prewarm_destinations} / prewarm_ttl "
+                          f"{cfg.prewarm_ttl}: want destinations >= 0 and a TTL > 0")
     if not cfg.admin_addr.startswith(("127.", "localhost", "[::1]")):
         raise ConfigError(f"admin_addr {cfg.admin_addr}: the admin endpoint is localhost only")
     return cfg

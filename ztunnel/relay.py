@@ -85,10 +85,9 @@ class PlainSide(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        # TCP_NODELAY is the socket owner's to set: the tunnel sets it once where each socket is
+        # made (accept loop, podnet.upstream), not again here.
         transport.set_write_buffer_limits(high=HIGH_WATER)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self._paused:
             transport.pause_reading()
 

@@ -108,6 +108,20 @@ class HboneSession(asyncio.Protocol):
     def capacity(self, limit: int) -> int:
         return min(limit, self.core.peer_max_streams)
 
+    def stream_open(self, stream_id: int) -> bool:
+        """The stream still exists and was not reset (checked before and after an upstream
+        connect: a reset stream gets none, or has its fresh one closed)."""
+        return (self.core.has_stream(stream_id) and stream_id not in self._early_reset
+                and not self.closed.done())
+
+    @property
+    def accepting(self) -> bool:
+        """False once the connection is ending (failed, closed or closing): no new work
+        (upstream connects) for it. A graceful GOAWAY is not the end: the streams up to its
+        last stream id are still served (RFC 9113 6.8); the core refuses the ones above."""
+        return not (self.core.terminated or self.closed.done()
+                    or (self.transport is not None and self.transport.is_closing()))
+
     def recheck(self) -> PeerIdentityError | None:
         """Verify the peer again (after a trust change); the error if it no longer passes."""
         if self.transport is None:

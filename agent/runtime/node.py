@@ -49,7 +49,7 @@ from agent.runtime.outliers import OutlierDetector, OutlierSettings
 from agent.runtime.readiness import Readiness
 from agent.state.snapshot import MeshState
 from agent.state.store import StateStore
-from agent.telemetry.metrics import ScrapeValue
+from agent.telemetry.metrics import ScrapeLabelled, ScrapeValue
 from agent.telemetry.pipeline import Telemetry, TelemetryConfig
 from ztunnel.events import Cause, ConnectionEvent, Phase, TunnelDirection
 from ztunnel.lograte import RepeatLimiter
@@ -110,8 +110,19 @@ class NodeAgent:
                 identity_id=self.identities.id_of,
                 outside_mesh=cfg.outside_mesh,
                 on_event=self._tunnel_event,
+                max_pending_handshakes=cfg.max_pending_handshakes,
+                max_pending_handshakes_per_ip=cfg.max_pending_handshakes_per_ip,
+                max_upstream_connects_per_connection=cfg.max_upstream_connects_per_connection,
+                prewarm_destinations=cfg.prewarm_destinations,
+                prewarm_ttl=cfg.prewarm_ttl,
             )
         )
+        # Every tunnel budget trip and pool counter (Tunnel.stats), by name.
+        tunnel = self.tunnel
+        ScrapeLabelled(self.registry, "nodemesh_tunnel_stat",
+                       "Tunnel counters and gauges by name: budget trips (docs/architecture.md, "
+                       "Budgets), pending handshakes, pool and pre-warm counts", "gauge",
+                       ("name",), read=lambda: dict(tunnel.stats()))
         self.enrolled: dict[str, _Enrolled] = {}
         self.enroller = Enroller(cfg.node_name, self.locator, self._enroll, self._unenroll)
         self.pending: set[str] = set()

@@ -109,3 +109,55 @@ def test_closed_streams_free_their_slots_for_reuse() -> None:
         await peer.close()
 
     asyncio.run(run())
+
+
+def test_a_recently_used_destination_keeps_one_spare_connection() -> None:
+    async def run() -> None:
+        peer = Peer(server_max_streams=200)
+        pool = Pool(peer.dial, max_streams=2, prewarm_destinations=4, prewarm_ttl=60)
+        opened = await open_many(pool, 1)
+        # The spare is dialed in the background after the stream opened.
+        for _ in range(200):
+            if pool.prewarm_opened:
+                break
+            await asyncio.sleep(0.01)
+        assert pool.connections_opened == 1 and pool.prewarm_opened == 1 and peer.dials == 2
+        spare = [s for s in pool.connections(KEY) if s.load == 0]
+        assert len(spare) == 1 and spare[0] is not opened[0][0]
+        # The first connection still has room: the spare stays idle.
+        session, _ = await pool.open_stream(KEY, HEADERS)
+        assert session is opened[0][0] and peer.dials == 2
+        # Full now: the next stream takes the spare without a dial on its path, and a new
+        # spare is warmed behind it.
+        session, _ = await pool.open_stream(KEY, HEADERS)
+        assert session is spare[0] and pool.connections_opened == 1
+        for _ in range(200):
+            if pool.prewarm_opened == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert pool.prewarm_opened == 2 and pool.stats()["pool_connections"] == 3
+        assert pool.stats()["pool_prewarm_destinations"] == 1
+        pool.close_all()
+        await peer.close()
+
+    asyncio.run(run())
+
+
+def test_prewarming_is_bounded_by_destinations_and_off_by_default() -> None:
+    async def run() -> None:
+        peer = Peer(server_max_streams=200)
+        pool = Pool(peer.dial, max_streams=100)
+        await open_many(pool, 1)
+        await asyncio.sleep(0.05)
+        assert peer.dials == 1 and pool.prewarm_opened == 0
+        pool.close_all()
+        keys = [PoolKey(A, B, f"10.0.0.{i}", "10.0.0.1") for i in range(2, 6)]
+        bounded = Pool(peer.dial, max_streams=100, prewarm_destinations=2)
+        for k in keys:
+            session, sid = await bounded.open_stream(k, HEADERS)
+            assert (await session.response(sid))[0] == 200
+        assert bounded.stats()["pool_prewarm_destinations"] == 2
+        bounded.close_all()
+        await peer.close()
+
+    asyncio.run(run())

@@ -1,0 +1,233 @@
+"""Inbound HBONE (15008): handshake admission, the mTLS + HTTP/2 server, and each CONNECT stream
+carried to the pod's app with the client's source IP and the peer's identity in the mark.
+
+Work a peer can make us do is bounded before it is done: pending handshakes per source IP and
+overall (`HandshakeAdmission`), upstream connects in flight per connection, and no upstream
+connect at all for a stream the client already reset or on a connection going away (checked
+again after the connect: a fresh upstream whose stream died meanwhile is closed at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from agent.identity.spiffe import Identity
+from ztunnel import connect, podnet
+from ztunnel.admission import HandshakeAdmission, Refusal
+from ztunnel.carry import carry_stream
+from ztunnel.events import (
+    Cause,
+    ConnectionEvent,
+    Phase,
+    ResponseFlag,
+    TransportFlag,
+    TunnelDirection,
+)
+from ztunnel.guard import ConnectionGuard
+from ztunnel.lograte import RepeatLimiter
+from ztunnel.model import Counters, PodSpec, PodState, Spawn, TunnelConfig
+from ztunnel.relay import PlainSide
+from ztunnel.session import HboneSession
+from ztunnel.tls import Contexts, describe_handshake_error, verify_client
+from ztunnel.upstream import UpstreamConnect, UpstreamError, connect_plain, reset
+
+log = logging.getLogger(__name__)
+log.addFilter(RepeatLimiter.shared())
+
+
+@dataclass
+class _Connection:
+    """Per accepted HBONE connection: its upstream connects in flight."""
+
+    upstreams_in_flight: int = 0
+
+
+async def connect_app(config: TunnelConfig, counters: Counters, spec: PodSpec, *,
+                      peer: Identity | None, src_ip: str, target: tuple[str, int],
+                      connect_socket: UpstreamConnect) -> PlainSide:
+    """Connect to the pod's app as `src_ip`, marked with the peer's identity id (the kernel's
+    policy decides on it): UpstreamError 401 on a policy deny, 503 on any other failure."""
+    counters.upstream_connects += 1
+    mark = podnet.mark_for_identity(config.identity_id(peer))
+    return await connect_plain(spec, target, mark, source_ip=src_ip, peer=peer,
+                               connect_socket=connect_socket)
+
+
+def upstream_refusal(ev: ConnectionEvent, err: UpstreamError) -> ConnectionEvent:
+    """The destination side's event for a failed upstream connect."""
+    return err.refusal(ev, f"{err.status} {err.why}")
+
+
+class Inbound:
+    def __init__(self, config: TunnelConfig, contexts: Contexts, counters: Counters, *,
+                 spawn: Spawn, draining: Callable[[], bool],
+                 connect_socket: UpstreamConnect) -> None:
+        self.config = config
+        self.contexts = contexts
+        self.counters = counters
+        self.admission = HandshakeAdmission(config.max_pending_handshakes,
+                                            config.max_pending_handshakes_per_ip)
+        self._spawn = spawn
+        self._draining = draining
+        self._connect_socket = connect_socket
+
+    async def handle(self, pod: PodState, conn: socket.socket, addr: tuple[str, int],
+                     guard: ConnectionGuard) -> None:
+        refused = self.admission.admit(addr[0])
+        if refused is not None:
+            self._refuse_handshake(pod, conn, addr, refused)
+            return
+        try:
+            session = await self._handshake(pod, conn, addr, guard)
+        finally:
+            self.admission.release(addr[0])
+        if session is None:
+            return
+        if not pod.listeners:
+            # The pod was removed or is draining while this handshake ran: no new streams.
+            session.goaway()
+        pod.sessions.add(session)
+        try:
+            await session.closed
+        finally:
+            pod.sessions.discard(session)
+            if not session.closed.done():
+                session.abort()
+
+    def _refuse_handshake(self, pod: PodState, conn: socket.socket, addr: tuple[str, int],
+                          refused: Refusal) -> None:
+        if refused is Refusal.GLOBAL:
+            self.counters.handshakes_refused_global += 1
+            limit = self.admission.max_pending
+        else:
+            self.counters.handshakes_refused_per_ip += 1
+            limit = self.admission.max_per_ip
+        # One bounded line: the RepeatLimiter counts the rest of a flood.
+        log.warning("HBONE connection from %s to pod %s reset before TLS: %s (%d) pending "
+                    "handshakes reached", addr[0], pod.spec.name, refused.value, limit)
+        reset(conn)
+
+    async def _handshake(self, pod: PodState, conn: socket.socket, addr: tuple[str, int],
+                         guard: ConnectionGuard) -> HboneSession | None:
+        loop = asyncio.get_running_loop()
+        spec = pod.spec
+        cfg = self.config
+        td = cfg.trust_domain
+        state = _Connection()
+
+        def on_request(session: HboneSession, sid: int, headers: dict[str, str]) -> None:
+            guard = ConnectionGuard(cfg)
+            self._spawn(guard.run(self._serve_stream(pod, session, sid, headers,
+                                                     state=state, guard=guard)))
+
+        ev = ConnectionEvent(Phase.CLOSE, TunnelDirection.INBOUND, addr[0], addr[1], spec.ip,
+                             cfg.hbone_port, dst_workload=spec.name, dst_identity=spec.identity,
+                             flags=TransportFlag.TLS_FAILURE)
+        try:
+            _, session = await loop.connect_accepted_socket(
+                lambda: HboneSession(False, lambda so: verify_client(so, td, cfg.trust),
+                                     cfg.settings,
+                                     on_request=on_request, label=f"{addr[0]}:{addr[1]}"),
+                conn, ssl=self.contexts.server(spec.identity),
+                ssl_handshake_timeout=cfg.handshake_timeout)
+        except (ssl.SSLError, OSError, TimeoutError) as exc:
+            log.warning("rejected HBONE connection from %s:%d to pod %s: %s", addr[0], addr[1],
+                        spec.name, describe_handshake_error(exc))
+            conn.close()
+            guard.close(ev.closed(reason=describe_handshake_error(exc),
+                                  response=ResponseFlag.TLS_FAILURE, cause=Cause.TLS_HANDSHAKE))
+            return None
+        if session.failure is not None:
+            guard.close(ev.closed(reason=str(session.failure),
+                                  response=ResponseFlag.IDENTITY_ERROR,
+                                  cause=Cause.PEER_IDENTITY))
+            return None
+        guard.closed = True  # the connection's streams report themselves
+        return session
+
+    async def _serve_stream(self, pod: PodState, session: HboneSession, sid: int,
+                            headers: dict[str, str], *, state: _Connection,
+                            guard: ConnectionGuard) -> None:
+        c = self.counters
+        if not session.stream_open(sid):
+            # Reset by the client before we got to it (rapid reset): no upstream connect and
+            # no flow record (the client never had a connection), only the counter.
+            c.streams_reset_before_connect += 1
+            return
+        cfg = self.config
+        spec = pod.spec
+        src_ip, src_port = session.remote_addr
+        src_wl = cfg.resolver(src_ip)
+        verdict = connect.validate_request(headers, ipaddress.ip_address(session.local_addr[0]))
+        dst_ip, dst_port = (str(verdict.target[0]), verdict.target[1]) if verdict.target else (
+            spec.ip, 0)
+        ev = guard.track(ConnectionEvent(
+            Phase.OPEN, TunnelDirection.INBOUND, src_ip, src_port, dst_ip, dst_port,
+            src_workload=src_wl.name if src_wl else "", src_identity=session.peer,
+            dst_workload=spec.name, dst_identity=spec.identity))
+        if not self._admit_stream(pod, session, sid, verdict, state, guard, ev):
+            return
+        state.upstreams_in_flight += 1
+        try:
+            up = await connect_app(cfg, c, spec, peer=session.peer, src_ip=src_ip,
+                                   target=(dst_ip, dst_port), connect_socket=self._connect_socket)
+        except UpstreamError as err:
+            session.respond(sid, err.status)
+            guard.close(upstream_refusal(ev, err))
+            return
+        finally:
+            state.upstreams_in_flight -= 1
+        if not session.stream_open(sid):
+            # The client reset the stream (or the connection went) while we connected.
+            c.upstreams_closed_stream_gone += 1
+            up.reset()
+            guard.refuse(ev, ResponseFlag.CONNECT, Cause.UPSTREAM, TransportFlag.RESET,
+                         "stream reset by the client during the upstream connect")
+            return
+        session.respond(sid, connect.OK)
+        await carry_stream(guard, ev, session, sid, up, source_side=False)
+
+    def _admit_stream(self, pod: PodState, session: HboneSession, sid: int,  # noqa: PLR0917 -- one call site, the stream's whole context
+                      verdict: connect.ConnectVerdict, state: _Connection,
+                      guard: ConnectionGuard, ev: ConnectionEvent) -> bool:
+        """Every check before an upstream connect; False after answering and reporting the
+        refusal."""
+        c = self.counters
+        cfg = self.config
+        spec = pod.spec
+        src_ip = ev.src_ip
+        if self._draining():
+            # The stream came before this connection's GOAWAY: it is served (the peer opens the
+            # streams above the GOAWAY's last stream id again, elsewhere).
+            session.goaway()
+        if not session.accepting:
+            c.streams_refused_going_away += 1
+            session.respond(sid, connect.UNAVAILABLE)
+            guard.refuse(ev, ResponseFlag.CONNECT, Cause.UPSTREAM,
+                         TransportFlag.UPSTREAM_FAILURE, "HBONE connection going away")
+            return False
+        if not verdict.ok:
+            log.warning("HBONE request from %s (%s) to pod %s rejected with %d: %s", src_ip,
+                        session.peer, spec.name, verdict.status, verdict.reason)
+            session.respond(sid, verdict.status)
+            guard.refuse(ev, ResponseFlag.DOWNSTREAM_PROTOCOL_ERROR,
+                         verdict.cause or Cause.BAD_AUTHORITY, TransportFlag.BAD_REQUEST,
+                         verdict.reason)
+            return False
+        if state.upstreams_in_flight >= cfg.max_upstream_connects_per_connection:
+            c.upstream_connects_capped += 1
+            log.warning("HBONE connection from %s (%s) to pod %s: %d upstream connects in flight "
+                        "(max_upstream_connects_per_connection): stream refused with 503",
+                        src_ip, session.peer, spec.name, state.upstreams_in_flight)
+            session.respond(sid, connect.UNAVAILABLE)
+            guard.refuse(ev, ResponseFlag.CONNECT, Cause.UPSTREAM,
+                         TransportFlag.UPSTREAM_FAILURE,
+                         "max_upstream_connects_per_connection reached")
+            return False
+        return True

@@ -1,0 +1,211 @@
+"""Outbound (15001): an app's captured connection, its original destination recovered from the
+kernel, carried over a pooled HBONE connection to a mesh destination, passed through as plain
+TCP (or refused) outside the mesh. `dial` makes the pool's new HBONE connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+
+from ztunnel import connect, hbone, podnet
+from ztunnel.carry import carry_stream, splice
+from ztunnel.events import (
+    Cause,
+    ConnectionEvent,
+    Phase,
+    ResponseFlag,
+    TransportFlag,
+    TunnelDirection,
+)
+from ztunnel.guard import ConnectionGuard
+from ztunnel.lograte import RepeatLimiter
+from ztunnel.model import PodSpec, PodState, TunnelConfig
+from ztunnel.pool import Pool, PoolKey
+from ztunnel.relay import PlainSide
+from ztunnel.session import HboneSession, TunnelClosedError
+from ztunnel.tls import Contexts, PeerIdentityError, describe_handshake_error, verify_server
+from ztunnel.upstream import DialError, UpstreamConnect, UpstreamError, connect_plain, reset
+
+log = logging.getLogger(__name__)
+log.addFilter(RepeatLimiter.shared())
+
+
+class Outbound:
+    def __init__(self, config: TunnelConfig, contexts: Contexts,
+                 pod_by_ip: Callable[[str], PodState | None],
+                 connect_socket: UpstreamConnect) -> None:
+        self.config = config
+        self.contexts = contexts
+        self._pod_by_ip = pod_by_ip
+        self._connect_socket = connect_socket
+        self.pool = Pool(self.dial, max_streams=config.max_streams_per_connection,
+                         idle_timeout=config.idle_timeout,
+                         prewarm_destinations=config.prewarm_destinations,
+                         prewarm_ttl=config.prewarm_ttl)
+
+    async def handle(self, pod: PodState, conn: socket.socket, addr: tuple[str, int],
+                     guard: ConnectionGuard) -> None:
+        loop = asyncio.get_running_loop()
+        cfg = self.config
+        spec = pod.spec
+        try:
+            dst_ip_a, dst_port = cfg.original_dst(conn)
+        except OSError as exc:
+            log.warning("outbound connection from pod %s: cannot recover the original destination "
+                        "(%s): is the capture program loaded?", spec.name, exc)
+            conn.close()
+            return
+        dst_ip = str(dst_ip_a)
+        wl = cfg.resolver(dst_ip)
+        svc = cfg.service_dst(conn)
+        ev = guard.track(ConnectionEvent(
+            Phase.OPEN, TunnelDirection.OUTBOUND, spec.ip, addr[1], dst_ip, dst_port,
+            src_workload=spec.name, src_identity=spec.identity,
+            dst_workload=wl.name if wl else "", dst_identity=wl.identity if wl else None,
+            svc_ip=str(svc[0]) if svc else "", svc_port=svc[1] if svc else 0))
+        if dst_port in connect.ILLEGAL_PORTS:
+            log.warning("outbound connection from pod %s to %s:%d refused: tunnel ports are never "
+                        "a target (redirect loop?)", spec.name, dst_ip, dst_port)
+            reset(conn)
+            guard.refuse(ev, ResponseFlag.NO_ROUTE, Cause.ILLEGAL_PORT, TransportFlag.BAD_REQUEST)
+            return
+        _, app = await loop.connect_accepted_socket(lambda: PlainSide(start_paused=True), conn)
+        if wl is None or wl.identity is None:
+            await self._passthrough(spec, app, ev, guard)
+            return
+        key = PoolKey(spec.identity, wl.identity, dst_ip, spec.ip)
+        headers = connect.request_headers(dst_ip_a, dst_port, ipaddress.ip_address(spec.ip),
+                                          addr[1])
+        try:
+            session, sid, status = await self._connect_stream(key, headers)
+        except UpstreamError as exc:  # the dial failed (DialError)
+            app.reset()
+            guard.close(exc.refusal(ev))
+            return
+        except (TunnelClosedError, OSError, TimeoutError, hbone.StreamError) as exc:
+            why = str(exc) or "no response in time (destination tunnel overloaded or hung?)"
+            log.warning("HBONE CONNECT from pod %s to %s:%d failed: %s", spec.name, dst_ip,
+                        dst_port, why)
+            app.reset()
+            guard.close(UpstreamError.unavailable(why).refusal(ev))
+            return
+        if status != connect.OK:
+            err = UpstreamError.from_status(status)
+            log.warning("HBONE CONNECT from pod %s (%s) to %s:%d (%s) answered %d: %s", spec.name,
+                        spec.identity, dst_ip, dst_port, wl.identity, status, err.why)
+            app.reset()
+            # Refused by the destination over an established mTLS connection.
+            guard.close(ev.refused(err.response, err.cause, err.flag | TransportFlag.HBONE,
+                                   f"{status}: {err.why}"))
+            return
+        await carry_stream(guard, ev, session, sid, app, source_side=True)
+
+    async def _connect_stream(self, key: PoolKey, headers: list[tuple[str, str]],
+                              attempts: int = 3) -> tuple[HboneSession, int, int]:
+        """CONNECT on a pooled connection: (session, stream id, status). A stream that failed
+        before its response on a connection the peer sent GOAWAY on (its tunnel is draining:
+        an agent being replaced) is opened again on another connection; the peer refused it
+        unprocessed (RFC 9113 8.7), and the app's bytes wait until a stream is answered."""
+        for attempt in range(attempts):
+            session: HboneSession | None = None
+            sid = 0
+            try:
+                session, sid = await self.pool.open_stream(key, headers)
+                status, _ = await asyncio.wait_for(session.response(sid),
+                                                   self.config.connect_timeout)
+                return session, sid, status
+            except (TunnelClosedError, hbone.StreamError):
+                if (session is not None and session.core.goaway_received
+                        and attempt + 1 < attempts):
+                    log.debug("HBONE stream to %s refused by a draining peer: retrying",
+                              key.dst_ip)
+                    continue
+                if session is not None and sid:
+                    session.stream_reset(sid)  # do not leave the stream open on the connection
+                raise
+            except BaseException:
+                if session is not None and sid:
+                    session.stream_reset(sid)
+                raise
+        raise AssertionError("unreachable")
+
+    async def _passthrough(self, spec: PodSpec, app: PlainSide, ev: ConnectionEvent,
+                           guard: ConnectionGuard) -> None:
+        if self.config.outside_mesh == "refuse":
+            log.warning("outbound connection from pod %s to %s:%d refused: destination is not in "
+                        "the mesh and passthrough is off", spec.name, ev.dst_ip, ev.dst_port)
+            app.reset()
+            guard.refuse(ev, ResponseFlag.NO_ROUTE, Cause.OUTSIDE_MESH, TransportFlag.NO_ROUTE)
+            return
+        try:
+            up = await connect_plain(spec, (ev.dst_ip, ev.dst_port), podnet.TUNNEL_MARK,
+                                     source_ip=None, peer=None,
+                                     connect_socket=self._connect_socket)
+        except UpstreamError as exc:
+            app.reset()
+            # Passthrough has no policy verdict of its own: any failure is a connect failure.
+            guard.refuse(ev, ResponseFlag.CONNECT, Cause.UPSTREAM,
+                         TransportFlag.UPSTREAM_FAILURE, exc.why)
+            return
+        await splice(guard, ev, app, up, TransportFlag.CONNECT | TransportFlag.PASSTHROUGH)
+
+    async def dial(self, key: PoolKey) -> HboneSession:
+        loop = asyncio.get_running_loop()
+        pod = self._pod_by_ip(key.src_ip)
+        if pod is None:
+            raise DialError(f"source pod {key.src_ip} is no longer enrolled")
+        cfg = self.config
+        target = (key.dst_ip, cfg.hbone_port)
+        where = f"{key.dst_ip}:{cfg.hbone_port}"
+        sock = podnet.upstream(pod.spec.netns, podnet.TUNNEL_MARK)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, target), cfg.connect_timeout)
+        except TimeoutError:
+            sock.close()
+            msg = (f"connection to {where} timed out: maybe a NetworkPolicy is blocking HBONE "
+                   f"port {cfg.hbone_port}")
+            log.warning("%s", msg)
+            raise DialError(msg) from None
+        except ConnectionRefusedError:
+            sock.close()
+            msg = (f"connection to {where} refused: no tunnel listens there (destination pod not "
+                   "enrolled, or its node's tunnel is down)")
+            log.warning("%s", msg)
+            raise DialError(msg) from None
+        except OSError as exc:
+            sock.close()
+            msg = f"connection to {where} failed: {exc.strerror or exc}"
+            log.warning("%s", msg)
+            raise DialError(msg) from None
+        expected = key.dst_identity
+        try:
+            _, session = await loop.create_connection(
+                lambda: HboneSession(True,
+                                     lambda so: verify_server(so, expected, self.config.trust),
+                                     cfg.client_settings, label=where),
+                sock=sock, ssl=self.contexts.client(key.src_identity), server_hostname="",
+                ssl_handshake_timeout=cfg.handshake_timeout)
+            await asyncio.wait_for(session.ready, cfg.handshake_timeout)
+        except PeerIdentityError as exc:
+            sock.close()
+            raise DialError(f"mTLS to {where} rejected: {exc}", flag=TransportFlag.TLS_FAILURE,
+                            response=ResponseFlag.IDENTITY_ERROR,
+                            cause=Cause.PEER_IDENTITY) from None
+        except (ssl.SSLError, ConnectionError, TimeoutError, OSError) as exc:
+            sock.close()
+            cause = describe_handshake_error(exc)
+            closed = isinstance(exc, ConnectionError | TimeoutError)
+            if closed and not isinstance(exc, ssl.SSLError):
+                cause = (f"{cause}: the peer closed the connection during setup; it probably "
+                         "rejected our client certificate (see its logs)")
+            msg = f"mTLS handshake with {where} (expecting {expected}) failed: {cause}"
+            log.warning("%s", msg)
+            raise DialError(msg, flag=TransportFlag.TLS_FAILURE,
+                            response=ResponseFlag.TLS_FAILURE,
+                            cause=Cause.TLS_HANDSHAKE) from None
+        return session
