@@ -169,6 +169,14 @@ SETTINGS: tuple[Setting, ...] = (
         float,
     ),
     Setting(
+        "workers",
+        "NODEMESH_WORKERS",
+        "--workers",
+        "data-plane worker processes (default: the CPUs the agent may use: its affinity and "
+        "cgroup cpu.max quota)",
+        int,
+    ),
+    Setting(
         "outlier_failures",
         "NODEMESH_OUTLIER_FAILURES",
         "--outlier-failures",
@@ -225,6 +233,7 @@ class Config:
     outside_mesh: Literal["passthrough", "refuse"] = DEFAULT_OUTSIDE_MESH
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
     source_grace_seconds: float = DEFAULT_SOURCE_GRACE_SECONDS
+    workers: int = 0  # 0: the CPUs the agent may use (agent.host.cpus, at start)
     outlier_failures: int = DEFAULT_OUTLIER_FAILURES
     outlier_ejection_seconds: float = DEFAULT_OUTLIER_EJECTION_SECONDS
     outlier_max_ejection_seconds: float = DEFAULT_OUTLIER_MAX_EJECTION_SECONDS
@@ -300,6 +309,8 @@ def build(env: Mapping[str, str], flags: Mapping[str, object] | None = None) -> 
                           f"{', '.join(OUTSIDE_MESH_CHOICES)}")
     if cfg.source == "file" and cfg.config_path is None:
         raise ConfigError("source file needs --config (or NODEMESH_CONFIG): the mesh YAML")
+    if "workers" in values and cfg.workers < 1:
+        raise ConfigError(f"workers {cfg.workers} from {origins['workers']}: want at least 1")
     if cfg.outlier_failures < 1:
         raise ConfigError(f"outlier_failures {cfg.outlier_failures}: want at least 1")
     if not 0 < cfg.outlier_ejection_seconds <= cfg.outlier_max_ejection_seconds:

@@ -22,8 +22,6 @@ import struct
 from collections.abc import Callable
 from pathlib import Path
 
-from pyroute2 import IPRoute
-
 from agent import abi
 from agent.host import netns
 
@@ -76,6 +74,8 @@ def _set_net_sysctl(key: str, target: str | Path) -> None:
 
 def prepare_pod_netns(target: str | Path) -> None:
     """Idempotently set up the return path for spoofed-source upstream connections."""
+    # pyroute2 costs ~20 MiB resident; only the control process prepares netns, not workers.
+    from pyroute2 import IPRoute  # noqa: PLC0415
     # tcp_fwmark_accept: the app's accepted socket inherits our SYN's mark. fwmark_reflect: the
     # kernel's own replies (RST for a closed port, ICMP) carry it too, so a refused upstream
     # connect fails at once instead of its RST being routed away to the spoofed client address.
@@ -127,6 +127,7 @@ def listener(target: str | Path, ip: str, port: int, backlog: int = 1024) -> soc
 
     def configure(s: socket.socket) -> None:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # one listener per worker
         set_mark(s, TUNNEL_MARK)
         s.bind((ip, port))
         s.listen(backlog)

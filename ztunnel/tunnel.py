@@ -111,6 +111,8 @@ class TunnelConfig:
     outbound_port: int = abi.OUTBOUND_PORT
     inbound_port: int = abi.INBOUND_PORT
     outbound_bind: str = "127.0.0.1"
+    # False in data-plane workers: the control process prepared the netns once for all of them.
+    prepare_netns: bool = True
     connect_timeout: float = 10.0
     handshake_timeout: float = 10.0
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
@@ -161,7 +163,8 @@ class Tunnel:
         if self.draining:
             raise RuntimeError("tunnel is draining: not enrolling new pods")
         # pyroute2 runs its own event loop, so netlink work goes to a worker thread.
-        await asyncio.to_thread(podnet.prepare_pod_netns, spec.netns)
+        if self.config.prepare_netns:
+            await asyncio.to_thread(podnet.prepare_pod_netns, spec.netns)
         pod = _Pod(spec)
         cfg = self.config
         try:
