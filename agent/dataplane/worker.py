@@ -32,7 +32,7 @@ from agent.dataplane import channel, wire
 from agent.identity import pki
 from agent.identity.federation import TrustDomains
 from agent.identity.spiffe import Identity
-from ztunnel.events import ConnectionEvent
+from ztunnel.events import ConnectionEvent, Phase, TransportFlag
 from ztunnel.tunnel import Tunnel, TunnelConfig, TunnelWorkload
 
 log = logging.getLogger(__name__)
@@ -206,7 +206,8 @@ class Worker:
 
     # -- events and counters -----------------------------------------------------------------
     def _event(self, ev: ConnectionEvent) -> None:
-        self.handled += 1
+        if ev.phase is Phase.OPEN or not ev.flags & TransportFlag.CONNECT:
+            self.handled += 1  # a connection opened, or one refused (it never opens)
         if len(self.events) >= EVENT_QUEUE:
             self.events_dropped += 1
             return
