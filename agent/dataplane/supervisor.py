@@ -52,6 +52,10 @@ class WorkerError(RuntimeError):
     """A worker refused or could not apply a request."""
 
 
+# A request that failed because its worker died, is stuck, or refused it.
+_GONE = (WorkerError, channel.ChannelError, TimeoutError)
+
+
 def is_counter(name: str) -> bool:
     return name.endswith("_total") or name in POOL_COUNTERS
 
@@ -199,7 +203,7 @@ class Supervisor:
         for spec in list(self._pods.values()):
             try:
                 await self._add_on(fresh, spec)
-            except (WorkerError, channel.ChannelError, TimeoutError) as exc:
+            except _GONE as exc:
                 log.error("worker %d: pod %s not restored: %s", w.index, spec.name or spec.uid,
                           exc)
 
@@ -211,7 +215,7 @@ class Supervisor:
             for w in self._live():
                 try:
                     _msg, fds = await self._request(w, {"op": "listener", "uid": uid})
-                except (WorkerError, channel.ChannelError, TimeoutError):
+                except _GONE:
                     continue
                 self._insert(w.index, self._pods[uid], fds)
                 break
@@ -354,16 +358,15 @@ class Supervisor:
                 if not isinstance(r, BaseException):
                     _close(r[1])
             self._pods.pop(spec.uid, None)
-            await self._all({"op": "pod_remove", "uid": spec.uid})
+            with contextlib.suppress(*_GONE):
+                await self._all({"op": "pod_remove", "uid": spec.uid})
             raise error if error is not None else WorkerError("no live data-plane worker")
-        inserted = False
-        for w, r in zip(live, results, strict=True):
-            assert not isinstance(r, BaseException)
-            if not inserted and w.alive:
-                self._insert(w.index, spec, r[1])
-                inserted = True
-            else:
-                _close(r[1])
+        replies = [r for r in results if not isinstance(r, BaseException)]
+        chosen = next((i for i, w in enumerate(live) if w.alive), 0)
+        for i, (_msg, fds) in enumerate(replies):
+            if i != chosen:
+                _close(fds)
+        self._insert(live[chosen].index, spec, replies[chosen][1])
 
     async def _add_on(self, w: _Worker, spec: PodSpec) -> None:
         """A restarted worker's listeners for a pod; its fd goes into the map if none is."""
@@ -388,7 +391,7 @@ class Supervisor:
         if self._pods.pop(uid, None) is None:
             return
         self._inbound_owner.pop(uid, None)
-        with contextlib.suppress(WorkerError, TimeoutError):
+        with contextlib.suppress(*_GONE):
             await self._all({"op": "pod_remove", "uid": uid})
 
     def update_pod(self, spec: PodSpec) -> bool:

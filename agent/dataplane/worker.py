@@ -108,7 +108,19 @@ class Worker:
             stats.cancel()
             if self.tunnel is not None:
                 await self.tunnel.close()
+            await self._last_words()
             self.chan.close()
+
+    async def _last_words(self, limit: float = 2.0) -> None:
+        """The close events of the connections just ended and the final counters reach control
+        (when it still reads) before the channel closes."""
+        if self.chan.closed:
+            return
+        self._flush_events()
+        self._send_stats()
+        deadline = time.monotonic() + limit
+        while self.chan.queued and not self.chan.closed and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
 
     # -- messages ----------------------------------------------------------------------------
     async def _handle(self, msg: channel.Message) -> bool:
@@ -159,7 +171,8 @@ class Worker:
         _, tunnel = self._ready()
         if op == "pod_add":
             spec = wire.pod_from_wire(msg["pod"])
-            await tunnel.add_pod(spec)
+            if tunnel.pod(spec.uid) != spec:  # the same pod twice (a restart's replay): once
+                await tunnel.add_pod(spec)
             return [tunnel.inbound_listener(spec.uid).fileno()]
         if op == "listener":
             return [tunnel.inbound_listener(str(msg["uid"])).fileno()]
