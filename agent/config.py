@@ -175,6 +175,14 @@ SETTINGS: tuple[Setting, ...] = (
         float,
     ),
     Setting(
+        "workers",
+        "NODEMESH_WORKERS",
+        "--workers",
+        "data-plane worker processes (default: the CPUs the agent may use: its affinity and "
+        "cgroup cpu.max quota)",
+        int,
+    ),
+    Setting(
         "outlier_failures",
         "NODEMESH_OUTLIER_FAILURES",
         "--outlier-failures",
@@ -245,6 +253,7 @@ class Config:
     outside_mesh: Literal["passthrough", "refuse"] = DEFAULT_OUTSIDE_MESH
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
     source_grace_seconds: float = DEFAULT_SOURCE_GRACE_SECONDS
+    workers: int = 0  # 0: the CPUs the agent may use (agent.host.cpus, at start)
     outlier_failures: int = DEFAULT_OUTLIER_FAILURES
     outlier_ejection_seconds: float = DEFAULT_OUTLIER_EJECTION_SECONDS
     outlier_max_ejection_seconds: float = DEFAULT_OUTLIER_MAX_EJECTION_SECONDS
@@ -318,6 +327,13 @@ def build(env: Mapping[str, str], flags: Mapping[str, object] | None = None) -> 
             values[s.name] = _convert(s, flag_value, f"flag {s.flag}")
             origins[s.name] = f"flag {s.flag}"
     cfg = Config(**values, origins=origins)  # type: ignore[arg-type]  # values typed by _convert
+    _check(cfg, "workers" in values)
+    return cfg
+
+
+def _check(cfg: Config, workers_set: bool) -> None:
+    """Cross-field and range checks a single setting's conversion cannot make."""
+    origins = cfg.origins
     if cfg.source not in ("file", "kubernetes"):
         raise ConfigError(f"source: {cfg.source!r} is not one of file, kubernetes")
     if cfg.outside_mesh not in OUTSIDE_MESH_CHOICES:
@@ -325,6 +341,8 @@ def build(env: Mapping[str, str], flags: Mapping[str, object] | None = None) -> 
                           f"{', '.join(OUTSIDE_MESH_CHOICES)}")
     if cfg.source == "file" and cfg.config_path is None:
         raise ConfigError("source file needs --config (or NODEMESH_CONFIG): the mesh YAML")
+    if workers_set and cfg.workers < 1:
+        raise ConfigError(f"workers {cfg.workers} from {origins['workers']}: want at least 1")
     if cfg.outlier_failures < 1:
         raise ConfigError(f"outlier_failures {cfg.outlier_failures}: want at least 1")
     if not 0 < cfg.outlier_ejection_seconds <= cfg.outlier_max_ejection_seconds:
@@ -339,7 +357,6 @@ def build(env: Mapping[str, str], flags: Mapping[str, object] | None = None) -> 
                           f"{cfg.prewarm_ttl}: want destinations >= 0 and a TTL > 0")
     if not cfg.admin_addr.startswith(("127.", "localhost", "[::1]")):
         raise ConfigError(f"admin_addr {cfg.admin_addr}: the admin endpoint is localhost only")
-    return cfg
 
 
 def from_environment(

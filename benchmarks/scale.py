@@ -32,11 +32,19 @@ MiB = 1 << 20
 ENROLL_CYCLES = 5
 
 
-def _hwm_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
+def _hwm_bytes(agent: psutil.Process) -> int:
+    """Peak resident memory of the agent and its data-plane workers, each process's own peak."""
+    total = 0
+    for proc in (agent, *agent.children()):
+        for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+def _rss(agent: psutil.Process) -> int:
+    """The control process and its data-plane workers together."""
+    return sum(p.memory_info().rss for p in (agent, *agent.children()))
 
 
 def _write(config: Path, text: str) -> float:
@@ -94,7 +102,7 @@ def measure(pods: int, load_seconds: float, idle_seconds: float = 3.0) -> dict[s
             cpu0 = cpu_seconds(agents)
             time.sleep(idle_seconds)
             idle_cpu = (cpu_seconds(agents) - cpu0) / idle_seconds
-            idle_rss = agent.memory_info().rss
+            idle_rss = _rss(agent)
             enrollment = _enroll_cycles(c, config, pods)
             names = ",".join(p.netns for p in c.pods)
             programs.start_ready(c.nodes[0], programs.FANOUT_SERVER, names, str(PORT))
@@ -112,7 +120,7 @@ def measure(pods: int, load_seconds: float, idle_seconds: float = 3.0) -> dict[s
             client.popen.stdin.flush()
             load_rss = 0
             while client.poll() is None and time.monotonic() - t0 < load_seconds + 60:
-                load_rss = max(load_rss, agent.memory_info().rss)
+                load_rss = max(load_rss, _rss(agent))
                 time.sleep(0.1)
             elapsed = time.monotonic() - t0
             load_cpu = (cpu_seconds(agents) - cpu0) / elapsed
@@ -127,7 +135,7 @@ def measure(pods: int, load_seconds: float, idle_seconds: float = 3.0) -> dict[s
                 "load_round_trips_per_s": out["round_trips"] / elapsed,
                 "load_rss_mib": load_rss / MiB,
                 "load_cpu_pct": load_cpu * 100,
-                "peak_rss_mib": _hwm_bytes(agent.pid) / MiB,
+                "peak_rss_mib": _hwm_bytes(agent) / MiB,
                 **enrollment,
                 "load_average": os.getloadavg(),
                 "verified": out["verified"] and enrolled == pods,

@@ -95,6 +95,8 @@ class TunnelConfig:
     outbound_port: int = abi.OUTBOUND_PORT
     inbound_port: int = abi.INBOUND_PORT
     outbound_bind: str = "127.0.0.1"
+    # False in data-plane workers: the control process prepared the netns once for all of them.
+    prepare_netns: bool = True
     connect_timeout: float = 10.0
     handshake_timeout: float = 10.0
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT

@@ -24,8 +24,6 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from pyroute2 import IPRoute
-
 from agent import abi
 from agent.host import netns
 
@@ -78,6 +76,8 @@ def _set_net_sysctl(key: str, target: str | Path) -> None:
 
 def prepare_pod_netns(target: str | Path) -> None:
     """Idempotently set up the return path for spoofed-source upstream connections."""
+    # pyroute2 costs ~20 MiB resident; only the control process prepares netns, not workers.
+    from pyroute2 import IPRoute  # noqa: PLC0415
     # tcp_fwmark_accept: the app's accepted socket inherits our SYN's mark. fwmark_reflect: the
     # kernel's own replies (RST for a closed port, ICMP) carry it too, so a refused upstream
     # connect fails at once instead of its RST being routed away to the spoofed client address.

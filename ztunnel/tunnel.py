@@ -94,7 +94,8 @@ class Tunnel:
         if self.draining:
             raise RuntimeError("tunnel is draining: not enrolling new pods")
         # pyroute2 runs its own event loop, so netlink work goes to a worker thread.
-        await asyncio.to_thread(podnet.prepare_pod_netns, spec.netns)
+        if self.config.prepare_netns:
+            await asyncio.to_thread(podnet.prepare_pod_netns, spec.netns)
         pod = PodState(spec)
         cfg = self.config
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import sys
@@ -15,7 +16,7 @@ from cryptography.hazmat.primitives import hashes
 
 from agent import config as cfgmod
 from agent.enroll import KubernetesLocator, PodLocator, TestbedLocator
-from agent.host import signals
+from agent.host import cpus, signals
 from agent.identity import pki
 from agent.identity.federation import FederationError
 from agent.identity.trustbundle import TrustBundleError
@@ -78,15 +79,17 @@ def _run(args: argparse.Namespace) -> int:
     except cfgmod.ConfigError as exc:
         print(f"nodemesh run: {exc}", file=sys.stderr)
         return 2
-    return asyncio.run(run_agent(cfg))
+    if cfg.workers == 0:
+        cfg = dataclasses.replace(cfg, workers=cpus.usable())
+    return asyncio.run(run_agent(cfg, log_format=args.log_format))
 
 
-async def run_agent(cfg: cfgmod.Config) -> int:
+async def run_agent(cfg: cfgmod.Config, *, log_format: str = "json") -> int:
     stop = signals.stop_event()  # first: a SIGTERM during start-up still drains, then exits
     store = StateStore(MeshState.build(root_namespace=cfg.root_namespace))
     readiness = Readiness(source_grace=cfg.source_grace_seconds)
     try:
-        agent = NodeAgent(cfg, store, _locator(cfg), readiness=readiness)
+        agent = NodeAgent(cfg, store, _locator(cfg), readiness=readiness, log_format=log_format)
     except (cfgmod.ConfigError, TrustBundleError, FederationError) as exc:
         log.error("%s; not starting", exc)  # trust material unusable: fail closed, say why
         return 2
@@ -119,6 +122,9 @@ async def run_agent(cfg: cfgmod.Config) -> int:
         source_task = _kube_run(kube, sink, agent)
     actions = agent.start_datapath()
     log.info("datapath: %s", ", ".join(actions))
+    await agent.start_dataplane()
+    log.info("data plane: %d worker processes (pids %s)", cfg.workers,
+             ", ".join(str(p) for p in agent.dataplane.pids().values()))
     runners = [
         await admin.serve(
             admin.admin_app(lambda: _dump(agent), agent.telemetry.hub, lambda: live_report(
@@ -209,6 +215,8 @@ def _dump(agent: NodeAgent) -> dict[str, Any]:
             "services": agent.datapath.written_services(),
         },
         "certificates": _certificates(agent),
+        "workers": {"pids": agent.dataplane.pids(), "restarts": agent.dataplane.restarts,
+                    "connections": agent.dataplane.handled, "stats": agent.dataplane.stats()},
         "ready": agent.readiness.check()[0],
         "readiness": agent.readiness.check()[1],
         "enrollment_failing": agent.readiness.failing(),

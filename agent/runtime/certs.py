@@ -1,16 +1,14 @@
-"""Certificates at run time: the embedded CA in process, and the tunnel's view of the manager."""
+"""Certificates at run time: the embedded CA in process."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 from agent.identity import pki
 from agent.identity.ca import CertificateAuthority, WorkloadLocator
-from agent.identity.manager import CertificateManager
 from agent.identity.spiffe import Identity
 from agent.identity.workloadcert import WorkloadCertificate
 
@@ -54,20 +52,3 @@ def embedded_ca(
         authority, locator, trust_domain, max_ttl=max(ttl, timedelta(hours=24)), default_ttl=ttl
     )
 
-
-class TunnelCertificates:
-    """ztunnel's CertificateSource over the certificate manager (current cert, trust bundle)."""
-
-    def __init__(self, manager: CertificateManager,
-                 extra_roots: Callable[[], str] = lambda: "") -> None:
-        self.manager = manager
-        self.extra_roots = extra_roots  # federated trust domains' authorities (PEM)
-
-    def current(self, identity: Identity) -> tuple[bytes, bytes]:
-        cert = self.manager.current(identity)
-        if cert is None:
-            raise LookupError(f"no certificate for {identity} yet (the CA may be unreachable)")
-        return cert.chain_pem(), cert.key_pem()
-
-    def trust_bundle_pem(self) -> bytes:
-        return ("".join(self.manager.trust_bundle) + self.extra_roots()).encode()

@@ -13,52 +13,55 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
+import socket
 import threading
 import time
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
+from agent.abi import ID_PLAINTEXT
 from agent.config import DEFAULT_CA_ROOT_CERT, Config, ConfigError
 from agent.datapath.datapath import Datapath
-from agent.datapath.identities import IdentityTable
+from agent.datapath.identities import ID_OTHER, IdentityTable
 from agent.datapath.layouts import Backend, FlowEvent, Frontend
 from agent.datapath.options import BuildOptions
 from agent.datapath.policymap import CompiledPolicy, PolicyCompiler
 from agent.datapath.ratelimitmap import CompiledLimits, RateLimitCompiler
 from agent.datapath.servicemap import CompiledServices, compile_service_set
 from agent.datapath.verdicts import Counter, KernelEventKind, Reason
+from agent.dataplane.supervisor import InitSettings, Supervisor, TunnelBudgets
 from agent.enroll import Enroller, PodLocator, PodPlacement
 from agent.host import cgroup
 from agent.identity import pki
 from agent.identity.federation import FederationFiles, TrustDomains
-from agent.identity.manager import CertificateManager
+from agent.identity.manager import CertificateManager, Rotation
+from agent.identity.spiffe import Identity
 from agent.identity.trustbundle import TrustBundleFile
 from agent.model.mesh import Workload
 from agent.policy.peerauth import MtlsMode
 from agent.runtime import flows
-from agent.runtime.certs import (
-    InProcessCa,
-    TunnelCertificates,
-    embedded_ca,
-    load_or_create_authority,
-)
+from agent.runtime.certs import InProcessCa, embedded_ca, load_or_create_authority
 from agent.runtime.outliers import OutlierDetector, OutlierSettings
 from agent.runtime.readiness import Readiness
 from agent.state.snapshot import MeshState
 from agent.state.store import StateStore
 from agent.telemetry.metrics import ScrapeLabelled, ScrapeValue
 from agent.telemetry.pipeline import Telemetry, TelemetryConfig
+from ztunnel import podnet
 from ztunnel.events import Cause, ConnectionEvent, Phase, TunnelDirection
 from ztunnel.lograte import RepeatLimiter
-from ztunnel.tunnel import Mode, PodSpec, Tunnel, TunnelConfig, TunnelWorkload
+from ztunnel.tunnel import Mode, PodSpec, TunnelWorkload
 
 if TYPE_CHECKING:  # grpc (~20 MiB resident) is imported only when an external CA is configured
     from agent.identity.caclient import CaClient
 
 log = logging.getLogger(__name__)
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass
@@ -76,6 +79,7 @@ class NodeAgent:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     readiness: Readiness = field(default_factory=Readiness)
     synced: asyncio.Event = field(default_factory=asyncio.Event)
+    log_format: str = "json"  # the data-plane workers log like the control process
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -101,28 +105,29 @@ class NodeAgent:
         self.trust = TrustDomains(cfg.trust_domain, lambda: self.certs.trust_bundle,
                                   frozenset(cfg.trust_domain_aliases), self.federation.bundles)
         configured = bool(cfg.federated_bundles or cfg.trust_domain_aliases)
-        self.tunnel = Tunnel(
-            TunnelConfig(
-                certificates=TunnelCertificates(self.certs, self.trust.federated_pems),
-                resolver=self._resolve,
-                trust_domain=cfg.trust_domain,
-                trust=self.trust if configured else None,
-                identity_id=self.identities.id_of,
-                outside_mesh=cfg.outside_mesh,
-                on_event=self._tunnel_event,
-                max_pending_handshakes=cfg.max_pending_handshakes,
-                max_pending_handshakes_per_ip=cfg.max_pending_handshakes_per_ip,
-                max_upstream_connects_per_connection=cfg.max_upstream_connects_per_connection,
-                prewarm_destinations=cfg.prewarm_destinations,
-                prewarm_ttl=cfg.prewarm_ttl,
-            )
-        )
-        # Every tunnel budget trip and pool counter (Tunnel.stats), by name.
-        tunnel = self.tunnel
+        # The data plane runs in worker processes (agent/dataplane): this process keeps the
+        # maps, certificates, policy, telemetry and health, on a loop no peer can starve.
+        self.dataplane = Supervisor(
+            max(1, cfg.workers),
+            InitSettings(cfg.trust_domain, cfg.outside_mesh, ID_PLAINTEXT, ID_OTHER,
+                         trust=configured, aliases=tuple(cfg.trust_domain_aliases),
+                         budgets=TunnelBudgets(
+                             max_pending_handshakes=cfg.max_pending_handshakes,
+                             max_pending_handshakes_per_ip=cfg.max_pending_handshakes_per_ip,
+                             max_upstream_connects_per_connection=(
+                                 cfg.max_upstream_connects_per_connection),
+                             prewarm_destinations=cfg.prewarm_destinations,
+                             prewarm_ttl=cfg.prewarm_ttl)),
+            on_event=self._tunnel_event, set_inbound=self._set_inbound,
+            log_format=self.log_format)
+        # Every tunnel budget trip and pool counter (Tunnel.stats), summed over the workers.
+        dataplane = self.dataplane
         ScrapeLabelled(self.registry, "nodemesh_tunnel_stat",
-                       "Tunnel counters and gauges by name: budget trips (docs/architecture.md, "
-                       "Budgets), pending handshakes, pool and pre-warm counts", "gauge",
-                       ("name",), read=lambda: dict(tunnel.stats()))
+                       "Tunnel counters and gauges by name, summed over the data-plane workers: "
+                       "budget trips (docs/architecture.md, Budgets), pending handshakes, pool "
+                       "and pre-warm counts", "gauge", ("name",),
+                       read=lambda: {k: v for k, v in dataplane.stats().items()
+                                     if k.startswith(("tunnel_", "pool_"))})
         self.enrolled: dict[str, _Enrolled] = {}
         self.enroller = Enroller(cfg.node_name, self.locator, self._enroll, self._unenroll)
         self.pending: set[str] = set()
@@ -170,6 +175,65 @@ class NodeAgent:
             registry=self.registry,
             trust_bundle=[pki.cert_to_pem(authority.root)],
         )
+
+    # -- what the data-plane workers are told ------------------------------------------------
+    def _set_inbound(self, spec: PodSpec, sock: socket.socket) -> None:
+        self.datapath.set_inbound_listener(ipaddress.IPv4Address(spec.ip), sock)
+
+    def _push_certificate(self, identity: Identity) -> None:
+        cert = self.certs.current(identity)
+        if cert is None:
+            self.dataplane.drop_certificate(identity)
+        else:
+            self.dataplane.set_certificate(identity, cert.chain_pem().decode(),
+                                           cert.key_pem().decode())
+
+    def _rotated(self, rotation: Rotation) -> None:
+        self._push_certificate(rotation.identity)
+
+    def _push_trust(self) -> bool:
+        federated = {td: "".join(pki.cert_to_pem(c) for c in certs)
+                     for td, certs in self.trust.federated.items()}
+        return self.dataplane.set_trust(tuple(self.certs.trust_bundle), federated)
+
+    def _bundle_changed(self, _bundle: tuple[str, ...]) -> None:
+        self._push_trust()
+
+    def _push_tables(self) -> None:
+        """Identity ids and resolver entries as of now (after a compile allocated ids)."""
+        self.dataplane.set_identity_ids(dict(self.identities.items()))
+        table: dict[str, TunnelWorkload] = {}
+        for w in self.state.workloads:
+            for ip in w.ips:
+                wl = self._resolve(str(ip))
+                if wl is not None:
+                    table[str(ip)] = wl
+        self.dataplane.set_resolver(table)
+
+    async def start_dataplane(self) -> None:
+        """Start the workers with the trust bundle and the tables; certificates follow every
+        rotation (the manager's subscription)."""
+        self._push_trust()
+        self.certs.subscribe(self._rotated)
+        self.certs.subscribe_trust_bundle(self._bundle_changed)
+        for ident in self.certs.identities():
+            self._push_certificate(ident)
+        self._push_tables()
+        await self.dataplane.start()
+        reg, dp = self.registry, self.dataplane
+        ScrapeValue(reg, "nodemesh_workers", "Data-plane worker processes running", "gauge",
+                    read=lambda: len(dp.pids()))
+        ScrapeValue(reg, "nodemesh_worker_restarts", "Data-plane workers that died and were "
+                    "restarted (their connections failed)", "counter", read=lambda: dp.restarts)
+        ScrapeLabelled(reg, "nodemesh_worker_connections", "Connections each data-plane worker "
+                       "handled (accepted or refused)", "counter", ("worker",),
+                       read=lambda: {str(i): n for i, n in dp.handled.items()})
+        ScrapeLabelled(reg, "nodemesh_worker_resident_bytes", "Resident memory of each "
+                       "data-plane worker", "gauge", ("worker",),
+                       read=lambda: {str(i): _resident(pid) for i, pid in dp.pids().items()})
+        ScrapeValue(reg, "nodemesh_worker_events_dropped", "Connection events a worker dropped "
+                    "because its queue to the control process was full", "counter",
+                    read=lambda: dp.stats().get("events_dropped_total", 0.0))
 
     # -- lookups -----------------------------------------------------------------------------
     @property
@@ -323,10 +387,10 @@ class NodeAgent:
         am.service_overflows.set_reader(lambda: self._per_frontend(1))
         am.endpoint_ejections.set_reader(self._ejection_counts)
         am.endpoints_ejected.set_reader(self._ejected_counts)
-        pool = self.tunnel.pool
-        am.hbone_connections.set_reader(lambda: pool.connections_opened)
-        am.hbone_streams.set_reader(lambda: pool.streams_opened)
-        am.hbone_dial_failures.set_reader(lambda: pool.dial_failures)
+        dp = self.dataplane  # the workers' pools, summed
+        am.hbone_connections.set_reader(lambda: dp.stats().get("pool_connections_opened", 0.0))
+        am.hbone_streams.set_reader(lambda: dp.stats().get("pool_streams_opened", 0.0))
+        am.hbone_dial_failures.set_reader(lambda: dp.stats().get("pool_dial_failures", 0.0))
         self.store.subscribe(lambda _old, _new: self._dirty.set())
         return actions
 
@@ -361,7 +425,8 @@ class NodeAgent:
             federated = self.federation.poll()
             if federated is not None:
                 self.trust.federated = federated
-                refused = self.tunnel.recheck_peers()
+                self._push_trust()
+                refused = await self.dataplane.recheck_peers()
                 log.info("federated bundles changed: %d connection(s) no longer trusted", refused)
             if self.bundle_file is None or self.ca_client is None:
                 continue
@@ -372,7 +437,8 @@ class NodeAgent:
             self.ca_client.set_ca_roots("".join(bundle))
             self.ca_client.set_trust_bundle(bundle)
             self.certs.set_trust_bundle(bundle)
-            refused = self.tunnel.recheck_peers()  # a dropped root: its peers' connections
+            self._push_trust()  # also pushed by the manager's subscription: sent once
+            refused = await self.dataplane.recheck_peers()  # a dropped root: its peers' connections
             log.info("trust bundle changed: %d connection(s) no longer trusted", refused)
 
     def _pending_refs(self) -> dict[str, tuple[str, str]]:
@@ -389,6 +455,7 @@ class NodeAgent:
         # Compiling thousands of rules takes seconds; off the event loop the tunnel keeps
         # relaying and the admin endpoint keeps answering meanwhile (reconciles never overlap).
         compiled = await asyncio.to_thread(self._compile_and_apply, state)
+        self._push_tables()
         self._schedule_return(asyncio.get_running_loop(), self.outliers.next_return())
         self.compiled = compiled
         self.policy_updates += 1
@@ -408,9 +475,9 @@ class NodeAgent:
             if w is None or w.identity != e.workload.identity or w.ips != e.workload.ips:
                 continue  # leaving or being replaced: the enroller handles it
             e.workload = w
-            spec = self.tunnel.pod(uid)
+            spec = self.dataplane.pod(uid)
             if spec is not None:
-                self.tunnel.update_pod(replace(spec, name=w.ref, mode=_tunnel_mode(state, w)))
+                self.dataplane.update_pod(replace(spec, name=w.ref, mode=_tunnel_mode(state, w)))
 
     def _compile_and_apply(self, state: MeshState) -> CompiledPolicy:
         compiled = self.compiler.compile(state.policy_set, state.workloads)
@@ -432,9 +499,14 @@ class NodeAgent:
             log.warning("%s has no IPv4 address: not captured (IPv4 only)", w.ref)
             return
         ident = self.identities.allocate(w.identity)
+        self.dataplane.set_identity_ids({w.identity: ident})
         await self.certs.get(w.identity, timeout=30)
+        self._push_certificate(w.identity)
         mode = _tunnel_mode(self.state, w)
-        await self.tunnel.add_pod(
+        # Once here, not per worker (pyroute2 runs its own loop: a thread).
+        await asyncio.to_thread(podnet.prepare_pod_netns, placement.netns)
+        # Every worker opens its listeners; one 15006 listener goes into nm_inbound_v1.
+        await self.dataplane.add_pod(
             PodSpec(
                 uid=w.uid,
                 netns=placement.netns,
@@ -445,7 +517,6 @@ class NodeAgent:
             )
         )
         cookie = self.datapath.enroll(placement.netns, ident, ip)
-        self.datapath.set_inbound_listener(ip, self.tunnel.inbound_listener(w.uid))
         self.enrolled[w.uid] = _Enrolled(w, placement, cookie)
         log.info("enrolled %s (%s, %s, id %d)", w.ref, ip, w.identity, ident)
 
@@ -458,11 +529,11 @@ class NodeAgent:
         if ip is not None:
             with contextlib.suppress(OSError):
                 self.datapath.remove_inbound_listener(ip)
-        await self.tunnel.remove_pod(uid)
+        await self.dataplane.remove_pod(uid)
 
     async def shutdown(self, drain: float) -> None:
-        """Drain the tunnel and stop; the datapath stays pinned (fail closed while down)."""
-        await self.tunnel.drain(drain)
+        """Drain the workers and stop; the datapath stays pinned (fail closed while down)."""
+        await self.dataplane.drain(drain)
         self._stop.set()
         if self._events_thread is not None:
             self._events_thread.join(timeout=2)
@@ -486,6 +557,14 @@ def _tunnel_mode(state: MeshState, w: Workload) -> Mode:
     tunnel's upstream connect."""
     base, ports = state.policy_set.mtls.strict_ports(w)
     return Mode.STRICT if base is MtlsMode.STRICT and not ports else Mode.PERMISSIVE
+
+
+def _resident(pid: int) -> float:
+    try:
+        pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0.0
+    return float(pages * PAGE_SIZE)
 
 
 def _v4(w: Workload) -> ipaddress.IPv4Address | None:

@@ -22,6 +22,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("agent.telemetry",),                          # flow records, metrics, rotating logs
     ("agent.identity",),                           # SPIFFE ids, CA, certificates
     ("agent.model", "ztunnel"),                    # the mesh's values; the HBONE tunnel
+    ("agent.dataplane",),                          # tunnel worker processes, their supervisor
     ("agent.policy",),
     ("agent.state",),
     ("agent.sources", "agent.analysis"),

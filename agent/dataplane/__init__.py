@@ -1,0 +1,1 @@
+"""Data-plane worker processes and their supervisor (the control side)."""
