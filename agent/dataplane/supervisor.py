@@ -96,6 +96,14 @@ class TunnelBudgets:
     prewarm_destinations: int = DEFAULT_PREWARM_DESTINATIONS
     prewarm_ttl: float = DEFAULT_PREWARM_TTL
 
+    def per_worker(self, workers: int) -> dict[str, float]:
+        """What one of `workers` workers gets: the handshake caps are per node, so each worker
+        admits its share (rounded up); the other settings apply to each worker as they are."""
+        out: dict[str, float] = dataclasses.asdict(self)
+        for name in ("max_pending_handshakes", "max_pending_handshakes_per_ip"):
+            out[name] = max(1, -(-int(out[name]) // workers))
+        return out
+
 
 @dataclass(frozen=True)
 class InitSettings:
@@ -180,7 +188,7 @@ class Supervisor:
         w.chan.send({"op": "init", "trust_domain": i.trust_domain, "outside_mesh": i.outside_mesh,
                      "id_plaintext": i.id_plaintext, "id_other": i.id_other, "trust": i.trust,
                      "aliases": list(i.aliases),
-                     "budgets": dataclasses.asdict(i.budgets)})
+                     "budgets": i.budgets.per_worker(self.count)})
         roots, federated = self._bundle
         w.chan.send({"op": "bundle", "roots": list(roots), "federated": federated})
         for ident, (chain, key) in self._certs.items():

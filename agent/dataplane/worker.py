@@ -131,6 +131,7 @@ class Worker:
         try:
             if op == "init":
                 self._init(msg)
+                self._send_stats()  # every name is exported from the first scrape on
             elif not self._table(op, msg):
                 fds = await self._tunnel_op(op, msg, reply)
         except Exception as exc:  # a bad message or a failed add: control hears why
