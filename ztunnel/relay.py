@@ -17,19 +17,24 @@ import contextlib
 import logging
 import socket
 import struct
+import sys
 from collections.abc import Callable
 from typing import Protocol
 
 log = logging.getLogger(__name__)
 
 HIGH_WATER = 512 * 1024
+# asyncio's socket transport copies what it cannot send at once into its own buffer up to 3.11;
+# from 3.12 it queues a reference to the caller's object instead.
+_TRANSPORT_KEEPS_VIEWS = sys.version_info >= (3, 12)
 
 
 class RelayEndpoint(Protocol):
     """What one side of a relay may ask of the other."""
 
-    def send(self, data: bytes) -> bool:
-        """Forward bytes; False means "stop reading until I call drained"."""
+    def send(self, data: bytes | memoryview) -> bool:
+        """Forward bytes; False means "stop reading until I call drained". A memoryview is
+        valid during the call only: copy what is kept."""
         ...
 
     def drained(self, n: int) -> None:
@@ -133,9 +138,11 @@ class PlainSide(asyncio.Protocol):
             self.peer.drained(owed)
 
     # -- RelayEndpoint (called by the other side) -------------------------------------------------
-    def send(self, data: bytes) -> bool:
+    def send(self, data: bytes | memoryview) -> bool:
         if self.closed or self.eof_out or self.transport is None:
             return True  # nowhere to write; drop and keep the peer's window moving
+        if _TRANSPORT_KEEPS_VIEWS and isinstance(data, memoryview):
+            data = bytes(data)  # a view of the tunnel's reused receive buffer
         self.transport.write(data)
         self.bytes_written += len(data)
         if self._write_blocked:

@@ -41,6 +41,8 @@ from ztunnel.lograte import RepeatLimiter
 from ztunnel.pool import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_STREAMS, Pool, PoolKey
 from ztunnel.relay import PlainSide
 from ztunnel.session import HboneSession, TunnelClosedError
+from ztunnel.session import accept as accept_hbone
+from ztunnel.session import dial as dial_hbone
 from ztunnel.tls import (
     CertificateSource,
     Contexts,
@@ -467,13 +469,10 @@ class Tunnel:
             raise DialError(msg, TransportFlag.UPSTREAM_FAILURE) from None
         expected = key.dst_identity
         try:
-            _, session = await loop.create_connection(
-                lambda: HboneSession(True,
-                                     lambda so: verify_server(so, expected, self.config.trust),
-                                     cfg.client_settings, label=where),
-                sock=sock, ssl=self.contexts.client(key.src_identity), server_hostname="",
-                ssl_handshake_timeout=cfg.handshake_timeout)
-            await asyncio.wait_for(session.ready, cfg.handshake_timeout)
+            session = await dial_hbone(
+                sock, self.contexts.client(key.src_identity),
+                lambda so: verify_server(so, expected, self.config.trust),
+                cfg.client_settings, label=where, handshake_timeout=cfg.handshake_timeout)
         except PeerIdentityError as exc:
             sock.close()
             raise DialError(f"mTLS to {where} rejected: {exc}", TransportFlag.TLS_FAILURE,
@@ -493,7 +492,6 @@ class Tunnel:
 
     # -- inbound HBONE (15008) ---------------------------------------------------------------
     async def _hbone_conn(self, pod: _Pod, conn: socket.socket, addr: tuple[str, int]) -> None:
-        loop = asyncio.get_running_loop()
         spec = pod.spec
         td = self.config.trust_domain
 
@@ -501,12 +499,11 @@ class Tunnel:
             self._spawn(self._serve_stream(pod, session, sid, headers))
 
         try:
-            _, session = await loop.connect_accepted_socket(
-                lambda: HboneSession(False, lambda so: verify_client(so, td, self.config.trust),
-                                     self.config.settings,
-                                     on_request=on_request, label=f"{addr[0]}:{addr[1]}"),
-                conn, ssl=self.contexts.server(spec.identity),
-                ssl_handshake_timeout=self.config.handshake_timeout)
+            session = await accept_hbone(
+                conn, self.contexts.server(spec.identity),
+                lambda so: verify_client(so, td, self.config.trust), self.config.settings,
+                on_request=on_request, label=f"{addr[0]}:{addr[1]}",
+                handshake_timeout=self.config.handshake_timeout)
         except (ssl.SSLError, OSError, TimeoutError) as exc:
             log.warning("rejected HBONE connection from %s:%d to pod %s: %s", addr[0], addr[1],
                         spec.name, describe_handshake_error(exc))
