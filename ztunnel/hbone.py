@@ -270,7 +270,9 @@ class Core:
         self._block: bytearray | None = None  # header block being assembled
         self._block_sid = 0
         self._block_end_stream = False
-        self._flush_queue: list[int | None] = []  # window openings to serve after parsing
+        # window openings (a stream, None: all) to serve after parsing, and events to report
+        # after them
+        self._flush_queue: list[int | Event | None] = []
         now = clock()
         self._streams_rate = _Rate(self.budgets.streams_per_s)
         self._resets_rate = _Rate(self.budgets.resets_per_s)
@@ -721,8 +723,8 @@ class Core:
             self._apply_setting(key, value)
         self._control_reply(f.SETTINGS_ACK)
         self.settings_received = True
-        self._flush_queue.append(None)
-        out.append(SettingsReceived(0, self._peer_max_streams))
+        # reported after the flush the new settings allow (the order callers saw from h2)
+        self._flush_queue += [None, SettingsReceived(0, self._peer_max_streams)]
 
     def _apply_setting(self, key: int, value: int) -> None:
         if key == f.INITIAL_WINDOW_SIZE:
@@ -846,7 +848,10 @@ class Core:
     def _serve_flush_queue(self, out: list[Event]) -> None:
         queue, self._flush_queue = self._flush_queue, []
         for target in queue:
-            self._flush_many(list(self._streams) if target is None else [target], out)
+            if isinstance(target, Event):
+                out.append(target)
+            else:
+                self._flush_many(list(self._streams) if target is None else [target], out)
 
     def _flush_many(self, ids: list[int], out: list[Event]) -> None:
         """Send what waiting streams can, sharing the connection window: round-robin, one frame
