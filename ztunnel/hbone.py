@@ -75,6 +75,13 @@ class Budgets:
 
 BUDGET_NAMES = ("header_block", "header_bytes_rate", "stream_rate", "reset_rate",
                 "control_frame_rate", "unread_control")
+# Trips of every connection in this process (a connection's own count dies with it).
+_TRIPS_TOTAL: dict[str, int] = dict.fromkeys(BUDGET_NAMES, 0)
+
+
+def budget_trips() -> dict[str, float]:
+    """Process-wide frame-budget trips, flat and named for Tunnel.stats()."""
+    return {f"hbone_budget_trips_{name}": float(n) for name, n in _TRIPS_TOTAL.items()}
 
 
 @dataclass(frozen=True)
@@ -441,6 +448,7 @@ class Core:
         except _Fail as exc:
             if exc.budget:
                 self.trips[exc.budget] += 1
+                _TRIPS_TOTAL[exc.budget] += 1
             self.close(exc.code)
             self._flush_queue.clear()
             out.append(ConnectionFailed(0, str(exc), exc.code))
