@@ -204,6 +204,7 @@ class _Stream:
     recv: _Window
     pending: deque[bytes | memoryview] = field(default_factory=deque)
     pending_len: int = 0
+    unacked: int = 0  # received, counted against the windows, not yet `consumed`
     end_requested: bool = False
     response_seen: bool = False
     local_closed: bool = False
@@ -367,7 +368,7 @@ class Core:
         final = status != 200
         self._send_headers(stream_id, [(":status", str(status)), *headers], end_stream=final)
         if final:
-            del self._streams[stream_id]
+            self._release(self._streams.pop(stream_id))
 
     def _send_headers(self, sid: int, headers: list[tuple[str, str]], end_stream: bool) -> None:
         norm = [(k.lower().encode(), v.strip().encode()) for k, v in headers]
@@ -404,20 +405,36 @@ class Core:
             return []
         if not (s.local_closed and s.remote_closed):
             self._out.append(f.rst_stream(stream_id, code))
+        self._release(s)
         return [Closed(stream_id)]
 
     def consumed(self, stream_id: int, n: int) -> None:
         """The plain side has written n bytes of this stream onward: open the window again."""
-        if n <= 0 or self.terminated:
-            return
-        inc = self._recv.process(n)
-        if inc:
-            self._out.append(f.window_update(0, inc))
         s = self._streams.get(stream_id)
-        if s is not None and not s.remote_closed:
+        if n <= 0 or self.terminated or s is None:
+            return  # a stream that ended gave its bytes back to the connection then
+        n = min(n, s.unacked)
+        s.unacked -= n
+        self._credit(n)
+        if not s.remote_closed:
             inc = s.recv.process(n)
             if inc:
                 self._out.append(f.window_update(stream_id, inc))
+
+    def _credit(self, n: int) -> None:
+        """n received bytes are done with: open the connection window (coalesced)."""
+        inc = self._recv.process(n)
+        if inc:
+            self._out.append(f.window_update(0, inc))
+
+    def _release(self, s: _Stream) -> None:
+        """A stream ends: what it received but the plain side never acknowledged (reset,
+        closed while its writes were blocked) goes back to the connection window, or every
+        such stream would shrink the window for good (measured: bulk fell 3x after two runs
+        of 100 streams)."""
+        if s.unacked:
+            self._credit(s.unacked)
+            s.unacked = 0
 
     def ping(self, payload: bytes) -> None:
         self._out.append(f.ping(payload))
@@ -565,15 +582,16 @@ class Core:
             if self._is_idle(sid):
                 raise _Fail(f.PROTOCOL_ERROR, f"DATA on idle stream {sid}")
             # closed or reset by us: drop, but keep the connection window moving
-            self.consumed(sid, length)
+            self._credit(length)
         elif s.remote_closed:
-            self.consumed(sid, length)
+            self._credit(length)
             self._stream_error(sid, f.STREAM_CLOSED, out)
         elif length > s.recv.current:
-            self.consumed(sid, length)
+            self._credit(length)
             self._stream_error(sid, f.FLOW_CONTROL_ERROR, out)
         else:
             s.recv.current -= length
+            s.unacked += length
             live = True
             if length - data_len:
                 self.consumed(sid, length - data_len)  # padding never reaches the plain side
@@ -794,7 +812,9 @@ class Core:
         if self._is_idle(sid):
             raise _Fail(f.PROTOCOL_ERROR, f"RST_STREAM on idle stream {sid}")
         self._rate(self._resets_rate, "reset_rate")
-        if self._streams.pop(sid, None) is not None:
+        s = self._streams.pop(sid, None)
+        if s is not None:
+            self._release(s)
             out.append(Reset(sid, f.u32(payload)))
             out.append(Closed(sid))
 
@@ -806,7 +826,7 @@ class Core:
         if self.client:
             # Streams above the last id were never processed: fail them so apps can retry.
             for sid in [s for s in self._streams if s > last or self.terminated]:
-                del self._streams[sid]
+                self._release(self._streams.pop(sid))
                 out.append(Reset(sid, f.REFUSED_STREAM))
                 out.append(Closed(sid))
 
@@ -836,7 +856,9 @@ class Core:
 
     def _stream_error(self, sid: int, code: int, out: list[Event]) -> None:
         self._out.append(f.rst_stream(sid, code))
-        if self._streams.pop(sid, None) is not None:
+        s = self._streams.pop(sid, None)
+        if s is not None:
+            self._release(s)
             out.append(Reset(sid, code))
             out.append(Closed(sid))
 
@@ -920,7 +942,7 @@ class Core:
     def _maybe_closed(self, sid: int, out: list[Event]) -> None:
         s = self._streams.get(sid)
         if s is not None and s.local_closed and s.remote_closed:
-            del self._streams[sid]
+            self._release(self._streams.pop(sid))
             out.append(Closed(sid))
 
 
