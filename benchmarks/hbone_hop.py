@@ -7,7 +7,7 @@
   same script measures the tree before the lean path: run it with PYTHONPATH at that tree).
 
     python -m benchmarks.hbone_hop tls --impl wire
-    python -m benchmarks.hbone_hop hbone
+    python -m benchmarks.hbone_hop hbone [--uvloop]
 
 Not a test: numbers vary with the shared machine; repeat and report ranges.
 """
@@ -228,7 +228,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("kind", choices=("tls", "hbone"))
     ap.add_argument("--impl", choices=("asyncio", "wire"), default="wire")
+    ap.add_argument("--uvloop", action="store_true", help="both processes on uvloop")
     args = ap.parse_args()
+    if args.uvloop:
+        import uvloop  # noqa: PLC0415 -- optional, only for this comparison
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     source = _Source()
     ctxs = tls.Contexts(source)
     lsock = socket.socket()
