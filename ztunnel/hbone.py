@@ -67,7 +67,8 @@ class Budgets:
     streams_per_s: int = 5000
     # RST_STREAM frames from the peer per second: rapid reset (CVE-2023-44487).
     resets_per_s: int = 1000
-    # SETTINGS, PING, PRIORITY and zero-increment WINDOW_UPDATE frames per second.
+    # SETTINGS, PING (and their ACKs), PRIORITY, zero-increment WINDOW_UPDATE and unknown-type
+    # frames per second.
     control_frames_per_s: int = 1000
     # Bytes of PING/SETTINGS ACKs we queued while the peer was not reading (write side blocked).
     max_unread_control: int = 64 * 1024
@@ -647,10 +648,10 @@ class Core:
                 raise _Fail(f.PROTOCOL_ERROR, "PING on a stream")
             if len(payload) != 8:
                 raise _Fail(f.FRAME_SIZE_ERROR, "PING payload is not 8 bytes")
+            self._rate(self._control_rate, "control_frame_rate")  # ACKs too: unsolicited ones
             if flags & f.ACK:
                 out.append(PingAck(0, bytes(payload)))
             else:
-                self._rate(self._control_rate, "control_frame_rate")
                 self._control_reply(f.ping(bytes(payload), ack=True))
         elif ftype == f.GOAWAY:
             if sid != 0:
@@ -666,7 +667,8 @@ class Core:
                 self._stream_error(sid, f.FRAME_SIZE_ERROR, out)
         elif ftype == f.PUSH_PROMISE:
             raise _Fail(f.PROTOCOL_ERROR, "PUSH_PROMISE although we disabled push")
-        # unknown frame types are ignored (RFC 9113 section 4.1)
+        else:  # unknown frame types are ignored (RFC 9113 section 4.1), but not for free
+            self._rate(self._control_rate, "control_frame_rate")
 
     def _on_headers(self, flags: int, sid: int, payload: memoryview, out: list[Event]) -> None:
         if sid == 0:
@@ -740,6 +742,7 @@ class Core:
         if flags & f.ACK:
             if payload:
                 raise _Fail(f.FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
+            self._rate(self._control_rate, "control_frame_rate")
             return
         if len(payload) % 6:
             raise _Fail(f.FRAME_SIZE_ERROR, "SETTINGS payload is not a multiple of 6")

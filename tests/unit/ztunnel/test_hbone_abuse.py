@@ -150,12 +150,20 @@ def test_header_bytes_per_connection_are_rate_limited() -> None:
     SettingsFrame(0, settings={SettingsFrame.MAX_CONCURRENT_STREAMS: 100}),
     PingFrame(0, b"12345678"),
     PriorityFrame(1, depends_on=0, stream_weight=16),
+    PingFrame(0, b"12345678", flags=["ACK"]),  # unsolicited ACKs
+    SettingsFrame(0, flags=["ACK"]),
 ])
 def test_control_frame_floods_are_answered_with_enhance_your_calm(frame: Frame) -> None:
     core, _ = server(Budgets(control_frames_per_s=100))
     events = core.receive(frame.serialize() * 150)
     assert failed(events).code == ErrorCodes.ENHANCE_YOUR_CALM
     assert core.trips["control_frame_rate"] == 1
+
+
+def test_unknown_frame_floods_are_answered_with_enhance_your_calm() -> None:
+    core, _ = server(Budgets(control_frames_per_s=100))
+    events = core.receive((frames.header(0, 0xEE, 0, 0)) * 150)
+    assert failed(events).code == ErrorCodes.ENHANCE_YOUR_CALM
 
 
 def test_zero_window_updates_count_as_control_frames_and_reset_their_stream() -> None:
