@@ -175,7 +175,7 @@ class ConnectionFailed(Event):
 
 
 # -- state -----------------------------------------------------------------------------------
-class _Window:
+class _RecvWindow:
     """Inbound window accounting with coalesced updates (the rule h2 uses, so both emit the
     same WINDOW_UPDATE stream: update after half the window, or when it ran empty)."""
 
@@ -202,7 +202,7 @@ class _Window:
 @dataclass(eq=False)
 class _Stream:
     send_window: int
-    recv: _Window
+    recv: _RecvWindow
     pending: deque[bytes | memoryview] = field(default_factory=deque)
     pending_len: int = 0
     unacked: int = 0  # received, counted against the windows, not yet `consumed`
@@ -267,7 +267,7 @@ class Core:
         self._peer_max_frame = f.MIN_MAX_FRAME
         self._peer_max_streams = 2**31 - 1
         self._send_window = f.DEFAULT_WINDOW  # connection send window
-        self._recv = _Window(f.DEFAULT_WINDOW)  # connection receive window
+        self._recv = _RecvWindow(f.DEFAULT_WINDOW)  # connection receive window
         # receive state: partial frame header / payload, or inside a DATA payload
         self._pend = bytearray()
         self._expect_preface = not client
@@ -835,7 +835,7 @@ class Core:
 
     # -- internals ---------------------------------------------------------------------------
     def _new_stream(self) -> _Stream:
-        return _Stream(self._peer_initial_window, _Window(self.settings.stream_window))
+        return _Stream(self._peer_initial_window, _RecvWindow(self.settings.stream_window))
 
     def _is_idle(self, sid: int) -> bool:
         """A stream id no one has opened yet (frames on it are a connection error)."""
