@@ -4,9 +4,11 @@ watched with loop.add_reader/add_writer, reads into preallocated buffers.
 This replaces asyncio's SSL transport (SSLProtocol over a socket transport) for HBONE: that
 stack costs two protocol layers and a flow-control state machine per read and allocates a
 256 KiB buffer per connection before the handshake (issue #20). Here a connection holds a
-HANDSHAKE_BUFFER until its handshake completes, then READ_BUFFER for ciphertext and
-PLAIN_BUFFER for plaintext; one recv fills many TLS records, whose plaintext reaches the
-protocol as one memoryview (valid only during the `data_received` call).
+HANDSHAKE_BUFFER until its handshake completes. After it, every connection on an event loop
+reads into the same two buffers (READ_BUFFER ciphertext, PLAIN_BUFFER plaintext): callbacks run
+one at a time and the plaintext reaches the protocol as one memoryview valid only during the
+`data_received` call, so the buffers can be large (one recv fills many TLS records, one
+plaintext delivery becomes one send on the plain side) and cost nothing per connection.
 
 A socket-BIO SSLSocket was the other candidate: it saves the BIO copy but OpenSSL then reads
 each record with two recv calls and writes each with its own send (measured slower for bulk, see
@@ -20,14 +22,15 @@ import contextlib
 import logging
 import socket
 import ssl
+import weakref
 from collections import deque
 from typing import Any, Protocol, cast
 
 log = logging.getLogger(__name__)
 
 HANDSHAKE_BUFFER = 4 * 1024
-READ_BUFFER = 64 * 1024
-PLAIN_BUFFER = 64 * 1024
+READ_BUFFER = 256 * 1024
+PLAIN_BUFFER = 256 * 1024
 HIGH_WATER = 1024 * 1024
 # Payloads at least this large go to SSLObject.write on their own; smaller chunks (frame
 # headers, control frames, small DATA) are joined so they share TLS records.
@@ -100,9 +103,8 @@ class TlsWire:
         self._rbio = rbio
         self._wbio = wbio
         self._protocol = protocol
-        self._rbuf = bytearray(READ_BUFFER)
+        self._rbuf, self._pbuf = _loop_buffers(loop)
         self._rview = memoryview(self._rbuf)
-        self._pbuf = bytearray(PLAIN_BUFFER)
         self._pview = memoryview(self._pbuf)
         self._backlog: deque[bytes | memoryview] = deque()
         self._buffered = 0
@@ -296,6 +298,18 @@ class TlsWire:
         with contextlib.suppress(OSError):
             self._sock.close()
         self._loop.call_soon(self._protocol.connection_lost, exc)
+
+
+_BUFFERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[bytearray, bytearray]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _loop_buffers(loop: asyncio.AbstractEventLoop) -> tuple[bytearray, bytearray]:
+    """The read buffers all connections on `loop` share (see the module docstring)."""
+    bufs = _BUFFERS.get(loop)
+    if bufs is None:
+        bufs = _BUFFERS[loop] = (bytearray(READ_BUFFER), bytearray(PLAIN_BUFFER))
+    return bufs
 
 
 def _name(get: Any) -> Any:
