@@ -378,8 +378,9 @@ class Core:
 
     # -- data --------------------------------------------------------------------------------
     def send(self, stream_id: int, data: bytes | memoryview) -> bool:
-        """Queue tunnel bytes. True when all of it is framed (no back-pressure). The core keeps
-        a reference to `data` until it is framed: pass bytes, or a view nobody rewrites."""
+        """Queue tunnel bytes. True when all of it is framed (no back-pressure). A view is
+        framed without a copy (the caller writes `outbound_chunks()` before reusing its
+        buffer); what the windows hold back is copied."""
         s = self._stream(stream_id)
         if s.end_requested or s.local_closed:
             raise StreamError(f"stream {stream_id} is already half-closed for sending")
@@ -387,6 +388,9 @@ class Core:
             s.pending.append(data)
             s.pending_len += len(data)
             self._send_pending(stream_id, s, None)
+            # Pending is FIFO: anything left of this call's data is the last item.
+            if s.pending and isinstance(data, memoryview):
+                s.pending[-1] = bytes(s.pending[-1])
         return s.pending_len == 0
 
     def end(self, stream_id: int) -> list[Event]:

@@ -310,3 +310,20 @@ def test_a_stream_that_ends_gives_its_unacknowledged_bytes_back_to_the_connectio
         pump(client, server)
     sid = tunnel(client, server)
     assert client.send(sid, b"y" * 3 * MIB) is True  # the connection window is whole again
+
+
+def test_a_view_held_back_by_the_window_is_copied_before_the_caller_reuses_its_buffer() -> None:
+    """Plain sides read into one shared buffer and pass views: what the window holds back must
+    not change when that buffer is rewritten by the next read."""
+    client, server = connected()
+    sid = tunnel(client, server)
+    buf = bytearray(b"a" * (5 * MIB))
+    assert client.send(sid, memoryview(buf)) is False  # 4 MiB framed, 1 MiB waits
+    framed = client.outbound()  # written out before the buffer is reused
+    buf[:] = b"b" * len(buf)  # the next read
+    se = server.receive(framed)
+    server.consumed(sid, data_len(se))
+    _, more = pump(client, server)
+    got = b"".join(bytes(e.data) for e in se + more if isinstance(e, hbone.Data))
+    assert len(got) == 5 * MIB
+    assert got.count(b"b") == 0  # (a plain == would make pytest diff 5 MiB on failure)
