@@ -9,7 +9,6 @@ again after the connect: a fresh upstream whose stream died meanwhile is closed 
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 import socket
@@ -34,6 +33,7 @@ from ztunnel.lograte import RepeatLimiter
 from ztunnel.model import Counters, PodSpec, PodState, Spawn, TunnelConfig
 from ztunnel.relay import PlainSide
 from ztunnel.session import HboneSession
+from ztunnel.session import accept as accept_hbone
 from ztunnel.tls import Contexts, describe_handshake_error, verify_client
 from ztunnel.upstream import UpstreamConnect, UpstreamError, connect_plain, reset
 
@@ -115,7 +115,6 @@ class Inbound:
 
     async def _handshake(self, pod: PodState, conn: socket.socket, addr: tuple[str, int],
                          guard: ConnectionGuard) -> HboneSession | None:
-        loop = asyncio.get_running_loop()
         spec = pod.spec
         cfg = self.config
         td = cfg.trust_domain
@@ -130,12 +129,11 @@ class Inbound:
                              cfg.hbone_port, dst_workload=spec.name, dst_identity=spec.identity,
                              flags=TransportFlag.TLS_FAILURE)
         try:
-            _, session = await loop.connect_accepted_socket(
-                lambda: HboneSession(False, lambda so: verify_client(so, td, cfg.trust),
-                                     cfg.settings,
-                                     on_request=on_request, label=f"{addr[0]}:{addr[1]}"),
-                conn, ssl=self.contexts.server(spec.identity),
-                ssl_handshake_timeout=cfg.handshake_timeout)
+            session = await accept_hbone(
+                conn, self.contexts.server(spec.identity),
+                lambda so: verify_client(so, td, cfg.trust), cfg.settings,
+                on_request=on_request, label=f"{addr[0]}:{addr[1]}",
+                handshake_timeout=cfg.handshake_timeout)
         except (ssl.SSLError, OSError, TimeoutError) as exc:
             log.warning("rejected HBONE connection from %s:%d to pod %s: %s", addr[0], addr[1],
                         spec.name, describe_handshake_error(exc))

@@ -28,6 +28,7 @@ from ztunnel.model import PodSpec, PodState, TunnelConfig
 from ztunnel.pool import Pool, PoolKey
 from ztunnel.relay import PlainSide
 from ztunnel.session import HboneSession, TunnelClosedError
+from ztunnel.session import dial as dial_hbone
 from ztunnel.tls import Contexts, PeerIdentityError, describe_handshake_error, verify_server
 from ztunnel.upstream import DialError, UpstreamConnect, UpstreamError, connect_plain, reset
 
@@ -184,13 +185,10 @@ class Outbound:
             raise DialError(msg) from None
         expected = key.dst_identity
         try:
-            _, session = await loop.create_connection(
-                lambda: HboneSession(True,
-                                     lambda so: verify_server(so, expected, self.config.trust),
-                                     cfg.client_settings, label=where),
-                sock=sock, ssl=self.contexts.client(key.src_identity), server_hostname="",
-                ssl_handshake_timeout=cfg.handshake_timeout)
-            await asyncio.wait_for(session.ready, cfg.handshake_timeout)
+            session = await dial_hbone(
+                sock, self.contexts.client(key.src_identity),
+                lambda so: verify_server(so, expected, self.config.trust),
+                cfg.client_settings, label=where, handshake_timeout=cfg.handshake_timeout)
         except PeerIdentityError as exc:
             sock.close()
             raise DialError(f"mTLS to {where} rejected: {exc}", flag=TransportFlag.TLS_FAILURE,

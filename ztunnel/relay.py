@@ -17,19 +17,38 @@ import contextlib
 import logging
 import socket
 import struct
+import sys
+import weakref
 from collections.abc import Callable
 from typing import Protocol
 
 log = logging.getLogger(__name__)
 
 HIGH_WATER = 512 * 1024
+# asyncio's socket transport copies what it cannot send at once into its own buffer up to 3.11;
+# from 3.12 it queues a reference to the caller's object instead.
+_TRANSPORT_KEEPS_VIEWS = sys.version_info >= (3, 12)
+
+
+READ_BUFFER = 256 * 1024
+_BUFFERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, memoryview] = (
+    weakref.WeakKeyDictionary())
+
+
+def _loop_buffer() -> memoryview:
+    loop = asyncio.get_running_loop()
+    buf = _BUFFERS.get(loop)
+    if buf is None:
+        buf = _BUFFERS[loop] = memoryview(bytearray(READ_BUFFER))
+    return buf
 
 
 class RelayEndpoint(Protocol):
     """What one side of a relay may ask of the other."""
 
-    def send(self, data: bytes) -> bool:
-        """Forward bytes; False means "stop reading until I call drained"."""
+    def send(self, data: bytes | memoryview) -> bool:
+        """Forward bytes; False means "stop reading until I call drained". A memoryview is
+        valid during the call only: copy what is kept."""
         ...
 
     def drained(self, n: int) -> None:
@@ -45,8 +64,11 @@ class RelayEndpoint(Protocol):
         ...
 
 
-class PlainSide(asyncio.Protocol):
-    """One TCP socket (an app's connection or our upstream to an app)."""
+class PlainSide(asyncio.BufferedProtocol):
+    """One TCP socket (an app's connection or our upstream to an app). Reads go into a buffer
+    every plain side on the loop shares (asyncio fills it and calls `buffer_updated` in one
+    callback): the peer gets a view it must copy if it keeps it, instead of a new 256 KiB
+    bytes per read."""
 
     def __init__(self, on_close: Callable[[PlainSide], None] | None = None,
                  start_paused: bool = False) -> None:
@@ -91,12 +113,18 @@ class PlainSide(asyncio.Protocol):
         if self._paused:
             transport.pause_reading()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _loop_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(_loop_buffer()[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
         self.bytes_read += len(data)
         if self.peer is None:
             # Not attached yet: a loop may start reading despite pause_reading() in
             # connection_made (uvloop does, measured). Hold it and stop reading until attach.
-            self._held.append(data)
+            self._held.append(bytes(data))
             self._pause()
             return
         if not self.peer.send(data):
@@ -132,9 +160,11 @@ class PlainSide(asyncio.Protocol):
             self.peer.drained(owed)
 
     # -- RelayEndpoint (called by the other side) -------------------------------------------------
-    def send(self, data: bytes) -> bool:
+    def send(self, data: bytes | memoryview) -> bool:
         if self.closed or self.eof_out or self.transport is None:
             return True  # nowhere to write; drop and keep the peer's window moving
+        if _TRANSPORT_KEEPS_VIEWS and isinstance(data, memoryview):
+            data = bytes(data)  # a view of the tunnel's reused receive buffer
         self.transport.write(data)
         self.bytes_written += len(data)
         if self._write_blocked:

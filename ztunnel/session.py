@@ -1,6 +1,9 @@
-"""One HBONE connection (TLS + HTTP/2) as an asyncio Protocol around the sans-IO core.
+"""One HBONE connection (TLS + HTTP/2): the sans-IO core joined to its wire and plain sides.
 
-The peer's identity is checked in `connection_made`, before a single HTTP/2 byte is processed.
+`dial` and `accept` run the TLS handshake on a connected socket (tlswire, no asyncio SSL
+transport) and start a session on it. The session only sees the `Wire` seam, so its logic is
+tested without sockets. The peer's identity is checked in `connection_made`, before a single
+HTTP/2 byte is processed.
 Streams are joined to PlainSide relays through `StreamHandle`. Back-pressure from the TLS
 transport (its write buffer above high water) pauses reading on every plain socket that feeds
 this connection until the buffer drains.
@@ -11,13 +14,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import ssl
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from agent.identity.spiffe import Identity
-from ztunnel import hbone
+from ztunnel import hbone, tlswire
 from ztunnel.lograte import RepeatLimiter
 from ztunnel.relay import PlainSide
 from ztunnel.tls import PeerIdentityError
@@ -32,6 +36,18 @@ KEEPALIVE_TIMEOUT = 20.0
 Verifier = Callable[[ssl.SSLObject | None], Identity]
 
 
+class Wire(Protocol):
+    """The transport seam: what a session needs from the connection under it. tlswire.TlsWire
+    is the real one; tests join two sessions with an in-memory pair (no sockets)."""
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any: ...
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None: ...
+    def writelines(self, chunks: list[bytes | memoryview]) -> None: ...
+    def is_closing(self) -> bool: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+
+
 class TunnelClosedError(ConnectionError):
     """The HBONE connection went away (or was refused) before the stream finished."""
 
@@ -43,7 +59,7 @@ class StreamHandle:
         self.session = session
         self.stream_id = stream_id
 
-    def send(self, data: bytes) -> bool:
+    def send(self, data: bytes | memoryview) -> bool:
         return self.session.stream_send(self.stream_id, data)
 
     def drained(self, n: int) -> None:
@@ -59,7 +75,9 @@ class StreamHandle:
 RequestHandler = Callable[["HboneSession", int, dict[str, str]], None]
 
 
-class HboneSession(asyncio.Protocol):
+class HboneSession:
+    """One HBONE connection: the core's events joined to plain sides, over a Wire."""
+
     def __init__(self, client: bool, verify: Verifier, settings: hbone.Settings | None = None, *,
                  on_request: RequestHandler | None = None, label: str = "",
                  keepalive: float = KEEPALIVE_INTERVAL,
@@ -70,7 +88,7 @@ class HboneSession(asyncio.Protocol):
         self.peer: Identity | None = None
         self.local_addr: tuple[str, int] = ("", 0)
         self.remote_addr: tuple[str, int] = ("", 0)
-        self.transport: asyncio.Transport | None = None
+        self.transport: Wire | None = None
         self.failure: BaseException | None = None
         loop = asyncio.get_running_loop()
         self.ready: asyncio.Future[None] = loop.create_future()
@@ -134,9 +152,13 @@ class HboneSession(asyncio.Protocol):
             return exc
         return None
 
-    # -- asyncio.Protocol --------------------------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+    @property
+    def trips(self) -> dict[str, int]:
+        """Frame-level budget trips on this connection (hbone.BUDGET_NAMES)."""
+        return self.core.trips
+
+    # -- protocol (called by the wire) -------------------------------------------------------
+    def connection_made(self, transport: Wire) -> None:
         self.transport = transport
         self.local_addr = tuple(transport.get_extra_info("sockname") or ("", 0))[:2]
         self.remote_addr = tuple(transport.get_extra_info("peername") or ("", 0))[:2]
@@ -157,7 +179,7 @@ class HboneSession(asyncio.Protocol):
         if self._keepalive > 0:
             self._timer = self._loop.call_later(self._keepalive, self._tick)
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
         if self.failure is not None:
             return
         self._dispatch(self.core.receive(data))
@@ -185,9 +207,11 @@ class HboneSession(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._tls_paused = True
+        self.core.write_blocked = True
 
     def resume_writing(self) -> None:
         self._tls_paused = False
+        self.core.write_resumed()
         waiting, self._waiting_tls = self._waiting_tls, set()
         for sid in waiting:
             plain = self._plains.get(sid)
@@ -239,7 +263,7 @@ class HboneSession(asyncio.Protocol):
         self._flush()
         return True
 
-    def stream_send(self, stream_id: int, data: bytes) -> bool:
+    def stream_send(self, stream_id: int, data: bytes | memoryview) -> bool:
         try:
             clear = self.core.send(stream_id, data)
         except hbone.StreamError:
@@ -284,9 +308,9 @@ class HboneSession(asyncio.Protocol):
 
     # -- internals ---------------------------------------------------------------------------
     def _flush(self) -> None:
-        out = self.core.outbound()
+        out = self.core.outbound_chunks()
         if out and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(out)
+            self.transport.writelines(out)
 
     def _forget(self, sid: int) -> None:
         self._plains.pop(sid, None)
@@ -315,7 +339,7 @@ class HboneSession(asyncio.Protocol):
             plain = self._plains.get(sid)
             if plain is None:
                 # Not acknowledged until written onward: bounded by the stream window.
-                self._early.setdefault(sid, []).append(ev.data)
+                self._early.setdefault(sid, []).append(bytes(ev.data))  # a view: copy
             elif plain.send(ev.data):
                 self.core.consumed(sid, len(ev.data))
         elif isinstance(ev, hbone.Writable):
@@ -370,8 +394,8 @@ class HboneSession(asyncio.Protocol):
                 self.close()
             self._changed()
         elif isinstance(ev, hbone.ConnectionFailed):
-            log.warning("HBONE connection with %s:%d failed: %.300s", *self.remote_addr,
-                        ev.reason)
+            log.warning("HBONE connection with %s:%d failed (%s): %.300s", *self.remote_addr,
+                        _code_name(ev.code), ev.reason)
             self._flush()
             if self.transport is not None:
                 self.transport.close()
@@ -391,6 +415,55 @@ class HboneSession(asyncio.Protocol):
         self._timer = self._loop.call_later(self._keepalive, self._tick)
 
 
+async def dial(sock: socket.socket, ctx: ssl.SSLContext, verify: Verifier,
+               settings: hbone.Settings | None = None, *, label: str = "",
+               handshake_timeout: float = 10.0) -> HboneSession:
+    """Client: TLS over a connected socket, verify the server, exchange SETTINGS. Raises
+    ssl.SSLError, ConnectionError (PeerIdentityError for a wrong identity), TimeoutError; on
+    failure the socket is closed."""
+    loop = asyncio.get_running_loop()
+    try:
+        tls = await tlswire.handshake(sock, ctx, server_side=False,
+                                      timeout=handshake_timeout)
+    except BaseException:
+        sock.close()
+        raise
+    session = HboneSession(True, verify, settings, label=label)
+    tlswire.TlsWire(loop, sock, tls, session).start()
+    try:
+        await asyncio.wait_for(asyncio.shield(session.ready), handshake_timeout)
+    except BaseException:
+        session.abort()
+        raise
+    return session
+
+
+async def accept(sock: socket.socket, ctx: ssl.SSLContext, verify: Verifier,
+                 settings: hbone.Settings | None = None, *,
+                 on_request: RequestHandler | None = None, label: str = "",
+                 handshake_timeout: float = 10.0) -> HboneSession:
+    """Server: TLS over an accepted socket and a session on it. Raises ssl.SSLError, OSError,
+    TimeoutError for a failed handshake (the socket is closed). A peer whose identity does not
+    pass `verify` gets a session with `failure` set, already aborted."""
+    loop = asyncio.get_running_loop()
+    try:
+        tls = await tlswire.handshake(sock, ctx, server_side=True,
+                                      timeout=handshake_timeout)
+    except BaseException:
+        sock.close()
+        raise
+    session = HboneSession(False, verify, settings, on_request=on_request, label=label)
+    tlswire.TlsWire(loop, sock, tls, session).start()
+    return session
+
+
 def _retrieve(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled():
         fut.exception()
+
+
+def _code_name(code: int) -> str:
+    for name, value in vars(hbone.ErrorCodes).items():
+        if value == code and not name.startswith("_"):
+            return name
+    return f"error {code}"

@@ -21,7 +21,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from agent.identity.spiffe import Identity
-from ztunnel import podnet
+from ztunnel import hbone, podnet
 from ztunnel.guard import ConnectionGuard
 from ztunnel.inbound import Inbound
 from ztunnel.lograte import RepeatLimiter
@@ -76,6 +76,7 @@ class Tunnel:
         self.counters.handshakes_pending = self.inbound.admission.pending
         out = self.counters.flat("tunnel_")
         out.update(self.pool.stats())
+        out.update(hbone.budget_trips())  # frame-level budgets (process-wide: one tunnel each)
         return out
 
     async def _upstream_connect(self, spec: PodSpec, peer: Identity | None,

@@ -127,7 +127,7 @@ class NodeAgent:
                        "budget trips (docs/architecture.md, Budgets), pending handshakes, pool "
                        "and pre-warm counts", "gauge", ("name",),
                        read=lambda: {k: v for k, v in dataplane.stats().items()
-                                     if k.startswith(("tunnel_", "pool_"))})
+                                     if k.startswith(("tunnel_", "pool_", "hbone_"))})
         self.enrolled: dict[str, _Enrolled] = {}
         self.enroller = Enroller(cfg.node_name, self.locator, self._enroll, self._unenroll)
         self.pending: set[str] = set()

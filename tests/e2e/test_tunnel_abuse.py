@@ -254,8 +254,6 @@ def test_rapid_reset_makes_a_bounded_number_of_upstream_connects(bed: Bed) -> No
     print(f"rapid reset: fds back to baseline after {took:.1f}s")
 
 
-@pytest.mark.xfail(strict=True, reason="GOAWAY ENHANCE_YOUR_CALM comes from the frame budget "
-                   "of helper 'lean' (stream/reset rate); remove this marker once merged")
 def test_rapid_reset_is_answered_with_goaway_enhance_your_calm(bed: Bed) -> None:
     h, sent = rapid_reset(bed)
     try:

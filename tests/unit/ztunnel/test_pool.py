@@ -9,6 +9,7 @@ import socket
 from support.testca import TestCA, identity
 
 from ztunnel import hbone, tls
+from ztunnel import session as sessions
 from ztunnel.pool import Pool, PoolKey
 from ztunnel.session import HboneSession
 
@@ -28,22 +29,18 @@ class Peer:
 
     async def dial(self, key: PoolKey) -> HboneSession:
         self.dials += 1
-        loop = asyncio.get_running_loop()
         a, b = socket.socketpair()
 
         def on_request(s: HboneSession, sid: int, headers: dict[str, str]) -> None:
             s.respond(sid, 200)
 
-        server = loop.connect_accepted_socket(
-            lambda: HboneSession(False, lambda so: tls.verify_client(so, "cluster.local"),
-                                 self.server_settings, on_request=on_request),
-            b, ssl=self.contexts.server(key.dst_identity))
-        client = loop.create_connection(
-            lambda: HboneSession(True, lambda so: tls.verify_server(so, key.dst_identity)),
-            sock=a, ssl=self.contexts.client(key.src_identity), server_hostname="")
-        (_, srv), (_, cli) = await asyncio.gather(server, client)
+        server = sessions.accept(b, self.contexts.server(key.dst_identity),
+                                 lambda so: tls.verify_client(so, "cluster.local"),
+                                 self.server_settings, on_request=on_request)
+        client = sessions.dial(a, self.contexts.client(key.src_identity),
+                               lambda so: tls.verify_server(so, key.dst_identity))
+        srv, cli = await asyncio.gather(server, client)
         self.sessions += [srv, cli]
-        await cli.ready
         return cli
 
     async def close(self) -> None:

@@ -7,9 +7,8 @@ import asyncio
 import socket
 
 import pytest
-from hyperframe.frame import DataFrame
 
-from ztunnel import connect, h2patch
+from ztunnel import connect
 from ztunnel.admission import HandshakeAdmission, Refusal
 from ztunnel.events import (
     Cause,
@@ -121,11 +120,3 @@ def test_upstream_errors_carry_status_flag_cause_and_reason() -> None:
     assert (ev.phase, ev.response, ev.cause, ev.reason) == (
         Phase.CLOSE, ResponseFlag.DENY, Cause.POLICY_DENY, "EPERM")
 
-
-def test_the_h2_patches_refuse_an_unknown_major_version() -> None:
-    h2patch.check_versions({"h2": "4.1.0", "hyperframe": "6.0.1"})
-    for bad in ({"h2": "5.0.0", "hyperframe": "6.0.1"}, {"h2": "4.1.0", "hyperframe": "7.0"},
-                {"h2": "dev", "hyperframe": "6.0"}):
-        with pytest.raises(h2patch.UnsupportedVersionError, match="h2patch"):
-            h2patch.check_versions(bad)
-    assert "<5 bytes>" in repr(DataFrame(1, b"hello"))  # applied: size, not a hex dump
