@@ -41,6 +41,17 @@ DEFAULT_MAX_PENDING_HANDSHAKES = 1024
 DEFAULT_MAX_PENDING_HANDSHAKES_PER_IP = 64
 DEFAULT_MAX_UPSTREAM_CONNECTS_PER_CONNECTION = 200
 DEFAULT_PREWARM_DESTINATIONS = 64
+# HTTP/2 frame budgets per HBONE connection (ztunnel.hbone.Budgets; a unit test keeps the two
+# sets of defaults equal).
+H2_BUDGET_DEFAULTS: Final = {
+    "h2_max_header_block": 64 * 1024,
+    "h2_header_bytes_per_s": 8 << 20,
+    "h2_streams_per_s": 5000,
+    "h2_resets_per_s": 1000,
+    "h2_control_frames_per_s": 1000,
+    "h2_max_unread_control": 64 * 1024,
+}
+H2_BUDGETS: Final = tuple(H2_BUDGET_DEFAULTS)
 DEFAULT_PREWARM_TTL = 60.0
 
 
@@ -212,6 +223,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_upstream_connects_per_connection", "NODEMESH_MAX_UPSTREAM_CONNECTS",
             "--max-upstream-connects-per-connection",
             "upstream connects to apps in flight for one HBONE connection; more get 503", int),
+    Setting("h2_max_header_block", "NODEMESH_H2_MAX_HEADER_BLOCK", "--h2-max-header-block",
+            "bytes of one HBONE header block (HEADERS+CONTINUATION); more: GOAWAY", int),
+    Setting("h2_header_bytes_per_s", "NODEMESH_H2_HEADER_BYTES_PER_S", "--h2-header-bytes-per-s",
+            "header-block bytes per HBONE connection per second; more: GOAWAY", int),
+    Setting("h2_streams_per_s", "NODEMESH_H2_STREAMS_PER_S", "--h2-streams-per-s",
+            "streams a peer opens per HBONE connection per second; more: GOAWAY", int),
+    Setting("h2_resets_per_s", "NODEMESH_H2_RESETS_PER_S", "--h2-resets-per-s",
+            "RST_STREAM frames from a peer per second (rapid reset); more: GOAWAY", int),
+    Setting("h2_control_frames_per_s", "NODEMESH_H2_CONTROL_FRAMES_PER_S",
+            "--h2-control-frames-per-s",
+            "SETTINGS/PING/PRIORITY/empty WINDOW_UPDATE frames per second; more: GOAWAY", int),
+    Setting("h2_max_unread_control", "NODEMESH_H2_MAX_UNREAD_CONTROL", "--h2-max-unread-control",
+            "bytes of PING/SETTINGS ACKs queued for a peer that does not read; more: close", int),
     Setting("prewarm_destinations", "NODEMESH_PREWARM_DESTINATIONS", "--prewarm-destinations",
             "recently used HBONE destinations kept with one spare idle connection (0: off)", int),
     Setting("prewarm_ttl", "NODEMESH_PREWARM_TTL", "--prewarm-ttl",
@@ -262,6 +286,12 @@ class Config:
     max_upstream_connects_per_connection: int = DEFAULT_MAX_UPSTREAM_CONNECTS_PER_CONNECTION
     prewarm_destinations: int = DEFAULT_PREWARM_DESTINATIONS
     prewarm_ttl: float = DEFAULT_PREWARM_TTL
+    h2_max_header_block: int = H2_BUDGET_DEFAULTS["h2_max_header_block"]
+    h2_header_bytes_per_s: int = H2_BUDGET_DEFAULTS["h2_header_bytes_per_s"]
+    h2_streams_per_s: int = H2_BUDGET_DEFAULTS["h2_streams_per_s"]
+    h2_resets_per_s: int = H2_BUDGET_DEFAULTS["h2_resets_per_s"]
+    h2_control_frames_per_s: int = H2_BUDGET_DEFAULTS["h2_control_frames_per_s"]
+    h2_max_unread_control: int = H2_BUDGET_DEFAULTS["h2_max_unread_control"]
     origins: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def dump(self) -> dict[str, Any]:
@@ -349,7 +379,7 @@ def _check(cfg: Config, workers_set: bool) -> None:
         raise ConfigError(f"outlier ejection {cfg.outlier_ejection_seconds} s / max "
                           f"{cfg.outlier_max_ejection_seconds} s: want 0 < ejection <= max")
     for name in ("max_pending_handshakes", "max_pending_handshakes_per_ip",
-                 "max_upstream_connects_per_connection"):
+                 "max_upstream_connects_per_connection", *H2_BUDGETS):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} {getattr(cfg, name)}: want at least 1")
     if cfg.prewarm_destinations < 0 or cfg.prewarm_ttl <= 0:

@@ -95,11 +95,14 @@ class TunnelBudgets:
     max_upstream_connects_per_connection: int = DEFAULT_MAX_UPSTREAM_CONNECTS_PER_CONNECTION
     prewarm_destinations: int = DEFAULT_PREWARM_DESTINATIONS
     prewarm_ttl: float = DEFAULT_PREWARM_TTL
+    # HTTP/2 frame budgets per connection: ztunnel.hbone.Budgets fields (defaults when absent).
+    h2: Mapping[str, int] = field(default_factory=dict)
 
-    def per_worker(self, workers: int) -> dict[str, float]:
+    def per_worker(self, workers: int) -> dict[str, Any]:
         """What one of `workers` workers gets: the handshake caps are per node, so each worker
         admits its share (rounded up); the other settings apply to each worker as they are."""
-        out: dict[str, float] = dataclasses.asdict(self)
+        out: dict[str, Any] = dataclasses.asdict(self)
+        out["h2"] = dict(self.h2)
         for name in ("max_pending_handshakes", "max_pending_handshakes_per_ip"):
             out[name] = max(1, -(-int(out[name]) // workers))
         return out

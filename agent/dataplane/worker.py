@@ -32,7 +32,9 @@ from agent.dataplane import channel, wire
 from agent.identity import pki
 from agent.identity.federation import TrustDomains
 from agent.identity.spiffe import Identity
+from ztunnel import hbone
 from ztunnel.events import ConnectionEvent, Phase, TransportFlag
+from ztunnel.pool import DEFAULT_MAX_STREAMS
 from ztunnel.tunnel import Tunnel, TunnelConfig, TunnelWorkload
 
 log = logging.getLogger(__name__)
@@ -208,7 +210,7 @@ class Worker:
         self.tunnel = Tunnel(TunnelConfig(
             certificates=tables, resolver=tables.resolve, trust_domain=trust_domain,
             trust=self.trust, identity_id=tables.id_of, outside_mesh=msg["outside_mesh"],
-            on_event=self._event, prepare_netns=False, **msg.get("budgets", {})))
+            on_event=self._event, prepare_netns=False, **_tunnel_budgets(msg.get("budgets", {}))))
 
     def _bundle(self, tables: Tables, msg: channel.Message) -> None:
         tables.roots = tuple(msg["roots"])
@@ -312,5 +314,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _tunnel_budgets(budgets: dict[str, Any]) -> dict[str, Any]:
+    """TunnelConfig fields from the init message's budgets: the admission settings as they are,
+    the HTTP/2 frame budgets into both sides' hbone.Settings."""
+    out = dict(budgets)
+    frames = hbone.Budgets(**out.pop("h2", {}))
+    out["settings"] = hbone.Settings(budgets=frames)
+    out["client_settings"] = hbone.Settings(max_concurrent_streams=DEFAULT_MAX_STREAMS,
+                                            budgets=frames)
+    return out
+
+
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry
 
 from agent.abi import ID_PLAINTEXT
-from agent.config import DEFAULT_CA_ROOT_CERT, Config, ConfigError
+from agent.config import DEFAULT_CA_ROOT_CERT, H2_BUDGETS, Config, ConfigError
 from agent.datapath.datapath import Datapath
 from agent.datapath.identities import ID_OTHER, IdentityTable
 from agent.datapath.layouts import Backend, FlowEvent, Frontend
@@ -117,7 +117,9 @@ class NodeAgent:
                              max_upstream_connects_per_connection=(
                                  cfg.max_upstream_connects_per_connection),
                              prewarm_destinations=cfg.prewarm_destinations,
-                             prewarm_ttl=cfg.prewarm_ttl)),
+                             prewarm_ttl=cfg.prewarm_ttl,
+                             h2={name.removeprefix("h2_"): getattr(cfg, name)
+                                 for name in H2_BUDGETS})),
             on_event=self._tunnel_event, set_inbound=self._set_inbound,
             log_format=self.log_format)
         # Every tunnel budget trip and pool counter (Tunnel.stats), summed over the workers.

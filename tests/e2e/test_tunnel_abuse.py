@@ -88,6 +88,13 @@ def fds(pid: int) -> int:
     return sum(p.num_fds() for p in procs)
 
 
+def own_fds(live: LiveMesh, pid: int) -> float:
+    """The agent's descriptors less its pooled HBONE connections: with several workers the
+    probes' requests land on whichever worker the kernel picks, and each worker keeps its own
+    pooled connection (and spare) to the destination, which is not the attack's doing."""
+    return fds(pid) - stat(live, 0, "pool_connections")
+
+
 def fd_kinds(pid: int) -> dict[str, int]:
     """How many of the agent's fds are sockets, pipes, files... (for a failure message)."""
     kinds: dict[str, int] = {}
@@ -234,7 +241,7 @@ def rapid_reset(bed: Bed) -> tuple[HostileH2, int]:
 def test_rapid_reset_makes_a_bounded_number_of_upstream_connects(bed: Bed) -> None:
     agent = bed.live.agents[0].pid
     warm(bed.live)
-    base_fds, base_kinds = fds(agent), fd_kinds(agent)
+    base_fds, base_kinds = own_fds(bed.live, agent), fd_kinds(agent)
     before = bed.accepts[0]
     with Probes(bed.live) as probes:
         h, sent = rapid_reset(bed)
@@ -248,8 +255,12 @@ def test_rapid_reset_makes_a_bounded_number_of_upstream_connects(bed: Bed) -> No
     probes.report("rapid reset")
     assert sent > 0
     assert connects <= MAX_CONNECTS, connects
-    assert skipped >= sent - MAX_CONNECTS, (skipped, sent)
-    took = poll(lambda: fds(agent) <= base_fds,
+    # Two defences, either enough: the reset-rate budget ends the connection (GOAWAY
+    # ENHANCE_YOUR_CALM) before most streams reach the tunnel, and a stream reset before its
+    # upstream connect gets none.
+    assert ENHANCE_YOUR_CALM in h.seen.goaway_codes or skipped >= sent - MAX_CONNECTS, (
+        skipped, sent, h.seen.goaway_codes)
+    took = poll(lambda: own_fds(bed.live, agent) <= base_fds,
                 f"agent fds back to {base_fds} {base_kinds} (now {fd_kinds(agent)})")
     print(f"rapid reset: fds back to baseline after {took:.1f}s")
 
@@ -269,7 +280,7 @@ def test_idle_handshake_flood_is_capped_and_its_memory_returned(bed: Bed) -> Non
     live = bed.live
     agent = live.agents[0].pid
     warm(live)
-    base_rss, base_fds = rss(agent), fds(agent)
+    base_rss, base_fds = rss(agent), own_fds(live, agent)
     refused_before = stat(live, 0, "tunnel_handshakes_refused_per_ip")
     with Probes(live) as probes:
         socks = idle_connections(live.cluster.pod(1, 2).socket, bed.backend, IDLE)
@@ -280,7 +291,8 @@ def test_idle_handshake_flood_is_capped_and_its_memory_returned(bed: Bed) -> Non
             peak_rss = rss(agent)
             # The admitted ones time out (handshake_timeout, 10 s) while the client still
             # holds every socket: the agent must give back what they held.
-            took_fds = poll(lambda: fds(agent) <= base_fds + 2, f"agent fds back to {base_fds}")
+            took_fds = poll(lambda: own_fds(live, agent) <= base_fds + 2,
+                            f"agent fds back to {base_fds}")
             took_rss = poll(lambda: rss(agent) <= base_rss + RSS_SLACK,
                             f"agent RSS back within 20 MiB of {base_rss >> 20} MiB")
         finally:
