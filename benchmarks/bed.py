@@ -86,14 +86,15 @@ Ciphersuites = {OPENSSL_SUITE}
 """
 
 
-def start_agents(c: Cluster, config: Path, work: Path, prefix: str) -> tuple[list[PodProcess],
-                                                                             list[Path]]:
-    """One agent per node (demo's helper); the pins are returned so the caller removes them."""
+def start_agents(c: Cluster, config: Path, work: Path, prefix: str,
+                 extra: tuple[str, ...] = ()) -> tuple[list[PodProcess], list[Path]]:
+    """One agent per node (demo's helper) with `extra` arguments; the pins are returned so the
+    caller removes them."""
     pins = [DEFAULT_PIN_ROOT / f"{prefix}-{c.run_id}-n{n.index}" for n in c.nodes]
     conf = work / "openssl-bench.cnf"
     conf.write_text(_OPENSSL_CONF, encoding="ascii")
     env = {**os.environ, "OPENSSL_CONF": str(conf)}
-    agents = _start_agents(c, argparse.Namespace(config=config), work, pins, env=env)
+    agents = _start_agents(c, argparse.Namespace(config=config), work, pins, extra, env=env)
     for node in c.nodes:
         if not _wait_ready(node, 15021, timeout=120):
             log = (work / f"agent-n{node.index}.log").read_text()[-3000:]
@@ -209,7 +210,9 @@ def cpu_seconds(procs: list[PodProcess]) -> float:
 
 
 @contextlib.contextmanager
-def bring_up(work: Path, envoy_concurrency: int) -> Iterator[Bed]:
+def bring_up(work: Path, workers: int = 1) -> Iterator[Bed]:
+    """The three routes with `workers` data-plane workers per agent and as many Envoy worker
+    threads (the same CPU parallelism for both tunnels)."""
     mesh_file = work / "mesh.yaml"
     mesh_file.write_text(meshfile.pair())
     with Cluster(nodes=2, pods_per_node=2, description="nodemesh benchmarks") as c:
@@ -219,7 +222,7 @@ def bring_up(work: Path, envoy_concurrency: int) -> Iterator[Bed]:
         pins: list[Path] = []
         envoys: list[envoy.Envoy] = []
         try:
-            agents, pins = start_agents(c, mesh_file, work, "bench")
+            agents, pins = start_agents(c, mesh_file, work, "bench", ("--workers", str(workers)))
             dump = config_dump(c.nodes[0])
             if len(dump["enrolled"]) != 1:
                 raise BedError(f"node0 enrolled {dump['enrolled']}, expected only the client pod")
@@ -233,11 +236,11 @@ def bring_up(work: Path, envoy_concurrency: int) -> Iterator[Bed]:
             scert, skey = envoy.issue(ca, ENVOY_SERVER_ID, work, "envoy-server")
             ccert, ckey = envoy.issue(ca, ENVOY_CLIENT_ID, work, "envoy-client")
             envoys.append(envoy.start(
-                plain_dst, "hbone-server.yaml", work, envoy_concurrency,
+                plain_dst, "hbone-server.yaml", work, workers,
                 listen_ip=plain_dst.ip, cert=scert, key=skey, ca=ca / "root-cert.pem",
             ))
             envoys.append(envoy.start(
-                plain_src, "hbone-client.yaml", work, envoy_concurrency,
+                plain_src, "hbone-client.yaml", work, workers,
                 bulk_listen=envoy.BULK_LISTEN, echo_listen=envoy.ECHO_LISTEN,
                 bulk_target=f"{plain_dst.ip}:{BULK_PORT}",
                 echo_target=f"{plain_dst.ip}:{ECHO_PORT}",

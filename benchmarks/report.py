@@ -74,37 +74,15 @@ def table(results: dict[str, Any]) -> str:
         + ", ".join(f"{k} {_fmt(v)} GB/s" for k, v in m.get("cipher_gb_s", {}).items())
         + ").",
         "",
-        "| workload | unit | no mesh | nodemesh | Envoy HBONE | nodemesh / no mesh "
-        "| nodemesh / Envoy | verified |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for name, w in sec.get("paths", {}).items():
-        s = w["summary"]
-        r = w["ratios"]
-        lines.append(
-            f"| {LABELS.get(name, name)} | {w['unit']} | {_cell(s['no-mesh'])} | "
-            f"{_cell(s['nodemesh'])} | {_cell(s['envoy'])} | {_fmt(r['nodemesh/no-mesh'], 3)} | "
-            f"{_fmt(r['nodemesh/envoy'], 3)} | {_verified(s)} |"
-        )
-        if name == "latency":
-            p99 = {mode: summarize(w["runs"][mode], "p99_us") for mode in MODES}
-            r99 = ratios(p99)
-            lines.append(
-                f"| 1-byte request/response | us p99 | {_cell(p99['no-mesh'])} | "
-                f"{_cell(p99['nodemesh'])} | {_cell(p99['envoy'])} | "
-                f"{_fmt(r99['nodemesh/no-mesh'], 3)} | {_fmt(r99['nodemesh/envoy'], 3)} | "
-                f"{_verified(s)} |"
-            )
-        if name == "bulk":
-            cpu = {mode: w["cpu_s_per_gb"][mode] for mode in ("nodemesh", "envoy")}
-            lines.append(
-                f"| bulk: proxy CPU per GB received | CPU s | - | {_fmt(cpu['nodemesh'])} | "
-                f"{_fmt(cpu['envoy'])} | - | "
-                f"{_fmt(cpu['nodemesh'] / cpu['envoy'] if cpu['envoy'] else None, 3)} | - |"
-            )
-    lines.append("")
+    workers = results["settings"].get("workers", [1])
+    for key in sorted(k for k in sec if k.startswith("paths")):
+        n = int(key.removeprefix("paths_w")) if key != "paths" else workers[0]
+        lines += [f"Workers: {n} (agents `--workers {n}`, Envoy `--concurrency {n}`).", ""]
+        lines += _paths_rows(sec[key])
+        lines.append("")
     for name, section in sec.items():
-        if name != "paths" and "error" in section:
+        if not name.startswith("paths") and "error" in section:
             lines += [f"{name}: FAILED - {section['error']}", ""]
     if "connect_cost" in sec and "error" not in sec["connect_cost"]:
         cc = sec["connect_cost"]
@@ -179,6 +157,40 @@ def _same_node(sn: dict[str, Any]) -> list[str]:
     lines += ["", f"Targets (latency <= 1.5x, bulk >= 0.7x no mesh): "
               f"{'met' if sn['targets_met'] else 'NOT met'}; load average (1 min) "
               f"{before:.2f} before, {after:.2f} after.", ""]
+    return lines
+
+
+def _paths_rows(paths: dict[str, Any]) -> list[str]:
+    """The table rows of one paths pass (bulk, streams, latency p50/p99, new connections)."""
+    lines = [
+        "| workload | unit | no mesh | nodemesh | Envoy HBONE | nodemesh / no mesh "
+        "| nodemesh / Envoy | verified |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, w in paths.items():
+        s = w["summary"]
+        r = w["ratios"]
+        lines.append(
+            f"| {LABELS.get(name, name)} | {w['unit']} | {_cell(s['no-mesh'])} | "
+            f"{_cell(s['nodemesh'])} | {_cell(s['envoy'])} | {_fmt(r['nodemesh/no-mesh'], 3)} | "
+            f"{_fmt(r['nodemesh/envoy'], 3)} | {_verified(s)} |"
+        )
+        if name == "latency":
+            p99 = {mode: summarize(w["runs"][mode], "p99_us") for mode in MODES}
+            r99 = ratios(p99)
+            lines.append(
+                f"| 1-byte request/response | us p99 | {_cell(p99['no-mesh'])} | "
+                f"{_cell(p99['nodemesh'])} | {_cell(p99['envoy'])} | "
+                f"{_fmt(r99['nodemesh/no-mesh'], 3)} | {_fmt(r99['nodemesh/envoy'], 3)} | "
+                f"{_verified(s)} |"
+            )
+        if name == "bulk":
+            cpu = {mode: w["cpu_s_per_gb"][mode] for mode in ("nodemesh", "envoy")}
+            lines.append(
+                f"| bulk: proxy CPU per GB received | CPU s | - | {_fmt(cpu['nodemesh'])} | "
+                f"{_fmt(cpu['envoy'])} | - | "
+                f"{_fmt(cpu['nodemesh'] / cpu['envoy'] if cpu['envoy'] else None, 3)} | - |"
+            )
     return lines
 
 

@@ -139,9 +139,10 @@ def run(
     with tempfile.TemporaryDirectory(prefix="nodemesh-bench-") as tmp:
         work = Path(tmp)
         if {"paths", "policy_update"} & set(sections) or s.profile_seconds:
-            with bring_up(work, s.envoy_concurrency) as bed:
+            with bring_up(work, s.workers[0]) as bed:
                 results["ciphers"] = bed.ciphers
-                print(f"test bed {bed.cluster.run_id} up; TLS {bed.ciphers}", flush=True)
+                print(f"test bed {bed.cluster.run_id} up ({s.workers[0]} worker(s)); TLS "
+                      f"{bed.ciphers}", flush=True)
                 if "paths" in sections:
                     sec["paths"] = run_paths(bed, s)
                 if s.profile_seconds and profile_out is not None:
@@ -152,6 +153,11 @@ def run(
                     print(f"policy update with {s.policy_rules} rules", flush=True)
                     sec["policy_update"] = _guarded(
                         lambda: policy_update.measure(bed, s.policy_rules, s.policy_reps))
+        for n in s.workers[1:] if "paths" in sections else ():
+            with bring_up(work, n) as bed:
+                print(f"test bed {bed.cluster.run_id} up ({n} workers, Envoy concurrency {n})",
+                      flush=True)
+                sec[f"paths_w{n}"] = run_paths(bed, s)
         if "scale" in sections:
             print(f"agent footprint with {s.scale_pods} pods", flush=True)
             sec["scale"] = _guarded(lambda: scale.measure(s.scale_pods, s.scale_load_seconds))
@@ -195,7 +201,8 @@ def _guarded(section: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 
 
 def _all_verified(sec: dict[str, Any]) -> bool:
-    checks = [w["verified"] for w in sec.get("paths", {}).values()]
+    checks = [w["verified"] for name, paths in sec.items() if name.startswith("paths")
+              for w in paths.values()]
     checks += [sec[k]["verified"]
                for k in ("policy_update", "scale", "flow_events", "same_node") if k in sec]
     checks += [sec[k].get("verified", True) for k in ("connect_cost", "profile") if k in sec]
@@ -209,14 +216,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
     ap.add_argument("--profile", type=float, metavar="SECONDS", default=0.0,
                     help="also sample both agents with py-spy during a bulk run")
-    ap.add_argument("--envoy-concurrency", type=int, help="Envoy worker threads (default 1)")
+    ap.add_argument("--workers", type=int, nargs="+",
+                    help="paths passes: agents' --workers and Envoy's --concurrency (default 1 2)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     ap.add_argument("--report", type=Path, metavar="JSON",
                     help="only re-render the table and chart of a saved results file")
     args = ap.parse_args(argv)
     if args.report:
         results = json.loads(args.report.read_text())
-        for w in results["sections"].get("paths", {}).values():
+        passes = [v for k, v in results["sections"].items() if k.startswith("paths")]
+        for w in (w for paths in passes for w in paths.values()):
             w["summary"] = {mode: report.summarize(w["runs"][mode]) for mode in MODES}
             w["ratios"] = report.ratios(w["summary"])
         args.out.mkdir(parents=True, exist_ok=True)
@@ -231,8 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     changes: dict[str, Any] = {"profile_seconds": args.profile}
     if args.reps:
         changes["reps"] = args.reps
-    if args.envoy_concurrency:
-        changes["envoy_concurrency"] = args.envoy_concurrency
+    if args.workers:
+        changes["workers"] = tuple(args.workers)
     s = dataclasses.replace(s, **changes)
     results = run(s, tuple(args.only or SECTIONS), args.out, args.out)
     return 0 if results["verified"] else 1

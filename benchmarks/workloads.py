@@ -30,7 +30,8 @@ class Settings:
     connect_cost_repeats: int = 3
     flow_events_rate: int = 200_000
     flow_events_seconds: float = 10.0
-    envoy_concurrency: int = 1
+    # One pass of the paths section per count: agents with --workers N, Envoy --concurrency N.
+    workers: tuple[int, ...] = (1, 2)
     profile_seconds: float = 0.0
 
 
@@ -39,6 +40,7 @@ TINY = Settings(
     integrity_bytes=1 << 20, policy_rules=200, policy_reps=1, scale_pods=6,
     scale_load_seconds=0.5, connect_cost_connects=300, connect_cost_repeats=1,
     flow_events_rate=20_000, flow_events_seconds=1.0,  # a 2 s buffer: no timing in CI
+    workers=(1,),
 )
 WARMUP = Settings(
     bulk_seconds=1, streams_seconds=1, pingpongs=500, connrate_seconds=0.5, integrity_bytes=1 << 20,
