@@ -90,7 +90,8 @@ def parse_authority(authority: str) -> tuple[IPAddress, int]:
 
 def new_traceparent() -> str:
     """W3C traceparent: version 00, random trace id and parent id, flags 00."""
-    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-00"
+    ids = secrets.token_hex(24)  # one getrandom() per connection for both ids
+    return f"00-{ids[:32]}-{ids[32:]}-00"
 
 
 def request_headers(

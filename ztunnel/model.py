@@ -7,7 +7,6 @@ imports none of them.
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import ipaddress
 import socket
@@ -136,7 +135,6 @@ class PodState:
     spec: PodSpec
     listeners: list[socket.socket] = field(default_factory=list)
     by_port: dict[int, socket.socket] = field(default_factory=dict)
-    accept_tasks: list[asyncio.Task[None]] = field(default_factory=list)
     sessions: set[HboneSession] = field(default_factory=set)
 
 

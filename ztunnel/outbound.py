@@ -117,8 +117,9 @@ class Outbound:
             sid = 0
             try:
                 session, sid = await self.pool.open_stream(key, headers)
-                status, _ = await asyncio.wait_for(session.response(sid),
-                                                   self.config.connect_timeout)
+                # A timeout scope, not wait_for: no extra Task (and loop turns) per connection.
+                async with asyncio.timeout(self.config.connect_timeout):
+                    status, _ = await session.response(sid)
                 return session, sid, status
             except (TunnelClosedError, hbone.StreamError):
                 if (session is not None and session.core.goaway_received

@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 # Refusals are logged once each but an attacker controls how many there are: bounded.
 log.addFilter(RepeatLimiter.shared())
 
+ACCEPT_BURST = 32  # connections accepted per readiness callback
+ACCEPT_RETRY = 0.1  # seconds a listener rests after a failed accept (EMFILE, ENOBUFS)
+
 Handler = Callable[[PodState, socket.socket, tuple[str, int], ConnectionGuard],
                    Coroutine[Any, Any, None]]
 
@@ -85,7 +88,8 @@ class Tunnel:
         (EPERM/EACCES raise PermissionError). `spec`, `peer` and `mark` say who is connecting."""
         del spec, peer, mark  # the kernel reads the socket's mark itself
         loop = asyncio.get_running_loop()
-        await asyncio.wait_for(loop.sock_connect(sock, target), self.config.connect_timeout)
+        async with asyncio.timeout(self.config.connect_timeout):  # no extra Task per connect
+            await loop.sock_connect(sock, target)
 
     # -- pods --------------------------------------------------------------------------------
     async def add_pod(self, spec: PodSpec) -> None:
@@ -105,11 +109,14 @@ class Tunnel:
                 ("0.0.0.0", cfg.inbound_port, self.plaintext.handle),
                 ("0.0.0.0", cfg.hbone_port, self.inbound.handle),
             )
+            loop = asyncio.get_running_loop()
             for ip, port, handler in handlers:
                 lsock = podnet.listener(spec.netns, ip, port)
                 pod.listeners.append(lsock)
                 pod.by_port[port] = lsock
-                pod.accept_tasks.append(asyncio.create_task(self._accept_loop(pod, lsock, handler)))
+                # A standing reader callback, not a sock_accept loop: no future, Task wake-up or
+                # epoll add/remove per accepted connection.
+                loop.add_reader(lsock, self._accept_ready, pod, lsock, handler)
         except BaseException:
             self._close_listeners(pod)
             podnet.forget_netns(spec.netns)
@@ -220,10 +227,9 @@ class Tunnel:
 
     # -- accept ------------------------------------------------------------------------------
     def _close_listeners(self, pod: PodState) -> None:
-        for t in pod.accept_tasks:
-            t.cancel()
-        pod.accept_tasks.clear()
+        loop = asyncio.get_running_loop()
         for s in pod.listeners:
+            loop.remove_reader(s)  # before close: the fd number may be reused at once
             s.close()
         pod.listeners.clear()
         pod.by_port.clear()
@@ -233,24 +239,33 @@ class Tunnel:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _accept_loop(self, pod: PodState, lsock: socket.socket, handler: Handler) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
+    def _accept_ready(self, pod: PodState, lsock: socket.socket, handler: Handler) -> None:
+        """The listener is readable: accept what is queued (a bounded burst, so one flooded
+        listener cannot starve the loop) and start a handler Task for each connection."""
+        for _ in range(ACCEPT_BURST):
             try:
-                conn, addr = await loop.sock_accept(lsock)
-            except asyncio.CancelledError:
-                raise
+                conn, addr = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
             except OSError as exc:
                 if lsock.fileno() < 0:
                     return  # listener closed (pod removed or draining)
                 log.warning("accept on %s in pod %s failed: %s", lsock.getsockname(),
                             pod.spec.name, exc)
-                await asyncio.sleep(0.1)
-                continue
+                # Out of descriptors or the like: pause this listener instead of spinning.
+                loop = asyncio.get_running_loop()
+                loop.remove_reader(lsock)
+                loop.call_later(ACCEPT_RETRY, self._resume_accept, pod, lsock, handler)
+                return
+            conn.setblocking(False)
             # Small writes (HTTP/2 frames, CONNECT replies) must not wait for delayed ACKs, and
             # asyncio skips TCP_NODELAY for accepted sockets (their proto is 0). Not repeated:
-            # O_NONBLOCK (sock_accept sets it) and the mark (an accepted socket inherits the
-            # listener's TUNNEL_MARK; tests/e2e/test_tunnel_abuse.py checks it).
+            # the mark (an accepted socket inherits the listener's TUNNEL_MARK;
+            # tests/e2e/test_tunnel_abuse.py checks it).
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             guard = ConnectionGuard(self.config, conn)
             self._spawn(guard.run(handler(pod, conn, addr, guard)))
+
+    def _resume_accept(self, pod: PodState, lsock: socket.socket, handler: Handler) -> None:
+        if lsock in pod.listeners and lsock.fileno() >= 0:  # not closed meanwhile
+            asyncio.get_running_loop().add_reader(lsock, self._accept_ready, pod, lsock, handler)

@@ -6,6 +6,7 @@ naming the field, never a crash of the control process.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from agent.identity.spiffe import Identity
@@ -40,8 +41,15 @@ def _uri(identity: Identity | None) -> str | None:
     return identity.uri if identity is not None else None
 
 
+@functools.lru_cache(maxsize=4096)
+def _parse_identity(uri: str) -> Identity:
+    # Every event names two identities, nearly always the same few: parse each once (bounded;
+    # a failed parse raises and is not kept).
+    return Identity.parse(uri)
+
+
 def _identity(raw: object) -> Identity | None:
-    return Identity.parse(str(raw)) if raw is not None else None
+    return _parse_identity(str(raw)) if raw is not None else None
 
 
 def event_to_wire(ev: ConnectionEvent) -> list[Any]:

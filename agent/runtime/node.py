@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import os
@@ -244,7 +245,7 @@ class NodeAgent:
 
     def _workload_by_ip(self, ip: str) -> Workload | None:
         try:
-            return self.state.workload_by_ip(ipaddress.ip_address(ip))
+            return self.state.workload_by_ip(_parse_ip(ip))
         except ValueError:
             return None
 
@@ -540,6 +541,12 @@ class NodeAgent:
         if self._events_thread is not None:
             self._events_thread.join(timeout=2)
         await self.certs.close()
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    # Each connection event looks up both ends, mostly the same few addresses: parse once.
+    return ipaddress.ip_address(ip)
 
 
 def _endpoint_services(services: CompiledServices) -> dict[tuple[str, int], str]:
