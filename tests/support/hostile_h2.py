@@ -103,7 +103,7 @@ class HostileH2:
             hello += SettingsFrame(0).serialize()
         self._send(hello)
 
-    def _send(self, data: bytes) -> bool:
+    def _send(self, data: bytes | memoryview) -> bool:
         try:
             self.tls.sendall(data)
         except OSError as exc:
