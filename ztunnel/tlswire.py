@@ -35,6 +35,11 @@ HIGH_WATER = 1024 * 1024
 # Payloads at least this large go to SSLObject.write on their own; smaller chunks (frame
 # headers, control frames, small DATA) are joined so they share TLS records.
 _JOIN_BELOW = 16 * 1024
+# After a close the socket is shut for writing and what the peer still sends is discarded for
+# at most this long (or until its FIN): closing a socket with unread input makes the kernel
+# send RST and drop what it had not sent yet, the GOAWAY that tells an abusive peer why
+# included (RFC 9113 6.8; nginx's lingering close).
+LINGER = 2.0
 
 
 class WireProtocol(Protocol):
@@ -113,6 +118,7 @@ class TlsWire:
         self._closing = False
         self._lost = False
         self._writer = False
+        self._linger: asyncio.TimerHandle | None = None
         self._extra = {"ssl_object": obj, "socket": sock, "sockname": _name(sock.getsockname),
                        "peername": _name(sock.getpeername)}
 
@@ -165,13 +171,12 @@ class TlsWire:
     def close(self) -> None:
         if self._closing or self._lost:
             return
-        self._closing = True
-        self._loop.remove_reader(self._fd)
+        self._closing = True  # from here on, input is read and discarded (see LINGER)
         with contextlib.suppress(ssl.SSLError, ValueError):
             self._obj.unwrap()  # queue close_notify; the peer's reply is not awaited
         self._send(self._wbio.read())
         if not self._backlog:
-            self._lose(None)
+            self._shut()
 
     def abort(self) -> None:
         self._lose(None)
@@ -221,11 +226,23 @@ class TlsWire:
         self._loop.remove_writer(self._fd)
         self._writer = False
         if self._closing:
-            self._lose(None)
+            self._shut()
             return
         if self._paused:
             self._paused = False
             self._protocol.resume_writing()
+
+    def _shut(self) -> None:
+        """Everything is written: send FIN and linger (reading, discarding) until the peer's
+        FIN or LINGER seconds, whichever comes first."""
+        if self._lost or self._linger is not None:
+            return
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._lose(None)
+            return
+        self._linger = self._loop.call_later(LINGER, self._lose, None)
 
     def _on_readable(self) -> None:
         try:
@@ -238,6 +255,8 @@ class TlsWire:
         if not n:
             self._eof()
             return
+        if self._closing:
+            return  # closed by us: discarded without decrypting
         self._rbio.write(self._rview[:n])
         self._decrypt()
 
@@ -290,6 +309,8 @@ class TlsWire:
             return
         self._lost = True
         self._closing = True
+        if self._linger is not None:
+            self._linger.cancel()
         self._loop.remove_reader(self._fd)
         if self._writer:
             self._loop.remove_writer(self._fd)

@@ -15,7 +15,7 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +23,15 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support.agents import LiveMesh, live_mesh
-from support.hostile_h2 import HostileH2, client_context, idle_connections
+from support.hostile_h2 import (
+    HostileH2,
+    client_context,
+    idle_connections,
+    ping_frame,
+    priority_frame,
+    settings_frame,
+    zero_window_update_frame,
+)
 
 from agent.commands.demo import http_get
 from agent.testbed import PodProcess
@@ -37,6 +45,18 @@ MAX_CONNECTS = PAIRS // 100
 IDLE = 2000
 RSS_SLACK = 20 * 1024 * 1024
 FRONTEND = "spiffe://cluster.local/ns/shop/sa/frontend"  # allowed to backend:8080
+# The header-block attack h2 allowed: 8 connections each buffering 63 x 1 MiB (502 MiB of RSS).
+HEADER_CONNECTIONS = 8
+HEADER_FRAMES = 63
+# Control-frame floods: each connection sends up to FLOOD_FRAMES (the budget, 1,000 a second,
+# ends it long before); the attacker reconnects for FLOOD_SECONDS so the probes see it going on.
+FLOOD_FRAMES = 200_000
+FLOOD_SECONDS = 3.0
+FLOOD_CONNECTIONS = 40
+# Unread PING ACKs: PINGs at half the control-frame budget, so the unread-ACK bound (64 KiB of
+# ACKs, about 3,900) is what ends the connection, not the rate.
+PING_BATCH = 50
+PING_GAP = 0.1
 
 # Counts its accepts (one line each) and answers like the demo's server.
 COUNTING_SERVER = """
@@ -47,6 +67,9 @@ def handle(c):
     with c:
         try:
             data = c.recv(65536)
+            if data.startswith(b"bulk"):  # a download for the client that stops reading
+                for _ in range(64):
+                    c.sendall(bytes(1 << 20))
             c.sendall(b"backend got %d bytes" % len(data))
         except OSError:
             pass
@@ -150,6 +173,7 @@ class Probes:
     requests: list[tuple[bool, float]] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
+    _started: tuple[int, int] = (0, 0)  # results before the attack began
 
     def __enter__(self) -> Probes:
         c = self.live.cluster
@@ -159,6 +183,10 @@ class Probes:
                          threading.Thread(target=self._read, daemon=True)]
         for t in self._threads:
             t.start()
+        # Both running before the attack starts (the prober's interpreter takes a while to
+        # start; a short attack was otherwise over before its first request).
+        poll(lambda: self.health and self.requests, "probes to start")
+        self._started = (len(self.health), len(self.requests))
         return self
 
     def _health(self) -> None:
@@ -177,6 +205,10 @@ class Probes:
             self.requests.append((bool(r["ok"]), float(r["ms"])))
 
     def __exit__(self, *exc: object) -> None:
+        # at least one of each started after the attack did
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not self._during():
+            time.sleep(0.05)
         self._stop.set()
         assert self.prober is not None and self.prober.popen is not None
         assert self.prober.popen.stdin is not None
@@ -186,6 +218,9 @@ class Probes:
             t.join(timeout=30)
         self.prober.stop()
 
+    def _during(self) -> bool:
+        return len(self.health) > self._started[0] and len(self.requests) > self._started[1]
+
     def report(self, attack: str) -> None:
         for what, xs in (("health probe", self.health), ("backend -> db", self.requests)):
             ms = sorted(m for _, m in xs)
@@ -194,6 +229,8 @@ class Probes:
                   f"{attack}: {what}: no tries")
         assert self.health and all(ok for ok, _ in self.health), self.health
         assert self.requests and all(ok for ok, _ in self.requests), self.requests
+        assert self._during(), ("no probe after the attack began", self._started,
+                                len(self.health), len(self.requests))
 
 
 @dataclass
@@ -305,6 +342,162 @@ def test_idle_handshake_flood_is_capped_and_its_memory_returned(bed: Bed) -> Non
     probes.report("handshake flood")
     assert peak_pending <= 64
     assert refused >= len(socks) - 64 * 4, refused  # the cap holds; a few slots free up meanwhile
+
+
+def rss_back(agent: int, base: int) -> float:
+    return poll(lambda: rss(agent) <= base + RSS_SLACK,
+                f"agent RSS back within 20 MiB of {base >> 20} MiB (now {rss(agent) >> 20} MiB)")
+
+
+def test_header_block_flood_is_cut_at_the_budget(bed: Bed) -> None:
+    """HEADERS without END_HEADERS, then CONTINUATION frames of 1 MiB on 8 connections at
+    once: each is ended with GOAWAY ENHANCE_YOUR_CALM at the first frame header past 64 KiB,
+    before its payload is buffered; no upstream connect, RSS stays within 20 MiB."""
+    live = bed.live
+    agent = live.agents[0].pid
+    ip, _ = bed.backend
+    warm(live)
+    base_rss = rss(agent)
+    trips_before = stat(live, 0, "hbone_budget_trips_header_block")
+    before = bed.accepts[0]
+    sent: dict[int, int] = {}
+    with Probes(live) as probes:
+        conns = [HostileH2(live.cluster.pod(1, 2).socket, bed.ctx, bed.backend)
+                 for _ in range(HEADER_CONNECTIONS)]
+
+        def attack(i: int) -> None:
+            sent[i] = conns[i].header_flood(f"{ip}:8080", HEADER_FRAMES)
+            conns[i].wait_end(30)
+
+        threads = [threading.Thread(target=attack, args=(i,), daemon=True)
+                   for i in range(len(conns))]
+        for t in threads:
+            t.start()
+        peak_rss = base_rss
+        while any(t.is_alive() for t in threads):
+            peak_rss = max(peak_rss, rss(agent))
+            time.sleep(0.1)
+        for h in conns:
+            h.close()
+    took = rss_back(agent, base_rss)
+    poll(lambda: stat(live, 0, "hbone_budget_trips_header_block") >= trips_before + len(conns),
+         "header_block trips counted")
+    connects = bed.accepts[0] - before
+    print(f"header-block flood: {len(conns)} connections aiming at {HEADER_FRAMES} x 1 MiB "
+          f"each, sent {sorted(sent.values())} CONTINUATION bytes before the close, goaway "
+          f"{[h.seen.goaway_codes for h in conns]}, {connects} upstream connects; RSS "
+          f"{base_rss >> 20} -> peak {peak_rss >> 20} MiB, within 20 MiB after {took:.1f}s")
+    probes.report("header-block flood")
+    for h in conns:
+        assert h.seen.ended, h.seen
+        assert ENHANCE_YOUR_CALM in h.seen.goaway_codes, h.seen
+    assert connects == 0, connects
+
+
+def _open_closed_stream(bed: Bed, h: HostileH2) -> None:
+    """Stream 1 opened and finished (a GET, refused at once: no upstream connect), so
+    WINDOW_UPDATEs on it are legal (a closed stream) and cost only the server's work."""
+    ip, _ = bed.backend
+    assert h.request(1, [(":method", "GET"), (":scheme", "https"), (":path", "/"),
+                         (":authority", f"{ip}:8080")], end_stream=True), h.seen
+
+
+FLOODS: dict[str, tuple[Callable[[], bytes], Callable[[Bed, HostileH2], None] | None]] = {
+    "settings": (settings_frame, None),
+    "ping": (ping_frame, None),
+    "zero_window_update": (lambda: zero_window_update_frame(1), _open_closed_stream),
+    "priority": (lambda: priority_frame(3), None),
+}
+
+
+@pytest.mark.parametrize("kind", list(FLOODS))
+def test_control_frame_flood_is_answered_with_enhance_your_calm(bed: Bed, kind: str) -> None:
+    """One control frame as fast as the socket takes it, reconnecting for a few seconds: every
+    connection ends with GOAWAY ENHANCE_YOUR_CALM after about a second's budget of frames,
+    each trip is counted, the agent keeps answering probes and requests meanwhile."""
+    live = bed.live
+    agent = live.agents[0].pid
+    make, prepare = FLOODS[kind]
+    frame = make()
+    warm(live)
+    base_rss = rss(agent)
+    trips_before = stat(live, 0, "hbone_budget_trips_control_frame_rate")
+    before = bed.accepts[0]
+    conns: list[tuple[HostileH2, int]] = []
+    with Probes(live) as probes:
+        deadline = time.monotonic() + FLOOD_SECONDS
+        while time.monotonic() < deadline and len(conns) < FLOOD_CONNECTIONS:
+            h = HostileH2(live.cluster.pod(1, 2).socket, bed.ctx, bed.backend)
+            try:
+                if prepare is not None:
+                    prepare(bed, h)
+                conns.append((h, h.flood(frame, FLOOD_FRAMES)))
+                h.wait_end(30)
+            finally:
+                h.close()
+    took = poll(lambda: stat(live, 0, "hbone_budget_trips_control_frame_rate")
+                >= trips_before + len(conns), "control_frame_rate trips counted")
+    trips = stat(live, 0, "hbone_budget_trips_control_frame_rate") - trips_before
+    took_rss = rss_back(agent, base_rss)
+    connects = bed.accepts[0] - before
+    per_conn = sorted(n for _, n in conns)
+    print(f"{kind} flood: {len(conns)} connections, frames sent before each close: min "
+          f"{per_conn[0]} median {per_conn[len(per_conn) // 2]} max {per_conn[-1]}; "
+          f"{trips:.0f} control_frame_rate trips (counted after {took:.1f}s), {connects} "
+          f"upstream connects, RSS within 20 MiB after {took_rss:.1f}s")
+    probes.report(f"{kind} flood")
+    for h, _ in conns:
+        assert h.seen.ended, h.seen
+        assert ENHANCE_YOUR_CALM in h.seen.goaway_codes, h.seen
+    assert trips >= len(conns), (trips, len(conns))
+    assert connects == 0, connects
+
+
+def test_unread_ping_acks_are_bounded(bed: Bed) -> None:
+    """A client that stops reading (small SO_RCVBUF): a download fills the agent's write
+    buffer until its write side blocks, then every PING's ACK queues behind it. The agent
+    counts those ACK bytes and ends the connection at 64 KiB (GOAWAY ENHANCE_YOUR_CALM,
+    unread_control trip) instead of queueing without bound; its memory comes back."""
+    live = bed.live
+    agent = live.agents[0].pid
+    ip, _ = bed.backend
+    warm(live)
+    base_rss = rss(agent)
+    trips_before = stat(live, 0, "hbone_budget_trips_unread_control")
+    before = bed.accepts[0]
+    pings = ping_frame() * PING_BATCH
+    sent = 0
+    with Probes(live) as probes:
+        h = HostileH2(live.cluster.pod(1, 2).socket, bed.ctx, bed.backend, rcvbuf=4096,
+                      window=1 << 30)
+        try:
+            assert h.request(1, [(":method", "CONNECT"), (":authority", f"{ip}:8080")]), h.seen
+            assert h.data(1, b"bulk"), h.seen
+            # From here on nothing is read until the agent has given up on the connection.
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if sent % (PING_BATCH * 10) == 0 and stat(
+                        live, 0, "hbone_budget_trips_unread_control") > trips_before:
+                    break
+                if not h.send_unread(pings):
+                    break  # the agent closed and stopped reading
+                sent += PING_BATCH
+                time.sleep(PING_GAP)
+            peak_rss = rss(agent)
+            poll(lambda: stat(live, 0, "hbone_budget_trips_unread_control") > trips_before,
+                 "unread_control trip counted")
+            h.wait_end(60)  # now read: the download, the ACKs queued before the trip, GOAWAY
+        finally:
+            h.close()
+    took = rss_back(agent, base_rss)
+    connects = bed.accepts[0] - before
+    print(f"unread PING ACKs: {sent} PINGs sent unread, goaway {h.seen.goaway_codes}, "
+          f"{h.seen.frames} frames read afterwards, {connects} upstream connects; RSS "
+          f"{base_rss >> 20} -> {peak_rss >> 20} MiB, within 20 MiB after {took:.1f}s")
+    probes.report("unread PING ACKs")
+    assert h.seen.ended, h.seen
+    assert ENHANCE_YOUR_CALM in h.seen.goaway_codes, h.seen
+    assert connects <= 1, connects  # the download's
 
 
 def test_accepted_sockets_inherit_the_listeners_tunnel_mark(bed: Bed) -> None:
