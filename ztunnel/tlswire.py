@@ -40,6 +40,9 @@ _JOIN_BELOW = 16 * 1024
 # send RST and drop what it had not sent yet, the GOAWAY that tells an abusive peer why
 # included (RFC 9113 6.8; nginx's lingering close).
 LINGER = 2.0
+# A closed connection whose peer does not read what is still queued (GOAWAY behind a backlog)
+# is aborted after this long: closing never holds a connection open at the peer's pleasure.
+CLOSE_DEADLINE = 5.0
 
 
 class WireProtocol(Protocol):
@@ -119,6 +122,7 @@ class TlsWire:
         self._lost = False
         self._writer = False
         self._linger: asyncio.TimerHandle | None = None
+        self._deadline: asyncio.TimerHandle | None = None
         self._extra = {"ssl_object": obj, "socket": sock, "sockname": _name(sock.getsockname),
                        "peername": _name(sock.getpeername)}
 
@@ -177,6 +181,8 @@ class TlsWire:
         self._send(self._wbio.read())
         if not self._backlog:
             self._shut()
+        elif self._deadline is None:
+            self._deadline = self._loop.call_later(CLOSE_DEADLINE, self._lose, None)
 
     def abort(self) -> None:
         self._lose(None)
@@ -311,6 +317,8 @@ class TlsWire:
         self._closing = True
         if self._linger is not None:
             self._linger.cancel()
+        if self._deadline is not None:
+            self._deadline.cancel()
         self._loop.remove_reader(self._fd)
         if self._writer:
             self._loop.remove_writer(self._fd)

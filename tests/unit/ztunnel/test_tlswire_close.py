@@ -14,6 +14,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from agent.identity import pki
 from ztunnel import tlswire
 
@@ -127,3 +129,51 @@ def test_a_peer_that_never_closes_is_let_go_after_the_linger(tmp_path: Path) -> 
     """connection_lost comes from the LINGER timer while the peer still holds its end."""
     got = serve_one(tmp_path, threading.Event())
     assert got == LAST, (len(got), got[-16:])
+
+
+class SayTooMuch(SayGoodbye):
+    """Answers with more than the kernel's buffers hold, then closes: part stays queued here."""
+
+    def data_received(self, data: bytes | memoryview) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(bytes(32 << 20))
+            self.transport.close()
+
+
+def test_a_peer_that_reads_nothing_is_cut_off_at_the_close_deadline(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """close() with a backlog the peer never reads: the connection is aborted after
+    CLOSE_DEADLINE instead of staying open for as long as the peer likes."""
+    monkeypatch.setattr(tlswire, "CLOSE_DEADLINE", 0.5)
+    server_ctx, client_ctx = contexts(tmp_path)
+    release = threading.Event()
+
+    def client(addr: tuple[str, int]) -> None:
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        raw.settimeout(10)
+        raw.connect(addr)
+        with raw, client_ctx.wrap_socket(raw) as tls:
+            tls.sendall(b"x")
+            release.wait(30)  # never reads
+
+    async def main() -> bool:
+        loop = asyncio.get_running_loop()
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.setblocking(False)
+        thread = threading.Thread(target=client, args=(listener.getsockname(),), daemon=True)
+        thread.start()
+        with listener:
+            sock, _ = await loop.sock_accept(listener)
+        tls = await tlswire.handshake(sock, server_ctx, server_side=True, timeout=10)
+        proto = SayTooMuch(loop)
+        wire = tlswire.TlsWire(loop, sock, tls, proto)
+        wire.start()
+        try:
+            await asyncio.wait_for(proto.lost, 20)
+            return not release.is_set()  # lost while the peer still held its end, unread
+        finally:
+            release.set()
+            await asyncio.to_thread(thread.join, 30)
+
+    assert asyncio.run(main())
