@@ -189,6 +189,7 @@ def run(s: Settings, out: Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="nodemesh-soak-") as tmp, \
             Cluster(nodes=2, pods_per_node=2, description="nodemesh soak") as c:
         work = Path(tmp)
+        results["run_id"] = c.run_id  # netns, cgroups and pins carry it (all gone afterwards)
         for pod in c.pods:
             sysctls(pod, CONN_SYSCTLS)
         mesh = work / "mesh.yaml"
