@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -110,28 +110,41 @@ def start_agents(specs: Sequence[AgentSpec]) -> list[RunningAgent]:
     return agents
 
 
-def replace_agent(old: RunningAgent, mode: str = "surge", tag: str = "-new",
-                  extra: Sequence[str] | None = None) -> tuple[RunningAgent, float, float]:
-    """Replace `old` by a new agent on the same node with the same pin dir (`extra` replaces the
-    command line's extra flags, e.g. a previous version's for a rollback).
+@dataclass(frozen=True)
+class Replacement:
+    """A finished replacement; times from time.monotonic()."""
 
-    Returns (the new agent, when the replacement began, when it ended: new ready and old gone),
-    times from time.monotonic(). A surge whose new agent never becomes ready leaves the old one
-    running and raises AgentError."""
+    agent: RunningAgent  # the new one
+    began: float
+    ready: float  # the new agent answered ready
+    ended: float  # and the old one has exited
+
+
+def replace_agent(old: RunningAgent, mode: str = "surge", tag: str = "-new",
+                  extra: Sequence[str] | None = None,
+                  on_spawn: Callable[[RunningAgent], None] = lambda _: None) -> Replacement:
+    """Replace `old` by a new agent on the same node with the same pin dir (`extra` replaces the
+    command line's extra flags, e.g. a previous version's for a rollback; `on_spawn` sees the new
+    agent as soon as its process exists). A surge whose new agent never becomes ready leaves the
+    old one running and raises AgentError."""
     if mode not in RESTART_MODES:
         raise ValueError(f"restart mode {mode!r}: want one of {', '.join(RESTART_MODES)}")
     spec = old.spec if extra is None else replace(old.spec, extra=tuple(extra))
     began = time.monotonic()
     if mode == "surge":
         new = spawn_agent(spec, old.ports.shifted(), tag)
+        on_spawn(new)
         wait_ready(new)
+        ready = time.monotonic()
         old.stop()
-    else:
-        old.stop()
-        new = spawn_agent(spec, old.ports, tag)
-        wait_ready(new)
-    return new, began, time.monotonic()
+        return Replacement(new, began, ready, time.monotonic())
+    old.stop()
+    new = spawn_agent(spec, old.ports, tag)
+    on_spawn(new)
+    wait_ready(new)
+    ended = time.monotonic()
+    return Replacement(new, began, ended, ended)
 
 
-__all__ = ["RESTART_MODES", "AgentError", "AgentSpec", "Ports", "RunningAgent",
+__all__ = ["RESTART_MODES", "AgentError", "AgentSpec", "Ports", "Replacement", "RunningAgent",
            "replace_agent", "spawn_agent", "start_agents", "wait_ready"]

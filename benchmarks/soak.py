@@ -79,7 +79,7 @@ class Settings:
     streams_period: float = 30.0
     probe_gap: float = 0.5
     policy_period: float = 20.0
-    drain_seconds: float = 30.0  # longer than one bulk transfer: a drain lets it finish
+    drain_seconds: float = 15.0  # longer than one bulk transfer: a drain lets it finish
 
 
 def settings_for(seconds: float, restart: str) -> Settings:
@@ -248,12 +248,14 @@ def _drive(c: Cluster, s: Settings, *, work: Path, mesh: Path,
     def do_restart() -> None:
         old = nodes[RESTART_NODE][0]
         try:
-            new, began, ended = replace_agent(old, s.restart, tag="-new")
+            # While they overlap, the node's footprint is both agents' (sampled together).
+            done = replace_agent(old, s.restart, tag="-new",
+                                 on_spawn=nodes[RESTART_NODE].append)
         except AgentError as e:
             restart["error"] = str(e)
             return
-        nodes[RESTART_NODE] = [new]
-        restart.update(began=began - t0, ended=ended - t0)
+        nodes[RESTART_NODE] = [done.agent]
+        restart.update(began=done.began - t0, ready=done.ready - t0, ended=done.ended - t0)
 
     sampler.sample(nodes)  # CPU is a difference: the first reading only sets the start
     next_sample = t0
@@ -313,6 +315,8 @@ def _judge(s: Settings, t0: float, *, loads: list[Load], samples: list[dict[str,
         "intervals": soakreport.intervals(events, cats, edges),
         "timeline": timeline,
         "restart": restart,
+        # Connections that began after the old agent had gone: the new one carries the traffic.
+        "ok_after_restart": sum(1 for e in events if e.ok and e.t0 > restart.get("ended", 1e18)),
         "deny_windows": windows,
         "renewals": renewals,
         "totals": {k: {"ok": sum(1 for e in events if e.kind == k and e.ok),

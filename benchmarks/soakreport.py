@@ -97,7 +97,8 @@ def verdict(r: dict[str, Any]) -> dict[str, Any]:
         "deny_took_effect": bool(r["deny_windows"])
         and all(w["denied_probes"] > 0 and w["restored"] is not None for w in r["deny_windows"]),
         "certificates_renewed": all(a["renewed_ok"] for a in r["renewals"]),
-        "agent_replaced": r["restart"].get("error") is None and "ended" in r["restart"],
+        "agent_replaced": r["restart"].get("error") is None and "ended" in r["restart"]
+        and r["ok_after_restart"] > 0,
     }
     return {**checks, "pass": all(checks.values())}
 
@@ -119,7 +120,9 @@ def markdown(r: dict[str, Any]) -> str:
         f"Warm-up {s['warmup']:.0f} s, windows of {s['window']:.0f} s, samples every "
         f"{s['interval']:.0f} s; certificate TTL {s['cert_ttl']} s (renewed at half-life); "
         f"agent restart: {rs['mode']} on node{rs['node']}"
-        + (f" at {_fmt(rs.get('began'))}-{_fmt(rs.get('ended'))} s" if "ended" in rs else "")
+        + (f" from {_fmt(rs['began'])} s, new agent ready at {_fmt(rs['ready'])} s, old one "
+           f"gone at {_fmt(rs['ended'])} s; {r['ok_after_restart']:,} connections after that"
+           if "ended" in rs else "")
         + (f" FAILED: {rs['error'].splitlines()[0]}" if rs.get("error") else "") + ".",
         "",
         "| check | result |",
