@@ -63,7 +63,7 @@ RESTART_NODE = 1
 
 
 @dataclass(frozen=True)
-class Settings:
+class SoakSettings:
     seconds: float = 1800.0
     warmup: float = 300.0
     window: float = 180.0
@@ -82,10 +82,10 @@ class Settings:
     drain_seconds: float = 15.0  # longer than one bulk transfer: a drain lets it finish
 
 
-def settings_for(seconds: float, restart: str) -> Settings:
+def settings_for(seconds: float, restart: str) -> SoakSettings:
     """Warm-up: a third of the run, at most 5 min (it must hold a streams burst, a policy
     cycle and a renewal); windows: a tenth, at least 30 s."""
-    return Settings(seconds=seconds, warmup=min(300.0, seconds / 3),
+    return SoakSettings(seconds=seconds, warmup=min(300.0, seconds / 3),
                     window=max(30.0, seconds / 10), restart=restart)
 
 
@@ -145,7 +145,7 @@ def _write_mesh(path: Path, unrelated: bool, deny_probe: bool) -> None:
     os.replace(tmp, path)  # the file source never sees half a file
 
 
-class Policy:
+class PolicySchedule:
     """The schedule of mesh-file rewrites: add unrelated, remove it, DENY the prober (removed
     DENY_HOLD s later), repeat."""
 
@@ -179,7 +179,7 @@ class Policy:
             timeline.append({"t": now, "what": "policy: prober DENY added"})
 
 
-def run(s: Settings, out: Path) -> dict[str, Any]:
+def run(s: SoakSettings, out: Path) -> dict[str, Any]:
     results: dict[str, Any] = {
         "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "settings": asdict(s),
@@ -222,7 +222,7 @@ def run(s: Settings, out: Path) -> dict[str, Any]:
     return results
 
 
-def _drive(c: Cluster, s: Settings, *, work: Path, mesh: Path,
+def _drive(c: Cluster, s: SoakSettings, *, work: Path, mesh: Path,
            nodes: dict[int, list[RunningAgent]], loads: list[Load]) -> dict[str, Any]:
     server = str(c.pod(1, 0).ip)
     t0 = time.monotonic()
@@ -242,7 +242,7 @@ def _drive(c: Cluster, s: Settings, *, work: Path, mesh: Path,
     timeline: list[dict[str, Any]] = []
     restart: dict[str, Any] = {"mode": s.restart, "node": RESTART_NODE}
     sampler, samples = Sampler(), list[dict[str, Any]]()
-    policy = Policy(mesh, s.policy_period, s.seconds)
+    policy = PolicySchedule(mesh, s.policy_period, s.seconds)
     restarter: threading.Thread | None = None
 
     def do_restart() -> None:
@@ -285,8 +285,8 @@ def _drive(c: Cluster, s: Settings, *, work: Path, mesh: Path,
                   policy=policy, sampler=sampler, nodes=nodes)
 
 
-def _judge(s: Settings, t0: float, *, loads: list[Load], samples: list[dict[str, Any]],
-           timeline: list[dict[str, Any]], restart: dict[str, Any], policy: Policy,
+def _judge(s: SoakSettings, t0: float, *, loads: list[Load], samples: list[dict[str, Any]],
+           timeline: list[dict[str, Any]], restart: dict[str, Any], policy: PolicySchedule,
            sampler: Sampler, nodes: dict[int, list[RunningAgent]]) -> dict[str, Any]:
     events = sorted((Event(e.kind, e.t0 - t0, e.t1 - t0, e.ok, e.why)
                      for ld in loads for e in ld.events), key=lambda e: e.t0)
