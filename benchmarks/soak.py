@@ -214,6 +214,7 @@ def run(s: SoakSettings, out: Path) -> dict[str, Any]:
             for spec in specs:
                 Datapath(c.nodes[0].cgroup_root, BuildOptions(pin_dir=spec.pin)).uninstall()
     results["machine"]["loadavg_end"] = os.getloadavg()
+    results["growth"] = soakreport.judge_growth(results)
     results["verdict"] = soakreport.verdict(results)
     out.mkdir(parents=True, exist_ok=True)
     (out / "soak.json").write_text(json.dumps(results, indent=1))
@@ -328,9 +329,6 @@ def _judge(s: SoakSettings, t0: float, *, loads: list[Load], samples: list[dict[
             "expected_probe": cats.count("expected_probe"),
             "examples": [asdict(e) for e in unexpected[:soakreport.EXAMPLES]],
         },
-        "growth": soakreport.growth(
-            samples, s.warmup, s.seconds, s.window,
-            skip=(restart.get("began", 0.0), restart.get("ended", 0.0) + 5)),
     }
 
 
@@ -352,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.report:
         results = json.loads(args.report.read_text())
+        results["growth"] = soakreport.judge_growth(results)  # the judgement as of this code
+        results["verdict"] = soakreport.verdict(results)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "soak.md").write_text(soakreport.markdown(results))
         soakreport.chart(results, args.out / "soak.png")

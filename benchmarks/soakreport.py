@@ -87,6 +87,20 @@ def growth(samples: list[dict[str, Any]], warm: float, end: float, window: float
     return out
 
 
+def judge_growth(r: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """growth() per node, plus "<node>-new": the replacement agent against its own value after
+    its own warm-up, when the run left room for that (a 30-minute run does, 3 minutes do not)."""
+    s, rs, samples = r["settings"], r["restart"], r["samples"]
+    out = growth(samples, s["warmup"], s["seconds"], s["window"],
+                 skip=(rs.get("began", 0.0), rs.get("ended", 0.0) + 5))
+    if "ended" in rs and rs["ended"] + s["warmup"] + s["window"] <= s["seconds"] - s["window"]:
+        node = str(rs["node"])
+        own = growth([x for x in samples if x["t"] > rs["ended"]], rs["ended"] + s["warmup"],
+                     s["seconds"], s["window"])
+        out[f"{node}-new"] = own[node]
+    return out
+
+
 def verdict(r: dict[str, Any]) -> dict[str, Any]:
     totals = r["totals"]
     checks = {
@@ -141,6 +155,8 @@ def markdown(r: dict[str, Any]) -> str:
     lines += [f"| {k} | {t['ok']:,} | {t['failed']:,} |" for k, t in r["totals"].items()]
     p99 = [i["short_p99_ms"] for i in r["intervals"] if i["short_p99_ms"] is not None]
     p99_median = statistics.median(p99) if p99 else None
+    changes = [c for c in r["timeline"] if c["what"].startswith("policy")]
+    unrelated = sum(1 for c in changes if "unrelated" in c["what"])
     lines += [
         "",
         f"Failures: {f['unexpected']} unexpected, {f['during_restart']} during the restart "
@@ -148,8 +164,9 @@ def markdown(r: dict[str, Any]) -> str:
         "while their DENY was in force (expected).",
         f"Short-connection p99 per interval: median {_fmt(p99_median, 2)}"
         f" ms, worst {_fmt(max(p99) if p99 else None, 2)} ms.",
-        "Policy changes: " + ", ".join(f"{c['what']} at {c['t']:.0f} s" for c in r["timeline"]
-                                      if c["what"].startswith("policy"))[:600] + ".",
+        f"Policy changes: {len(changes)} mesh-file rewrites ({unrelated} adding or removing "
+        f"the unrelated DENY, {len(r['deny_windows'])} prober DENY windows; probes refused "
+        f"per window: {', '.join(str(w['denied_probes']) for w in r['deny_windows'])}).",
         "Certificate renewals (from nodemesh_certificate_rotations): " + "; ".join(
             f"node{a['node']} pid {a['pid']}: {a['renewals']} in {a['lived_s']:.0f} s "
             f"(expected >= {a['expected_min']})" for a in r["renewals"]) + ".",

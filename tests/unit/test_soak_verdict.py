@@ -7,7 +7,14 @@ from __future__ import annotations
 from typing import Any
 
 from benchmarks.soakload import Event
-from benchmarks.soakreport import classify, deny_windows, growth, intervals, verdict
+from benchmarks.soakreport import (
+    classify,
+    deny_windows,
+    growth,
+    intervals,
+    judge_growth,
+    verdict,
+)
 
 
 def ev(kind: str, t0: float, ok: bool, why: str = "", t1: float | None = None) -> Event:
@@ -102,3 +109,18 @@ def test_verdict_fails_on_each_kind_of_bad_run() -> None:
         v = verdict(r)
         assert not v[check] and not v["pass"], check
         assert all(ok for k, ok in v.items() if k not in (check, "pass")), check
+
+
+def test_the_replacement_agent_is_also_judged_against_itself_when_there_is_room() -> None:
+    # 0..200 s, restart 60-70 s; the new agent leaks one fd per sample after its warm-up.
+    samples = _samples([60] * 21, [80.0] * 21)
+    for x in samples:
+        if x["t"] > 130:
+            x["nodes"]["0"]["fds"] = 60 + int((x["t"] - 130) / 10)
+    r = {"samples": samples, "restart": {"node": 0, "began": 60.0, "ended": 70.0},
+         "settings": {"warmup": 40.0, "seconds": 200.0, "window": 30.0}}
+    g = judge_growth(r)
+    assert set(g) == {"0", "0-new"}
+    assert g["0-new"]["fds"]["base"] == 60 and not g["0-new"]["fds"]["ok"]
+    short = {**r, "settings": {"warmup": 40.0, "seconds": 120.0, "window": 30.0}}
+    assert set(judge_growth(short)) == {"0"}  # no room for the new agent's own windows
