@@ -83,3 +83,22 @@ def many_pods(pods: int, without: int | None = None) -> str:
 def same_node_pair() -> str:
     """client (node0 pod0) and server (node0 pod1) on one node, no policy: all allowed."""
     return "---\n".join([_namespace(), _workload("client", 0, 0), _workload("server", 0, 1)])
+
+
+def soak(unrelated_rule: bool, deny_probe: bool) -> str:
+    """The soak's mesh: client (node0 pod0) and prober (node0 pod1) call server (node1 pod0).
+
+    `unrelated_rule` adds a DENY on the server for a principal nobody has (traffic unchanged);
+    `deny_probe` adds a DENY on the server for the prober only (the client is unaffected)."""
+    docs = [_namespace(), _workload("client", 0, 0), _workload("prober", 0, 1),
+            _workload("server", 1, 0)]
+    for name, sa, on in (("soak-unrelated", "nobody", unrelated_rule),
+                         ("soak-deny-probe", "prober", deny_probe)):
+        if on:
+            docs.append(
+                "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+                f"metadata: {{name: {name}, namespace: {NAMESPACE}}}\n"
+                "spec:\n  selector: {matchLabels: {app: server}}\n  action: DENY\n"
+                f'  rules:\n  - from: [{{source: {{principals: ["{principal(sa)}"]}}}}]\n'
+            )
+    return "---\n".join(docs)
