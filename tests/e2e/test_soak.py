@@ -23,10 +23,9 @@ from agent.host import cgroup
 
 REPO = Path(__file__).resolve().parents[2]
 SECONDS = 180
-# How node1's agent is replaced halfway. Surge (new beside old, then SIGTERM the old) needs the
-# zero-downtime upgrade (SO_REUSEPORT listeners, shared identity ids); until that is in, plain
-# (SIGTERM, then start; failures inside that window are counted as expected, not unexpected).
-RESTART = "plain"
+# How node1's agent is replaced halfway: surge, the zero-downtime upgrade (new agent beside the
+# old one, then SIGTERM the old), so no failure is expected anywhere in the run.
+RESTART = "surge"
 
 
 @pytest.mark.timeout(SECONDS + 600)
