@@ -119,7 +119,7 @@ def table(results: dict[str, Any]) -> str:
     if "scale" in sec and "error" not in sec["scale"]:
         s = sec["scale"]
         lines.append(
-            f"Agent + tunnel with {s['enrolled']} enrolled pods (one process): ready in "
+            f"Agent + tunnel with {s['enrolled']} enrolled pods (control + workers): ready in "
             f"{s['ready_s']:.1f} s; idle RSS {s['idle_rss_mib']:.0f} MiB, idle CPU "
             f"{s['idle_cpu_pct']:.1f}% of a core; with {s['load_connections']} connections "
             f"echoing 1 KiB ({s['load_round_trips_per_s']:,.0f} round trips/s): CPU "

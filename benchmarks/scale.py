@@ -1,7 +1,8 @@
 """Agent + tunnel footprint with many enrolled pods on one node.
 
 One node, `pods` pods, all in the mesh with their own service accounts (one certificate each).
-Measured with psutil on the `nodemesh run` process (agent and tunnel are one process): time from
+Measured with psutil on the `nodemesh run` control process and its data-plane workers (summed,
+default worker count): time from
 start to ready, RSS when idle, CPU when idle, then CPU and RSS while every pod holds one
 connection to the next pod, echoing 1 KiB messages through the tunnel.
 
