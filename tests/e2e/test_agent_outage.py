@@ -10,7 +10,6 @@ backend (node0 pod1, namespace shop: STRICT) in the mesh; node0 pod2 is not in t
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 from prereq import require_tool
 from support.agents import live_mesh as live_agents
+from support.attachments import cgroup_attachments, sk_lookup_links
 
 from agent.commands.demo import (
     _run_client,
@@ -26,7 +26,6 @@ from agent.commands.demo import (
     agent_argv,
     http_get,
 )
-from agent.datapath import bpfsys
 from agent.datapath.datapath import CGROUP_PROGRAMS
 from agent.testbed import Cluster, PodProcess
 from agent.testbed.cluster import Node, Place
@@ -57,21 +56,6 @@ def spawn_agent(
     with (work / f"agent-n{node.index}-{tag}.log").open("w") as log:
         return node.spawn(agent_argv(c, node, mesh, pin, work), stdout=log,
                           stderr=subprocess.STDOUT)
-
-
-def attachments(node: Node) -> dict[str, int]:
-    fd = os.open(node.cgroup_root, os.O_RDONLY)
-    try:
-        return {p.name: len(bpfsys.prog_query(fd, p.attach_type)) for p in CGROUP_PROGRAMS}
-    finally:
-        os.close(fd)
-
-
-def sk_lookup_links(netns_inode: int) -> int:
-    out = subprocess.run(["bpftool", "-j", "link", "show"], capture_output=True, text=True,
-                         check=True).stdout
-    return sum(1 for link in json.loads(out or "[]")
-               if link.get("type") == "netns" and link.get("netns_ino") == netns_inode)
 
 
 @pytest.fixture
@@ -117,9 +101,9 @@ def test_strict_pod_stays_closed_while_its_agent_is_killed_and_recovers_after_re
     assert out.startswith("OK backend got"), out
     for src in sources:
         assert not plain(src, backend.ip, 8080).startswith("OK backend")
-    assert attachments(node0) == {p.name: 1 for p in CGROUP_PROGRAMS}
+    assert cgroup_attachments(node0) == {p.name: 1 for p in CGROUP_PROGRAMS}
     for pod in (frontend, backend):
-        assert sk_lookup_links(os.stat(pod.netns_path).st_ino) == 1
+        assert sk_lookup_links(pod) == 1
     assert "adopted nm_connect4" in (work / "agent-n0-restart.log").read_text()
     # The drops during the outage waited in the pinned ring; the restarted agent logged them.
     deadline = time.monotonic() + 10

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import subprocess
 import threading
@@ -40,12 +39,12 @@ from pathlib import Path
 import pytest
 from prereq import require_tool
 from support.agents import LiveMesh, live_mesh
+from support.attachments import cgroup_attachments, sk_lookup_links
 
 from agent.commands.demo import _wait_ready, agent_argv
-from agent.datapath import bpfsys
 from agent.datapath.programs import CGROUP_PROGRAMS
 from agent.testbed import PodProcess
-from agent.testbed.cluster import Node, Place
+from agent.testbed.cluster import Node
 
 MESH = """
 apiVersion: v1
@@ -223,22 +222,6 @@ class Transfer:
         return result
 
 
-def attachments(node: Node) -> dict[str, int]:
-    fd = os.open(node.cgroup_root, os.O_RDONLY)
-    try:
-        return {p.name: len(bpfsys.prog_query(fd, p.attach_type)) for p in CGROUP_PROGRAMS}
-    finally:
-        os.close(fd)
-
-
-def sk_lookup_links(pod: Place) -> int:
-    ino = os.stat(pod.netns_path).st_ino
-    out = subprocess.run(["bpftool", "-j", "link", "show"], capture_output=True, text=True,
-                         check=True).stdout
-    return sum(1 for link in json.loads(out or "[]")
-               if link.get("type") == "netns" and link.get("netns_ino") == ino)
-
-
 def spawn(live: LiveMesh, node: Node, tag: str, extra: Sequence[str]) -> PodProcess:
     argv = agent_argv(live.cluster, node, live.mesh, live.pins[node.index], live.work,
                       extra=["--drain-seconds", DRAIN, *extra])
@@ -330,7 +313,7 @@ def test_surge_upgrade_and_rollback_drop_no_connection(live: LiveMesh) -> None:
 def check_single_attachments(live: LiveMesh, tag: str) -> None:
     c = live.cluster
     for node in c.nodes:
-        assert attachments(node) == {p.name: 1 for p in CGROUP_PROGRAMS}, tag
+        assert cgroup_attachments(node) == {p.name: 1 for p in CGROUP_PROGRAMS}, tag
         log = (live.work / f"agent-n{node.index}-{tag}.log").read_text()
         for p in CGROUP_PROGRAMS:
             assert f"adopted {p.name}" in log, (tag, p.name)
