@@ -55,11 +55,17 @@ def _write(config: Path, text: str) -> float:
     return time.monotonic()
 
 
-def _until(c: Cluster, enrolled: bool, ref: str, limit: float = 60.0) -> dict[str, Any]:
+def _until(c: Cluster, enrolled: bool, ref: str, before: Any,
+           limit: float = 60.0) -> dict[str, Any]:
+    """The first config_dump that shows `ref` (un)enrolled and the enroller's record of that
+    call (`last_enroll`/`last_unenroll`, a new value: the pod leaves `enrolled` before the
+    workers have closed its listeners, and the call is timed when they have)."""
+    key = "last_enroll" if enrolled else "last_unenroll"
     start = time.monotonic()
     while time.monotonic() - start < limit:
         dump = config_dump(c.nodes[0])
-        if any(e["workload"] == ref for e in dump["enrolled"].values()) == enrolled:
+        if (any(e["workload"] == ref for e in dump["enrolled"].values()) == enrolled
+                and dump[key] is not None and dump[key] != before):
             return dump
         time.sleep(0.005)
     raise TimeoutError(f"{ref} not {'enrolled' if enrolled else 'unenrolled'} in {limit:.0f}s")
@@ -70,11 +76,13 @@ def _enroll_cycles(c: Cluster, config: Path, pods: int) -> dict[str, Any]:
     ref = f"{meshfile.NAMESPACE}/pod-{last}"
     calls: dict[str, list[float]] = {"enroll": [], "unenroll": []}
     seen: dict[str, list[float]] = {"enroll": [], "unenroll": []}
+    previous = config_dump(c.nodes[0])
     for _ in range(ENROLL_CYCLES):
         for action, text in (("unenroll", meshfile.many_pods(pods, without=last)),
                              ("enroll", meshfile.many_pods(pods))):
             t0 = _write(config, text)
-            dump = _until(c, action == "enroll", ref)
+            dump = _until(c, action == "enroll", ref, previous[f"last_{action}"])
+            previous = dump
             seen[action].append(time.monotonic() - t0)
             calls[action].append(dump[f"last_{action}"][1])
     out: dict[str, Any] = {}
