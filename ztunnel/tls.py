@@ -16,25 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import ssl
-from asyncio import sslproto
 from typing import Protocol
 
 from agent.identity import tlsmem
 from agent.identity.spiffe import Identity, IdentityError, from_der
-
-# asyncio gives every TLS connection a receive buffer of SSLProtocol.max_size (256 KiB, zero-filled
-# so resident at once) and reads that much per call: with a tunnel's two TLS ends per same-node
-# connection that was ~0.5 MiB of the ~0.7 MiB an active connection cost. 64 KiB still takes four
-# full TLS records per read; bulk throughput over one connection drops ~3% (measured, see
-# benchmarks/results.md, issue #14).
-TLS_READ_BUFFER = 64 * 1024
-
-
-def limit_tls_read_buffers(size: int = TLS_READ_BUFFER) -> None:
-    """Cap asyncio's per-connection TLS read buffer for this process (the class attribute is
-    the only knob asyncio has; loop.create_connection builds its SSLProtocol itself)."""
-    sslproto.SSLProtocol.max_size = min(sslproto.SSLProtocol.max_size, size)
-
 
 ALPN = "h2"
 

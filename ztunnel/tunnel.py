@@ -39,7 +39,7 @@ from ztunnel.model import (
 )
 from ztunnel.outbound import Outbound
 from ztunnel.plaintext import Plaintext
-from ztunnel.tls import Contexts, limit_tls_read_buffers
+from ztunnel.tls import Contexts
 from ztunnel.upstream import DialError, UpstreamError
 
 __all__ = ["DialError", "IdentityIds", "Mode", "OriginalDst", "PodSpec", "Resolver",
@@ -58,7 +58,6 @@ Handler = Callable[[PodState, socket.socket, tuple[str, int], ConnectionGuard],
 
 class Tunnel:
     def __init__(self, config: TunnelConfig) -> None:
-        limit_tls_read_buffers()
         self.config = config
         self.contexts = Contexts(config.certificates)
         self.counters = Counters()
