@@ -115,6 +115,14 @@ static __always_inline struct bypass_entry *nm_own_bypass(struct bpf_sock_ops *s
 	return be && be->cookie == cookie ? be : NULL;
 }
 
+static __always_inline int nm_v4_mapped(struct bpf_sock_ops *skops)
+{
+	return skops->family == AF_INET6 && skops->remote_ip6[0] == 0 &&
+	       skops->remote_ip6[1] == 0 && skops->remote_ip6[2] == bpf_htonl(0xffff) &&
+	       skops->local_ip6[0] == 0 && skops->local_ip6[1] == 0 &&
+	       skops->local_ip6[2] == bpf_htonl(0xffff);
+}
+
 int nm_sockops(struct bpf_sock_ops *skops)
 {
 	struct upstream_key uk;
@@ -123,7 +131,12 @@ int nm_sockops(struct bpf_sock_ops *skops)
 	__u64 cookie;
 	long err;
 
-	if (skops->family != AF_INET)
+	/* A server listening on [::] accepts IPv4 clients on AF_INET6 sockets with IPv4-mapped
+	 * addresses (iperf3 and most dual-stack servers do): their IPv4 fields are set, and for
+	 * the bypass such a socket is the server end of its AF_INET client's connection. Before
+	 * this, such servers never joined the sockhash and every byte to them went by TCP. */
+	if (skops->family != AF_INET &&
+	    !(skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && nm_v4_mapped(skops)))
 		return 1;
 	switch (skops->op) {
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: {

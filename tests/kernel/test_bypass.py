@@ -53,7 +53,11 @@ s.close()
 # the socket open until stdin closes.
 ECHO = """
 import socket, sys, threading
-s = socket.create_server(("0.0.0.0", int(sys.argv[1])))
+if sys.argv[2:] == ["dual-stack"]:  # [::] taking IPv4 clients on IPv4-mapped AF_INET6 sockets
+    s = socket.create_server(("::", int(sys.argv[1])), family=socket.AF_INET6,
+                             dualstack_ipv6=True)
+else:
+    s = socket.create_server(("0.0.0.0", int(sys.argv[1])))
 print("ready", flush=True)
 def serve(c):
     while d := c.recv(1 << 16):
@@ -199,6 +203,33 @@ def test_bulk_through_the_redirect_arrives_intact(
         proc.popen.stdin.close()  # type: ignore[union-attr]
         proc.popen.wait(timeout=10)
         proc.stop()
+    finally:
+        echo.stop()
+
+
+def test_dual_stack_server_is_bypassed_both_ways(
+    kcluster: Cluster, bypass_on: Datapath
+) -> None:
+    """A server on [::] (iperf3, most dual-stack servers) accepts the IPv4 client on an
+    IPv4-mapped AF_INET6 socket; that socket joins the bypass like an AF_INET one (it used not
+    to, and every byte to it went by TCP)."""
+    a, b = kcluster.pod(0, 0), kcluster.pod(0, 1)
+    echo = ready(b.python(ECHO, "7001", "dual-stack", stdout=subprocess.PIPE))
+    try:
+        before = bypass_on.bypass_counters()
+        size = 1 << 20
+        proc = a.python(PUSH, str(b.ip), "7001", str(size), stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE)
+        assert proc.popen is not None and proc.popen.stdout is not None
+        assert json.loads(proc.popen.stdout.readline()) == {"echoed": size, "same": True}
+        [(_owner, c2s, s2c)] = bypass.live(bypass_on.module).values()
+        assert (c2s, s2c) == (size, size)
+        proc.popen.stdin.close()  # type: ignore[union-attr]
+        proc.popen.wait(timeout=10)
+        proc.stop()
+        after = bypass_on.bypass_counters()
+        assert after[BypassCounter.FALLBACK] == before[BypassCounter.FALLBACK]
+        assert after[BypassCounter.NO_SOCKHASH] == before[BypassCounter.NO_SOCKHASH]
     finally:
         echo.stop()
 
