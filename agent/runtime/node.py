@@ -383,6 +383,9 @@ class NodeAgent:
         )
         am.datapath_drops.set_reader(self.datapath.drop_counts)
         am.enrolled_pods.set_reader(lambda: len(self.enrolled))
+        am.same_node_bypass.set_reader(
+            lambda: {c.name.lower(): v for c, v in self.datapath.bypass_counters().items()}
+        )
         am.map_fill.set_reader(
             lambda: {m: used / cap for m, (used, cap) in self.datapath.map_fill().items()}
         )

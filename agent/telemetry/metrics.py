@@ -286,6 +286,8 @@ class AgentMetrics:
       kernel's open-connection count and cap refusals per Service port
     - `endpoint_ejections.set_reader(lambda: {(svc, endpoint): n})`, `endpoints_ejected` — outlier
       detection
+    - `same_node_bypass.set_reader(lambda: {"connects": n, "fallback": n, ...})` — the kernel's
+      same-node bypass counters
     - `hbone_connections`, `hbone_streams`, `hbone_dial_failures` — the tunnel's connection pool
     and `policy_update_seconds.observe(seconds)` after each policy map update. Certificate
     metrics belong to the identity subsystem (agent/identity/metrics.py).
@@ -321,6 +323,10 @@ class AgentMetrics:
         self.endpoints_ejected = ScrapeLabelled(
             registry, "nodemesh_endpoints_ejected", "Service endpoints ejected now", "gauge",
             ("service", "port"))
+        self.same_node_bypass = ScrapeLabelled(
+            registry, "nodemesh_same_node_bypass", "Same-node bypass events the kernel counted: "
+            "connects sent socket to socket, SYNs let in for them, directions that fell back to "
+            "TCP, sockets the sockhash refused", "counter", ("event",))
         self.hbone_connections = ScrapeValue(
             registry, "nodemesh_hbone_connections_opened", "HBONE (mTLS) connections the "
             "tunnel's pool dialed", "counter")

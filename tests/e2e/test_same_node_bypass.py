@@ -9,9 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from support.agents import live_mesh
 
-from agent.commands.demo import EXAMPLE, _run_client
+from agent.commands.demo import EXAMPLE, _run_client, http_get
 from agent.datapath.bypass import BypassCounter
 from agent.datapath.datapath import Datapath
 from agent.datapath.options import BuildOptions
@@ -57,6 +58,12 @@ def test_same_node_traffic_with_the_bypass(tmp_path: Path, switch: str) -> None:
         dp.open_pins()
         counts = dp.bypass_counters()
         assert counts[BypassCounter.CONNECTS] == (2 if switch == "on" else 0), counts
+        # the same counters, as the agent exports them
+        metrics = http_get(c.nodes[0].netns, 15020, "/metrics")
+        assert metrics is not None
+        exported = {s.labels["event"]: s.value for fam in text_string_to_metric_families(metrics)
+                    for s in fam.samples if s.name == "nodemesh_same_node_bypass_total"}
+        assert exported == {k.name.lower(): float(n) for k, n in counts.items()}, exported
         recs = _records(tmp_path / "flows-n0.log", want=3)
         closes = [r for r in recs if r["kind"] == "close"
                   and r["destination"]["workload"] == "backend"]  # type: ignore[index]
