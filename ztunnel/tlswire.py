@@ -267,7 +267,7 @@ class TlsWire:
         self._decrypt()
 
     def _decrypt(self) -> None:
-        obj, pview, cap = self._obj, self._pview, len(self._pbuf)
+        obj, rbio, pview, cap = self._obj, self._rbio, self._pview, len(self._pbuf)
         filled = 0
         while True:
             try:
@@ -285,6 +285,12 @@ class TlsWire:
             if not got:
                 break
             filled += got
+            if not rbio.pending and not obj.pending():
+                # Input used up and no plaintext left: one more read would only raise
+                # SSLWantReadError (~1 us per turn, about what decrypting a small record costs).
+                # OpenSSL without read-ahead takes from the BIO no more than the record it
+                # decrypts, so no complete record can wait inside it.
+                break
             if filled == cap:
                 self._deliver(filled)
                 if self._lost or self._closing:
