@@ -87,6 +87,9 @@ class PlainSide(asyncio.BufferedProtocol):
         self._write_blocked = False
         self._owed = 0
         self._held: list[bytes] = []  # read before attach: forwarded by attach, never dropped
+        # Looked up once: asyncio.get_running_loop() costs a getpid(2) per call on 3.11, and
+        # get_buffer/buffer_updated run on every read.
+        self._rbuf = _loop_buffer()
 
     # -- wiring ------------------------------------------------------------------------------
     def attach(self, peer: RelayEndpoint) -> None:
@@ -114,10 +117,10 @@ class PlainSide(asyncio.BufferedProtocol):
             transport.pause_reading()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return _loop_buffer()
+        return self._rbuf
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(_loop_buffer()[:nbytes])
+        self.data_received(self._rbuf[:nbytes])
 
     def data_received(self, data: bytes | memoryview) -> None:
         self.bytes_read += len(data)
