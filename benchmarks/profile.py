@@ -1,4 +1,6 @@
-"""Where the tunnel's time goes: py-spy samples both agents during a nodemesh bulk transfer.
+"""Where the tunnel's time goes: py-spy samples both agents during a nodemesh bulk transfer,
+with their worker processes (`--subprocesses`: the data plane runs in the workers, the agent's
+own process is the control process).
 
 py-spy (PyPI) reads the agent's stacks from outside the process. `--native` adds C frames
 (OpenSSL, the socket calls) and needs the process paused for each sample, so the profiled run is
@@ -59,7 +61,8 @@ def summarize(raw: Path, top: int = 12) -> dict[str, Any]:
 
 
 def record(bed: Bed, seconds: float, out: Path) -> dict[str, Any]:
-    """py-spy on both agents while a single-stream bulk transfer runs through the mesh."""
+    """py-spy on both agents and their workers while a single-stream bulk transfer runs through
+    the mesh."""
     exe = py_spy()
     if exe is None:
         return {"skipped": "py-spy not installed (pip install py-spy)"}
@@ -68,7 +71,7 @@ def record(bed: Bed, seconds: float, out: Path) -> dict[str, Any]:
     for i, agent in enumerate(bed.agents):
         raw = out / f"profile-node{i}.txt"
         argv = [exe, "record", "-p", str(agent.pid), "-d", str(int(seconds) + 1), "-r", "250",
-                "-f", "raw", "--nolineno", "--idle", "--native", "-o", str(raw)]
+                "-f", "raw", "--nolineno", "--idle", "--native", "--subprocesses", "-o", str(raw)]
         spies.append((raw, subprocess.Popen(argv, stdout=subprocess.DEVNULL,
                                             stderr=subprocess.PIPE)))
     try:
