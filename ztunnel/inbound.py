@@ -131,7 +131,7 @@ class Inbound:
         state = _Connection()
 
         def on_request(session: HboneSession, sid: int, headers: dict[str, str]) -> None:
-            stream = _Stream(self, pod, session, sid, state)
+            stream = _InboundStream(self, pod, session, sid, state)
             self._track(stream)
             stream.step(stream.start, headers)
 
@@ -199,7 +199,7 @@ class Inbound:
         return True
 
 
-class _Stream(Flight):
+class _InboundStream(Flight):
     """One CONNECT stream served by callbacks: checks, the upstream connect (often done when
     connect() returns: then no wait at all), the 200, the relay, the close event."""
 
