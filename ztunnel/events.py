@@ -9,11 +9,12 @@ never used as a label.
 
 from __future__ import annotations
 
+import copy
 import enum
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields
 
 from agent.identity.spiffe import Identity
 from ztunnel.lograte import RepeatLimiter
@@ -125,10 +126,17 @@ class ConnectionEvent:
     svc_port: int = 0
 
     def __post_init__(self) -> None:
-        self.phase = Phase(self.phase)
+        if type(self.phase) is not Phase:
+            self.phase = Phase(self.phase)
 
     def closed(self, **changes: object) -> ConnectionEvent:
-        ev = replace(self, phase=Phase.CLOSE, **changes)  # type: ignore[arg-type]  # dataclass replace takes the field kwargs
+        # A copy, not dataclasses.replace (which runs __init__ again): one per connection.
+        unknown = changes.keys() - _EVENT_FIELDS
+        if unknown:
+            raise TypeError(f"ConnectionEvent has no field(s) {sorted(unknown)}")
+        ev = copy.copy(self)
+        ev.phase = Phase.CLOSE
+        ev.__dict__.update(changes)
         ev.duration = time.monotonic() - self.started
         return ev
 
@@ -137,6 +145,8 @@ class ConnectionEvent:
         """The close event of a connection refused before it carried data."""
         return self.closed(response=response, cause=cause, flags=flags, reason=reason)
 
+
+_EVENT_FIELDS = frozenset(f.name for f in fields(ConnectionEvent))
 
 EventHook = Callable[[ConnectionEvent], None]
 

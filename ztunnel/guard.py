@@ -82,15 +82,24 @@ class ConnectionGuard:
         try:
             await coro
         except asyncio.CancelledError:
-            self._close_socket()
-            self._abandoned("cancelled (tunnel closing or drain deadline)")
+            self.cancelled()
             raise
         except Exception as exc:
-            # A bug, but one a peer may trigger at will: one bounded line, traceback at DEBUG.
-            log.error("BUG: connection handler failed: %s: %.200s", type(exc).__name__, exc)
-            log.debug("connection handler traceback", exc_info=True)
-            self._close_socket()
-            self._abandoned(f"handler failed: {type(exc).__name__}")
+            self.failed(exc)
+
+    def cancelled(self) -> None:
+        """The handler (a Task or a callback chain) was cut short: tunnel closing or drain
+        deadline."""
+        self._close_socket()
+        self._abandoned("cancelled (tunnel closing or drain deadline)")
+
+    def failed(self, exc: Exception) -> None:
+        """The handler raised: a bug, but one a peer may trigger at will: one bounded line,
+        traceback at DEBUG (call from the except block)."""
+        log.error("BUG: connection handler failed: %s: %.200s", type(exc).__name__, exc)
+        log.debug("connection handler traceback", exc_info=True)
+        self._close_socket()
+        self._abandoned(f"handler failed: {type(exc).__name__}")
 
     def _abandoned(self, why: str) -> None:
         if self.event is None or self.closed:

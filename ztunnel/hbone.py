@@ -17,6 +17,7 @@ touches the others. Frame-level abuse is bounded by `Budgets`; every trip is cou
 
 from __future__ import annotations
 
+import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -957,15 +958,20 @@ def _informational(raw: list[tuple[bytes, bytes]]) -> bool:
     return any(k == b":status" and v[:1] == b"1" for k, v in raw)
 
 
+# One regex scan per field instead of a Python loop over its bytes (every CONNECT and answer).
+_BAD_NAME = re.compile(rb"[ \t\r\n\x00:]")
+_BAD_VALUE = re.compile(rb"[\r\n\x00]")
+
+
 def _validate(raw: list[tuple[bytes, bytes]], pseudo_ok: bool) -> dict[str, str]:
     """Header fields as RFC 9113 section 8.2 wants them (lowercase names, no connection-specific
     fields, pseudo-fields first), decoded as UTF-8; a malformed block fails the connection."""
     hdrs: dict[str, str] = {}
     regular = False
     for name, value in raw:
-        if not name or name != name.lower() or any(c in b" \t\r\n\x00:" for c in name[1:]):
+        if not name or name != name.lower() or _BAD_NAME.search(name, 1):
             raise _Fail(f.PROTOCOL_ERROR, f"invalid header field name {name[:64]!r}")
-        if any(c in b"\r\n\x00" for c in value) or value != value.strip(b" \t"):
+        if _BAD_VALUE.search(value) or value != value.strip(b" \t"):
             raise _Fail(f.PROTOCOL_ERROR, f"invalid value for header field {name[:64]!r}")
         if name[:1] == b":":
             if regular or not pseudo_ok:

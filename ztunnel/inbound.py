@@ -9,8 +9,11 @@ again after the connect: a fresh upstream whose stream died meanwhile is closed 
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import ipaddress
 import logging
+import os
 import socket
 import ssl
 from collections.abc import Callable
@@ -19,7 +22,7 @@ from dataclasses import dataclass
 from agent.identity.spiffe import Identity
 from ztunnel import connect, podnet
 from ztunnel.admission import HandshakeAdmission, Refusal
-from ztunnel.carry import carry_stream
+from ztunnel.chain import Flight, MadePlain, Track, plain_transport
 from ztunnel.events import (
     Cause,
     ConnectionEvent,
@@ -30,12 +33,20 @@ from ztunnel.events import (
 )
 from ztunnel.guard import ConnectionGuard
 from ztunnel.lograte import RepeatLimiter
-from ztunnel.model import Counters, PodSpec, PodState, Spawn, TunnelConfig
+from ztunnel.model import Counters, PodSpec, PodState, TunnelConfig
 from ztunnel.relay import PlainSide
 from ztunnel.session import HboneSession
 from ztunnel.session import accept as accept_hbone
 from ztunnel.tls import Contexts, describe_handshake_error, verify_client
-from ztunnel.upstream import UpstreamConnect, UpstreamError, connect_plain, reset
+from ztunnel.upstream import (
+    UpstreamCheck,
+    UpstreamConnect,
+    UpstreamError,
+    connect_failure,
+    connect_plain,
+    reset,
+    upstream_socket,
+)
 
 log = logging.getLogger(__name__)
 log.addFilter(RepeatLimiter.shared())
@@ -66,16 +77,15 @@ def upstream_refusal(ev: ConnectionEvent, err: UpstreamError) -> ConnectionEvent
 
 class Inbound:
     def __init__(self, config: TunnelConfig, contexts: Contexts, counters: Counters, *,
-                 spawn: Spawn, draining: Callable[[], bool],
-                 connect_socket: UpstreamConnect) -> None:
+                 track: Track, draining: Callable[[], bool], check: UpstreamCheck) -> None:
         self.config = config
         self.contexts = contexts
         self.counters = counters
         self.admission = HandshakeAdmission(config.max_pending_handshakes,
                                             config.max_pending_handshakes_per_ip)
-        self._spawn = spawn
+        self._track = track
         self._draining = draining
-        self._connect_socket = connect_socket
+        self._check = check
 
     async def handle(self, pod: PodState, conn: socket.socket, addr: tuple[str, int],
                      guard: ConnectionGuard) -> None:
@@ -121,9 +131,9 @@ class Inbound:
         state = _Connection()
 
         def on_request(session: HboneSession, sid: int, headers: dict[str, str]) -> None:
-            guard = ConnectionGuard(cfg)
-            self._spawn(guard.run(self._serve_stream(pod, session, sid, headers,
-                                                     state=state, guard=guard)))
+            stream = _InboundStream(self, pod, session, sid, state)
+            self._track(stream)
+            stream.step(stream.start, headers)
 
         ev = ConnectionEvent(Phase.CLOSE, TunnelDirection.INBOUND, addr[0], addr[1], spec.ip,
                              cfg.hbone_port, dst_workload=spec.name, dst_identity=spec.identity,
@@ -148,48 +158,6 @@ class Inbound:
             return None
         guard.closed = True  # the connection's streams report themselves
         return session
-
-    async def _serve_stream(self, pod: PodState, session: HboneSession, sid: int,
-                            headers: dict[str, str], *, state: _Connection,
-                            guard: ConnectionGuard) -> None:
-        c = self.counters
-        if not session.stream_open(sid):
-            # Reset by the client before we got to it (rapid reset): no upstream connect and
-            # no flow record (the client never had a connection), only the counter.
-            c.streams_reset_before_connect += 1
-            return
-        cfg = self.config
-        spec = pod.spec
-        src_ip, src_port = session.remote_addr
-        src_wl = cfg.resolver(src_ip)
-        verdict = connect.validate_request(headers, ipaddress.ip_address(session.local_addr[0]))
-        dst_ip, dst_port = (str(verdict.target[0]), verdict.target[1]) if verdict.target else (
-            spec.ip, 0)
-        ev = guard.track(ConnectionEvent(
-            Phase.OPEN, TunnelDirection.INBOUND, src_ip, src_port, dst_ip, dst_port,
-            src_workload=src_wl.name if src_wl else "", src_identity=session.peer,
-            dst_workload=spec.name, dst_identity=spec.identity))
-        if not self._admit_stream(pod, session, sid, verdict, state, guard, ev):
-            return
-        state.upstreams_in_flight += 1
-        try:
-            up = await connect_app(cfg, c, spec, peer=session.peer, src_ip=src_ip,
-                                   target=(dst_ip, dst_port), connect_socket=self._connect_socket)
-        except UpstreamError as err:
-            session.respond(sid, err.status)
-            guard.close(upstream_refusal(ev, err))
-            return
-        finally:
-            state.upstreams_in_flight -= 1
-        if not session.stream_open(sid):
-            # The client reset the stream (or the connection went) while we connected.
-            c.upstreams_closed_stream_gone += 1
-            up.reset()
-            guard.refuse(ev, ResponseFlag.CONNECT, Cause.UPSTREAM, TransportFlag.RESET,
-                         "stream reset by the client during the upstream connect")
-            return
-        session.respond(sid, connect.OK)
-        await carry_stream(guard, ev, session, sid, up, source_side=False)
 
     def _admit_stream(self, pod: PodState, session: HboneSession, sid: int,  # noqa: PLR0917 -- one call site, the stream's whole context
                       verdict: connect.ConnectVerdict, state: _Connection,
@@ -229,3 +197,180 @@ class Inbound:
                          "max_upstream_connects_per_connection reached")
             return False
         return True
+
+
+class _InboundStream(Flight):
+    """One CONNECT stream served by callbacks: checks, the upstream connect (often done when
+    connect() returns: then no wait at all), the 200, the relay, the close event."""
+
+    def __init__(self, inbound: Inbound, pod: PodState, session: HboneSession, sid: int,
+                 state: _Connection) -> None:
+        super().__init__(ConnectionGuard(inbound.config))
+        self.inbound = inbound
+        self.pod = pod
+        self.spec = pod.spec
+        self.session = session
+        self.sid = sid
+        self.state = state
+        self.ev: ConnectionEvent | None = None
+        self.target = ("", 0)
+        self.sock: socket.socket | None = None  # the upstream while it connects
+        self.in_flight = False  # counted in state.upstreams_in_flight
+        self.timer: asyncio.TimerHandle | None = None
+        self.writer = -1  # the fd watched for the connect to finish
+        self.transport: asyncio.Transport | None = None
+        self.plain: MadePlain | None = None
+
+    def start(self, headers: dict[str, str]) -> None:
+        inbound, session, sid = self.inbound, self.session, self.sid
+        c = inbound.counters
+        if not session.stream_open(sid):
+            # Reset by the client before we got to it (rapid reset): no upstream connect and
+            # no flow record (the client never had a connection), only the counter.
+            c.streams_reset_before_connect += 1
+            self.finish()
+            return
+        cfg = inbound.config
+        spec = self.spec
+        src_ip, src_port = session.remote_addr
+        src_wl = cfg.resolver(src_ip)
+        verdict = connect.validate_request(headers, ipaddress.ip_address(session.local_addr[0]))
+        dst_ip, dst_port = (str(verdict.target[0]), verdict.target[1]) if verdict.target else (
+            spec.ip, 0)
+        self.target = (dst_ip, dst_port)
+        ev = self.ev = self.guard.track(ConnectionEvent(
+            Phase.OPEN, TunnelDirection.INBOUND, src_ip, src_port, dst_ip, dst_port,
+            src_workload=src_wl.name if src_wl else "", src_identity=session.peer,
+            dst_workload=spec.name, dst_identity=spec.identity))
+        if not inbound._admit_stream(self.pod, session, sid, verdict, self.state, self.guard,
+                                     ev):
+            self.finish()
+            return
+        self.state.upstreams_in_flight += 1
+        self.in_flight = True
+        c.upstream_connects += 1
+        mark = podnet.mark_for_identity(cfg.identity_id(session.peer))
+        try:
+            sock = self.sock = upstream_socket(spec, mark, src_ip)
+        except UpstreamError as err:
+            self._refused(err)
+            return
+        try:
+            inbound._check(spec, session.peer, self.target, mark)
+            code = sock.connect_ex(self.target)
+            if code in _PENDING:
+                # A local connect has usually finished inside connect() (the handshake runs in
+                # the caller's softirq): ask instead of waiting a loop turn for writability.
+                code = _connected(sock)
+        except OSError as exc:
+            self._connect_failed(exc)
+            return
+        if code == 0:
+            self._connected()
+        elif code in _PENDING:
+            self.writer = sock.fileno()
+            self.loop.add_writer(self.writer, self.step, self._writable)
+            self.timer = self.loop.call_later(cfg.connect_timeout, self.step, self._timed_out)
+        else:
+            self._connect_failed(OSError(code, os.strerror(code)))
+
+    def _writable(self) -> None:
+        self._stop_waiting()
+        assert self.sock is not None
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._connect_failed(OSError(err, os.strerror(err)))
+        else:
+            self._connected()
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        self._stop_waiting()
+        self._connect_failed(TimeoutError())
+
+    def _stop_waiting(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.writer >= 0:
+            self.loop.remove_writer(self.writer)
+            self.writer = -1
+
+    def _done_connecting(self) -> None:
+        if self.in_flight:
+            self.in_flight = False
+            self.state.upstreams_in_flight -= 1
+
+    def _connect_failed(self, exc: OSError) -> None:
+        self._done_connecting()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        self._refused(connect_failure(self.spec, self.target, self.session.peer, exc))
+
+    def _refused(self, err: UpstreamError) -> None:
+        self._done_connecting()
+        assert self.ev is not None
+        self.session.respond(self.sid, err.status)
+        self.guard.close(upstream_refusal(self.ev, err))
+        self.finish()
+
+    def _connected(self) -> None:
+        self._done_connecting()
+        sock, self.sock = self.sock, None
+        assert sock is not None and self.ev is not None
+        if not self.session.stream_open(self.sid):
+            # The client reset the stream (or the connection went) while we connected.
+            self.inbound.counters.upstreams_closed_stream_gone += 1
+            reset(sock)
+            self.guard.refuse(self.ev, ResponseFlag.CONNECT, Cause.UPSTREAM, TransportFlag.RESET,
+                              "stream reset by the client during the upstream connect")
+            self.finish()
+            return
+        self.plain = MadePlain(lambda plain: self.step(self._carry, plain))
+        self.transport = plain_transport(sock, self.plain)
+        # Answered now, while the transport is set up: the client's bytes that come first wait
+        # in the session (bounded by the stream window) until the relay is attached.
+        self.session.respond(self.sid, connect.OK)
+
+    def _carry(self, plain: MadePlain) -> None:
+        assert self.ev is not None
+        self.guard.opened(self.ev, TransportFlag.CONNECT | TransportFlag.HBONE)
+        if self.session.attach(self.sid, plain):
+            plain.done.add_done_callback(lambda _: self.step(self._ended))
+        else:
+            self._ended()
+
+    def _ended(self) -> None:
+        plain = self.plain
+        assert plain is not None and self.ev is not None
+        self.guard.finished(bytes_sent=plain.bytes_written, bytes_received=plain.bytes_read,
+                            flags=self.ev.flags | (TransportFlag.RESET if plain.reset_seen
+                                                   else TransportFlag.NONE))
+        self.finish()
+
+    def _abort(self) -> None:
+        self._stop_waiting()
+        self._done_connecting()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.plain is not None and self.plain.transport is not None:
+            self.plain.reset()
+        elif self.transport is not None:
+            self.transport.abort()
+
+
+_PENDING = (errno.EINPROGRESS, errno.EALREADY)
+
+
+def _connected(sock: socket.socket) -> int:
+    """0 once a non-blocking connect has finished, EINPROGRESS while it runs. getpeername, not a
+    second connect(): that would run the kernel's connect programs (policy, rate limits) again."""
+    try:
+        sock.getpeername()
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            return errno.EINPROGRESS
+        raise
+    return 0

@@ -10,10 +10,12 @@ import ipaddress
 import logging
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from ztunnel import connect, hbone, podnet
 from ztunnel.carry import carry_stream, splice
+from ztunnel.chain import Flight, MadePlain, Track, plain_transport
 from ztunnel.events import (
     Cause,
     ConnectionEvent,
@@ -24,7 +26,7 @@ from ztunnel.events import (
 )
 from ztunnel.guard import ConnectionGuard
 from ztunnel.lograte import RepeatLimiter
-from ztunnel.model import PodSpec, PodState, TunnelConfig
+from ztunnel.model import PodSpec, PodState, Spawn, TunnelConfig
 from ztunnel.pool import Pool, PoolKey
 from ztunnel.relay import PlainSide
 from ztunnel.session import HboneSession, TunnelClosedError
@@ -39,19 +41,23 @@ log.addFilter(RepeatLimiter.shared())
 class Outbound:
     def __init__(self, config: TunnelConfig, contexts: Contexts,
                  pod_by_ip: Callable[[str], PodState | None],
-                 connect_socket: UpstreamConnect) -> None:
+                 connect_socket: UpstreamConnect, *, track: Track, spawn: Spawn) -> None:
         self.config = config
         self.contexts = contexts
         self._pod_by_ip = pod_by_ip
         self._connect_socket = connect_socket
+        self._track = track
+        self._spawn = spawn
         self.pool = Pool(self.dial, max_streams=config.max_streams_per_connection,
                          idle_timeout=config.idle_timeout,
                          prewarm_destinations=config.prewarm_destinations,
                          prewarm_ttl=config.prewarm_ttl)
 
-    async def handle(self, pod: PodState, conn: socket.socket, addr: tuple[str, int],
-                     guard: ConnectionGuard) -> None:
-        loop = asyncio.get_running_loop()
+    def start(self, pod: PodState, conn: socket.socket, addr: tuple[str, int],
+              guard: ConnectionGuard) -> Coroutine[Any, Any, None] | None:
+        """Serve an accepted connection (tunnel.Handler). On a pooled HBONE connection with room
+        the CONNECT goes out from here and the rest runs by callbacks (`_Carried`); a dial or a
+        passthrough is returned as a coroutine for a Task."""
         cfg = self.config
         spec = pod.spec
         try:
@@ -60,7 +66,7 @@ class Outbound:
             log.warning("outbound connection from pod %s: cannot recover the original destination "
                         "(%s): is the capture program loaded?", spec.name, exc)
             conn.close()
-            return
+            return None
         dst_ip = str(dst_ip_a)
         wl = cfg.resolver(dst_ip)
         svc = cfg.service_dst(conn)
@@ -74,35 +80,41 @@ class Outbound:
                         "a target (redirect loop?)", spec.name, dst_ip, dst_port)
             reset(conn)
             guard.refuse(ev, ResponseFlag.NO_ROUTE, Cause.ILLEGAL_PORT, TransportFlag.BAD_REQUEST)
-            return
-        _, app = await loop.connect_accepted_socket(lambda: PlainSide(start_paused=True), conn)
+            return None
         if wl is None or wl.identity is None:
-            await self._passthrough(spec, app, ev, guard)
-            return
+            return self._passthrough(spec, conn, ev, guard)
         key = PoolKey(spec.identity, wl.identity, dst_ip, spec.ip)
         headers = connect.request_headers(dst_ip_a, dst_port, ipaddress.ip_address(spec.ip),
                                           addr[1])
+        opened = self.pool.try_open_stream(key, headers)
+        if opened is None:
+            return self._dialed(spec, conn, ev, key, headers, guard)
+        flight = _Carried(self, guard, spec, ev, key, headers, *opened)
+        self._track(flight)
+        flight.step(flight.start, conn)
+        return None
+
+    async def _dialed(self, spec: PodSpec, conn: socket.socket,  # noqa: PLR0917 -- start's context
+                      ev: ConnectionEvent, key: PoolKey, headers: list[tuple[str, str]],
+                      guard: ConnectionGuard) -> None:
+        """No pooled connection had room: dial one (the pool makes one dial per key)."""
+        app = await _app_side(conn)
+        await self._hbone(spec, app, ev, key, headers, guard, attempts=3)
+
+    async def _hbone(self, spec: PodSpec, app: PlainSide,  # noqa: PLR0917 -- start's context
+                     ev: ConnectionEvent, key: PoolKey, headers: list[tuple[str, str]],
+                     guard: ConnectionGuard, *, attempts: int) -> None:
         try:
-            session, sid, status = await self._connect_stream(key, headers)
+            session, sid, status = await self._connect_stream(key, headers, attempts)
         except UpstreamError as exc:  # the dial failed (DialError)
             app.reset()
             guard.close(exc.refusal(ev))
             return
         except (TunnelClosedError, OSError, TimeoutError, hbone.StreamError) as exc:
-            why = str(exc) or "no response in time (destination tunnel overloaded or hung?)"
-            log.warning("HBONE CONNECT from pod %s to %s:%d failed: %s", spec.name, dst_ip,
-                        dst_port, why)
-            app.reset()
-            guard.close(UpstreamError.unavailable(why).refusal(ev))
+            no_stream(spec, ev, app, guard, exc)
             return
         if status != connect.OK:
-            err = UpstreamError.from_status(status)
-            log.warning("HBONE CONNECT from pod %s (%s) to %s:%d (%s) answered %d: %s", spec.name,
-                        spec.identity, dst_ip, dst_port, wl.identity, status, err.why)
-            app.reset()
-            # Refused by the destination over an established mTLS connection.
-            guard.close(ev.refused(err.response, err.cause, err.flag | TransportFlag.HBONE,
-                                   f"{status}: {err.why}"))
+            refused_by_destination(spec, ev, app, guard, status)
             return
         await carry_stream(guard, ev, session, sid, app, source_side=True)
 
@@ -136,8 +148,9 @@ class Outbound:
                 raise
         raise AssertionError("unreachable")
 
-    async def _passthrough(self, spec: PodSpec, app: PlainSide, ev: ConnectionEvent,
+    async def _passthrough(self, spec: PodSpec, conn: socket.socket, ev: ConnectionEvent,
                            guard: ConnectionGuard) -> None:
+        app = await _app_side(conn)
         if self.config.outside_mesh == "refuse":
             log.warning("outbound connection from pod %s to %s:%d refused: destination is not in "
                         "the mesh and passthrough is off", spec.name, ev.dst_ip, ev.dst_port)
@@ -208,3 +221,139 @@ class Outbound:
                             response=ResponseFlag.TLS_FAILURE,
                             cause=Cause.TLS_HANDSHAKE) from None
         return session
+
+
+async def _app_side(conn: socket.socket) -> PlainSide:
+    loop = asyncio.get_running_loop()
+    _, app = await loop.connect_accepted_socket(lambda: PlainSide(start_paused=True), conn)
+    return app
+
+
+def no_stream(spec: PodSpec, ev: ConnectionEvent, app: PlainSide, guard: ConnectionGuard,
+              exc: BaseException | None) -> None:
+    """The CONNECT got no answer: the connection went, the stream was reset, or time ran out."""
+    why = str(exc or "") or "no response in time (destination tunnel overloaded or hung?)"
+    log.warning("HBONE CONNECT from pod %s to %s:%d failed: %s", spec.name, ev.dst_ip,
+                ev.dst_port, why)
+    app.reset()
+    guard.close(UpstreamError.unavailable(why).refusal(ev))
+
+
+def refused_by_destination(spec: PodSpec, ev: ConnectionEvent, app: PlainSide,
+                           guard: ConnectionGuard, status: int) -> None:
+    err = UpstreamError.from_status(status)
+    log.warning("HBONE CONNECT from pod %s (%s) to %s:%d (%s) answered %d: %s", spec.name,
+                spec.identity, ev.dst_ip, ev.dst_port, ev.dst_identity, status, err.why)
+    app.reset()
+    # Refused by the destination over an established mTLS connection.
+    guard.close(ev.refused(err.response, err.cause, err.flag | TransportFlag.HBONE,
+                           f"{status}: {err.why}"))
+
+
+class _Carried(Flight):
+    """An outbound connection on a pooled HBONE connection, by callbacks: the CONNECT is out
+    (start), the app's transport is made meanwhile, the response's done callback attaches the
+    relay (or refuses), the app side's end reports the close. A stream refused by a draining
+    peer (GOAWAY) is opened again elsewhere by `Outbound._hbone` in a Task."""
+
+    def __init__(self, outbound: Outbound, guard: ConnectionGuard,  # noqa: PLR0917 -- start's context
+                 spec: PodSpec, ev: ConnectionEvent, key: PoolKey,
+                 headers: list[tuple[str, str]], session: HboneSession, sid: int) -> None:
+        super().__init__(guard)
+        self.outbound = outbound
+        self.spec = spec
+        self.ev = ev
+        self.key = key
+        self.headers = headers
+        self.session = session
+        self.sid = sid
+        self.app: MadePlain | None = None
+        self.transport: asyncio.Transport | None = None
+        self.response: asyncio.Future[tuple[int, dict[str, str]]] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.answered = False  # a 200: carry once the app's transport is in place too
+        self.carrying = False
+
+    def start(self, conn: socket.socket) -> None:
+        self.app = MadePlain(lambda _: self.step(self._made))
+        self.transport = plain_transport(conn, self.app)
+        self.response = self.session.response_future(self.sid)
+        self.response.add_done_callback(lambda fut: self.step(self._answered, fut))
+        self.timer = self.loop.call_later(self.outbound.config.connect_timeout, self.step,
+                                          self._timed_out)
+
+    def _answered(self, fut: asyncio.Future[tuple[int, dict[str, str]]]) -> None:
+        self._stop_timer()
+        app = self.app
+        assert app is not None
+        exc = TunnelClosedError("response abandoned") if fut.cancelled() else fut.exception()
+        if exc is not None:
+            if (isinstance(exc, TunnelClosedError | hbone.StreamError)
+                    and self.session.core.goaway_received):
+                log.debug("HBONE stream to %s refused by a draining peer: retrying",
+                          self.key.dst_ip)
+                self.outbound._spawn(self.guard.run(self.outbound._hbone(
+                    self.spec, app, self.ev, self.key, self.headers, self.guard, attempts=2)))
+                self.finish()  # the Task has the connection now
+                return
+            self.session.stream_reset(self.sid)  # do not leave the stream open on the connection
+            no_stream(self.spec, self.ev, app, self.guard, exc)
+            self.finish()
+            return
+        status, _ = fut.result()
+        if status != connect.OK:
+            refused_by_destination(self.spec, self.ev, app, self.guard, status)
+            self.finish()
+            return
+        self.answered = True
+        if app.transport is not None:
+            self._carry()
+
+    def _made(self) -> None:
+        if self.answered and not self.carrying:
+            self._carry()
+
+    def _carry(self) -> None:
+        app = self.app
+        assert app is not None
+        self.carrying = True
+        self.guard.opened(self.ev, TransportFlag.CONNECT | TransportFlag.HBONE)
+        if self.session.attach(self.sid, app):
+            app.done.add_done_callback(lambda _: self.step(self._ended))
+        else:
+            self._ended()
+
+    def _ended(self) -> None:
+        app = self.app
+        assert app is not None
+        self.guard.finished(bytes_sent=app.bytes_read, bytes_received=app.bytes_written,
+                            flags=self.ev.flags | (TransportFlag.RESET if app.reset_seen
+                                                   else TransportFlag.NONE))
+        self.finish()
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        self._give_up()
+        assert self.app is not None
+        no_stream(self.spec, self.ev, self.app, self.guard, None)
+        self.finish()
+
+    def _stop_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _give_up(self) -> None:
+        """No answer wanted any more: forget the response, reset the stream."""
+        self._stop_timer()
+        if self.response is not None and not self.response.done():
+            self.response.cancel()
+        if not self.carrying:
+            self.session.stream_reset(self.sid)
+
+    def _abort(self) -> None:
+        self._give_up()
+        if self.app is not None and self.app.transport is not None:
+            self.app.reset()
+        elif self.transport is not None:
+            self.transport.abort()

@@ -67,7 +67,17 @@ class Pool:
     async def open_stream(self, key: PoolKey,
                           headers: list[tuple[str, str]]) -> tuple[HboneSession, int]:
         """Open a CONNECT stream to `key`'s destination (reusing or dialing a connection)."""
-        session = await self._checkout(key)
+        return self._opened(key, await self._checkout(key), headers)
+
+    def try_open_stream(self, key: PoolKey,
+                        headers: list[tuple[str, str]]) -> tuple[HboneSession, int] | None:
+        """`open_stream` without waiting: None when no pooled connection has room now (the
+        caller then awaits `open_stream`, which dials)."""
+        session = self._reserve(key)
+        return None if session is None else self._opened(key, session, headers)
+
+    def _opened(self, key: PoolKey, session: HboneSession,
+                headers: list[tuple[str, str]]) -> tuple[HboneSession, int]:
         try:
             sid = session.open_stream(headers)
         finally:

@@ -228,6 +228,13 @@ class HboneSession:
         self._flush()
         return sid
 
+    def response_future(self, stream_id: int) -> asyncio.Future[tuple[int, dict[str, str]]]:
+        """The stream's response for a caller that chains a callback instead of awaiting
+        `response` (no Task wake-up). Forgotten here once done; cancel it to give up."""
+        fut = self._responses[stream_id]
+        fut.add_done_callback(lambda _: self._responses.pop(stream_id, None))
+        return fut
+
     async def response(self, stream_id: int) -> tuple[int, dict[str, str]]:
         try:
             return await self._responses[stream_id]

@@ -22,6 +22,7 @@ from typing import Any
 
 from agent.identity.spiffe import Identity
 from ztunnel import hbone, podnet
+from ztunnel.chain import Flight
 from ztunnel.guard import ConnectionGuard
 from ztunnel.inbound import Inbound
 from ztunnel.lograte import RepeatLimiter
@@ -52,8 +53,9 @@ log.addFilter(RepeatLimiter.shared())
 ACCEPT_BURST = 32  # connections accepted per readiness callback
 ACCEPT_RETRY = 0.1  # seconds a listener rests after a failed accept (EMFILE, ENOBUFS)
 
+# Starts serving an accepted connection; what must wait is returned as a coroutine for a Task.
 Handler = Callable[[PodState, socket.socket, tuple[str, int], ConnectionGuard],
-                   Coroutine[Any, Any, None]]
+                   Coroutine[Any, Any, None] | None]
 
 
 class Tunnel:
@@ -64,12 +66,13 @@ class Tunnel:
         self._pods: dict[str, PodState] = {}
         self._by_ip: dict[str, PodState] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._flights: set[Flight] = set()  # connections served by callbacks (ztunnel.chain)
         self.draining = False
-        self.outbound = Outbound(config, self.contexts, self._by_ip.get, self._upstream_connect)
+        self.outbound = Outbound(config, self.contexts, self._by_ip.get, self._upstream_connect,
+                                 track=self._track, spawn=self._spawn)
         self.pool = self.outbound.pool
-        self.inbound = Inbound(config, self.contexts, self.counters, spawn=self._spawn,
-                               draining=lambda: self.draining,
-                               connect_socket=self._upstream_connect)
+        self.inbound = Inbound(config, self.contexts, self.counters, track=self._track,
+                               draining=lambda: self.draining, check=self._upstream_check)
         self.plaintext = Plaintext(config, self.counters, self._upstream_connect)
 
     def stats(self) -> dict[str, float]:
@@ -81,11 +84,16 @@ class Tunnel:
         out.update(hbone.budget_trips())  # frame-level budgets (process-wide: one tunnel each)
         return out
 
+    def _upstream_check(self, spec: PodSpec, peer: Identity | None, target: tuple[str, int],
+                        mark: int) -> None:
+        """Before every upstream connect (ztunnel.upstream.UpstreamCheck): nothing here, the
+        kernel's policy program decides in connect(); tests stand in for it by overriding."""
+
     async def _upstream_connect(self, spec: PodSpec, peer: Identity | None,
                                 sock: socket.socket, target: tuple[str, int], mark: int) -> None:
         """connect() of a marked upstream socket: the kernel's policy program decides here
         (EPERM/EACCES raise PermissionError). `spec`, `peer` and `mark` say who is connecting."""
-        del spec, peer, mark  # the kernel reads the socket's mark itself
+        self._upstream_check(spec, peer, target, mark)
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(self.config.connect_timeout):  # no extra Task per connect
             await loop.sock_connect(sock, target)
@@ -104,7 +112,7 @@ class Tunnel:
         cfg = self.config
         try:
             handlers: tuple[tuple[str, int, Handler], ...] = (
-                (cfg.outbound_bind, cfg.outbound_port, self.outbound.handle),
+                (cfg.outbound_bind, cfg.outbound_port, self.outbound.start),
                 ("0.0.0.0", cfg.inbound_port, self.plaintext.handle),
                 ("0.0.0.0", cfg.hbone_port, self.inbound.handle),
             )
@@ -199,7 +207,8 @@ class Tunnel:
             self._close_listeners(pod)
             for s in list(pod.sessions):
                 s.goaway()  # peers stop opening streams here; open ones finish
-        pending = {t for t in self._tasks if not t.done()}
+        pending: set[asyncio.Future[None]] = {t for t in self._tasks if not t.done()}
+        pending |= {f.done for f in self._flights}
         if pending:
             log.info("draining: waiting up to %.1fs for %d connections", deadline, len(pending))
             _, pending = await asyncio.wait(pending, timeout=deadline)
@@ -217,6 +226,8 @@ class Tunnel:
                 s.close()
         self._pods.clear()
         self._by_ip.clear()
+        for f in list(self._flights):
+            f.cancel()
         self.pool.close_all()
         tasks = [t for t in self._tasks if not t.done()]
         for t in tasks:
@@ -232,6 +243,10 @@ class Tunnel:
             s.close()
         pod.listeners.clear()
         pod.by_port.clear()
+
+    def _track(self, flight: Flight) -> None:
+        self._flights.add(flight)
+        flight.done.add_done_callback(lambda _: self._flights.discard(flight))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -263,7 +278,14 @@ class Tunnel:
             # tests/e2e/test_tunnel_abuse.py checks it).
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             guard = ConnectionGuard(self.config, conn)
-            self._spawn(guard.run(handler(pod, conn, addr, guard)))
+            try:
+                # A handler serves what it can from here by callbacks; the rest is a Task.
+                rest = handler(pod, conn, addr, guard)
+            except Exception as exc:
+                guard.failed(exc)
+                continue
+            if rest is not None:
+                self._spawn(guard.run(rest))
 
     def _resume_accept(self, pod: PodState, lsock: socket.socket, handler: Handler) -> None:
         if lsock in pod.listeners and lsock.fileno() >= 0:  # not closed meanwhile

@@ -78,6 +78,10 @@ class DialError(UpstreamError):
 # EACCES raise PermissionError). Tunnel._upstream_connect is the one used; tests override it.
 UpstreamConnect = Callable[[PodSpec, Identity | None, socket.socket, tuple[str, int], int],
                            Awaitable[None]]
+# Called right before an upstream connect() that the tunnel makes itself (no await): the
+# testing seam where a test stands in for the kernel's policy (raise PermissionError). Tunnel's
+# _upstream_check does nothing: the kernel decides in connect().
+UpstreamCheck = Callable[[PodSpec, Identity | None, tuple[str, int], int], None]
 
 
 async def connect_plain(spec: PodSpec, target: tuple[str, int], mark: int, *,
@@ -86,33 +90,44 @@ async def connect_plain(spec: PodSpec, target: tuple[str, int], mark: int, *,
     """A paused PlainSide connected to `target` from inside the pod's netns, marked `mark` and
     (with `source_ip`) bound transparently to the client's address; UpstreamError otherwise."""
     loop = asyncio.get_running_loop()
-    who = f"{peer}" if peer else "no identity (plaintext)"
-    try:
-        sock = podnet.upstream(spec.netns, mark, source_ip)
-    except OSError as exc:
-        log.warning("cannot create upstream socket in pod %s: %s", spec.name, exc)
-        raise UpstreamError.unavailable(f"cannot create upstream socket: {exc}") from None
+    sock = upstream_socket(spec, mark, source_ip)
     try:
         await connect_socket(spec, peer, sock, target, mark)
-    except PermissionError as exc:
-        sock.close()
-        log.warning("upstream connect to %s:%d in pod %s for %s denied by policy (%s)",
-                    target[0], target[1], spec.name, who, exc.strerror or exc)
-        raise UpstreamError.denied(f"denied by policy ({exc.strerror or exc})") from None
     except (OSError, TimeoutError) as exc:
         sock.close()
-        hint = "nothing listens on that port?" if isinstance(exc, ConnectionRefusedError) else (
-            "the app did not answer in time" if isinstance(exc, TimeoutError) else "")
-        what = getattr(exc, "strerror", None) or type(exc).__name__
-        log.warning("upstream connect to %s:%d in pod %s failed: %s %s", target[0], target[1],
-                    spec.name, what, hint)
-        raise UpstreamError.unavailable(f"upstream connect failed: {what} {hint}".rstrip()
-                                        ) from None
+        raise connect_failure(spec, target, peer, exc) from None
     except BaseException:
         sock.close()
         raise
     _, plain = await loop.connect_accepted_socket(lambda: PlainSide(start_paused=True), sock)
     return plain
+
+
+def upstream_socket(spec: PodSpec, mark: int, source_ip: str | None) -> socket.socket:
+    """The marked upstream socket inside the pod's netns; UpstreamError (503) if it cannot be
+    made."""
+    try:
+        return podnet.upstream(spec.netns, mark, source_ip)
+    except OSError as exc:
+        log.warning("cannot create upstream socket in pod %s: %s", spec.name, exc)
+        raise UpstreamError.unavailable(f"cannot create upstream socket: {exc}") from None
+
+
+def connect_failure(spec: PodSpec, target: tuple[str, int], peer: Identity | None,
+                    exc: OSError | TimeoutError) -> UpstreamError:
+    """What a failed upstream connect means (logged once): EPERM/EACCES from the kernel's policy
+    program is a deny (401), anything else unavailable (503)."""
+    if isinstance(exc, PermissionError):
+        who = f"{peer}" if peer else "no identity (plaintext)"
+        log.warning("upstream connect to %s:%d in pod %s for %s denied by policy (%s)",
+                    target[0], target[1], spec.name, who, exc.strerror or exc)
+        return UpstreamError.denied(f"denied by policy ({exc.strerror or exc})")
+    hint = "nothing listens on that port?" if isinstance(exc, ConnectionRefusedError) else (
+        "the app did not answer in time" if isinstance(exc, TimeoutError) else "")
+    what = getattr(exc, "strerror", None) or type(exc).__name__
+    log.warning("upstream connect to %s:%d in pod %s failed: %s %s", target[0], target[1],
+                spec.name, what, hint)
+    return UpstreamError.unavailable(f"upstream connect failed: {what} {hint}".rstrip())
 
 
 def reset(conn: socket.socket) -> None:

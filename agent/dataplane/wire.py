@@ -61,20 +61,35 @@ def event_to_wire(ev: ConnectionEvent) -> list[Any]:
             ev.svc_ip, ev.svc_port]
 
 
+# Member by wire value: a dict lookup instead of an Enum call per field of every event.
+_PHASES = {m.value: m for m in Phase}
+_DIRECTIONS = {m.value: m for m in TunnelDirection}
+_RESPONSES = {m.value: m for m in ResponseFlag}
+_CAUSES = {m.value: m for m in Cause}
+
+
+def _member(table: dict[str, Any], value: object, what: str) -> Any:
+    try:
+        return table[value]  # type: ignore[index]  # any hashable; a list raises TypeError
+    except (KeyError, TypeError):
+        raise ValueError(f"{value!r} is not a valid {what}") from None
+
+
 def event_from_wire(raw: list[Any]) -> ConnectionEvent:
     try:
         (phase, direction, src_ip, src_port, dst_ip, dst_port, src_wl, dst_wl, src_id, dst_id,
          sent, received, duration, flags, reason, started, response, cause, svc_ip,
          svc_port) = raw
         return ConnectionEvent(
-            Phase(phase), TunnelDirection(direction), str(src_ip), int(src_port), str(dst_ip),
+            _member(_PHASES, phase, "Phase"), _member(_DIRECTIONS, direction, "TunnelDirection"),
+            str(src_ip), int(src_port), str(dst_ip),
             int(dst_port), src_workload=str(src_wl), dst_workload=str(dst_wl),
             src_identity=_identity(src_id), dst_identity=_identity(dst_id),
             bytes_sent=int(sent), bytes_received=int(received), duration=float(duration),
             flags=TransportFlag(int(flags)), reason=str(reason)[:REASON_MAX],
-            started=float(started), response=ResponseFlag(response),
-            cause=Cause(cause) if cause is not None else None, svc_ip=str(svc_ip),
-            svc_port=int(svc_port))
+            started=float(started), response=_member(_RESPONSES, response, "ResponseFlag"),
+            cause=_member(_CAUSES, cause, "Cause") if cause is not None else None,
+            svc_ip=str(svc_ip), svc_port=int(svc_port))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"connection event: {exc!r}") from exc
 

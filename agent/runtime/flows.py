@@ -129,13 +129,16 @@ _TUNNEL_KINDS = {
 }
 
 
+_HBONE = TransportFlag.HBONE.value  # int tests: Flag's & builds a member each time
+
+
 def _tunnel_security(ev: ConnectionEvent) -> SecurityPolicy:
     if ev.direction is TunnelDirection.INBOUND_PLAINTEXT:
         return SecurityPolicy.NONE
     if ev.direction is TunnelDirection.INBOUND:
         # A peer that passed the identity check spoke mTLS, whatever happened next.
         return SecurityPolicy.MUTUAL_TLS if ev.src_identity else SecurityPolicy.UNKNOWN
-    return SecurityPolicy.MUTUAL_TLS if ev.flags & TransportFlag.HBONE else SecurityPolicy.UNKNOWN
+    return SecurityPolicy.MUTUAL_TLS if ev.flags.value & _HBONE else SecurityPolicy.UNKNOWN
 
 
 def reported_by_kernel(ev: ConnectionEvent) -> bool:
@@ -174,7 +177,7 @@ def from_tunnel(ev: ConnectionEvent, by_ip: WorkloadByIp, service_host: ServiceH
         bytes_sent=ev.bytes_sent,
         bytes_received=ev.bytes_received,
         duration=ev.duration,
-        tunneled=bool(ev.flags & TransportFlag.HBONE),
+        tunneled=bool(ev.flags.value & _HBONE),
         connection_security_policy=_tunnel_security(ev),
         service_address=f"{ev.svc_ip}:{ev.svc_port}" if ev.svc_ip else "",
         ejected=ejected,

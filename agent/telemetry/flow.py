@@ -8,6 +8,7 @@ Schema below is the contract and the docs embed it verbatim (a unit test checks 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import math
@@ -85,6 +86,16 @@ _REASON = re.compile(r"[A-Za-z0-9_]{1,64}")
 _SERVICE_ADDRESS = re.compile(r"\d{1,3}(\.\d{1,3}){3}:\d{1,5}")
 
 
+@functools.lru_cache(maxsize=4096)
+def _valid_ip(ip: str) -> bool:
+    # Every record names two endpoints, nearly always the same few addresses: parse each once.
+    try:
+        ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class FlowEndpoint:
     """One side of a connection. Empty strings (and port 0) mean unknown.
@@ -109,18 +120,19 @@ class FlowEndpoint:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise FlowRecordError(f"port {self.port} out of range 0..65535")
-        if self.ip:
-            try:
-                ipaddress.ip_address(self.ip)
-            except ValueError:
-                raise FlowRecordError(f"ip {self.ip!r} is not an IPv4/IPv6 address") from None
+        if self.ip and not _valid_ip(self.ip):
+            raise FlowRecordError(f"ip {self.ip!r} is not an IPv4/IPv6 address")
         if self.principal and not self.principal.startswith("spiffe://"):
             raise FlowRecordError(
                 f"principal {self.principal!r} must be a SPIFFE URI (spiffe://...); "
                 "pass Identity.uri, not Identity.principal")
 
-    def to_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in _ENDPOINT_FIELDS}
+    def to_dict(self) -> dict[str, Any]:  # _ENDPOINT_FIELDS, in order, spelled out: per record
+        return {"workload": self.workload, "namespace": self.namespace,
+                "principal": self.principal, "ip": self.ip, "port": self.port,
+                "service": self.service, "canonical_service": self.canonical_service,
+                "canonical_revision": self.canonical_revision, "app": self.app,
+                "version": self.version, "cluster": self.cluster}
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> FlowEndpoint:
@@ -193,20 +205,11 @@ class FlowRecord:
     ejected: bool = False
 
     def __post_init__(self) -> None:
-        # Accept plain strings for the enums (producers often have them from a table) but store
-        # the enum, so equality and serialisation do not depend on how a record was built.
-        for name, enum in (("kind", FlowEventKind), ("reporter", Reporter), ("verdict",
-            FlowVerdict),
-                           ("connection_security_policy", SecurityPolicy)):
-            value = getattr(self, name)
-            try:
-                object.__setattr__(self, name, enum(value))
-            except ValueError:
-                allowed = ", ".join(e.value for e in enum)
-                raise FlowRecordError(f"{name}: {value!r} is not one of {allowed}") from None
+        self._coerce_enums()
         if self.time.tzinfo is None:
             raise FlowRecordError("time must be timezone-aware (use datetime.now(UTC))")
-        object.__setattr__(self, "time", self.time.astimezone(UTC))
+        if self.time.tzinfo is not UTC:
+            object.__setattr__(self, "time", self.time.astimezone(UTC))
         if self.response_flags == NO_FLAGS and self.kind in _DEFAULT_FLAGS:
             # A refusal always carries a flag (Istio counts a connection as failed iff it has
             # one); producers that do not know better get the generic one for the kind.
@@ -230,6 +233,21 @@ class FlowRecord:
             raise FlowRecordError("protocol must not be empty (Istio uses 'tcp')")
         if self.service_address and not _SERVICE_ADDRESS.fullmatch(self.service_address):
             raise FlowRecordError(f"service_address {self.service_address[:80]!r}: want ip:port")
+
+    def _coerce_enums(self) -> None:
+        # Accept plain strings for the enums (producers often have them from a table) but store
+        # the enum, so equality and serialisation do not depend on how a record was built.
+        for name, enum in (("kind", FlowEventKind), ("reporter", Reporter), ("verdict",
+            FlowVerdict),
+                           ("connection_security_policy", SecurityPolicy)):
+            value = getattr(self, name)
+            if type(value) is enum:
+                continue  # the usual case: a producer passed the member itself
+            try:
+                object.__setattr__(self, name, enum(value))
+            except ValueError:
+                allowed = ", ".join(e.value for e in enum)
+                raise FlowRecordError(f"{name}: {value!r} is not one of {allowed}") from None
 
     @property
     def terminal(self) -> bool:

@@ -67,6 +67,7 @@ POLICY_UPDATE_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                                 1.0, 2.5, 5.0, 10.0)
 
 Labels = tuple[str, ...]
+CHILD_CACHE: Final = 4096  # traffic counter children kept at hand (FlowMetrics._child)
 
 
 def _known(value: str) -> str:
@@ -133,20 +134,32 @@ class FlowMetrics:
                          for name in (OPENED, CLOSED, FAILED, SENT, RECEIVED)}
         self._security = {name: counter(name, SECURITY_LABELS) for name in (DENIES, AUTH_FAILURES)}
         self._security[RATE_LIMITED] = counter(RATE_LIMITED, RATE_LIMIT_LABELS)
+        # The traffic counters' children by label values: prometheus_client's labels() checks
+        # and converts 25 values under a lock on every call, and every connection needs two to
+        # four of them. Bounded: emptied when full (the registry keeps the children).
+        self._children: dict[tuple[str, Labels], Counter] = {}
+
+    def _child(self, name: str, labels: Labels) -> Counter:
+        child = self._children.get((name, labels))
+        if child is None:
+            if len(self._children) >= CHILD_CACHE:
+                self._children.clear()
+            child = self._children[(name, labels)] = self._traffic[name].labels(*labels)
+        return child
 
     def record(self, rec: FlowRecord) -> None:
         labels = traffic_labels(rec)
         if rec.kind is FlowEventKind.OPEN:
-            self._traffic[OPENED].labels(*labels).inc()
+            self._child(OPENED, labels).inc()
             return
         if rec.kind is FlowEventKind.CLOSE:
-            self._traffic[CLOSED].labels(*labels).inc()
+            self._child(CLOSED, labels).inc()
         if rec.bytes_sent:
-            self._traffic[RECEIVED].labels(*labels).inc(rec.bytes_sent)
+            self._child(RECEIVED, labels).inc(rec.bytes_sent)
         if rec.bytes_received:
-            self._traffic[SENT].labels(*labels).inc(rec.bytes_received)
+            self._child(SENT, labels).inc(rec.bytes_received)
         if rec.response_flags != NO_FLAGS:
-            self._traffic[FAILED].labels(*labels).inc()
+            self._child(FAILED, labels).inc()
         if rec.kind is FlowEventKind.DENY:
             self._security[DENIES].labels(*security_labels(rec)).inc()
             if rec.reason == RATE_LIMITED_REASON:

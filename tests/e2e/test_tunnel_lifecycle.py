@@ -162,6 +162,40 @@ def test_drain_finishes_open_connections_then_stops(small_cluster: Cluster) -> N
 
 
 
+def test_drain_deadline_cuts_a_connection_on_a_pooled_hbone_connection_once(
+        small_cluster: Cluster) -> None:
+    """The second connection rides the first one's HBONE connection, served by callbacks (no
+    Task): drain still waits for it, and at the deadline it is reset and reported once."""
+    c = small_cluster
+    src, dst = c.pod(0, 0), c.pod(1, 0)
+    with mesh(c) as m:
+        m.start_server(dst, 8080, SMALL)
+        m.route(src, str(dst.ip), 8080)
+        with src.socket() as first:  # dials the pooled connection
+            first.connect(("127.0.0.1", 15001))
+            first.sendall(b"x" * SMALL)
+            first.shutdown(socket.SHUT_WR)
+            while first.recv(65536):
+                pass
+        m.wait_until(lambda: len(m.closed_events(TunnelDirection.OUTBOUND)) == 1, "first close")
+        with src.socket() as held:
+            held.connect(("127.0.0.1", 15001))
+            held.sendall(b"x" * SMALL)
+            m.wait_until(lambda: sum(e.phase == "open" and e.direction is TunnelDirection.OUTBOUND
+                                     for e in m.events) == 2, "second connection to open")
+            m.loop.run(m.tunnel_of(src).drain(0.5))
+            held.settimeout(30)
+            with pytest.raises(ConnectionResetError):  # cut, not left hanging
+                while held.recv(65536):
+                    pass
+        closes = m.closed_events(TunnelDirection.OUTBOUND)
+        assert [e.flags for e in closes] == [
+            TransportFlag.CONNECT | TransportFlag.HBONE,
+            TransportFlag.CONNECT | TransportFlag.HBONE | TransportFlag.RESET]
+        assert "drain deadline" in closes[1].reason
+        assert m.tunnel_of(src).pool.stats()["pool_connections_opened"] == 1
+
+
 def rst_close(s: socket.socket) -> None:
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     s.close()

@@ -189,10 +189,9 @@ class GatedTunnel(Tunnel):
         super().__init__(config)
         self.gate = gate
 
-    async def _upstream_connect(self, spec: PodSpec, peer: Identity | None,
-                                sock: socket.socket, target: tuple[str, int], mark: int) -> None:
+    def _upstream_check(self, spec: PodSpec, peer: Identity | None, target: tuple[str, int],
+                        mark: int) -> None:
         self.gate(spec, peer, target, mark)
-        await super()._upstream_connect(spec, peer, sock, target, mark)
 
 
 def _tunnel(cfg: TunnelConfig, gate: UpstreamGate | None) -> Tunnel:

@@ -10,6 +10,7 @@ import pytest
 
 from ztunnel import connect
 from ztunnel.admission import HandshakeAdmission, Refusal
+from ztunnel.chain import Flight
 from ztunnel.events import (
     Cause,
     ConnectionEvent,
@@ -65,6 +66,52 @@ def test_the_guard_closes_a_failed_or_cancelled_handler_once_and_its_socket() ->
             assert len(closes) == 1 and closes[0].flags & TransportFlag.RESET
             assert a.fileno() == -1  # closed
             assert g.finished() is False  # and no second close afterwards
+            b.close()
+
+    asyncio.run(run())
+
+
+class _Chain(Flight):
+    """A callback chain with one step that fails and one that would come later."""
+
+    def __init__(self, guard: ConnectionGuard) -> None:
+        super().__init__(guard)
+        self.aborted = 0
+        self.late_steps = 0
+
+    def start(self, failure: Exception | None) -> None:
+        ev = self.guard.track(event())
+        self.guard.opened(ev, TransportFlag.CONNECT)
+        if failure is not None:
+            raise failure
+
+    def late(self) -> None:
+        self.late_steps += 1
+
+    def _abort(self) -> None:
+        self.aborted += 1
+
+
+def test_a_callback_chain_closes_once_on_a_bug_or_a_cancel_like_a_task() -> None:
+    async def run() -> None:
+        for failure in (RuntimeError("bug"), None):
+            got: list[ConnectionEvent] = []
+            a, b = socket.socketpair()
+            chain = _Chain(ConnectionGuard(Hooks(got), a))
+            chain.step(chain.start, failure)
+            if failure is None:
+                assert not chain.done.done()  # still carrying: the tunnel closes it
+                chain.cancel()
+            assert chain.done.done() and chain.aborted == 1
+            closes = [e for e in got if e.phase is Phase.CLOSE]
+            assert len(closes) == 1 and closes[0].flags & TransportFlag.RESET
+            assert ("handler failed: RuntimeError" if failure else "drain deadline") in (
+                closes[0].reason)
+            assert a.fileno() == -1  # closed
+            chain.step(chain.late)  # a callback arriving after the end does nothing
+            chain.cancel()
+            assert chain.late_steps == 0 and chain.aborted == 1
+            assert len([e for e in got if e.phase is Phase.CLOSE]) == 1
             b.close()
 
     asyncio.run(run())
