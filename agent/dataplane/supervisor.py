@@ -47,6 +47,11 @@ from ztunnel.tunnel import PodSpec, TunnelWorkload
 log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT = 30.0
+# The watchdog asks every worker to answer this often; one silent for WATCHDOG_TIMEOUT is stuck
+# (SIGSTOPped, or a loop that never yields: a bug) and is killed, then restarted like a dead one.
+# Its connections are stalled anyway, and while it lives every new pod's enrollment waits for it.
+WATCHDOG_INTERVAL = 5.0
+WATCHDOG_TIMEOUT = 15.0
 RESOLVE_CHUNK = 500  # resolver entries per message (each ~100 bytes)
 # Tunnel.stats() names that are gauges; every other name is a counter, kept over restarts.
 GAUGES = frozenset({"tunnel_handshakes_pending", "pool_connections", "pool_prewarm_destinations"})
@@ -122,7 +127,8 @@ class InitSettings:
 class Supervisor:
     def __init__(self, count: int, init: InitSettings, on_event: EventSink,
                  set_inbound: SetInbound, *, log_format: str = "json",
-                 backoff: Backoff = RESTART_BACKOFF) -> None:
+                 backoff: Backoff = RESTART_BACKOFF,
+                 watchdog: tuple[float, float] = (WATCHDOG_INTERVAL, WATCHDOG_TIMEOUT)) -> None:
         if count < 1:
             raise ValueError(f"workers: want at least 1, got {count}")
         self.count = count
@@ -133,6 +139,8 @@ class Supervisor:
         self.retries = Retries(backoff)
         self.workers: list[_Worker | None] = [None] * count
         self.restarts = 0
+        self.watchdog_interval, self.watchdog_timeout = watchdog
+        self.watchdog_kills = 0
         self.handled: dict[int, float] = dict.fromkeys(range(count), 0.0)
         self.events_received = 0
         self.channel_errors = 0
@@ -152,6 +160,27 @@ class Supervisor:
     async def start(self) -> None:
         for i in range(self.count):
             self._spawn(i)
+        task = asyncio.create_task(self._watchdog(), name="worker-watchdog")
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
+    async def _watchdog(self) -> None:
+        """Kill a worker that does not answer a ping within the timeout (not while stopping: a
+        draining worker answers only when its drain is done)."""
+        while not self.stopping:
+            await asyncio.sleep(self.watchdog_interval)
+            live = self._live()
+            answers = await asyncio.gather(
+                *(self._request(w, {"op": "ping"}, self.watchdog_timeout) for w in live),
+                return_exceptions=True)
+            for w, answer in zip(live, answers, strict=True):
+                if not isinstance(answer, TimeoutError) or self.stopping or not w.alive:
+                    continue
+                self.watchdog_kills += 1
+                log.error("data-plane worker %d (pid %d) did not answer for %.0f s: killing it",
+                          w.index, w.proc.pid, self.watchdog_timeout)
+                with contextlib.suppress(ProcessLookupError):
+                    w.proc.kill()
 
     def _spawn(self, index: int) -> _Worker:
         ours, theirs = channel.pair()

@@ -183,6 +183,8 @@ class Worker:
             await tunnel.remove_pod(str(msg["uid"]))
         elif op == "pod_update":
             tunnel.update_pod(wire.pod_from_wire(msg["pod"]))
+        elif op == "ping":
+            pass  # the watchdog: answering is the point
         elif op == "recheck":
             reply["refused"] = tunnel.recheck_peers()
         elif op == "drain":

@@ -228,6 +228,9 @@ class NodeAgent:
                     read=lambda: len(dp.pids()))
         ScrapeValue(reg, "nodemesh_worker_restarts", "Data-plane workers that died and were "
                     "restarted (their connections failed)", "counter", read=lambda: dp.restarts)
+        ScrapeValue(reg, "nodemesh_worker_watchdog_kills", "Data-plane workers killed because "
+                    "they stopped answering (then restarted)", "counter",
+                    read=lambda: dp.watchdog_kills)
         ScrapeLabelled(reg, "nodemesh_worker_connections", "Connections each data-plane worker "
                        "handled (accepted or refused)", "counter", ("worker",),
                        read=lambda: {str(i): n for i, n in dp.handled.items()})

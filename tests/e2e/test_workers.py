@@ -9,6 +9,7 @@ answering health and metrics while the data plane is stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -221,3 +222,29 @@ def test_health_and_metrics_answer_while_the_data_plane_is_stopped(tmp_path: Pat
                 os.kill(pid, signal.SIGCONT)
         assert _run_client(c.pod(0, 0), str(c.pod(0, 1).ip), 8080, "x").startswith("OK")
         assert metric(scrape(c), "nodemesh_worker_restarts_total") == 0
+
+
+def test_a_stopped_worker_is_killed_by_the_watchdog_and_replaced(tmp_path: Path) -> None:
+    """A worker that stops answering (SIGSTOP here; a loop that never yields alike) holds every
+    new pod's enrollment and stalls its connections: the watchdog kills it after 15 s of
+    silence, it is restarted, and traffic goes through both workers again."""
+    with mesh(tmp_path, 2) as c:
+        pids = workers_of(c)
+        os.kill(pids["1"], signal.SIGSTOP)
+        try:
+            eventually(lambda: workers_of(c).get("1") not in (None, pids["1"]),
+                       "worker 1 replaced")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pids["1"], signal.SIGCONT)
+        text = scrape(c)
+        assert metric(text, "nodemesh_worker_watchdog_kills_total") == 1
+        assert metric(text, "nodemesh_worker_restarts_total") == 1
+        assert workers_of(c)["0"] == pids["0"]
+        for _ in range(10):
+            assert _run_client(c.pod(0, 0), str(c.pod(0, 1).ip), 8080, "x").startswith(
+                "OK backend")
+            assert plaintext(c).startswith("OK frontend")
+        log = (tmp_path / "agent-n0.log").read_text()
+        stuck = [line for line in log.splitlines() if "did not answer" in line]
+        assert len(stuck) == 1 and f"pid {pids['1']}" in stuck[0], stuck

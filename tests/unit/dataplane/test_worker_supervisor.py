@@ -43,11 +43,11 @@ async def until(check: object, what: str, limit: float = 30.0) -> None:
     raise AssertionError(f"never: {what}")
 
 
-def supervisor(count: int) -> Supervisor:
+def supervisor(count: int, **kw: tuple[float, float]) -> Supervisor:
     events: list[ConnectionEvent] = []
     sup = Supervisor(count, InitSettings("cluster.local", "passthrough", 1, 2),
                      on_event=events.append, set_inbound=lambda _s, _k: None,
-                     log_format="text", backoff=Backoff(initial=0.05, cap=0.1))
+                     log_format="text", backoff=Backoff(initial=0.05, cap=0.1), **kw)
     sup.set_trust(("-----BEGIN CERTIFICATE-----\n",), {})
     sup.set_identity_ids({FRONTEND: 3})
     sup.set_resolver({"10.0.0.1": TunnelWorkload("10.0.0.1", FRONTEND, "shop/frontend")})
@@ -93,6 +93,35 @@ def test_a_killed_worker_is_logged_once_restarted_with_the_state_and_keeps_its_c
         asyncio.run(scenario())
     died = [r.getMessage() for r in caplog.records if "exited" in r.getMessage()]
     assert len(died) == 1 and "killed by SIGKILL" in died[0], died
+
+
+def test_the_watchdog_kills_a_stopped_worker_and_it_is_restarted(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A SIGSTOPped worker (or one whose loop never yields) answers nothing: the watchdog kills
+    it once it was silent for the timeout, the watcher restarts it; the other is left alone."""
+    async def scenario() -> None:
+        sup = supervisor(2, watchdog=(0.2, 1.5))
+        await sup.start()
+        try:
+            await until(lambda: all(w is not None and w.stats for w in sup.workers),
+                        "stats from both workers")
+            await asyncio.sleep(1.0)  # a few rounds while both answer
+            assert sup.watchdog_kills == 0
+            before = sup.pids()
+            os.kill(before[0], signal.SIGSTOP)
+            await until(lambda: sup.restarts == 1 and sup.pids().get(0) not in (None, before[0]),
+                        "the stopped worker replaced")
+            assert sup.watchdog_kills == 1
+            assert sup.pids()[1] == before[1]
+            assert await sup.recheck_peers() == 0  # both answer again
+        finally:
+            await sup.drain(5.0)
+        assert sup.watchdog_kills == 1
+
+    with caplog.at_level(logging.INFO, logger="agent.dataplane.supervisor"):
+        asyncio.run(scenario())
+    stuck = [r.getMessage() for r in caplog.records if "did not answer" in r.getMessage()]
+    assert len(stuck) == 1 and "worker 0" in stuck[0], stuck
 
 
 def test_a_worker_exits_when_its_control_process_goes_away() -> None:
