@@ -84,6 +84,9 @@ _DEFAULT_FLAGS: Final = {FlowEventKind.DENY: "DENY", FlowEventKind.AUTH_FAILURE:
 # tokens.
 _REASON = re.compile(r"[A-Za-z0-9_]{1,64}")
 _SERVICE_ADDRESS = re.compile(r"\d{1,3}(\.\d{1,3}){3}:\d{1,5}")
+# json.dumps with separators makes an encoder per call; one line per finished connection.
+_ENCODE: Final = json.JSONEncoder(separators=(",", ":")).encode
+UNKNOWN_LABEL: Final = "unknown"  # a metric label value nothing is known for (Istio's)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -127,12 +130,48 @@ class FlowEndpoint:
                 f"principal {self.principal!r} must be a SPIFFE URI (spiffe://...); "
                 "pass Identity.uri, not Identity.principal")
 
-    def to_dict(self) -> dict[str, Any]:  # _ENDPOINT_FIELDS, in order, spelled out: per record
+    def to_dict(self) -> dict[str, Any]:  # _ENDPOINT_FIELDS, in order
+        return {**self._fields, "ip": self.ip, "port": self.port}
+
+    # Cached per endpoint and kept by `at` (they do not depend on the address): the tunnel's
+    # events copy one endpoint per workload pair rather than building each (at_address).
+    @functools.cached_property
+    def _fields(self) -> dict[str, Any]:
         return {"workload": self.workload, "namespace": self.namespace,
                 "principal": self.principal, "ip": self.ip, "port": self.port,
                 "service": self.service, "canonical_service": self.canonical_service,
                 "canonical_revision": self.canonical_revision, "app": self.app,
                 "version": self.version, "cluster": self.cluster}
+
+    @functools.cached_property
+    def istio_attributes(self) -> tuple[str, ...]:
+        """Istio's label values for this side, `unknown` where nothing is known: service, its
+        namespace and name, then workload, canonical service and revision, namespace,
+        principal, app, version, cluster. The canonical service falls back to the app label,
+        then the workload name; the revision to the version label, then `latest` (only for a
+        known workload). A service host name.ns.svc.<domain> splits; another host is its own
+        name, in the workload's namespace."""
+        svc_name, svc_ns = "", ""
+        if self.service:
+            parts = self.service.split(".")
+            svc_name, svc_ns = ((parts[0], parts[1]) if len(parts) >= 3 and parts[2] == "svc"
+                                else (self.service, self.namespace))
+        canon = self.canonical_service or self.app or self.workload
+        revision = self.canonical_revision or self.version or ("latest" if self.workload else "")
+        return tuple(v or UNKNOWN_LABEL for v in (
+            self.service, svc_ns, svc_name, self.workload, canon, revision, self.namespace,
+            self.principal, self.app, self.version, self.cluster))
+
+    def at(self, ip: str, port: int) -> FlowEndpoint:
+        """This endpoint at another address, checked as __post_init__ checks it; a copy that
+        keeps the cached values above (an address changes none of them)."""
+        if not 0 <= port <= 65535:
+            raise FlowRecordError(f"port {port} out of range 0..65535")
+        if ip and not _valid_ip(ip):
+            raise FlowRecordError(f"ip {ip!r} is not an IPv4/IPv6 address")
+        ep = object.__new__(FlowEndpoint)
+        ep.__dict__.update(self.__dict__, ip=ip, port=port)
+        return ep
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> FlowEndpoint:
@@ -249,6 +288,23 @@ class FlowRecord:
                 allowed = ", ".join(e.value for e in enum)
                 raise FlowRecordError(f"{name}: {value!r} is not one of {allowed}") from None
 
+    def again(self, source: FlowEndpoint, destination: FlowEndpoint, *, bytes_sent: int,
+              bytes_received: int, duration: float, service_address: str) -> FlowRecord:
+        """Another event of this record's shape (kind, reporter, verdict, flags, endpoints'
+        identities), now: a copy with the parts that vary per connection replaced, checked as
+        __post_init__ checks them. The endpoints must be this record's own, `at` an address."""
+        if bytes_sent < 0 or bytes_received < 0 or duration < 0:
+            raise FlowRecordError("bytes and duration must not be negative")
+        if not math.isfinite(duration):
+            raise FlowRecordError(f"duration must be a finite number, not {duration}")
+        if service_address and not _SERVICE_ADDRESS.fullmatch(service_address):
+            raise FlowRecordError(f"service_address {service_address[:80]!r}: want ip:port")
+        rec = object.__new__(FlowRecord)
+        rec.__dict__.update(self.__dict__, time=_now(), source=source, destination=destination,
+                            bytes_sent=bytes_sent, bytes_received=bytes_received,
+                            duration=duration, service_address=service_address)
+        return rec
+
     @property
     def terminal(self) -> bool:
         return self.kind in TERMINAL_KINDS
@@ -279,7 +335,7 @@ class FlowRecord:
 
     def to_json(self) -> str:
         """One line of JSON (no newline), keys in schema order."""
-        return json.dumps(self.to_dict(), separators=(",", ":"))
+        return _ENCODE(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: Any) -> FlowRecord:
