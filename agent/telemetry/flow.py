@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
+from json.encoder import encode_basestring_ascii
 from typing import Any, Final
 
 SCHEMA_ID: Final = "nodemesh.flow/v2"
@@ -87,6 +88,23 @@ _SERVICE_ADDRESS = re.compile(r"\d{1,3}(\.\d{1,3}){3}:\d{1,5}")
 # json.dumps with separators makes an encoder per call; one line per finished connection.
 _ENCODE: Final = json.JSONEncoder(separators=(",", ":")).encode
 UNKNOWN_LABEL: Final = "unknown"  # a metric label value nothing is known for (Istio's)
+
+
+def _json_str(value: object) -> str:
+    return encode_basestring_ascii(value) if type(value) is str else _ENCODE(value)
+
+
+def _json_num(value: object) -> str:
+    # What json's C encoder writes for an exact int or float (bool, None and others: json).
+    if type(value) is int:
+        return int.__repr__(value)
+    if type(value) is float and math.isfinite(value):
+        return float.__repr__(value)
+    return _ENCODE(value)
+
+
+def _json_bool(value: object) -> str:
+    return "true" if value is True else "false" if value is False else _ENCODE(value)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -161,6 +179,17 @@ class FlowEndpoint:
         return tuple(v or UNKNOWN_LABEL for v in (
             self.service, svc_ns, svc_name, self.workload, canon, revision, self.namespace,
             self.principal, self.app, self.version, self.cluster))
+
+    @functools.cached_property
+    def _json_around_address(self) -> tuple[str, str]:
+        head = _ENCODE({k: self._fields[k] for k in _ENDPOINT_FIELDS[:3]})
+        tail = _ENCODE({k: self._fields[k] for k in _ENDPOINT_FIELDS[5:]})
+        return head[:-1] + ',"ip":', "," + tail[1:]
+
+    def to_json(self) -> str:
+        """to_dict as JSON (json.dumps, compact), from the cached text around the address."""
+        head, tail = self._json_around_address
+        return f'{head}{_json_str(self.ip)},"port":{_json_num(self.port)}{tail}'
 
     def at(self, ip: str, port: int) -> FlowEndpoint:
         """This endpoint at another address, checked as __post_init__ checks it; a copy that
@@ -335,7 +364,22 @@ class FlowRecord:
 
     def to_json(self) -> str:
         """One line of JSON (no newline), keys in schema order."""
-        return _ENCODE(self.to_dict())
+        # Spelled out (json.dumps of to_dict gives the same text; a unit test checks): one line
+        # per finished connection. Enum values, the time, reason, flags and service address are
+        # checked tokens; free strings and numbers go through json's own encoders.
+        return (f'{{"schema":"{SCHEMA_ID}","time":"{rfc3339(self.time)}",'
+                f'"kind":"{self.kind.value}","reporter":"{self.reporter.value}",'
+                f'"source":{self.source.to_json()},"destination":{self.destination.to_json()},'
+                f'"protocol":{_json_str(self.protocol)},"verdict":"{self.verdict.value}",'
+                f'"reason":"{self.reason}","reason_code":{_json_num(self.reason_code)},'
+                f'"response_flags":"{self.response_flags}",'
+                f'"bytes_sent":{_json_num(self.bytes_sent)},'
+                f'"bytes_received":{_json_num(self.bytes_received)},'
+                f'"duration":{_json_num(self.duration)},"tunneled":{_json_bool(self.tunneled)},'
+                f'"connection_security_policy":"{self.connection_security_policy.value}",'
+                f'"policy":{_json_str(self.policy)},"rule":{_json_str(self.rule)},'
+                f'"service_address":"{self.service_address}",'
+                f'"ejected":{_json_bool(self.ejected)}}}')
 
     @classmethod
     def from_dict(cls, data: Any) -> FlowRecord:
@@ -402,6 +446,8 @@ def _check_types(data: dict[str, Any]) -> None:
 def rfc3339(t: datetime) -> str:
     """UTC with microseconds and a Z suffix, e.g. 2025-01-02T03:04:05.000006Z."""
     # isoformat, not strftime: %Y does not zero-pad years before 1000 on every libc.
+    if t.tzinfo is UTC:  # every record's time: "+00:00" becomes "Z"
+        return t.isoformat(timespec="microseconds")[:-6] + "Z"
     return t.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
