@@ -182,3 +182,44 @@ def from_tunnel(ev: ConnectionEvent, by_ip: WorkloadByIp, service_host: ServiceH
         service_address=f"{ev.svc_ip}:{ev.svc_port}" if ev.svc_ip else "",
         ejected=ejected,
     )
+
+
+SHAPES = 4096  # record shapes kept by TunnelRecords (emptied when full)
+_Shape = tuple[Workload | None, Workload | None, object, object, FlowRecord]
+
+
+class TunnelRecords:
+    """`from_tunnel`, with what every event of one shape shares built once: the control process
+    records two events per connection per node. A shape is the direction, phase, outcome,
+    both workloads and identities, the Service and `ejected`; its first event goes through
+    `from_tunnel` and later ones copy that record with their own addresses, bytes, duration and
+    time (FlowRecord.again), so both give the same record. Workloads and identities are told
+    apart by object (a changed mesh state makes new Workloads, hence a new shape)."""
+
+    def __init__(self, by_ip: WorkloadByIp, service_host: ServiceHost = _no_service,
+                 endpoint_service: EndpointService = _no_service) -> None:
+        self.by_ip, self.service_host, self.endpoint_service = (
+            by_ip, service_host, endpoint_service)
+        self._shapes: dict[tuple[object, ...], _Shape] = {}
+
+    def record(self, ev: ConnectionEvent, ejected: bool = False) -> FlowRecord:
+        src_w, dst_w = self.by_ip(ev.src_ip), self.by_ip(ev.dst_ip)
+        src_id, dst_id = ev.src_identity, ev.dst_identity
+        svc = (self.service_host(ev.svc_ip) if ev.svc_ip
+               else self.endpoint_service(ev.dst_ip, ev.dst_port))
+        key = (id(ev.direction), ev.phase, ev.response, ev.cause, ev.flags.value, id(src_w),
+               id(dst_w), id(src_id), id(dst_id), svc, ejected)
+        shape = self._shapes.get(key)
+        if shape is None:  # (a shape holds its objects: their ids are not reused meanwhile)
+            rec = from_tunnel(ev, lambda ip: src_w if ip == ev.src_ip else dst_w,
+                              lambda _vip: svc, lambda _ip, _port: svc, ejected)
+            if len(self._shapes) >= SHAPES:
+                self._shapes.clear()
+            self._shapes[key] = (src_w, dst_w, src_id, dst_id, rec)
+            return rec
+        proto = shape[4]
+        return proto.again(
+            proto.source.at(ev.src_ip, ev.src_port),
+            proto.destination.at(ev.dst_ip, ev.dst_port),
+            bytes_sent=ev.bytes_sent, bytes_received=ev.bytes_received, duration=ev.duration,
+            service_address=f"{ev.svc_ip}:{ev.svc_port}" if ev.svc_ip else "")

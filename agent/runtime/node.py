@@ -95,6 +95,8 @@ class NodeAgent:
             TelemetryConfig(node=cfg.node_name, flow_log=cfg.flow_log, audit_log=cfg.audit_log),
             self.registry,
         )
+        self.tunnel_records = flows.TunnelRecords(self._workload_by_ip, self._service_host,
+                                                  self._endpoint_service)
         # The tunnel's repeat-limited log (ztunnel.lograte): how much a flood kept out of it.
         ScrapeValue(self.registry, "nodemesh_log_lines_suppressed",
                     "Repeated identical warning lines counted instead of written", "counter",
@@ -276,8 +278,7 @@ class NodeAgent:
         ejected = self._observe_outlier(ev)
         if flows.reported_by_kernel(ev):
             return  # the kernel's deny event records it, with the policy and reason
-        self.telemetry.emit(flows.from_tunnel(ev, self._workload_by_ip, self._service_host,
-                                              self._endpoint_service, ejected))
+        self.telemetry.emit(self.tunnel_records.record(ev, ejected))
 
     def _observe_outlier(self, ev: ConnectionEvent) -> bool:
         """Feed an outbound Service connect's result to outlier detection: connected (open) or

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
+from json.encoder import encode_basestring_ascii
 from typing import Any, Final
 
 SCHEMA_ID: Final = "nodemesh.flow/v2"
@@ -84,6 +85,26 @@ _DEFAULT_FLAGS: Final = {FlowEventKind.DENY: "DENY", FlowEventKind.AUTH_FAILURE:
 # tokens.
 _REASON = re.compile(r"[A-Za-z0-9_]{1,64}")
 _SERVICE_ADDRESS = re.compile(r"\d{1,3}(\.\d{1,3}){3}:\d{1,5}")
+# json.dumps with separators makes an encoder per call; one line per finished connection.
+_ENCODE: Final = json.JSONEncoder(separators=(",", ":")).encode
+UNKNOWN_LABEL: Final = "unknown"  # a metric label value nothing is known for (Istio's)
+
+
+def _json_str(value: object) -> str:
+    return encode_basestring_ascii(value) if type(value) is str else _ENCODE(value)
+
+
+def _json_num(value: object) -> str:
+    # What json's C encoder writes for an exact int or float (bool, None and others: json).
+    if type(value) is int:
+        return int.__repr__(value)
+    if type(value) is float and math.isfinite(value):
+        return float.__repr__(value)
+    return _ENCODE(value)
+
+
+def _json_bool(value: object) -> str:
+    return "true" if value is True else "false" if value is False else _ENCODE(value)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -127,12 +148,59 @@ class FlowEndpoint:
                 f"principal {self.principal!r} must be a SPIFFE URI (spiffe://...); "
                 "pass Identity.uri, not Identity.principal")
 
-    def to_dict(self) -> dict[str, Any]:  # _ENDPOINT_FIELDS, in order, spelled out: per record
+    def to_dict(self) -> dict[str, Any]:  # _ENDPOINT_FIELDS, in order
+        return {**self._fields, "ip": self.ip, "port": self.port}
+
+    # Cached per endpoint and kept by `at` (they do not depend on the address): the tunnel's
+    # events copy one endpoint per workload pair rather than building each (at_address).
+    @functools.cached_property
+    def _fields(self) -> dict[str, Any]:
         return {"workload": self.workload, "namespace": self.namespace,
                 "principal": self.principal, "ip": self.ip, "port": self.port,
                 "service": self.service, "canonical_service": self.canonical_service,
                 "canonical_revision": self.canonical_revision, "app": self.app,
                 "version": self.version, "cluster": self.cluster}
+
+    @functools.cached_property
+    def istio_attributes(self) -> tuple[str, ...]:
+        """Istio's label values for this side, `unknown` where nothing is known: service, its
+        namespace and name, then workload, canonical service and revision, namespace,
+        principal, app, version, cluster. The canonical service falls back to the app label,
+        then the workload name; the revision to the version label, then `latest` (only for a
+        known workload). A service host name.ns.svc.<domain> splits; another host is its own
+        name, in the workload's namespace."""
+        svc_name, svc_ns = "", ""
+        if self.service:
+            parts = self.service.split(".")
+            svc_name, svc_ns = ((parts[0], parts[1]) if len(parts) >= 3 and parts[2] == "svc"
+                                else (self.service, self.namespace))
+        canon = self.canonical_service or self.app or self.workload
+        revision = self.canonical_revision or self.version or ("latest" if self.workload else "")
+        return tuple(v or UNKNOWN_LABEL for v in (
+            self.service, svc_ns, svc_name, self.workload, canon, revision, self.namespace,
+            self.principal, self.app, self.version, self.cluster))
+
+    @functools.cached_property
+    def _json_around_address(self) -> tuple[str, str]:
+        head = _ENCODE({k: self._fields[k] for k in _ENDPOINT_FIELDS[:3]})
+        tail = _ENCODE({k: self._fields[k] for k in _ENDPOINT_FIELDS[5:]})
+        return head[:-1] + ',"ip":', "," + tail[1:]
+
+    def to_json(self) -> str:
+        """to_dict as JSON (json.dumps, compact), from the cached text around the address."""
+        head, tail = self._json_around_address
+        return f'{head}{_json_str(self.ip)},"port":{_json_num(self.port)}{tail}'
+
+    def at(self, ip: str, port: int) -> FlowEndpoint:
+        """This endpoint at another address, checked as __post_init__ checks it; a copy that
+        keeps the cached values above (an address changes none of them)."""
+        if not 0 <= port <= 65535:
+            raise FlowRecordError(f"port {port} out of range 0..65535")
+        if ip and not _valid_ip(ip):
+            raise FlowRecordError(f"ip {ip!r} is not an IPv4/IPv6 address")
+        ep = object.__new__(FlowEndpoint)
+        ep.__dict__.update(self.__dict__, ip=ip, port=port)
+        return ep
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> FlowEndpoint:
@@ -249,6 +317,23 @@ class FlowRecord:
                 allowed = ", ".join(e.value for e in enum)
                 raise FlowRecordError(f"{name}: {value!r} is not one of {allowed}") from None
 
+    def again(self, source: FlowEndpoint, destination: FlowEndpoint, *, bytes_sent: int,
+              bytes_received: int, duration: float, service_address: str) -> FlowRecord:
+        """Another event of this record's shape (kind, reporter, verdict, flags, endpoints'
+        identities), now: a copy with the parts that vary per connection replaced, checked as
+        __post_init__ checks them. The endpoints must be this record's own, `at` an address."""
+        if bytes_sent < 0 or bytes_received < 0 or duration < 0:
+            raise FlowRecordError("bytes and duration must not be negative")
+        if not math.isfinite(duration):
+            raise FlowRecordError(f"duration must be a finite number, not {duration}")
+        if service_address and not _SERVICE_ADDRESS.fullmatch(service_address):
+            raise FlowRecordError(f"service_address {service_address[:80]!r}: want ip:port")
+        rec = object.__new__(FlowRecord)
+        rec.__dict__.update(self.__dict__, time=_now(), source=source, destination=destination,
+                            bytes_sent=bytes_sent, bytes_received=bytes_received,
+                            duration=duration, service_address=service_address)
+        return rec
+
     @property
     def terminal(self) -> bool:
         return self.kind in TERMINAL_KINDS
@@ -279,7 +364,22 @@ class FlowRecord:
 
     def to_json(self) -> str:
         """One line of JSON (no newline), keys in schema order."""
-        return json.dumps(self.to_dict(), separators=(",", ":"))
+        # Spelled out (json.dumps of to_dict gives the same text; a unit test checks): one line
+        # per finished connection. Enum values, the time, reason, flags and service address are
+        # checked tokens; free strings and numbers go through json's own encoders.
+        return (f'{{"schema":"{SCHEMA_ID}","time":"{rfc3339(self.time)}",'
+                f'"kind":"{self.kind.value}","reporter":"{self.reporter.value}",'
+                f'"source":{self.source.to_json()},"destination":{self.destination.to_json()},'
+                f'"protocol":{_json_str(self.protocol)},"verdict":"{self.verdict.value}",'
+                f'"reason":"{self.reason}","reason_code":{_json_num(self.reason_code)},'
+                f'"response_flags":"{self.response_flags}",'
+                f'"bytes_sent":{_json_num(self.bytes_sent)},'
+                f'"bytes_received":{_json_num(self.bytes_received)},'
+                f'"duration":{_json_num(self.duration)},"tunneled":{_json_bool(self.tunneled)},'
+                f'"connection_security_policy":"{self.connection_security_policy.value}",'
+                f'"policy":{_json_str(self.policy)},"rule":{_json_str(self.rule)},'
+                f'"service_address":"{self.service_address}",'
+                f'"ejected":{_json_bool(self.ejected)}}}')
 
     @classmethod
     def from_dict(cls, data: Any) -> FlowRecord:
@@ -346,6 +446,8 @@ def _check_types(data: dict[str, Any]) -> None:
 def rfc3339(t: datetime) -> str:
     """UTC with microseconds and a Z suffix, e.g. 2025-01-02T03:04:05.000006Z."""
     # isoformat, not strftime: %Y does not zero-pad years before 1000 on every libc.
+    if t.tzinfo is UTC:  # every record's time: "+00:00" becomes "Z"
+        return t.isoformat(timespec="microseconds")[:-6] + "Z"
     return t.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 

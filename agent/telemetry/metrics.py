@@ -19,12 +19,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from agent import __version__
-from agent.telemetry.flow import NO_FLAGS, FlowEventKind, FlowRecord
+from agent.telemetry.flow import NO_FLAGS, UNKNOWN_LABEL, FlowEventKind, FlowRecord
 
 log = logging.getLogger(__name__)
 disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus_client
 
-UNKNOWN: Final = "unknown"
+UNKNOWN: Final = UNKNOWN_LABEL
 
 # Istio's CommonTrafficLabels, in ztunnel's order (locality labels are left out: the agent does not
 # know node locality).
@@ -74,32 +74,12 @@ def _known(value: str) -> str:
     return value or UNKNOWN
 
 
-def _service_parts(service: str, namespace: str) -> tuple[str, str]:
-    """(name, namespace) of a service host: name.ns.svc.<domain> splits; other hosts are their
-    own name, in the workload's namespace."""
-    parts = service.split(".")
-    if len(parts) >= 3 and parts[2] == "svc":
-        return parts[0], parts[1]
-    return service, namespace
-
-
 def traffic_labels(rec: FlowRecord) -> Labels:
-    """Istio's traffic label values for a record, `unknown` where the record has nothing.
-
-    Canonical service and revision default as Istio's do: the canonical service falls back to
-    the app label, then the workload name; the revision to the version label, then `latest`
-    (only for a known workload)."""
-    values: list[str] = [rec.reporter.value]
-    for side, ep in (("source", rec.source), ("destination", rec.destination)):
-        canon = ep.canonical_service or ep.app or ep.workload
-        revision = ep.canonical_revision or ep.version or ("latest" if ep.workload else "")
-        if side == "destination":
-            svc_name, svc_ns = _service_parts(ep.service, ep.namespace) if ep.service else ("", "")
-            values += [_known(ep.service), _known(svc_ns), _known(svc_name)]
-        values += [_known(ep.workload), _known(canon), _known(revision), _known(ep.namespace),
-                   _known(ep.principal), _known(ep.app), _known(ep.version), _known(ep.cluster)]
-    values += [_known(rec.protocol), rec.response_flags, rec.connection_security_policy.value]
-    return tuple(values)
+    """Istio's traffic label values for a record, `unknown` where the record has nothing (each
+    side's from FlowEndpoint.istio_attributes, computed once per endpoint)."""
+    return (rec.reporter.value, *rec.source.istio_attributes[3:],
+            *rec.destination.istio_attributes,
+            _known(rec.protocol), rec.response_flags, rec.connection_security_policy.value)
 
 
 def security_labels(rec: FlowRecord) -> Labels:

@@ -28,6 +28,7 @@ from agent.telemetry.flow import (
     FlowVerdict,
     Reporter,
     SecurityPolicy,
+    rfc3339,
 )
 from agent.telemetry.flowlog import AUDIT_SCHEMA, AuditLog, RotatingFile
 from agent.telemetry.pipeline import Telemetry, TelemetryConfig
@@ -217,6 +218,22 @@ def _records(draw: st.DrawFn) -> FlowRecord:
         duration=draw(st.floats(0, 1e9, allow_nan=False)), tunneled=draw(st.booleans()),
         connection_security_policy=draw(st.sampled_from(list(SecurityPolicy))),
         policy=draw(_names), rule=draw(_names))
+
+
+_text = st.text(max_size=12)  # any characters: quotes, controls, non-ASCII, surrogates
+
+
+@given(_records(), st.builds(FlowEndpoint, workload=_text, namespace=_text, service=_text,
+                             canonical_service=_text, canonical_revision=_text, app=_text,
+                             version=_text, cluster=_text, ip=st.ip_addresses().map(str)),
+       _text, _text, st.text(min_size=1, max_size=12))
+def test_the_json_line_is_what_json_dumps_writes(rec: FlowRecord, ep: FlowEndpoint,
+                                                 policy: str, rule: str, protocol: str) -> None:
+    odd = replace(rec, source=ep, policy=policy, rule=rule, protocol=protocol)
+    for r in (rec, odd, replace(odd, destination=ep.at("10.0.0.1", 7))):
+        assert r.to_json() == json.dumps(r.to_dict(), separators=(",", ":"))
+    naive = rec.time.astimezone(UTC).replace(tzinfo=None)
+    assert rfc3339(rec.time) == naive.isoformat(timespec="microseconds") + "Z"
 
 
 @given(_records())
