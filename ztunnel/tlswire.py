@@ -35,7 +35,6 @@ HIGH_WATER = 1024 * 1024
 # Payloads at least this large go to SSLObject.write on their own; smaller chunks (frame
 # headers, control frames, small DATA) are joined so they share TLS records.
 _JOIN_BELOW = 16 * 1024
-_RECORD = 16 * 1024  # TLS's largest record plaintext (RFC 8446 5.1)
 # After a close the socket is shut for writing and what the peer still sends is discarded for
 # at most this long (or until its FIN): closing a socket with unread input makes the kernel
 # send RST and drop what it had not sent yet, the GOAWAY that tells an abusive peer why
@@ -158,27 +157,14 @@ class TlsWire:
         obj = self._obj
         try:
             small: list[bytes | memoryview] = []
-            held = 0
             for chunk in chunks:
                 if len(chunk) < _JOIN_BELOW:
                     small.append(chunk)
-                    held += len(chunk)
                     continue
                 if small:
-                    # Top the small pieces (a DATA frame's header) up to a full record from
-                    # the large chunk's head: a 9-byte header no longer travels as a TLS
-                    # record of its own, one seal and one open fewer per frame.
-                    take = max(0, _RECORD - held)
-                    view = memoryview(chunk)
-                    small.append(view[:take])
                     obj.write(b"".join(small))
                     small = []
-                    held = 0
-                    rest: bytes | memoryview = view[take:]
-                else:
-                    rest = chunk
-                if rest:
-                    obj.write(rest)
+                obj.write(chunk)
             if small:
                 obj.write(b"".join(small) if len(small) > 1 else small[0])
         except ssl.SSLError as exc:
