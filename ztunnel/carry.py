@@ -15,9 +15,22 @@ async def carry_stream(guard: ConnectionGuard, ev: ConnectionEvent, session: Hbo
                        sid: int, plain: PlainSide, *, source_side: bool) -> None:
     """An HBONE stream joined to `plain`: the source app's socket (source_side) or the
     destination app's."""
-    guard.opened(ev, TransportFlag.CONNECT | TransportFlag.HBONE)
-    if session.attach(sid, plain):
+    if stream_opened(guard, ev, session, sid, plain):
         await _wait(plain)
+    stream_finished(guard, ev, plain, source_side=source_side)
+
+
+def stream_opened(guard: ConnectionGuard, ev: ConnectionEvent, session: HboneSession, sid: int,
+                  plain: PlainSide) -> bool:
+    """Report the stream open and join it to `plain`; False when the stream is already gone
+    (then there is nothing to wait for). Its end is `stream_finished`, once `plain.done`."""
+    guard.opened(ev, TransportFlag.CONNECT | TransportFlag.HBONE)
+    return session.attach(sid, plain)
+
+
+def stream_finished(guard: ConnectionGuard, ev: ConnectionEvent, plain: PlainSide, *,
+                    source_side: bool) -> None:
+    """Report a carried stream closed, its bytes counted from the app's side."""
     sent, received = ((plain.bytes_read, plain.bytes_written) if source_side
                       else (plain.bytes_written, plain.bytes_read))
     guard.finished(bytes_sent=sent, bytes_received=received,

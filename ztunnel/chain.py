@@ -20,8 +20,11 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+from ztunnel.carry import stream_finished, stream_opened
+from ztunnel.events import ConnectionEvent
 from ztunnel.guard import ConnectionGuard
 from ztunnel.relay import PlainSide
+from ztunnel.session import HboneSession
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +85,20 @@ class Flight:
             return
         self._abort()
         self.guard.cancelled()
+        self.finish()
+
+    def carry(self, ev: ConnectionEvent, session: HboneSession, sid: int, plain: PlainSide, *,
+              source_side: bool) -> None:
+        """carry.carry_stream by callbacks: report open, join, and report the close and finish
+        once `plain` is done."""
+        if stream_opened(self.guard, ev, session, sid, plain):
+            plain.done.add_done_callback(
+                lambda _: self.step(self._carried, ev, plain, source_side))
+        else:
+            self._carried(ev, plain, source_side)
+
+    def _carried(self, ev: ConnectionEvent, plain: PlainSide, source_side: bool) -> None:
+        stream_finished(self.guard, ev, plain, source_side=source_side)
         self.finish()
 
     def finish(self) -> None:

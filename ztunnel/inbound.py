@@ -64,10 +64,16 @@ async def connect_app(config: TunnelConfig, counters: Counters, spec: PodSpec, *
                       connect_socket: UpstreamConnect) -> PlainSide:
     """Connect to the pod's app as `src_ip`, marked with the peer's identity id (the kernel's
     policy decides on it): UpstreamError 401 on a policy deny, 503 on any other failure."""
-    counters.upstream_connects += 1
-    mark = podnet.mark_for_identity(config.identity_id(peer))
+    mark = upstream_mark(config, counters, peer)
     return await connect_plain(spec, target, mark, source_ip=src_ip, peer=peer,
                                connect_socket=connect_socket)
+
+
+def upstream_mark(config: TunnelConfig, counters: Counters, peer: Identity | None) -> int:
+    """Count an upstream connect and give the mark its socket carries: the peer's identity id,
+    which the kernel's policy program reads."""
+    counters.upstream_connects += 1
+    return podnet.mark_for_identity(config.identity_id(peer))
 
 
 def upstream_refusal(ev: ConnectionEvent, err: UpstreamError) -> ConnectionEvent:
@@ -248,8 +254,7 @@ class _InboundStream(Flight):
             return
         self.state.upstreams_in_flight += 1
         self.in_flight = True
-        c.upstream_connects += 1
-        mark = podnet.mark_for_identity(cfg.identity_id(session.peer))
+        mark = upstream_mark(cfg, c, session.peer)
         try:
             sock = self.sock = upstream_socket(spec, mark, src_ip)
         except UpstreamError as err:
@@ -302,7 +307,6 @@ class _InboundStream(Flight):
             self.state.upstreams_in_flight -= 1
 
     def _connect_failed(self, exc: OSError) -> None:
-        self._done_connecting()
         if self.sock is not None:
             self.sock.close()
             self.sock = None
@@ -335,19 +339,7 @@ class _InboundStream(Flight):
 
     def _carry(self, plain: MadePlain) -> None:
         assert self.ev is not None
-        self.guard.opened(self.ev, TransportFlag.CONNECT | TransportFlag.HBONE)
-        if self.session.attach(self.sid, plain):
-            plain.done.add_done_callback(lambda _: self.step(self._ended))
-        else:
-            self._ended()
-
-    def _ended(self) -> None:
-        plain = self.plain
-        assert plain is not None and self.ev is not None
-        self.guard.finished(bytes_sent=plain.bytes_written, bytes_received=plain.bytes_read,
-                            flags=self.ev.flags | (TransportFlag.RESET if plain.reset_seen
-                                                   else TransportFlag.NONE))
-        self.finish()
+        self.carry(self.ev, self.session, self.sid, plain, source_side=False)
 
     def _abort(self) -> None:
         self._stop_waiting()

@@ -314,22 +314,9 @@ class _Carried(Flight):
             self._carry()
 
     def _carry(self) -> None:
-        app = self.app
-        assert app is not None
+        assert self.app is not None
         self.carrying = True
-        self.guard.opened(self.ev, TransportFlag.CONNECT | TransportFlag.HBONE)
-        if self.session.attach(self.sid, app):
-            app.done.add_done_callback(lambda _: self.step(self._ended))
-        else:
-            self._ended()
-
-    def _ended(self) -> None:
-        app = self.app
-        assert app is not None
-        self.guard.finished(bytes_sent=app.bytes_read, bytes_received=app.bytes_written,
-                            flags=self.ev.flags | (TransportFlag.RESET if app.reset_seen
-                                                   else TransportFlag.NONE))
-        self.finish()
+        self.carry(self.ev, self.session, self.sid, self.app, source_side=True)
 
     def _timed_out(self) -> None:
         self.timer = None

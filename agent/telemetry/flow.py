@@ -117,6 +117,26 @@ def _valid_ip(ip: str) -> bool:
     return True
 
 
+# The checks a record's per-connection parts get, built (__post_init__) or copied (`at`, `again`).
+def _check_address(ip: str, port: int) -> None:
+    if not 0 <= port <= 65535:
+        raise FlowRecordError(f"port {port} out of range 0..65535")
+    if ip and not _valid_ip(ip):
+        raise FlowRecordError(f"ip {ip!r} is not an IPv4/IPv6 address")
+
+
+def _check_counts(bytes_sent: int, bytes_received: int, duration: float) -> None:
+    if bytes_sent < 0 or bytes_received < 0 or duration < 0:
+        raise FlowRecordError("bytes and duration must not be negative")
+    if not math.isfinite(duration):  # JSON has no NaN or Infinity
+        raise FlowRecordError(f"duration must be a finite number, not {duration}")
+
+
+def _check_service_address(service_address: str) -> None:
+    if service_address and not _SERVICE_ADDRESS.fullmatch(service_address):
+        raise FlowRecordError(f"service_address {service_address[:80]!r}: want ip:port")
+
+
 @dataclass(frozen=True)
 class FlowEndpoint:
     """One side of a connection. Empty strings (and port 0) mean unknown.
@@ -139,10 +159,7 @@ class FlowEndpoint:
     cluster: str = ""
 
     def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise FlowRecordError(f"port {self.port} out of range 0..65535")
-        if self.ip and not _valid_ip(self.ip):
-            raise FlowRecordError(f"ip {self.ip!r} is not an IPv4/IPv6 address")
+        _check_address(self.ip, self.port)
         if self.principal and not self.principal.startswith("spiffe://"):
             raise FlowRecordError(
                 f"principal {self.principal!r} must be a SPIFFE URI (spiffe://...); "
@@ -194,10 +211,7 @@ class FlowEndpoint:
     def at(self, ip: str, port: int) -> FlowEndpoint:
         """This endpoint at another address, checked as __post_init__ checks it; a copy that
         keeps the cached values above (an address changes none of them)."""
-        if not 0 <= port <= 65535:
-            raise FlowRecordError(f"port {port} out of range 0..65535")
-        if ip and not _valid_ip(ip):
-            raise FlowRecordError(f"ip {ip!r} is not an IPv4/IPv6 address")
+        _check_address(ip, port)
         ep = object.__new__(FlowEndpoint)
         ep.__dict__.update(self.__dict__, ip=ip, port=port)
         return ep
@@ -288,10 +302,7 @@ class FlowRecord:
         if self.reason and not _REASON.fullmatch(self.reason):
             raise FlowRecordError(
                 f"reason {self.reason[:80]!r}: want a verdict name (letters, digits, _)")
-        if self.bytes_sent < 0 or self.bytes_received < 0 or self.duration < 0:
-            raise FlowRecordError("bytes and duration must not be negative")
-        if not math.isfinite(self.duration):  # JSON has no NaN or Infinity
-            raise FlowRecordError(f"duration must be a finite number, not {self.duration}")
+        _check_counts(self.bytes_sent, self.bytes_received, self.duration)
         if self.kind in REFUSAL_KINDS and self.verdict is not FlowVerdict.DENIED:
             raise FlowRecordError(f"a {self.kind} event must have verdict denied")
         if self.kind not in REFUSAL_KINDS and self.verdict is FlowVerdict.DENIED:
@@ -299,8 +310,7 @@ class FlowRecord:
                 f"verdict denied needs kind deny, auth_failure or reject, not {self.kind}")
         if not self.protocol:
             raise FlowRecordError("protocol must not be empty (Istio uses 'tcp')")
-        if self.service_address and not _SERVICE_ADDRESS.fullmatch(self.service_address):
-            raise FlowRecordError(f"service_address {self.service_address[:80]!r}: want ip:port")
+        _check_service_address(self.service_address)
 
     def _coerce_enums(self) -> None:
         # Accept plain strings for the enums (producers often have them from a table) but store
@@ -322,12 +332,8 @@ class FlowRecord:
         """Another event of this record's shape (kind, reporter, verdict, flags, endpoints'
         identities), now: a copy with the parts that vary per connection replaced, checked as
         __post_init__ checks them. The endpoints must be this record's own, `at` an address."""
-        if bytes_sent < 0 or bytes_received < 0 or duration < 0:
-            raise FlowRecordError("bytes and duration must not be negative")
-        if not math.isfinite(duration):
-            raise FlowRecordError(f"duration must be a finite number, not {duration}")
-        if service_address and not _SERVICE_ADDRESS.fullmatch(service_address):
-            raise FlowRecordError(f"service_address {service_address[:80]!r}: want ip:port")
+        _check_counts(bytes_sent, bytes_received, duration)
+        _check_service_address(service_address)
         rec = object.__new__(FlowRecord)
         rec.__dict__.update(self.__dict__, time=_now(), source=source, destination=destination,
                             bytes_sent=bytes_sent, bytes_received=bytes_received,
