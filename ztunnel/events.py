@@ -136,7 +136,8 @@ class ConnectionEvent:
             raise TypeError(f"ConnectionEvent has no field(s) {sorted(unknown)}")
         ev = copy.copy(self)
         ev.phase = Phase.CLOSE
-        ev.__dict__.update(changes)
+        for name, value in changes.items():
+            setattr(ev, name, value)
         ev.duration = time.monotonic() - self.started
         return ev
 
