@@ -136,8 +136,7 @@ class ConnectionEvent:
             raise TypeError(f"ConnectionEvent has no field(s) {sorted(unknown)}")
         ev = copy.copy(self)
         ev.phase = Phase.CLOSE
-        for name, value in changes.items():
-            setattr(ev, name, value)
+        ev.__dict__.update(changes)
         ev.duration = time.monotonic() - self.started
         return ev
 

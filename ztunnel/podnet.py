@@ -24,8 +24,6 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from mypy_extensions import mypyc_attr
-
 from agent import abi
 from agent.host import netns
 
@@ -39,7 +37,6 @@ IP_TRANSPARENT = 19
 IP_FREEBIND = 15
 
 
-@mypyc_attr(native_class=False)
 class PodNetError(OSError):
     """A pod's netns could not be prepared or a socket could not be set up in it."""
 

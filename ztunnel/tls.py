@@ -18,8 +18,6 @@ import hashlib
 import ssl
 from typing import Protocol
 
-from mypy_extensions import mypyc_attr
-
 from agent.identity import tlsmem
 from agent.identity.spiffe import Identity, IdentityError, from_der
 
@@ -46,7 +44,6 @@ class PeerTrust(Protocol):
         ...
 
 
-@mypyc_attr(native_class=False)
 class PeerIdentityError(ConnectionError):
     """The peer's certificate verified but names the wrong identity or trust domain."""
 

@@ -20,8 +20,6 @@ import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from mypy_extensions import mypyc_attr
-
 from agent.identity.spiffe import Identity
 from ztunnel import hbone, podnet
 from ztunnel.chain import Flight
@@ -60,7 +58,6 @@ Handler = Callable[[PodState, socket.socket, tuple[str, int], ConnectionGuard],
                    Coroutine[Any, Any, None] | None]
 
 
-@mypyc_attr(allow_interpreted_subclasses=True)  # tests gate upstream connects (GatedTunnel)
 class Tunnel:
     def __init__(self, config: TunnelConfig) -> None:
         self.config = config

@@ -14,8 +14,6 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable
 
-from mypy_extensions import mypyc_attr
-
 from agent.identity.spiffe import Identity
 from ztunnel import connect, podnet
 from ztunnel.events import Cause, ConnectionEvent, ResponseFlag, TransportFlag
@@ -27,7 +25,6 @@ log = logging.getLogger(__name__)
 log.addFilter(RepeatLimiter.shared())
 
 
-@mypyc_attr(native_class=False)
 class UpstreamError(ConnectionError):
     """No upstream: `status` (CONNECT answer), `response`, `cause`, `flag` and `why` say why."""
 
@@ -73,7 +70,6 @@ class UpstreamError(ConnectionError):
         return cls("unexpected status", status=status)
 
 
-@mypyc_attr(native_class=False)
 class DialError(UpstreamError):
     """No HBONE connection to the destination (the pool's dialer failed)."""
 
