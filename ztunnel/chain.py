@@ -59,7 +59,7 @@ def plain_transport(sock: socket.socket, plain: PlainSide) -> asyncio.Transport:
     return transport
 
 
-@mypyc_attr(allow_interpreted_subclasses=True)
+@mypyc_attr(allow_interpreted_subclasses=True)  # outbound/inbound (interpreted) subclass it
 class Flight:
     """One connection's callback chain: `done` resolves once it has ended (its close event is
     out or it never had one)."""
