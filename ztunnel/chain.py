@@ -20,6 +20,8 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+from mypy_extensions import mypyc_attr
+
 from ztunnel.carry import stream_finished, stream_opened
 from ztunnel.events import ConnectionEvent
 from ztunnel.guard import ConnectionGuard
@@ -57,6 +59,7 @@ def plain_transport(sock: socket.socket, plain: PlainSide) -> asyncio.Transport:
     return transport
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # outbound/inbound (interpreted) subclass it
 class Flight:
     """One connection's callback chain: `done` resolves once it has ended (its close event is
     out or it never had one)."""

@@ -26,6 +26,7 @@ from typing import cast
 
 import hpack
 import hpack.exceptions
+from mypy_extensions import mypyc_attr
 
 from ztunnel import frames as f
 
@@ -37,6 +38,7 @@ DEFAULT_MAX_FRAME = 1 * MIB
 H2_DEFAULT_WINDOW = f.DEFAULT_WINDOW
 
 
+@mypyc_attr(native_class=False)  # compiled, class constants would become instance slots
 class ErrorCodes:
     """RFC 9113 section 7 error codes (names as h2 spells them)."""
 
@@ -213,6 +215,7 @@ class _Stream:
     remote_closed: bool = False
 
 
+@mypyc_attr(native_class=False)  # mypyc compiles no subclass of this builtin
 class StreamError(RuntimeError):
     """An operation on a stream this core does not know (already closed or never opened)."""
 

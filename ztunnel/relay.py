@@ -22,6 +22,8 @@ import weakref
 from collections.abc import Callable
 from typing import Protocol
 
+from mypy_extensions import mypyc_attr
+
 log = logging.getLogger(__name__)
 
 HIGH_WATER = 512 * 1024
@@ -64,6 +66,7 @@ class RelayEndpoint(Protocol):
         ...
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # test stand-ins subclass it
 class PlainSide(asyncio.BufferedProtocol):
     """One TCP socket (an app's connection or our upstream to an app). Reads go into a buffer
     every plain side on the loop shares (asyncio fills it and calls `buffer_updated` in one

@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from mypy_extensions import mypyc_attr
+
 from agent.identity.spiffe import Identity
 from ztunnel import hbone, tlswire
 from ztunnel.lograte import RepeatLimiter
@@ -48,6 +50,7 @@ class Wire(Protocol):
     def abort(self) -> None: ...
 
 
+@mypyc_attr(native_class=False)  # mypyc compiles no subclass of this builtin
 class TunnelClosedError(ConnectionError):
     """The HBONE connection went away (or was refused) before the stream finished."""
 

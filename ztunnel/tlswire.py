@@ -204,11 +204,14 @@ class TlsWire:
                 return
             if n == len(data):
                 return
-            data = memoryview(data)[n:]  # type: ignore[assignment]
             self._loop.add_writer(self._fd, self._on_writable)
             self._writer = True
-        self._backlog.append(data)
-        self._buffered += len(data)
+            rest = memoryview(data)[n:]
+            self._backlog.append(rest)
+            self._buffered += len(rest)
+        else:
+            self._backlog.append(data)
+            self._buffered += len(data)
         if not self._paused and self._buffered > self._high:
             self._paused = True
             self._protocol.pause_writing()
@@ -272,7 +275,7 @@ class TlsWire:
         while True:
             try:
                 # with a buffer, read() returns a count (typeshed says bytes)
-                got = cast(int, obj.read(cap - filled, pview[filled:]))
+                got: int = cast(Any, obj).read(cap - filled, pview[filled:])
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:

@@ -12,6 +12,7 @@ from hyperframe.frame import PingFrame
 
 from agent.identity.spiffe import Identity
 from ztunnel import hbone
+from ztunnel.relay import PlainSide
 from ztunnel.session import HboneSession
 from ztunnel.tls import PeerIdentityError
 
@@ -69,10 +70,12 @@ class MemoryWire:
         self.close()
 
 
-class Plain:
-    """A plain side that records what the tunnel gives it."""
+class Plain(PlainSide):
+    """A plain side that records what the tunnel gives it (no socket: the session's calls are
+    the seam; a PlainSide subclass, as the session's type says and a compiled session checks)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.data = bytearray()
         self.finished = False
         self.was_reset = False
