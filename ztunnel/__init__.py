@@ -37,11 +37,13 @@ def extensions(directory: Path) -> dict[str, Path]:
 
 def check_fresh(directory: Path) -> None:
     """Refuse a compiled module older than its source: Python imports the extension first, so
-    after an edit it would silently run the old code. Only a source checkout (pyproject.toml
-    beside the package) is checked; an installed wheel brings both files from one build."""
-    if not (directory.parent / "pyproject.toml").exists():
+    after an edit it would silently run the old code. A wheel install (nodemesh's dist-info
+    beside the package) is not checked: both files come from one build, and pip may write the
+    .py a moment after its .so."""
+    found = extensions(directory)
+    if not found or any(directory.parent.glob("nodemesh-*.dist-info")):
         return
-    for stem, ext in extensions(directory).items():
+    for stem, ext in found.items():
         source = directory / f"{stem}.py"
         if ext.stat().st_mtime_ns < source.stat().st_mtime_ns:
             raise ImportError(

@@ -34,9 +34,7 @@ def compiled_list() -> list[str]:
     raise AssertionError("setup.py has no COMPILED list")
 
 
-def package(tmp_path: Path, *, checkout: bool = True) -> Path:
-    if checkout:
-        (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+def package(tmp_path: Path) -> Path:
     pkg = tmp_path / "pkg"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
@@ -98,12 +96,24 @@ def test_the_shared_runtime_library_has_no_source_to_be_stale_against(tmp_path: 
     assert ztunnel.extensions(pkg) == {}
 
 
-def test_an_installed_copy_is_not_checked(tmp_path: Path) -> None:
+def test_an_installed_wheel_is_not_checked(tmp_path: Path) -> None:
     # pip writes a wheel's files in archive order: the .py may land a moment after its .so
-    pkg = package(tmp_path, checkout=False)
+    pkg = package(tmp_path)
     write(pkg / f"relay{SUFFIX}", 1_000)
     write(pkg / "relay.py", 1_001)
+    (tmp_path / "nodemesh-0.1.0.dist-info").mkdir()
     ztunnel.check_fresh(pkg)
+
+
+def test_other_projects_files_beside_a_checkout_do_not_disable_the_check(tmp_path: Path) -> None:
+    # kubernetes_asyncio's wheel drops a pyproject.toml into site-packages
+    pkg = package(tmp_path)
+    write(pkg / f"relay{SUFFIX}", 1_000)
+    write(pkg / "relay.py", 1_001)
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    (tmp_path / "kubernetes_asyncio-36.1.0.dist-info").mkdir()
+    with pytest.raises(ImportError, match="relay"):
+        ztunnel.check_fresh(pkg)
 
 
 def test_the_modules_setup_py_compiles_run_compiled() -> None:
