@@ -66,7 +66,8 @@ def table(results: dict[str, Any]) -> str:
     sec = results["sections"]
     lines = [
         f"Machine: {m['cpu']}, {m['cores']} cores, kernel {m['kernel']}, Python {m['python']}, "
-        f"Envoy {m['envoy']}, iperf3 {m['iperf3']}.",
+        f"Envoy {m['envoy']}, iperf3 {m['iperf3']}; "
+        f"data path: {m.get('data_path', 'not recorded')}.",
         f"Run: {results['started']}, {results['duration_s']:.0f} s, "
         f"{results['settings']['reps']} repetitions per cell (median, min-max in brackets); "
         f"TLS: nodemesh {', '.join(results['ciphers'].get('nodemesh', []))}, Envoy "

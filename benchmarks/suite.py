@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import ztunnel
 from benchmarks import (
     connect_cost,
     envoy,
@@ -86,6 +87,9 @@ def machine() -> dict[str, Any]:
         "iperf3": _version(["iperf3", "--version"]).split()[1:2][0]
         if len(_version(["iperf3", "--version"]).split()) > 1 else "unknown",
         "cipher_gb_s": {c: cipher_speed(c) for c in ("aes-128-gcm", "aes-256-gcm")},
+        # the agents run from this tree: what their tunnel runs, compiled or interpreted
+        "data_path": ztunnel.data_path(),
+        "compiled": ztunnel.compiled_modules(),
     }
 
 

@@ -59,12 +59,41 @@ if [ ! -e "$site/bcc" ]; then
   ln -sfn /usr/lib/python3/dist-packages/bcc "$site/bcc"
 fi
 
+# The editable install compiles the modules in setup.py's COMPILED with mypyc (extensions land next
+# to their sources in ztunnel/). Reinstall when the build inputs changed since the last install
+# or the wanted kind of build (compiled / pure) differs: an old extension would shadow an edited
+# source (ztunnel/__init__.py refuses to import then).
 stamp="$venv/.nodemesh-installed"
-if [ ! -f "$stamp" ] || [ "$here/pyproject.toml" -nt "$stamp" ]; then
-  step "installing nodemesh[dev] into $venv"
+if [ "${NODEMESH_PURE_PYTHON:-}" = 1 ]; then build=pure; else build=compiled; fi
+compiled=$("$python" - "$here/setup.py" <<'PY'
+import ast, sys
+tree = ast.parse(open(sys.argv[1]).read())
+for node in tree.body:
+    if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "COMPILED" for t in node.targets):
+        print("\n".join(ast.literal_eval(node.value)))
+PY
+) || die "cannot read COMPILED from $here/setup.py"
+stale=0
+[ -f "$stamp" ] && [ "$(cat "$stamp")" = "$build" ] || stale=1
+for f in pyproject.toml setup.py $compiled; do
+  [ "$here/$f" -nt "$stamp" ] && stale=1
+done
+if [ "$stale" = 1 ]; then
+  if [ "$build" = compiled ]; then
+    cc=${CC:-$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_config_var("CC") or "cc")')}
+    cc=${cc%% *}  # the compiler setuptools will run: $CC, else the one Python was built with
+    inc=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+    command -v "$cc" >/dev/null \
+      || die "no C compiler ($cc) to compile the data path with mypyc: apt-get install gcc, or set NODEMESH_PURE_PYTHON=1 for a pure-Python install (slower per hop)"
+    [ -f "$inc/Python.h" ] \
+      || die "no Python headers ($inc/Python.h) to compile the data path with mypyc: apt-get install python3-dev (for a pyenv Python, its own include/), or set NODEMESH_PURE_PYTHON=1 for a pure-Python install (slower per hop)"
+  fi
+  step "installing nodemesh[dev] into $venv ($build data path)"
+  # Old extensions go first: one left over from a module dropped from COMPILED would shadow it.
+  rm -f "$here"/ztunnel/*.so
   "$venv/bin/pip" install -q --disable-pip-version-check -e "$here[dev,bench]" \
-    || die "pip install failed: see the messages above"
-  touch "$stamp"
+    || die "pip install failed: see the messages above (a failed mypyc compile: check the C compiler and Python headers, or set NODEMESH_PURE_PYTHON=1 for a pure-Python install)"
+  echo "$build" > "$stamp"
 fi
 "$venv/bin/python" -c 'import bcc, pyroute2, agent, ztunnel' || die "venv imports failed"
-step "ready: $venv"
+step "ready: $venv (data path: $("$venv/bin/python" -c 'import ztunnel; print(ztunnel.data_path())'))"

@@ -10,4 +10,55 @@ Modules, from the wire up:
 - podnet: sockets in pod netns, marks, source-IP preservation (prepare_pod_netns)
 - events: per-connection telemetry events
 - tunnel: Tunnel (add_pod / remove_pod / drain), the per-pod 15001/15006/15008 listeners
+
+The per-hop modules are compiled with mypyc (the list is COMPILED in setup.py); importing the
+package refuses a compiled module older than its source (check_fresh).
 """
+
+from importlib.machinery import EXTENSION_SUFFIXES
+from pathlib import Path
+
+_HERE = Path(__file__).parent
+
+
+def extensions(directory: Path) -> dict[str, Path]:
+    """The compiled extension next to each module source in `directory`, by module name (mypyc's
+    shared runtime library has no source of its own and is left out)."""
+    found: dict[str, Path] = {}
+    for name in sorted(p.name for p in directory.iterdir()):
+        for suffix in EXTENSION_SUFFIXES:
+            stem = name.removesuffix(suffix)
+            if stem != name:  # the most specific suffix comes first
+                if (directory / f"{stem}.py").exists():
+                    found[stem] = directory / name
+                break
+    return found
+
+
+def check_fresh(directory: Path) -> None:
+    """Refuse a compiled module older than its source: Python imports the extension first, so
+    after an edit it would silently run the old code. A wheel install (nodemesh's dist-info
+    beside the package) is not checked: both files come from one build, and pip may write the
+    .py a moment after its .so."""
+    found = extensions(directory)
+    if not found or any(directory.parent.glob("nodemesh-*.dist-info")):
+        return
+    for stem, ext in found.items():
+        source = directory / f"{stem}.py"
+        if ext.stat().st_mtime_ns < source.stat().st_mtime_ns:
+            raise ImportError(
+                f"{ext} is older than {source}: the compiled module would run the old code. "
+                f"Rebuild with scripts/setup.sh, or remove {ext} to run the source interpreted.")
+
+
+def compiled_modules() -> list[str]:
+    """The ztunnel modules that run compiled (mypyc) in this installation."""
+    return list(extensions(_HERE))
+
+
+def data_path() -> str:
+    """One phrase for status output and benchmark headers."""
+    return "compiled (mypyc)" if compiled_modules() else "pure Python"
+
+
+check_fresh(_HERE)

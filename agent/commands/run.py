@@ -14,6 +14,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import hashes
 
+from agent import __version__
 from agent import config as cfgmod
 from agent.enroll import KubernetesLocator, PodLocator, TestbedLocator
 from agent.host import cpus, signals
@@ -32,6 +33,7 @@ from agent.state.snapshot import MeshState
 from agent.state.store import StateStore
 from agent.telemetry.metrics import ScrapeValue
 from agent.telemetry.server import MetricsServer
+from ztunnel import compiled_modules, data_path
 
 log = logging.getLogger("nodemesh")
 
@@ -194,6 +196,9 @@ def _dump(agent: NodeAgent) -> dict[str, Any]:
     st = agent.state
     return {
         "config": agent.config.dump(),
+        # what the tunnel runs: "compiled (mypyc)" with its modules, or "pure Python"
+        "build": {"version": __version__, "data_path": data_path(),
+                  "compiled": compiled_modules()},
         "enrolled": {
             uid: {"workload": e.workload.ref, "netns": e.placement.netns, "netns_cookie": e.cookie}
             for uid, e in agent.enrolled.items()

@@ -53,7 +53,7 @@ from agent.state.snapshot import MeshState
 from agent.state.store import StateStore
 from agent.telemetry.metrics import ScrapeLabelled, ScrapeValue
 from agent.telemetry.pipeline import Telemetry, TelemetryConfig
-from ztunnel import podnet
+from ztunnel import compiled_modules, podnet
 from ztunnel.events import Cause, ConnectionEvent, Phase, TunnelDirection
 from ztunnel.lograte import RepeatLimiter
 from ztunnel.tunnel import Mode, PodSpec, TunnelWorkload
@@ -92,7 +92,8 @@ class NodeAgent:
         # BCC and LLVM run in a short-lived loader process, never resident in the agent.
         self.datapath = Datapath(root, BuildOptions(pin_dir=cfg.pin_dir), load_in_process=False)
         self.telemetry = Telemetry(
-            TelemetryConfig(node=cfg.node_name, flow_log=cfg.flow_log, audit_log=cfg.audit_log),
+            TelemetryConfig(node=cfg.node_name, flow_log=cfg.flow_log, audit_log=cfg.audit_log,
+                            compiled=bool(compiled_modules())),
             self.registry,
         )
         self.tunnel_records = flows.TunnelRecords(self._workload_by_ip, self._service_host,

@@ -250,8 +250,11 @@ class ScrapeLabelled(ScrapeCollector[LabelledValues]):
 
 
 class _BuildInfo(Collector):
-    def __init__(self, registry: CollectorRegistry, version: str, tag: str) -> None:
+    def __init__(self, registry: CollectorRegistry, version: str, tag: str,
+                 compiled: bool | None) -> None:
         self.version, self.tag = version, tag
+        # whether the tunnel's per-hop modules run mypyc-compiled ("unknown": not told)
+        self.compiled = "unknown" if compiled is None else "yes" if compiled else "no"
         registry.register(self)
 
     def collect(self) -> Iterator[Metric]:
@@ -259,8 +262,8 @@ class _BuildInfo(Collector):
                                   labels=("component", "tag"))
         istio.add_metric(("nodemesh", self.tag), 1)
         info = GaugeMetricFamily("nodemesh_build_info", "nodemesh build", labels=(
-            "version", "tag", "python"))
-        info.add_metric((self.version, self.tag, platform.python_version()), 1)
+            "version", "tag", "python", "compiled"))
+        info.add_metric((self.version, self.tag, platform.python_version(), self.compiled), 1)
         yield istio
         yield info
 
@@ -287,7 +290,7 @@ class AgentMetrics:
     """
 
     def __init__(self, registry: CollectorRegistry, *, version: str = __version__,
-                 tag: str | None = None) -> None:
+                 tag: str | None = None, compiled: bool | None = None) -> None:
         self.ringbuf_drops = ScrapeLabelled(
             registry, "nodemesh_ringbuf_drops", "Flow events lost because a BPF ring buffer "
             "was full", "counter", ("ring",))
@@ -332,7 +335,7 @@ class AgentMetrics:
         self.policy_update_seconds = Histogram(
             "nodemesh_policy_update_duration_seconds", "Time from a policy change to its BPF "
             "maps being updated", buckets=POLICY_UPDATE_BUCKETS, registry=registry)
-        self.build = _BuildInfo(registry, version, tag or version)
+        self.build = _BuildInfo(registry, version, tag or version, compiled)
 
 
 def exposed_names(registry: CollectorRegistry) -> set[str]:

@@ -35,6 +35,7 @@ class TelemetryConfig:
     recent: int = DEFAULT_RECENT  # records kept for `GET /flows` without follow
     stream_queue: int = DEFAULT_QUEUE  # per live subscriber
     build_tag: str | None = None
+    compiled: bool | None = None  # the tunnel's data path runs mypyc-compiled (ztunnel)
 
 
 class Telemetry:
@@ -44,7 +45,8 @@ class Telemetry:
         self.config = config
         self.registry = registry if registry is not None else CollectorRegistry()
         self.flow_metrics = FlowMetrics(self.registry)
-        self.agent_metrics = AgentMetrics(self.registry, tag=config.build_tag)
+        self.agent_metrics = AgentMetrics(self.registry, tag=config.build_tag,
+                                          compiled=config.compiled)
         self.hub = FlowHub(config.recent, config.stream_queue)
         self.agent_metrics.stream_dropped.set_reader(self.hub.dropped_count)
         self.flow_log = (FlowLog(config.flow_log, config.log_max_bytes, config.log_backups)

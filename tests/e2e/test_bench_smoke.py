@@ -14,6 +14,8 @@ from pathlib import Path
 
 from prereq import require_root, require_tool, requires
 
+import ztunnel
+
 REPO = Path(__file__).resolve().parents[2]
 MODES = ("no-mesh", "nodemesh", "envoy")
 
@@ -39,6 +41,8 @@ def test_tiny_suite_writes_verified_results(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "latest.json").read_text())
     assert results["verified"] is True
     assert {"cpu", "kernel", "cores"} <= results["machine"].keys()
+    assert results["machine"]["data_path"] == ztunnel.data_path()
+    assert f"data path: {ztunnel.data_path()}." in (tmp_path / "latest.md").read_text()
     assert results["ciphers"]["nodemesh"] and results["ciphers"]["envoy"]
     sections = results["sections"]
     assert {"paths", "policy_update", "scale", "connect_cost", "flow_events"} <= sections.keys()

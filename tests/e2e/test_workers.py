@@ -23,6 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support.agents import live_mesh
 
+import ztunnel
 from agent.commands.demo import CLIENT, EXAMPLE, _run_client, http_get
 from agent.testbed import Cluster, PodProcess
 
@@ -153,6 +154,14 @@ def test_connections_spread_over_workers_and_metrics_are_sums(tmp_path: Path) ->
         assert metric(text, "nodemesh_worker_restarts_total") == 0
         assert all(v > 0 for v in (metric(text, "nodemesh_worker_resident_bytes", worker=w)
                                    for w in ("0", "1")))
+        # The agent says what its data path runs, as this installation has it.
+        dump = http_get(c.nodes[0].netns, 15000, "/config_dump")
+        assert dump is not None
+        build = json.loads(dump)["build"]
+        assert build["data_path"] == ztunnel.data_path(), build
+        assert build["compiled"] == ztunnel.compiled_modules(), build
+        label = "yes" if build["compiled"] else "no"
+        assert metric(text, "nodemesh_build_info", compiled=label) == 1, label
 
 
 def start_streams(c: Cluster, count: int, seconds: float) -> list[PodProcess]:

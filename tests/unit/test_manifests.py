@@ -565,6 +565,19 @@ def test_every_pod_runs_the_image_the_project_builds() -> None:
     assert "dist-packages/bcc" in dockerfile  # only bcc linked into the venv, as setup.sh does
 
 
+def test_the_image_compiles_the_data_path_in_a_build_stage_only() -> None:
+    dockerfile = (IMAGE_DIR / "Dockerfile").read_text(encoding="utf-8")
+    *builds, runtime = re.split(r"^FROM ", dockerfile, flags=re.M)[1:]
+    (build,) = builds
+    assert build.startswith(runtime.split("\n", 1)[0].split()[0])  # one base image: one ABI
+    assert re.search(r"^COPY .*\bsetup\.py\b", build, re.M)  # the build hook with COMPILED
+    assert "python3-dev" in build and "gcc" in build and "pip wheel" in build
+    assert re.search(r"^COPY --from=build /wheels", runtime, re.M)
+    for tool in ("gcc", "python3-dev", "build-essential", "clang"):
+        assert tool not in runtime, f"{tool} in the runtime image"
+    assert "compiled_modules()" in runtime  # the image refuses to ship an uncompiled data path
+
+
 def run_entrypoint(tmp_path: Path, kernel: str, **env: str) -> tuple[Path, str]:
     modules = tmp_path / "modules"
     base = {"NM_KERNEL": kernel, "NM_MODULES": str(modules), "NM_HOST": str(tmp_path / "host"),

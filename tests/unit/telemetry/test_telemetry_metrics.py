@@ -170,6 +170,14 @@ def test_bpf_map_counters_are_read_at_scrape_time() -> None:
         frozenset({("component", "nodemesh"), ("tag", "1.2.3")}): 1}
     (info,) = by_name(s, "nodemesh_build_info")
     assert dict(info)["tag"] == "1.2.3"
+    assert dict(info)["compiled"] == "unknown"  # nobody said what the data path runs
+
+
+@pytest.mark.parametrize(("compiled", "label"), [(True, "yes"), (False, "no")])
+def test_build_info_says_whether_the_data_path_is_compiled(compiled: bool, label: str) -> None:
+    tel = Telemetry(TelemetryConfig(node="node-1", compiled=compiled))
+    (info,) = by_name(parse(scrape(tel.registry)), "nodemesh_build_info")
+    assert dict(info)["compiled"] == label
 
 
 def test_a_failing_reader_loses_only_its_own_samples(caplog: pytest.LogCaptureFixture) -> None:
