@@ -26,6 +26,7 @@ from typing import Any
 from agent.identity import pki
 from agent.identity.spiffe import Identity
 from ztunnel import hbone, tls
+from ztunnel.relay import PlainSide
 
 TD = "cluster.local"
 RR_SECONDS = 3.0
@@ -117,10 +118,12 @@ def _measure(send: Any, recv: Any) -> dict[str, float]:
 
 
 # -- HBONE echo ----------------------------------------------------------------------------
-class _StreamEcho:
-    """Plain side stand-in: echoes small messages back on the stream, discards bulk."""
+class _StreamEcho(PlainSide):
+    """Plain side stand-in: echoes small messages back on the stream, discards bulk (a
+    PlainSide subclass: the compiled session checks the type it is handed)."""
 
     def __init__(self, session: Any, sid: int) -> None:
+        super().__init__()
         self.session, self.sid = session, sid
 
     def attach(self, peer: Any) -> None:
