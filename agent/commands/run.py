@@ -125,6 +125,7 @@ async def run_agent(cfg: cfgmod.Config, *, log_format: str = "json") -> int:
     actions = agent.start_datapath()
     log.info("datapath: %s", ", ".join(actions))
     await agent.start_dataplane()
+    readiness.data_plane = agent.dataplane.unserving
     log.info("data plane: %d worker processes (pids %s)", cfg.workers,
              ", ".join(str(p) for p in agent.dataplane.pids().values()))
     runners = [

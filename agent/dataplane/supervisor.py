@@ -517,6 +517,16 @@ class Supervisor:
     def pids(self) -> dict[int, int]:
         return {w.index: w.proc.pid for w in self._live()}
 
+    def unserving(self) -> str | None:
+        """Why no worker can carry traffic now (readiness), or None: every worker dead (a crash
+        loop, or all waiting out their restart backoff) leaves the captured ports without a
+        listener, so enrolled pods' connections are refused until one is back."""
+        if self.stopping or self._live():
+            return None
+        return (f"no data-plane worker running ({self.count} configured, {self.restarts} "
+                "restarts so far): connections to and from enrolled pods are refused until one "
+                "is back")
+
 
 def _chunks(table: Mapping[str, Any], size: int) -> list[dict[str, Any]]:
     items = list(table.items())

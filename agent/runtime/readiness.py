@@ -7,7 +7,8 @@ its reason, and stops holding readiness back (one broken pod must not keep a nod
 Pending enrollment gates only the start: once ready, a pod that arrives later is enrolled while
 the agent stays ready. Unready again while the state source has failed for longer than
 `source_grace` (an API-server outage): enforcement continues meanwhile from the pinned kernel
-state and the last known mesh state, but the state may be stale.
+state and the last known mesh state, but the state may be stale. Unready, too, while no
+data-plane worker runs (`data_plane` says why): the pods' traffic is refused meanwhile.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ class Readiness:
     enroll_grace: float = DEFAULT_ENROLL_GRACE
     # Seconds the state source has been failing (0: healthy); None: a source that cannot fail.
     source_outage: Callable[[], float] | None = None
+    # Why the data plane cannot carry traffic now (None: it can), e.g. Supervisor.unserving.
+    data_plane: Callable[[], str | None] | None = None
     clock: Callable[[], float] = time.monotonic
     synced: bool = False  # every resource's initial list applied
     reconciled: bool = False  # a pass that began after `synced` compiled and enrolled
@@ -50,15 +53,23 @@ class Readiness:
         return {ref: why for ref, why, since in self._pending.values()
                 if now - since >= self.enroll_grace}
 
-    def check(self) -> tuple[bool, str]:
+    def _blocked(self) -> str | None:
+        """What keeps the agent unready whatever its pods: state not yet synced and applied,
+        the source down past its grace, or no data-plane worker."""
         if not self.synced:
-            return False, "waiting for the first list of every resource"
+            return "waiting for the first list of every resource"
         if not self.reconciled:
-            return False, "waiting for the first reconcile after sync"
+            return "waiting for the first reconcile after sync"
         outage = self.source_outage() if self.source_outage is not None else 0.0
         if outage > self.source_grace:
-            return False, (f"state source failing for {outage:.0f}s (grace {self.source_grace:g}s);"
-                           " enforcement continues from the pinned kernel state")
+            return (f"state source failing for {outage:.0f}s (grace {self.source_grace:g}s);"
+                    " enforcement continues from the pinned kernel state")
+        return self.data_plane() if self.data_plane is not None else None
+
+    def check(self) -> tuple[bool, str]:
+        blocked = self._blocked()
+        if blocked is not None:
+            return False, blocked
         now = self.clock()
         waiting = sorted(f"{ref}: {why}" for ref, why, since in self._pending.values()
                          if now - since < self.enroll_grace)

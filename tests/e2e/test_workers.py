@@ -233,6 +233,33 @@ def test_health_and_metrics_answer_while_the_data_plane_is_stopped(tmp_path: Pat
         assert metric(scrape(c), "nodemesh_worker_restarts_total") == 0
 
 
+def test_with_no_worker_running_the_agent_is_unready_until_one_is_back(tmp_path: Path) -> None:
+    """A crash loop: the only worker is killed each time it comes back, so its restart backoff
+    grows; while no worker runs, /healthz/ready answers 503 with the reason (a surge upgrade or
+    an operator must not take this node's data plane for ready); once the loop ends a worker is
+    back, the agent is ready again and carries traffic."""
+    with mesh(tmp_path, 1) as c:
+        killed: set[int] = set()
+        down: str | None = None
+        deadline = time.monotonic() + WAIT
+        while down is None and time.monotonic() < deadline:
+            pid = workers_of(c).get("0")
+            if pid is not None and pid not in killed:
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+            answer = http_get(c.nodes[0].netns, 15021, "/healthz/ready")
+            if answer is not None and "no data-plane worker running" in answer:
+                down = answer
+            time.sleep(0.05)
+        assert down is not None, f"never unready; workers killed: {len(killed)}"
+        print(f"after {len(killed)} kills: {down.strip()}")
+        eventually(lambda: (http_get(c.nodes[0].netns, 15021, "/healthz/ready") or "").strip()
+                   == "ready", "ready again with the worker back")
+        assert workers_of(c).get("0") not in (None, *killed)
+        assert _run_client(c.pod(0, 0), str(c.pod(0, 1).ip), 8080, "x").startswith("OK backend")
+        assert metric(scrape(c), "nodemesh_worker_restarts_total") >= len(killed)
+
+
 def test_a_stopped_worker_is_killed_by_the_watchdog_and_replaced(tmp_path: Path) -> None:
     """A worker that stops answering (SIGSTOP here; a loop that never yields alike) holds every
     new pod's enrollment and stalls its connections: the watchdog kills it after 15 s of

@@ -124,6 +124,32 @@ def test_the_watchdog_kills_a_stopped_worker_and_it_is_restarted(
     assert len(stuck) == 1 and "worker 0" in stuck[0], stuck
 
 
+def test_with_every_worker_dead_the_supervisor_says_the_data_plane_is_down() -> None:
+    """Readiness asks `unserving`: None while a worker runs, a reason while none does (here
+    the only worker waits out a long restart backoff), None again once it is back."""
+    async def scenario() -> None:
+        sup = Supervisor(1, InitSettings("cluster.local", "passthrough", 1, 2),
+                         on_event=lambda _e: None, set_inbound=lambda _s, _k: None,
+                         log_format="text", backoff=Backoff(initial=1.5, cap=1.5, jitter=0.0))
+        assert sup.unserving() is not None  # not started: nothing carries traffic yet
+        await sup.start()
+        try:
+            assert sup.unserving() is None
+            victim = sup.workers[0]
+            assert victim is not None
+            os.kill(victim.proc.pid, signal.SIGKILL)
+            await until(lambda: sup.unserving() is not None, "the data plane reported down")
+            why = sup.unserving()
+            assert why is not None and "no data-plane worker running" in why, why
+            await until(lambda: sup.restarts == 1 and sup.unserving() is None,
+                        "the data plane back with the restarted worker")
+        finally:
+            await sup.drain(5.0)
+        assert sup.unserving() is None  # stopping: readiness has other reasons then
+
+    asyncio.run(scenario())
+
+
 def test_a_worker_exits_when_its_control_process_goes_away() -> None:
     ours, theirs = channel.pair()
     proc = subprocess.Popen([sys.executable, "-m", "agent.dataplane.worker", "--fd",

@@ -61,3 +61,20 @@ def test_unready_only_after_the_source_has_failed_for_longer_than_the_grace() ->
     assert not ok and why.startswith("state source failing for 31s (grace 30s)")
     outage[0] = 0.0
     assert r.check() == (True, "ready")
+
+
+def test_unready_while_the_data_plane_has_no_worker_and_ready_again_once_one_is_back() -> None:
+    clock = Clock()
+    down: list[str | None] = ["no data-plane worker running (2 configured, 3 restarts so far)"]
+    r = Readiness(clock=clock, data_plane=lambda: down[0])
+    r.synced = True
+    r.pass_done(True, True, {})
+    assert r.check() == (False, down[0])  # not ready at the start without a worker either
+    assert not r.started
+    down[0] = None
+    r.pass_done(True, True, {})
+    assert r.check() == (True, "ready") and r.started
+    down[0] = "no data-plane worker running (2 configured, 4 restarts so far)"
+    assert r.check() == (False, down[0])
+    down[0] = None
+    assert r.check() == (True, "ready")
