@@ -169,11 +169,12 @@ class FlowEndpoint:
         return {**self._fields, "ip": self.ip, "port": self.port}
 
     # Cached per endpoint and kept by `at` (they do not depend on the address): the tunnel's
-    # events copy one endpoint per workload pair rather than building each (at_address).
+    # events copy one endpoint per workload pair rather than building each (at_address). The
+    # address keys only hold their place in the order: an `at` copy shares this dict.
     @functools.cached_property
     def _fields(self) -> dict[str, Any]:
         return {"workload": self.workload, "namespace": self.namespace,
-                "principal": self.principal, "ip": self.ip, "port": self.port,
+                "principal": self.principal, "ip": None, "port": None,
                 "service": self.service, "canonical_service": self.canonical_service,
                 "canonical_revision": self.canonical_revision, "app": self.app,
                 "version": self.version, "cluster": self.cluster}

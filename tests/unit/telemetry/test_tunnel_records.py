@@ -105,7 +105,9 @@ def test_a_copied_record_is_checked_like_a_built_one() -> None:
 def test_an_endpoint_at_another_address_keeps_only_its_identity() -> None:
     ep = FlowEndpoint(workload="db", namespace="prod", principal=DB_ID.uri, ip="10.0.2.7",
                       port=5432, service="db.prod.svc.cluster.local")
-    moved = ep.at("10.0.2.8", 1)
+    assert ep.to_dict()["ip"] == ep.to_json().split('"ip":"')[1].split('"')[0] == "10.0.2.7"
+    moved = ep.at("10.0.2.8", 1)  # after the caches are filled: the copy shares them
+    assert "10.0.2.7" not in str(vars(moved)), vars(moved)  # no cached value keeps the old address
     assert moved == dataclasses.replace(ep, ip="10.0.2.8", port=1)
     assert moved.to_dict() == dataclasses.replace(ep, ip="10.0.2.8", port=1).to_dict()
     assert moved.istio_attributes == ep.istio_attributes
