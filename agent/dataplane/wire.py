@@ -48,6 +48,9 @@ def _parse_identity(uri: str) -> Identity:
     return Identity.parse(uri)
 
 
+identity_cache_info = _parse_identity.cache_info  # for nodemesh_telemetry_cache_*
+
+
 def _identity(raw: object) -> Identity | None:
     return _parse_identity(str(raw)) if raw is not None else None
 

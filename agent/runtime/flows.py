@@ -201,6 +201,10 @@ class TunnelRecords:
         self.by_ip, self.service_host, self.endpoint_service = (
             by_ip, service_host, endpoint_service)
         self._shapes: dict[tuple[object, ...], _Shape] = {}
+        self.evicted = 0  # shapes dropped because the cache was full (a metric)
+
+    def __len__(self) -> int:
+        return len(self._shapes)
 
     def record(self, ev: ConnectionEvent, ejected: bool = False) -> FlowRecord:
         src_w, dst_w = self.by_ip(ev.src_ip), self.by_ip(ev.dst_ip)
@@ -214,6 +218,7 @@ class TunnelRecords:
             rec = from_tunnel(ev, lambda ip: src_w if ip == ev.src_ip else dst_w,
                               lambda _vip: svc, lambda _ip, _port: svc, ejected)
             if len(self._shapes) >= SHAPES:
+                self.evicted += len(self._shapes)
                 self._shapes.clear()
             self._shapes[key] = (src_w, dst_w, src_id, dst_id, rec)
             return rec

@@ -18,6 +18,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
@@ -35,6 +36,7 @@ from agent.datapath.policymap import CompiledPolicy, PolicyCompiler
 from agent.datapath.ratelimitmap import CompiledLimits, RateLimitCompiler
 from agent.datapath.servicemap import CompiledServices, compile_service_set
 from agent.datapath.verdicts import Counter, KernelEventKind, Reason
+from agent.dataplane import wire
 from agent.dataplane.supervisor import InitSettings, Supervisor, TunnelBudgets
 from agent.enroll import Enroller, PodLocator, PodPlacement
 from agent.host import cgroup
@@ -51,6 +53,7 @@ from agent.runtime.outliers import OutlierDetector, OutlierSettings
 from agent.runtime.readiness import Readiness
 from agent.state.snapshot import MeshState
 from agent.state.store import StateStore
+from agent.telemetry import flow as flowmod
 from agent.telemetry.metrics import ScrapeLabelled, ScrapeValue
 from agent.telemetry.pipeline import Telemetry, TelemetryConfig
 from ztunnel import compiled_modules, podnet
@@ -98,6 +101,7 @@ class NodeAgent:
         )
         self.tunnel_records = flows.TunnelRecords(self._workload_by_ip, self._service_host,
                                                   self._endpoint_service)
+        self._cache_metrics()
         # The tunnel's repeat-limited log (ztunnel.lograte): how much a flood kept out of it.
         ScrapeValue(self.registry, "nodemesh_log_lines_suppressed",
                     "Repeated identical warning lines counted instead of written", "counter",
@@ -243,6 +247,24 @@ class NodeAgent:
         ScrapeValue(reg, "nodemesh_worker_events_dropped", "Connection events a worker dropped "
                     "because its queue to the control process was full", "counter",
                     read=lambda: dp.stats().get("events_dropped_total", 0.0))
+
+    def _cache_metrics(self) -> None:
+        """The control process's bounded telemetry caches: size, and what they dropped when
+        full (many distinct peers or workloads: each event then built from scratch)."""
+        records, fm = self.tunnel_records, self.telemetry.flow_metrics
+        caches: dict[str, Callable[[], tuple[int, int]]] = {
+            "flow_shapes": lambda: (len(records), records.evicted),
+            "metric_children": lambda: (fm.children_cached(), fm.children_evicted),
+            "event_identities": lambda: _lru(wire.identity_cache_info()),
+            "record_addresses": lambda: _lru(flowmod.address_cache_info()),
+            "event_addresses": lambda: _lru(_parse_ip.cache_info()),
+        }
+        ScrapeLabelled(self.registry, "nodemesh_telemetry_cache_entries", "Entries in the "
+                       "control process's bounded telemetry caches", "gauge", ("cache",),
+                       read=lambda: {k: f()[0] for k, f in caches.items()})
+        ScrapeLabelled(self.registry, "nodemesh_telemetry_cache_evictions", "Entries the "
+                       "bounded telemetry caches dropped because they were full", "counter",
+                       ("cache",), read=lambda: {k: f()[1] for k, f in caches.items()})
 
     # -- lookups -----------------------------------------------------------------------------
     @property
@@ -555,6 +577,12 @@ class NodeAgent:
 def _parse_ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     # Each connection event looks up both ends, mostly the same few addresses: parse once.
     return ipaddress.ip_address(ip)
+
+
+def _lru(info: functools._CacheInfo) -> tuple[int, int]:
+    """(entries, evicted) of an lru_cache that is never cleared: each miss beyond the size
+    evicted one entry."""
+    return info.currsize, max(0, info.misses - info.currsize)
 
 
 def _endpoint_services(services: CompiledServices) -> dict[tuple[str, int], str]:

@@ -117,6 +117,9 @@ def _valid_ip(ip: str) -> bool:
     return True
 
 
+address_cache_info = _valid_ip.cache_info  # for nodemesh_telemetry_cache_*
+
+
 # The checks a record's per-connection parts get, built (__post_init__) or copied (`at`, `again`).
 def _check_address(ip: str, port: int) -> None:
     if not 0 <= port <= 65535:

@@ -118,14 +118,19 @@ class FlowMetrics:
         # and converts 25 values under a lock on every call, and every connection needs two to
         # four of them. Bounded: emptied when full (the registry keeps the children).
         self._children: dict[tuple[str, Labels], Counter] = {}
+        self.children_evicted = 0  # cache entries dropped because it was full (a metric)
 
     def _child(self, name: str, labels: Labels) -> Counter:
         child = self._children.get((name, labels))
         if child is None:
             if len(self._children) >= CHILD_CACHE:
+                self.children_evicted += len(self._children)
                 self._children.clear()
             child = self._children[(name, labels)] = self._traffic[name].labels(*labels)
         return child
+
+    def children_cached(self) -> int:
+        return len(self._children)
 
     def record(self, rec: FlowRecord) -> None:
         labels = traffic_labels(rec)

@@ -154,6 +154,11 @@ def test_connections_spread_over_workers_and_metrics_are_sums(tmp_path: Path) ->
         assert metric(text, "nodemesh_worker_restarts_total") == 0
         assert all(v > 0 for v in (metric(text, "nodemesh_worker_resident_bytes", worker=w)
                                    for w in ("0", "1")))
+        # The control process's telemetry caches: a few shapes for one pair of workloads,
+        # nothing dropped.
+        for cache in ("flow_shapes", "metric_children", "event_identities", "event_addresses"):
+            assert metric(text, "nodemesh_telemetry_cache_entries", cache=cache) >= 1, cache
+            assert metric(text, "nodemesh_telemetry_cache_evictions_total", cache=cache) == 0
         # The agent says what its data path runs, as this installation has it.
         dump = http_get(c.nodes[0].netns, 15000, "/config_dump")
         assert dump is not None

@@ -13,7 +13,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
 from agent.telemetry.flow import FlowRecord
-from agent.telemetry.metrics import TRAFFIC_LABELS, AgentMetrics, ScrapeCollector
+from agent.telemetry.metrics import (
+    CHILD_CACHE,
+    OPENED,
+    TRAFFIC_LABELS,
+    AgentMetrics,
+    FlowMetrics,
+    ScrapeCollector,
+)
 from agent.telemetry.pipeline import Telemetry, TelemetryConfig
 from agent.telemetry.server import MetricsServer
 
@@ -239,3 +246,15 @@ def test_metrics_server_reports_a_busy_port_clearly() -> None:
                 await second.start()
 
     asyncio.run(go())
+
+
+def test_the_label_children_cache_is_bounded_and_counts_what_it_dropped() -> None:
+    registry = CollectorRegistry()
+    fm = FlowMetrics(registry)
+    for i in range(CHILD_CACHE + 5):
+        fm._child(OPENED, tuple(f"v{i}" for _ in TRAFFIC_LABELS))
+        assert fm.children_cached() <= CHILD_CACHE
+    assert fm.children_evicted == CHILD_CACHE and fm.children_cached() == 5
+    # the registry keeps every child: nothing counted was lost
+    assert sum(1 for m in registry.collect() if m.name == OPENED
+               for s in m.samples if s.name.endswith("_total")) == CHILD_CACHE + 5

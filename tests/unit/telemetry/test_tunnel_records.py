@@ -111,3 +111,19 @@ def test_an_endpoint_at_another_address_keeps_only_its_identity() -> None:
     assert moved == dataclasses.replace(ep, ip="10.0.2.8", port=1)
     assert moved.to_dict() == dataclasses.replace(ep, ip="10.0.2.8", port=1).to_dict()
     assert moved.istio_attributes == ep.istio_attributes
+
+
+def test_a_full_shape_cache_is_emptied_counted_and_records_stay_exact() -> None:
+    # Distinct workloads make distinct shapes (a flood of new peers): the cache never grows past
+    # SHAPES, what it dropped is counted (nodemesh_telemetry_cache_evictions), records stay right.
+    workloads: dict[str, Workload] = {}
+    records = flows.TunnelRecords(workloads.get)
+    n = flows.SHAPES + 10
+    for i in range(n):
+        ip = f"10.{8 + i // 65536}.{i // 256 % 256}.{i % 256}"
+        workloads[ip] = Workload(f"w{i}", "default", f"w{i}", (ipaddress.ip_address(ip),))
+        ev = ConnectionEvent(Phase.OPEN, TunnelDirection.OUTBOUND, ip, 40000, "10.0.2.7", 5432,
+                             dst_identity=DB_ID, flags=HBONE)
+        assert records.record(ev).source.workload == f"w{i}"
+        assert len(records) <= flows.SHAPES
+    assert records.evicted == flows.SHAPES and len(records) == n - flows.SHAPES
