@@ -81,16 +81,13 @@ def test_one_nanosecond_newer_source_is_stale(tmp_path: Path) -> None:
         ztunnel.check_fresh(pkg)
 
 
-def test_a_directory_without_extensions_passes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("libraries", [(), (f"_native__mypyc{SUFFIX}",)],
+                         ids=["no extensions", "only mypyc's shared runtime (it has no source)"])
+def test_a_directory_with_no_module_extension_passes(tmp_path: Path,
+                                                     libraries: tuple[str, ...]) -> None:
     pkg = package(tmp_path)
-    write(pkg / "relay.py", 1_000)
-    ztunnel.check_fresh(pkg)
-    assert ztunnel.extensions(pkg) == {}
-
-
-def test_the_shared_runtime_library_has_no_source_to_be_stale_against(tmp_path: Path) -> None:
-    pkg = package(tmp_path)
-    write(pkg / f"_native__mypyc{SUFFIX}", 1)
+    for name in libraries:
+        write(pkg / name, 1)
     write(pkg / "relay.py", 1_000)
     ztunnel.check_fresh(pkg)
     assert ztunnel.extensions(pkg) == {}
