@@ -35,25 +35,27 @@ def extensions(directory: Path) -> dict[str, Path]:
     return found
 
 
-def check_fresh(directory: Path) -> None:
+def check_fresh(directory: Path) -> dict[str, Path]:
     """Refuse a compiled module older than its source: Python imports the extension first, so
     after an edit it would silently run the old code. A wheel install (nodemesh's dist-info
     beside the package) is not checked: both files come from one build, and pip may write the
-    .py a moment after its .so."""
+    .py a moment after its .so. Returns the extensions (`extensions`)."""
     found = extensions(directory)
     if not found or any(directory.parent.glob("nodemesh-*.dist-info")):
-        return
+        return found
     for stem, ext in found.items():
         source = directory / f"{stem}.py"
         if ext.stat().st_mtime_ns < source.stat().st_mtime_ns:
             raise ImportError(
                 f"{ext} is older than {source}: the compiled module would run the old code. "
                 f"Rebuild with scripts/setup.sh, or remove {ext} to run the source interpreted.")
+    return found
 
 
 def compiled_modules() -> list[str]:
-    """The ztunnel modules that run compiled (mypyc) in this installation."""
-    return list(extensions(_HERE))
+    """The ztunnel modules that run compiled (mypyc) in this process: as found when the package
+    was imported, which is what its imports load."""
+    return list(_LOADED)
 
 
 def data_path() -> str:
@@ -61,4 +63,4 @@ def data_path() -> str:
     return "compiled (mypyc)" if compiled_modules() else "pure Python"
 
 
-check_fresh(_HERE)
+_LOADED = check_fresh(_HERE)  # listed once, here
