@@ -95,6 +95,20 @@ def workers_of(c: Cluster, node: int = 0) -> dict[str, int]:
     return pids
 
 
+def both_paths_carry(c: Cluster, rounds: int = 10) -> None:
+    """New connections through both sides of the tunnel, and plaintext through sk_lookup."""
+    for _ in range(rounds):
+        assert _run_client(c.pod(0, 0), str(c.pod(0, 1).ip), 8080, "x").startswith(
+            "OK backend")
+        assert plaintext(c).startswith("OK frontend")
+
+
+def agent_log_lines(tmp_path: Path, needle: str) -> list[str]:
+    """node0's agent log lines that contain `needle`."""
+    log = (tmp_path / "agent-n0.log").read_text()
+    return [line for line in log.splitlines() if needle in line]
+
+
 def plaintext(c: Cluster) -> str:
     """One plaintext request from node1's host netns (outside the mesh) to frontend:8080."""
     cli = c.nodes[1].python(CLIENT, str(c.pod(0, 0).ip), "8080", "plain", stdout=subprocess.PIPE)
@@ -206,12 +220,8 @@ def test_a_killed_worker_fails_its_connections_and_is_restarted(
         eventually(lambda: _run_client(c.pod(0, 0), str(c.pod(0, 1).ip), 8080, "x").startswith(
             "OK backend"), "frontend -> backend after the restart")
         eventually(lambda: plaintext(c).startswith("OK frontend"), "plaintext after the restart")
-        for _ in range(10):
-            assert _run_client(c.pod(0, 0), str(c.pod(0, 1).ip), 8080, "x").startswith(
-                "OK backend")
-            assert plaintext(c).startswith("OK frontend")
-        log = (tmp_path / "agent-n0.log").read_text()
-        died = [line for line in log.splitlines() if "killed by SIGKILL" in line]
+        both_paths_carry(c)
+        died = agent_log_lines(tmp_path, "killed by SIGKILL")
         assert len(died) == 1, died
         assert f"pid {pids['0']}" in died[0]
 
@@ -282,10 +292,6 @@ def test_a_stopped_worker_is_killed_by_the_watchdog_and_replaced(tmp_path: Path)
         assert metric(text, "nodemesh_worker_watchdog_kills_total") == 1
         assert metric(text, "nodemesh_worker_restarts_total") == 1
         assert workers_of(c)["0"] == pids["0"]
-        for _ in range(10):
-            assert _run_client(c.pod(0, 0), str(c.pod(0, 1).ip), 8080, "x").startswith(
-                "OK backend")
-            assert plaintext(c).startswith("OK frontend")
-        log = (tmp_path / "agent-n0.log").read_text()
-        stuck = [line for line in log.splitlines() if "did not answer" in line]
+        both_paths_carry(c)
+        stuck = agent_log_lines(tmp_path, "did not answer")
         assert len(stuck) == 1 and f"pid {pids['1']}" in stuck[0], stuck
