@@ -85,6 +85,8 @@ class _Worker:
         default_factory=dict)
     stats: dict[str, float] = field(default_factory=dict)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
+    # Has every enrolled pod's listeners: false for a restarted worker until they are restored.
+    restored: bool = True
 
     @property
     def alive(self) -> bool:
@@ -262,12 +264,14 @@ class Supervisor:
         if self.stopping:
             return
         fresh = self._spawn(w.index)
+        fresh.restored = False
         for spec in list(self._pods.values()):
             try:
                 await self._add_on(fresh, spec)
             except _GONE as exc:
                 log.error("worker %d: pod %s not restored: %s", w.index, spec.name or spec.uid,
                           exc)
+        fresh.restored = True
 
     async def _move_inbound(self, dead: int) -> None:
         for uid, owner in list(self._inbound_owner.items()):
@@ -519,13 +523,14 @@ class Supervisor:
 
     def unserving(self) -> str | None:
         """Why no worker can carry traffic now (readiness), or None: every worker dead (a crash
-        loop, or all waiting out their restart backoff) leaves the captured ports without a
-        listener, so enrolled pods' connections are refused until one is back."""
-        if self.stopping or self._live():
+        loop, or all waiting out their restart backoff) or still getting its pods back leaves
+        the captured ports without a listener, so enrolled pods' connections are refused until
+        one is back."""
+        if self.stopping or any(w.restored for w in self._live()):
             return None
-        return (f"no data-plane worker running ({self.count} configured, {self.restarts} "
-                "restarts so far): connections to and from enrolled pods are refused until one "
-                "is back")
+        return (f"no data-plane worker running with its pods ({self.count} configured, "
+                f"{self.restarts} restarts so far): connections to and from enrolled pods are "
+                "refused until one is back")
 
 
 def _chunks(table: Mapping[str, Any], size: int) -> list[dict[str, Any]]:

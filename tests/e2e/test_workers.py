@@ -252,7 +252,7 @@ def test_with_no_worker_running_the_agent_is_unready_until_one_is_back(tmp_path:
     """A crash loop: the only worker is killed each time it comes back, so its restart backoff
     grows; while no worker runs, /healthz/ready answers 503 with the reason (a surge upgrade or
     an operator must not take this node's data plane for ready); once the loop ends a worker is
-    back, the agent is ready again and carries traffic."""
+    back, and ready means it has its pods' listeners again: the first connections go through."""
     with mesh(tmp_path, 1) as c:
         killed: set[int] = set()
         down: str | None = None
@@ -271,7 +271,7 @@ def test_with_no_worker_running_the_agent_is_unready_until_one_is_back(tmp_path:
         eventually(lambda: (http_get(c.nodes[0].netns, 15021, "/healthz/ready") or "").strip()
                    == "ready", "ready again with the worker back")
         assert workers_of(c).get("0") not in (None, *killed)
-        assert _run_client(c.pod(0, 0), str(c.pod(0, 1).ip), 8080, "x").startswith("OK backend")
+        both_paths_carry(c, rounds=1)
         assert metric(scrape(c), "nodemesh_worker_restarts_total") >= len(killed)
 
 

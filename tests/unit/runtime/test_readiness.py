@@ -65,7 +65,8 @@ def test_unready_only_after_the_source_has_failed_for_longer_than_the_grace() ->
 
 def test_unready_while_the_data_plane_has_no_worker_and_ready_again_once_one_is_back() -> None:
     clock = Clock()
-    down: list[str | None] = ["no data-plane worker running (2 configured, 3 restarts so far)"]
+    down: list[str | None] = [
+        "no data-plane worker running with its pods (2 configured, 3 restarts so far)"]
     r = Readiness(clock=clock, data_plane=lambda: down[0])
     r.synced = True
     r.pass_done(True, True, {})
@@ -74,7 +75,7 @@ def test_unready_while_the_data_plane_has_no_worker_and_ready_again_once_one_is_
     down[0] = None
     r.pass_done(True, True, {})
     assert r.check() == (True, "ready") and r.started
-    down[0] = "no data-plane worker running (2 configured, 4 restarts so far)"
+    down[0] = "no data-plane worker running with its pods (2 configured, 4 restarts so far)"
     assert r.check() == (False, down[0])
     down[0] = None
     assert r.check() == (True, "ready")
